@@ -1,0 +1,176 @@
+"""Batching, labels and device placement for every data source.
+
+A *source* is anything with ``attributes(indices) -> dict`` (cheap table
+look-up) and ``batch(indices) -> batch dict`` (the DESIGN.md batch format).
+The synthetic renderer and the real-data readers both fit. Training batches
+come from ``step_batch_fn``: a pure function of the step number, so a run
+resumed from a checkpoint sees exactly the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable, Iterator, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from faceaudit_jax import regions
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticSource:
+    """The embedded default: faces rendered on demand from (seed, index)."""
+
+    seed: int = 0
+    resolution: int = 128
+    independent: bool = False
+    images_per_identity: int = 10
+
+    def attributes(self, indices) -> dict[str, np.ndarray]:
+        from faceaudit_jax.data import synthetic
+        return synthetic.sample_attributes(
+            self.seed, np.asarray(indices), independent=self.independent,
+            images_per_identity=self.images_per_identity)
+
+    def batch(self, indices) -> dict[str, jax.Array]:
+        from faceaudit_jax.data import synthetic
+        return synthetic.render(
+            self.seed, np.asarray(indices), self.resolution, independent=self.independent,
+            images_per_identity=self.images_per_identity)
+
+    def with_resolution(self, resolution: int) -> "SyntheticSource":
+        return dataclasses.replace(self, resolution=int(resolution))
+
+
+def attribute_label_fn(target: str) -> Callable[[dict], dict]:
+    """Adds ``label`` (float32 [B], 0/1) and ``label_mask`` for one binary attribute."""
+    col = regions.attribute_id(target)
+
+    def add_label(batch):
+        raw = batch["attrs"][:, col]
+        batch = dict(batch)
+        batch["label"] = jnp.asarray(raw == 1, jnp.float32)
+        batch["label_mask"] = jnp.asarray(raw >= 0)
+        return batch
+
+    return add_label
+
+
+def multi_attribute_label_fn(names: Sequence[str]) -> Callable[[dict], dict]:
+    """Adds ``label`` [B, A] 0/1 and ``label_mask`` [B, A] (False where unknown)."""
+    cols = np.asarray(regions.attribute_ids(names))
+
+    def add_labels(batch):
+        raw = batch["attrs"][:, cols]
+        batch = dict(batch)
+        batch["label"] = jnp.asarray(raw == 1, jnp.float32)
+        batch["label_mask"] = jnp.asarray(raw >= 0)
+        return batch
+
+    return add_labels
+
+
+def steps_per_epoch(num_examples: int, batch_size: int) -> int:
+    if batch_size <= 0:
+        raise ValueError(f"batch_size={batch_size}; expected a positive integer")
+    if num_examples < batch_size:
+        raise ValueError(
+            f"{num_examples} training examples cannot fill one batch of {batch_size}")
+    return num_examples // batch_size
+
+
+def step_indices(indices: np.ndarray, batch_size: int, seed: int, step: int) -> np.ndarray:
+    """The example indices of training step ``step``: epoch-wise shuffles, drop remainder.
+
+    A pure function of (seed, step), so resumed runs replay the same order.
+    """
+    indices = np.asarray(indices)
+    per_epoch = steps_per_epoch(indices.size, batch_size)
+    epoch, within = divmod(int(step), per_epoch)
+    order = np.random.default_rng([int(seed), epoch]).permutation(indices.size)
+    return indices[order[within * batch_size:(within + 1) * batch_size]]
+
+
+def step_batch_fn(source, indices, batch_size: int, seed: int,
+                  transform: Optional[Callable[[dict], dict]] = None,
+                  sharding: Optional[NamedSharding] = None) -> Callable[[int], dict]:
+    """``batch_fn(step) -> batch`` for train_lib.fit: deterministic in (seed, step)."""
+
+    def batch_fn(step: int) -> dict:
+        batch = source.batch(step_indices(indices, batch_size, seed, step))
+        if transform is not None:
+            batch = transform(batch)
+        if sharding is not None:
+            batch = shard_batch(batch, sharding)
+        return batch
+
+    return batch_fn
+
+
+def iterate_batches(source, indices, batch_size: int,
+                    transform: Optional[Callable[[dict], dict]] = None
+                    ) -> Iterator[tuple[dict, np.ndarray]]:
+    """Evaluation batches in order, the last one padded to full size.
+
+    Yields (batch, valid) where ``valid`` [batch_size] bool marks real rows, so
+    jitted consumers see one shape and compile once.
+    """
+    indices = np.asarray(indices)
+    if indices.size == 0:
+        raise ValueError("no images to iterate over (empty index list)")
+    for start in range(0, indices.size, batch_size):
+        chunk = indices[start:start + batch_size]
+        valid = np.zeros(batch_size, bool)
+        valid[:chunk.size] = True
+        padded = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - chunk.size)])
+        batch = source.batch(padded)
+        if transform is not None:
+            batch = transform(batch)
+        yield batch, valid
+
+
+def data_mesh(devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+    """A 1-D mesh named ``data`` over all (or the given) devices."""
+    devices = np.asarray(jax.devices() if devices is None else devices)
+    return Mesh(devices, ("data",))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec("data"))
+
+
+def shard_batch(batch: dict, sharding: NamedSharding) -> dict:
+    """Place every array of a batch split along its leading (batch) axis."""
+    num = sharding.mesh.size
+
+    def put(x):
+        x = jnp.asarray(x)
+        if x.ndim == 0 or x.shape[0] % num:
+            raise ValueError(
+                f"batch axis of size {x.shape[0] if x.ndim else 0} cannot be split over "
+                f"{num} devices; expected a multiple of {num}")
+        return jax.device_put(x, sharding)
+
+    return jax.tree_util.tree_map(put, batch)
+
+
+@functools.lru_cache(maxsize=None)
+def _finite_check():
+    return jax.jit(lambda x: jnp.all(jnp.isfinite(x)))
+
+
+def check_images(images, name: str = "images") -> None:
+    """Host-side front door: rank-4 [B,H,W,C], finite values; a clear error otherwise."""
+    shape = getattr(images, "shape", None)
+    if shape is None or len(shape) != 4:
+        raise ValueError(f"{name} has shape {shape}; expected [B, H, W, C]")
+    if shape[0] == 0:
+        raise ValueError(f"{name} is empty (batch of 0 images)")
+    if not bool(_finite_check()(jnp.asarray(images))):
+        bad = np.argwhere(~np.isfinite(np.asarray(images)))[0]
+        raise ValueError(f"{name} holds NaN or inf (first at index {tuple(int(i) for i in bad)}); "
+                         "expected finite pixel values")

@@ -1,0 +1,205 @@
+"""Subsets drawn from attribute tables: biased, balanced, De Coninck et al.'s, verification pairs.
+
+All functions take an int8 attribute table [N, 40] in CelebA order (1 present,
+0 absent, -1 unknown) from any reader, and return indices into it. Rows whose
+involved attributes are unknown are never drawn. Randomness comes from an
+explicit integer seed (numpy Generator), so a subset is reproducible.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Sequence
+
+import numpy as np
+
+from faceaudit_jax import regions
+
+
+def _as_table(attrs) -> np.ndarray:
+    table = np.asarray(attrs)
+    if table.ndim != 2 or table.shape[1] != regions.NUM_ATTRIBUTES:
+        raise ValueError(
+            f"attribute table has shape {table.shape}; expected [N, {regions.NUM_ATTRIBUTES}] "
+            "in CelebA order")
+    return table
+
+
+def _confounder_list(confounders) -> list[str]:
+    if isinstance(confounders, str):
+        confounders = [confounders]
+    confounders = list(confounders)
+    if not confounders:
+        raise ValueError("confounders is empty; expected at least one attribute name")
+    return confounders
+
+
+def _draw(rng: np.random.Generator, pool: np.ndarray, count: int, cell: str) -> np.ndarray:
+    if count > pool.size:
+        raise ValueError(
+            f"subset needs {count} images in cell {cell} but the pool has only {pool.size}; "
+            "use a larger pool or a smaller size")
+    return rng.choice(pool, size=count, replace=False)
+
+
+def _cell_pools(table: np.ndarray, names: Sequence[str]) -> dict[tuple[int, ...], np.ndarray]:
+    cols = regions.attribute_ids(names)
+    values = table[:, cols]
+    known = np.all(values >= 0, axis=1)
+    pools = {}
+    for combo in itertools.product((0, 1), repeat=len(cols)):
+        hit = known & np.all(values == np.array(combo, dtype=values.dtype), axis=1)
+        pools[combo] = np.flatnonzero(hit)
+    return pools
+
+
+def _split_evenly(total: int, parts: int) -> list[int]:
+    base, extra = divmod(total, parts)
+    return [base + (1 if i < extra else 0) for i in range(parts)]
+
+
+def _cell_name(names: Sequence[str], combo: Sequence[int]) -> str:
+    return "(" + ", ".join(f"{n}={v}" for n, v in zip(names, combo)) + ")"
+
+
+def biased_subset(attrs, target: str, confounders, corr: float, size: int, seed: int,
+                  *, target_rate: float = 0.5) -> np.ndarray:
+    """FaceX's biased subset: the confounder(s) agree with the target in a share ``corr``.
+
+    Of the images with target y, a share ``corr`` has every confounder equal to
+    y (bias-aligned); the rest is spread evenly over the other confounder
+    combinations (bias-conflicting). With one confounder and corr = 0.99: 99%
+    of y=1 have a=1 and 99% of y=0 have a=0. ``target_rate`` is the share of
+    y=1 in the subset (balanced by default, so the only shortcut is the
+    confounder).
+
+    Returns sorted indices into ``attrs``.
+    """
+    table = _as_table(attrs)
+    confounders = _confounder_list(confounders)
+    regions.attribute_id(target)
+    if target in confounders:
+        raise ValueError(f"target {target!r} is also listed as a confounder")
+    if not (0.5 < float(corr) <= 1.0):
+        raise ValueError(f"co-occurrence corr={corr!r}; expected a value in (0.5, 1]")
+    if not (0.0 < float(target_rate) < 1.0):
+        raise ValueError(f"target_rate={target_rate!r}; expected a value in (0, 1)")
+    size = int(size)
+    if size < 2:
+        raise ValueError(f"size={size}; expected at least 2")
+    names = [target] + confounders
+    pools = _cell_pools(table, names)
+    rng = np.random.default_rng(seed)
+    n_pos = int(round(size * target_rate))
+    chosen = []
+    for y, n_y in ((1, n_pos), (0, size - n_pos)):
+        aligned = tuple([y] * len(confounders))
+        n_aligned = int(round(corr * n_y))
+        others = [c for c in itertools.product((0, 1), repeat=len(confounders)) if c != aligned]
+        counts = [n_aligned] + _split_evenly(n_y - n_aligned, len(others))
+        for combo, count in zip([aligned] + others, counts):
+            key = (y,) + combo
+            chosen.append(_draw(rng, pools[key], count, _cell_name(names, key)))
+    return np.sort(np.concatenate(chosen))
+
+
+def balanced_subset(attrs, target: str, confounders, size: int, seed: int) -> np.ndarray:
+    """A subset with equal counts in every (target, confounders...) cell.
+
+    The test sets of the bias experiments: aligned and conflicting groups are
+    equally represented, so accuracy per group is measured on equal footing.
+    With an empty confounder list it balances the target alone.
+    """
+    table = _as_table(attrs)
+    confounders = [] if confounders in (None, (), []) else _confounder_list(confounders)
+    names = [target] + confounders
+    regions.attribute_ids(names)
+    size = int(size)
+    if size < 2 ** len(names):
+        raise ValueError(f"size={size}; expected at least {2 ** len(names)} (one per cell)")
+    pools = _cell_pools(table, names)
+    rng = np.random.default_rng(seed)
+    counts = _split_evenly(size, len(pools))
+    chosen = [_draw(rng, pools[key], n, _cell_name(names, key))
+              for key, n in zip(sorted(pools), counts)]
+    return np.sort(np.concatenate(chosen))
+
+
+def deconinck_subset(attrs, confounder: str, seed: int, *, target: str = "Male",
+                     n_target: int = 3000, n_other_with: int = 2000,
+                     n_other_without: int = 1000) -> np.ndarray:
+    """De Coninck et al.'s training set: 3000 men without the confounder, 3000 women of
+    whom 2000 have it and 1000 not (the counts are parameters)."""
+    table = _as_table(attrs)
+    names = [target, confounder]
+    regions.attribute_ids(names)
+    pools = _cell_pools(table, names)
+    rng = np.random.default_rng(seed)
+    parts = [
+        _draw(rng, pools[(1, 0)], n_target, _cell_name(names, (1, 0))),
+        _draw(rng, pools[(0, 1)], n_other_with, _cell_name(names, (0, 1))),
+        _draw(rng, pools[(0, 0)], n_other_without, _cell_name(names, (0, 0))),
+    ]
+    return np.sort(np.concatenate(parts))
+
+
+def group_labels(attrs, target: str, confounders) -> tuple[np.ndarray, np.ndarray]:
+    """(y [N] int32, aligned [N] bool): the target and whether every confounder equals it."""
+    table = _as_table(attrs)
+    confounders = _confounder_list(confounders)
+    y = table[:, regions.attribute_id(target)].astype(np.int32)
+    conf = table[:, regions.attribute_ids(confounders)]
+    aligned = np.all(conf == y[:, None], axis=1)
+    return y, aligned
+
+
+def cooccurrence(attrs, target: str, confounder: str) -> tuple[float, float]:
+    """(P(a=1 | y=1), P(a=0 | y=0)) over rows where both are known."""
+    table = _as_table(attrs)
+    y = table[:, regions.attribute_id(target)]
+    a = table[:, regions.attribute_id(confounder)]
+    known = (y >= 0) & (a >= 0)
+    y, a = y[known], a[known]
+    pos = float(np.mean(a[y == 1] == 1)) if np.any(y == 1) else float("nan")
+    neg = float(np.mean(a[y == 0] == 0)) if np.any(y == 0) else float("nan")
+    return pos, neg
+
+
+def verification_pairs(identity, seed: int, *, num_folds: int = 10,
+                       pairs_per_fold: int = 300) -> dict[str, np.ndarray]:
+    """LFW-style pairs: per fold ``pairs_per_fold`` matched and as many mismatched pairs.
+
+    Identities are split into ``num_folds`` disjoint groups and each fold's
+    pairs use only its own identities, as in LFW's View 2, so a threshold
+    chosen on 9 folds is tested on unseen people. Pass only test identities
+    (disjoint from training) in ``identity``.
+
+    Returns dict of int arrays ``a``, ``b`` (indices into ``identity``),
+    ``same`` (bool) and ``fold``, each [num_folds * 2 * pairs_per_fold].
+    """
+    ids = np.asarray(identity)
+    if ids.ndim != 1:
+        raise ValueError(f"identity has shape {ids.shape}; expected a 1-D array")
+    rng = np.random.default_rng(seed)
+    unique = rng.permutation(np.unique(ids))
+    if unique.size < 2 * num_folds:
+        raise ValueError(
+            f"{unique.size} identities cannot make {num_folds} identity-disjoint folds; "
+            f"expected at least {2 * num_folds}")
+    members = {int(u): np.flatnonzero(ids == u) for u in unique}
+    out = {"a": [], "b": [], "same": [], "fold": []}
+    for fold, fold_ids in enumerate(np.array_split(unique, num_folds)):
+        multi = [int(u) for u in fold_ids if members[int(u)].size >= 2]
+        if not multi:
+            raise ValueError(f"fold {fold} has no identity with two or more images; "
+                             "expected several images per identity")
+        for _ in range(pairs_per_fold):
+            person = multi[rng.integers(len(multi))]
+            i, j = rng.choice(members[person], size=2, replace=False)
+            out["a"].append(i); out["b"].append(j); out["same"].append(True); out["fold"].append(fold)
+        for _ in range(pairs_per_fold):
+            p, q = rng.choice(fold_ids, size=2, replace=False)
+            out["a"].append(rng.choice(members[int(p)]))
+            out["b"].append(rng.choice(members[int(q)]))
+            out["same"].append(False); out["fold"].append(fold)
+    return {k: np.asarray(v, dtype=bool if k == "same" else np.int64) for k, v in out.items()}

@@ -1,0 +1,1187 @@
+"""Procedurally rendered cartoon faces: the embedded default data set.
+
+Every image is a pure function of ``(seed, index)``: nothing is stored, any
+image can be re-rendered from its index, and a data set of a million faces is a
+range of integers. Rendering happens in JAX (one jitted function per batch
+size, resolution and flags, ``vmap`` over images) with an exact parse map in
+the CelebAMask-HQ region order of :mod:`faceaudit_jax.regions`.
+
+How a face is made
+------------------
+* Randomness. Image ``index`` belongs to identity ``index //
+  images_per_identity``. Identity-level draws (sex, age, skin tone, face and
+  jaw shape, eye spacing, nose, lips, brows) come from
+  ``fold_in(fold_in(key(seed), IDENTITY_STREAM), identity)``; image-level draws
+  (pose, lighting, expression, hair style and colour, accessories, background)
+  from ``fold_in(fold_in(key(seed), IMAGE_STREAM), index)``. Binary attributes
+  are comparisons of those uniforms with constant probabilities only, so
+  :func:`sample_attributes` (attributes alone, no pixels) returns exactly the
+  attributes :func:`render` draws.
+* Geometry. Shapes are signed-distance (or close-to-signed-distance) functions
+  in continuous coordinates: the image spans [-1, 1] on both axes (x to the
+  right, y down), so the same face rendered at 64 and at 512 pixels is the
+  same face. The image is anti-aliased (coverage = clip(0.5 - d / pixel));
+  the parse map is the hard assignment d < 0, painted in occlusion order:
+  background, long (back) hair, cloth (necktie included), neck, necklace,
+  ears, earrings, face skin (beard, moustache, stubble, wrinkles and make-up
+  are colour on skin, as in CelebAMask-HQ), front hair (cap, bangs, side
+  locks over the top of the ears, sideburns), brows, eyes, nose, lips and
+  mouth opening, eyeglasses, hat.
+* Pose. Scale, translation and roll (about the neck) move the head; yaw is
+  drawn by shifting the inner features (eyes, nose, mouth; the nose more,
+  because it sticks out) towards the turned side and squashing that half of
+  the face outline, while the far ear slides behind the cheek. ``yaw`` is
+  returned in radians, positive when the face turns towards the image's
+  right (features shifted to larger x); it is drawn within about +-30 deg.
+* Male and Young are carried by subtle cues on purpose (the papers' shortcut
+  experiments need a target that is harder than the accessory shortcut):
+  Male by a slightly wider, squarer jaw, slightly thicker brows and neck,
+  shorter hair on average (per image, overlapping strongly with women's) and
+  optional facial hair; Young by the absence of faint wrinkles, under-eye
+  lines, skin texture and grey strands. Accessories are salient on purpose:
+  lipstick is saturated red, earrings bright discs or hoops, glasses dark
+  frames, hats large coloured shapes.
+
+Left and right follow the image, as CelebA's landmarks do: ``l_eye``,
+``l_brow``, ``l_ear`` and the first landmark are on the image's left.
+
+Thin features (glasses frames, necklace, hoops, the mouth opening, lips) have
+a minimum stroke of about one pixel, so a drawn accessory always owns parse
+pixels at every resolution from 64 up; that is the only place resolution
+changes geometry, and only at low resolutions.
+
+Attributes the renderer does not draw (Attractive, Blurry, High_Cheekbones,
+Oval_Face, Pointy_Nose) are -1. Hair colour is one of black, brown, blond,
+grey, an unlabelled auburn (as CelebA leaves many hair colours unlabelled,
+which keeps the marginal rates CelebA-like), or bald: the colour attributes
+and Bald are mutually exclusive in both sampling modes.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from faceaudit_jax import regions
+
+MIN_RESOLUTION = 64
+MAX_RESOLUTION = 512
+DEFAULT_RESOLUTION = 128
+NUM_GROUPS = 4  # skin-tone groups, 0 (lightest) .. 3 (darkest)
+MAX_YAW = math.radians(30.0)
+
+# Ranges of the pose and face-size parameters. The sampler clips to them and
+# the static drawing windows are computed from them (see _window).
+_FACE_R_RANGE = (0.36, 0.50)
+_ROLL_RANGE = (-0.10, 0.10)
+_SCALE_RANGE = (1.00, 1.22)
+_TX_RANGE = (-0.05, 0.05)
+_TY_RANGE = (-0.15, -0.05)
+
+IDENTITY_STREAM = 0x1D
+IMAGE_STREAM = 0x1A
+
+# Attributes with no drawn counterpart; always -1 (unknown), never 0.
+UNDRAWN_ATTRIBUTES: tuple[str, ...] = (
+    "Attractive", "Blurry", "High_Cheekbones", "Oval_Face", "Pointy_Nose")
+DRAWN_ATTRIBUTES: tuple[str, ...] = tuple(
+    a for a in regions.ATTRIBUTES if a not in UNDRAWN_ATTRIBUTES)
+
+_R = regions.REGION_ID
+
+# ---------------------------------------------------------------------------
+# Random slots. Each image (and each identity) draws one vector of uniforms
+# and one of normals; the names below say which entry feeds what. Adding a
+# slot at the end keeps every earlier draw unchanged.
+# ---------------------------------------------------------------------------
+_ID_UNIFORMS = (
+    "male", "young", "group", "pale", "big_nose", "big_lips", "chubby",
+    "double_chin", "bushy", "arched", "receding", "bags", "age", "iris",
+    "hair_cat", "bald",
+)
+_ID_NORMALS = (
+    "face_width", "jaw_square", "chin", "top", "eye_dx", "eye_y", "eye_w",
+    "eye_h", "brow_thick", "brow_gap", "brow_tilt", "nose_len", "nose_w",
+    "mouth_y", "mouth_w", "lip_u", "lip_l", "neck_w", "tone_r", "tone_g",
+    "tone_b", "hair_len",
+)
+_IM_UNIFORMS = (
+    "smiling", "open", "lipstick", "makeup", "earrings", "necklace",
+    "necktie", "hat", "glasses", "hair_cat", "bald", "bangs", "hair_texture",
+    "sideburns", "stubble", "goatee", "mustache", "beard", "rosy", "narrow",
+    "bg_r", "bg_g", "bg_b", "bg2_r", "bg2_g", "bg2_b", "light_angle",
+    "cloth_r", "cloth_g", "cloth_b", "neckline", "tie_colour", "hat_colour",
+    "hat_type", "glasses_colour", "glasses_shape", "earring_colour",
+    "earring_type", "necklace_colour", "lipstick_colour", "makeup_colour",
+    "hair_part", "bangs_phase", "wave_phase", "noise_phase", "light_amp",
+    "hair_redraw",
+)
+_IM_NORMALS = (
+    "yaw", "roll", "scale", "tx", "ty", "brightness", "hair_len",
+    "hair_volume", "hair_jitter", "smile_amount", "open_amount", "gaze_x",
+    "gaze_y", "brow_raise",
+)
+
+
+def _slot_index(names: tuple[str, ...]) -> dict[str, int]:
+    return {n: i for i, n in enumerate(names)}
+
+
+_IDU, _IDZ = _slot_index(_ID_UNIFORMS), _slot_index(_ID_NORMALS)
+_IMU, _IMZ = _slot_index(_IM_UNIFORMS), _slot_index(_IM_NORMALS)
+
+# ---------------------------------------------------------------------------
+# Colours (linear-ish RGB in [0, 1]).
+# ---------------------------------------------------------------------------
+SKIN_TONES = np.array([
+    [0.96, 0.80, 0.69],
+    [0.86, 0.65, 0.50],
+    [0.64, 0.45, 0.32],
+    [0.40, 0.27, 0.19],
+], np.float32)
+PALE_TONE = np.array([1.0, 0.93, 0.89], np.float32)
+
+# Hair categories (index into HAIR_COLOURS; BALD draws no hair).
+BLACK, BROWN, BLOND, GRAY, AUBURN, BALD = range(6)
+HAIR_COLOURS = np.array([
+    [0.07, 0.06, 0.06],
+    [0.34, 0.21, 0.11],
+    [0.93, 0.80, 0.47],
+    [0.76, 0.76, 0.75],
+    [0.56, 0.24, 0.11],
+    [0.25, 0.17, 0.11],   # bald: only used for a beard's colour
+], np.float32)
+GREY_STRAND = np.array([0.80, 0.80, 0.80], np.float32)
+LIPSTICK_COLOURS = np.array([
+    [0.82, 0.04, 0.10], [0.70, 0.02, 0.22], [0.90, 0.10, 0.18],
+    [0.58, 0.02, 0.08]], np.float32)
+HAT_COLOURS = np.array([
+    [0.85, 0.10, 0.10], [0.10, 0.25, 0.80], [0.10, 0.60, 0.20],
+    [0.95, 0.75, 0.05], [0.55, 0.15, 0.65], [0.95, 0.45, 0.05]], np.float32)
+EARRING_COLOURS = np.array([
+    [1.00, 0.85, 0.15], [0.92, 0.93, 0.98], [1.00, 0.15, 0.25],
+    [0.10, 0.85, 0.85]], np.float32)
+NECKLACE_COLOURS = np.array([
+    [1.00, 0.82, 0.20], [0.90, 0.91, 0.95], [0.98, 0.96, 0.90],
+    [0.85, 0.10, 0.30]], np.float32)
+GLASSES_COLOURS = np.array([
+    [0.04, 0.04, 0.05], [0.20, 0.10, 0.05], [0.05, 0.07, 0.20]], np.float32)
+TIE_COLOURS = np.array([
+    [0.75, 0.05, 0.08], [0.08, 0.12, 0.45], [0.10, 0.40, 0.15],
+    [0.45, 0.05, 0.15], [0.80, 0.60, 0.10]], np.float32)
+EYESHADOW_COLOURS = np.array([
+    [0.50, 0.25, 0.60], [0.30, 0.45, 0.70], [0.45, 0.28, 0.20],
+    [0.85, 0.45, 0.60]], np.float32)
+IRIS_COLOURS = np.array([
+    [0.30, 0.18, 0.08], [0.16, 0.10, 0.06], [0.25, 0.45, 0.70],
+    [0.30, 0.50, 0.30], [0.45, 0.35, 0.15]], np.float32)
+
+# ---------------------------------------------------------------------------
+# Attribute probabilities. Default: CelebA-like conditionals (by Male and
+# Young); independent=True: each attribute at its marginal rate.
+# ---------------------------------------------------------------------------
+# Hair categories (BLACK, BROWN, BLOND, GRAY, AUBURN) given not bald, rows
+# indexed by 2 * male + young.
+_HAIR_GIVEN_NOT_BALD = np.array([
+    [0.20, 0.20, 0.15, 0.15, 0.30],     # woman, old
+    [0.22, 0.25, 0.26, 0.00, 0.27],     # woman, young
+    [0.25, 0.12, 0.03, 0.25, 0.35],     # man, old
+    [0.30, 0.20, 0.05, 0.005, 0.445],   # man, young
+], np.float64)
+_HAIR_MARGINAL = np.array([0.245, 0.205, 0.153, 0.041, 0.356], np.float64)
+_HAIR_CUM = np.cumsum(_HAIR_GIVEN_NOT_BALD, axis=1)[:, :-1].astype(np.float32)
+_HAIR_MARGINAL_CUM = np.cumsum(_HAIR_MARGINAL / _HAIR_MARGINAL.sum())[:-1].astype(np.float32)
+
+MARGINAL_RATES: dict[str, float] = {
+    "Male": 0.42, "Young": 0.77, "Pale_Skin": 0.043, "Big_Nose": 0.23,
+    "Big_Lips": 0.24, "Chubby": 0.058, "Double_Chin": 0.047,
+    "Bushy_Eyebrows": 0.14, "Arched_Eyebrows": 0.27,
+    "Receding_Hairline": 0.08, "Bags_Under_Eyes": 0.20, "Smiling": 0.48,
+    "Mouth_Slightly_Open": 0.48, "Wearing_Lipstick": 0.47,
+    "Heavy_Makeup": 0.38, "Wearing_Earrings": 0.19, "Wearing_Necklace": 0.12,
+    "Wearing_Necktie": 0.07, "Wearing_Hat": 0.05, "Eyeglasses": 0.065,
+    "Bald": 0.02, "Bangs": 0.15, "Wavy_Hair": 0.32, "Straight_Hair": 0.21,
+    "Sideburns": 0.056, "5_o_Clock_Shadow": 0.11, "Goatee": 0.063,
+    "Mustache": 0.042, "Rosy_Cheeks": 0.066, "Narrow_Eyes": 0.115,
+    "full_beard": 0.05,
+}
+
+
+def _where(cond, a, b):
+    return jnp.where(cond, jnp.float32(a), jnp.float32(b))
+
+
+# ---------------------------------------------------------------------------
+# Per-image parameters.
+# ---------------------------------------------------------------------------
+def _draw_one(seed, index, images_per_identity, independent: bool):
+    """Attributes and drawing parameters of one image (scalar index).
+
+    Returns (attrs int8 [40], identity int32, group int32, params dict of
+    float32 scalars / small vectors).
+    """
+    root = jax.random.key(seed)
+    identity = index // images_per_identity
+    k_id = jax.random.fold_in(jax.random.fold_in(root, IDENTITY_STREAM), identity)
+    k_im = jax.random.fold_in(jax.random.fold_in(root, IMAGE_STREAM), index)
+    # Separate sub-keys for the uniform and normal vectors: using a key both
+    # directly and through fold_in could correlate the two streams.
+    iu = jax.random.uniform(jax.random.fold_in(k_id, 0), (len(_ID_UNIFORMS),))
+    iz = jax.random.normal(jax.random.fold_in(k_id, 1), (len(_ID_NORMALS),))
+    mu = jax.random.uniform(jax.random.fold_in(k_im, 0), (len(_IM_UNIFORMS),))
+    mz = jax.random.normal(jax.random.fold_in(k_im, 1), (len(_IM_NORMALS),))
+
+    IU = lambda n: iu[_IDU[n]]  # noqa: E731
+    IZ = lambda n: iz[_IDZ[n]]  # noqa: E731
+    MU = lambda n: mu[_IMU[n]]  # noqa: E731
+    MZ = lambda n: mz[_IMZ[n]]  # noqa: E731
+    M = MARGINAL_RATES
+
+    def p(name, conditional):
+        """Probability of an attribute: its marginal, or the conditional."""
+        return jnp.float32(M[name]) if independent else conditional
+
+    # ---- identity level ----------------------------------------------------
+    male = IU("male") < M["Male"]
+    female = ~male
+    young = IU("young") < p("Young", _where(male, 0.66, 0.85))
+    group = jnp.sum(IU("group") > jnp.array([0.55, 0.78, 0.91], jnp.float32)).astype(jnp.int32)
+    light_group = group <= 1
+    pale = IU("pale") < p("Pale_Skin", jnp.where(
+        group == 0, _where(male, 0.02, 0.09), _where((group == 1) & female, 0.03, 0.0)))
+    big_nose = IU("big_nose") < p("Big_Nose", _where(male, 0.38, 0.12))
+    big_lips = IU("big_lips") < p("Big_Lips", _where(male, 0.17, 0.29))
+    chubby = IU("chubby") < p("Chubby", jnp.where(
+        male, _where(young, 0.05, 0.20), _where(young, 0.01, 0.06)))
+    double_chin = IU("double_chin") < p("Double_Chin", jnp.where(
+        chubby, 0.5, _where(young, 0.01, 0.10)))
+    bushy = IU("bushy") < p("Bushy_Eyebrows", _where(male, 0.22, 0.08))
+    arched = IU("arched") < p("Arched_Eyebrows", _where(male, 0.10, 0.38))
+    bags = IU("bags") < p("Bags_Under_Eyes", _where(young, 0.13, 0.45))
+    receding_draw = IU("receding") < p("Receding_Hairline", jnp.where(
+        male, _where(young, 0.06, 0.30), 0.02))
+
+    # ---- image level: expression and accessories ----------------------------
+    smiling = MU("smiling") < M["Smiling"]
+    mouth_open = MU("open") < p("Mouth_Slightly_Open", _where(smiling, 0.70, 0.27))
+    lipstick = MU("lipstick") < p("Wearing_Lipstick", _where(male, 0.01, 0.80))
+    makeup = MU("makeup") < p("Heavy_Makeup", jnp.where(
+        male, 0.005, _where(lipstick, 0.78, 0.05)))
+    earrings = MU("earrings") < p("Wearing_Earrings", _where(male, 0.02, 0.31))
+    necklace = MU("necklace") < p("Wearing_Necklace", _where(male, 0.02, 0.19))
+    necktie = MU("necktie") < p("Wearing_Necktie", _where(male, 0.16, 0.005))
+    hat = MU("hat") < p("Wearing_Hat", _where(male, 0.06, 0.04))
+    glasses = MU("glasses") < p("Eyeglasses", jnp.where(
+        male, _where(young, 0.05, 0.17), _where(young, 0.035, 0.12)))
+    narrow = MU("narrow") < M["Narrow_Eyes"]
+    rosy = MU("rosy") < p("Rosy_Cheeks", _where(male, 0.02, 0.10))
+
+    # ---- hair ---------------------------------------------------------------
+    # Baldness and the usual hair colour belong to the identity; one image in
+    # seven shows another colour (dyed, lit differently), drawn from the same
+    # table so the rates do not change.
+    bald = IU("bald") < p("Bald", jnp.where(male, _where(young, 0.005, 0.12), 0.0))
+    if independent:
+        cum = jnp.asarray(_HAIR_MARGINAL_CUM)
+    else:
+        cum = jnp.asarray(_HAIR_CUM)[2 * male.astype(jnp.int32) + young.astype(jnp.int32)]
+    colour_u = jnp.where(MU("hair_redraw") < 0.15, MU("hair_cat"), IU("hair_cat"))
+    hair_cat = jnp.where(bald, BALD, jnp.sum(colour_u > cum)).astype(jnp.int32)
+    has_hair = ~bald
+    bangs = has_hair & (MU("bangs") < p("Bangs", _where(male, 0.09, 0.20)))
+    wavy_p = p("Wavy_Hair", _where(male, 0.18, 0.42))
+    straight_p = p("Straight_Hair", _where(male, 0.23, 0.20))
+    texture_u = MU("hair_texture")
+    wavy = has_hair & (texture_u < wavy_p)
+    straight = has_hair & (texture_u >= wavy_p) & (texture_u < wavy_p + straight_p)
+    sideburns = has_hair & (MU("sideburns") < p("Sideburns", _where(male, 0.13, 0.0)))
+    receding = has_hair & receding_draw
+
+    # ---- facial hair (colour on skin) ---------------------------------------
+    stubble = MU("stubble") < p("5_o_Clock_Shadow", _where(male, 0.26, 0.0))
+    goatee = MU("goatee") < p("Goatee", _where(male, 0.15, 0.0))
+    mustache = MU("mustache") < p("Mustache", _where(male, 0.10, 0.0))
+    full_beard = MU("beard") < p("full_beard", _where(male, 0.12, 0.0))
+    no_beard = ~(goatee | mustache | full_beard)
+
+    named = {
+        "5_o_Clock_Shadow": stubble, "Arched_Eyebrows": arched,
+        "Bags_Under_Eyes": bags, "Bald": bald, "Bangs": bangs,
+        "Big_Lips": big_lips, "Big_Nose": big_nose,
+        "Black_Hair": hair_cat == BLACK, "Blond_Hair": hair_cat == BLOND,
+        "Brown_Hair": hair_cat == BROWN, "Bushy_Eyebrows": bushy,
+        "Chubby": chubby, "Double_Chin": double_chin, "Eyeglasses": glasses,
+        "Goatee": goatee, "Gray_Hair": hair_cat == GRAY,
+        "Heavy_Makeup": makeup, "Male": male,
+        "Mouth_Slightly_Open": mouth_open, "Mustache": mustache,
+        "Narrow_Eyes": narrow, "No_Beard": no_beard, "Pale_Skin": pale,
+        "Receding_Hairline": receding, "Rosy_Cheeks": rosy,
+        "Sideburns": sideburns, "Smiling": smiling,
+        "Straight_Hair": straight, "Wavy_Hair": wavy,
+        "Wearing_Earrings": earrings, "Wearing_Hat": hat,
+        "Wearing_Lipstick": lipstick, "Wearing_Necklace": necklace,
+        "Wearing_Necktie": necktie, "Young": young,
+    }
+    assert set(named) == set(DRAWN_ATTRIBUTES)
+    attrs = jnp.stack([
+        named[a].astype(jnp.int8) if a in named else jnp.int8(-1)
+        for a in regions.ATTRIBUTES])
+
+    # ---- continuous drawing parameters --------------------------------------
+    f32 = lambda b: b.astype(jnp.float32)  # noqa: E731
+    fm, fy, fchub = f32(male), f32(young), f32(chubby)
+    age = jnp.where(young, 18.0 + 22.0 * IU("age"), 40.0 + 35.0 * IU("age"))
+    tone = jnp.asarray(SKIN_TONES)[group] * (1.0 + 0.035 * jnp.stack(
+        [IZ("tone_r"), IZ("tone_g"), IZ("tone_b")]))
+    tone = jnp.where(pale, 0.45 * tone + 0.55 * jnp.asarray(PALE_TONE), tone)
+
+    def clipped(z, mean, sd, lo, hi):
+        return jnp.clip(mean + sd * z, lo, hi)
+
+    # Hair length: a per-identity habit plus per-image variation; men's hair is
+    # shorter on average, but the two distributions overlap strongly.
+    hair_len = jnp.clip(0.60 - 0.28 * fm + 0.19 * IZ("hair_len") + 0.16 * MZ("hair_len"), 0.0, 1.0)
+    params = dict(
+        male=fm, young=fy, age=age, tone=tone,
+        face_r=clipped(IZ("face_width"), 0.410 + 0.010 * fm + 0.030 * fchub, 0.016, *_FACE_R_RANGE),
+        jaw_sq=clipped(IZ("jaw_square"), -0.05 + 0.35 * fm + 0.30 * fchub, 0.18, -0.4, 1.0),
+        chin=clipped(IZ("chin"), 0.50 + 0.015 * fm, 0.022, 0.44, 0.58),
+        top=clipped(IZ("top"), 0.60, 0.015, 0.55, 0.65),
+        eye_dx=clipped(IZ("eye_dx"), 0.165, 0.010, 0.14, 0.19),
+        eye_y=clipped(IZ("eye_y"), -0.035, 0.010, -0.065, -0.005),
+        eye_w=clipped(IZ("eye_w"), 0.062, 0.005, 0.05, 0.075),
+        eye_h=clipped(IZ("eye_h"), 0.028, 0.003, 0.02, 0.036) * jnp.where(narrow, 0.55, 1.0),
+        brow_thick=clipped(IZ("brow_thick"), 0.019 + 0.003 * fm, 0.002, 0.014, 0.026)
+        * jnp.where(bushy, 1.6, 1.0),
+        brow_gap=clipped(IZ("brow_gap"), 0.078, 0.007, 0.062, 0.095)
+        + 0.012 * jnp.clip(MZ("brow_raise"), -1.0, 1.0),
+        brow_tilt=clipped(IZ("brow_tilt"), 0.0, 0.008, -0.015, 0.015),
+        brow_arch=jnp.where(arched, 0.024, 0.007),
+        nose_len=clipped(IZ("nose_len"), 0.115, 0.010, 0.09, 0.14)
+        + jnp.where(big_nose, 0.022, 0.0),
+        nose_w=clipped(IZ("nose_w"), 0.032, 0.004, 0.024, 0.042)
+        + jnp.where(big_nose, 0.016, 0.0),
+        mouth_y=clipped(IZ("mouth_y"), 0.27, 0.010, 0.245, 0.30),
+        mouth_w=clipped(IZ("mouth_w"), 0.095, 0.008, 0.075, 0.115)
+        + jnp.where(smiling, 0.012, 0.0),
+        lip_u=clipped(IZ("lip_u"), 0.017, 0.003, 0.011, 0.024) + jnp.where(big_lips, 0.008, 0.0),
+        lip_l=clipped(IZ("lip_l"), 0.023, 0.003, 0.016, 0.030) + jnp.where(big_lips, 0.010, 0.0),
+        neck_w=clipped(IZ("neck_w"), 0.155 + 0.015 * fm + 0.02 * fchub, 0.010, 0.13, 0.21),
+        iris=jnp.asarray(IRIS_COLOURS)[jnp.minimum((IU("iris") * len(IRIS_COLOURS)).astype(jnp.int32), len(IRIS_COLOURS) - 1)],
+        # pose and light
+        yaw=jnp.clip(0.20 * MZ("yaw"), -MAX_YAW, MAX_YAW),
+        roll=clipped(MZ("roll"), 0.0, 0.045, *_ROLL_RANGE),
+        scale=clipped(MZ("scale"), 1.11, 0.045, *_SCALE_RANGE),
+        tx=clipped(MZ("tx"), 0.0, 0.02, *_TX_RANGE),
+        ty=clipped(MZ("ty"), -0.10, 0.02, *_TY_RANGE),
+        brightness=clipped(MZ("brightness"), 0.97, 0.06, 0.82, 1.10),
+        light_angle=2.0 * jnp.pi * MU("light_angle"),
+        light_amp=0.06 + 0.12 * MU("light_amp"),
+        bg=0.15 + 0.75 * jnp.stack([MU("bg_r"), MU("bg_g"), MU("bg_b")]),
+        bg2=0.15 + 0.75 * jnp.stack([MU("bg2_r"), MU("bg2_g"), MU("bg2_b")]),
+        # hair
+        has_hair=f32(has_hair), hair_cat=hair_cat,
+        hair_colour=jnp.asarray(HAIR_COLOURS)[hair_cat]
+        * (1.0 + 0.08 * jnp.clip(MZ("hair_jitter"), -2.0, 2.0)),
+        hair_len=hair_len,
+        hair_volume=clipped(MZ("hair_volume"), 0.035 + 0.02 * hair_len, 0.01, 0.018, 0.075),
+        bangs=f32(bangs), wavy=f32(wavy), straight=f32(straight),
+        sideburns=f32(sideburns), receding=f32(receding),
+        hair_part=2.0 * MU("hair_part") - 1.0,
+        bangs_phase=2.0 * jnp.pi * MU("bangs_phase"),
+        wave_phase=2.0 * jnp.pi * MU("wave_phase"),
+        salt=(MU("noise_phase") * 2.0 ** 24).astype(jnp.int32),
+        brow_colour=_brow_colour(hair_cat),
+        # expression
+        smiling=f32(smiling), mouth_open=f32(mouth_open),
+        smile_amount=clipped(MZ("smile_amount"), 1.0, 0.2, 0.6, 1.4),
+        open_amount=clipped(MZ("open_amount"), 1.0, 0.2, 0.6, 1.4),
+        gaze=jnp.stack([jnp.clip(0.25 * MZ("gaze_x"), -0.5, 0.5),
+                        jnp.clip(0.15 * MZ("gaze_y"), -0.3, 0.3)]),
+        # accessories
+        lipstick=f32(lipstick), makeup=f32(makeup), earrings=f32(earrings),
+        necklace=f32(necklace), necktie=f32(necktie), hat=f32(hat),
+        glasses=f32(glasses), rosy=f32(rosy), bags=f32(bags),
+        double_chin=f32(double_chin), stubble=f32(stubble),
+        goatee=f32(goatee), mustache=f32(mustache), full_beard=f32(full_beard),
+        lipstick_colour=_pick(LIPSTICK_COLOURS, MU("lipstick_colour")),
+        makeup_colour=_pick(EYESHADOW_COLOURS, MU("makeup_colour")),
+        earring_colour=_pick(EARRING_COLOURS, MU("earring_colour")),
+        earring_hoop=f32(MU("earring_type") < 0.35),
+        necklace_colour=_pick(NECKLACE_COLOURS, MU("necklace_colour")),
+        glasses_colour=_pick(GLASSES_COLOURS, MU("glasses_colour")),
+        glasses_round=f32(MU("glasses_shape") < 0.5),
+        hat_colour=_pick(HAT_COLOURS, MU("hat_colour")),
+        hat_brim=f32(MU("hat_type") < 0.6),
+        tie_colour=_pick(TIE_COLOURS, MU("tie_colour")),
+        cloth=0.10 + 0.70 * jnp.stack([MU("cloth_r"), MU("cloth_g"), MU("cloth_b")]),
+        v_neck=f32(MU("neckline") < 0.4),
+    )
+    return attrs, identity.astype(jnp.int32), group, params
+
+
+def _brow_colour(hair_cat):
+    """Brows: darker than blond hair, greyish under grey hair, brown when bald."""
+    hair = jnp.asarray(HAIR_COLOURS)
+    colour = 0.8 * hair[jnp.where(hair_cat == BALD, BROWN, hair_cat)]
+    colour = jnp.where(hair_cat == BLOND, 0.6 * hair[BLOND], colour)
+    return jnp.where(hair_cat == GRAY, jnp.array([0.55, 0.53, 0.52]), colour)
+
+
+def _pick(palette: np.ndarray, u):
+    """Row of a constant palette chosen by a uniform in [0, 1)."""
+    i = jnp.minimum((u * len(palette)).astype(jnp.int32), len(palette) - 1)
+    return jnp.asarray(palette)[i]
+
+
+# ---------------------------------------------------------------------------
+# Shape primitives: signed distances (or first-order approximations of them),
+# negative inside. Per-pixel work avoids divisions and transcendentals where
+# it can: rendering speed is a requirement (see benchmarks/bench_render.py).
+# ---------------------------------------------------------------------------
+def _ellipse(x, y, cx, cy, ax, ay):
+    """Signed distance to an axis-aligned ellipse, to first order at its edge.
+
+    g / |grad g| for g = ((x - cx) / ax)^2 + ((y - cy) / ay)^2 - 1: the sign is
+    exact, the value is the distance near the edge (which is all the
+    anti-aliasing needs), and it costs one rsqrt per pixel.
+    """
+    iax, iay = 1.0 / ax, 1.0 / ay
+    px = (x - cx) * iax
+    py = (y - cy) * iay
+    g = px * px + py * py - 1.0
+    gx, gy = px * iax, py * iay
+    return 0.5 * g * jax.lax.rsqrt(gx * gx + gy * gy + 1e-12)
+
+
+def _circle(x, y, cx, cy, r):
+    return jnp.sqrt((x - cx) ** 2 + (y - cy) ** 2) - r
+
+
+def _rounded_box(x, y, cx, cy, hx, hy, r):
+    """Signed distance to a box with half-sizes (hx, hy) and corner radius r."""
+    qx = jnp.abs(x - cx) - hx + r
+    qy = jnp.abs(y - cy) - hy + r
+    outside = jnp.sqrt(jnp.maximum(qx, 0.0) ** 2 + jnp.maximum(qy, 0.0) ** 2)
+    return outside + jnp.minimum(jnp.maximum(qx, qy), 0.0) - r
+
+
+def _intersect(*ds):
+    return functools.reduce(jnp.maximum, ds)
+
+
+def _union(*ds):
+    return functools.reduce(jnp.minimum, ds)
+
+
+def _stroke(d, width):
+    """A stroke of the given width centred on the zero set of d."""
+    return jnp.abs(d) - 0.5 * width
+
+
+def _coverage(d, pixel):
+    """Anti-aliased coverage of the inside of d for a pixel of size `pixel`."""
+    return jnp.clip(0.5 - d / pixel, 0.0, 1.0)
+
+
+class _Canvas(NamedTuple):
+    image: jax.Array   # [H, W, 3]
+    parse: jax.Array   # [H, W] int32
+
+
+def _paint(canvas: _Canvas, d, colour, pixel, region=None, on=True):
+    """Paint the inside of d over the canvas.
+
+    The image gets soft coverage (anti-aliasing); the parse map, when
+    `region` is given (an id, or a per-pixel id array), gets the hard inside
+    d < 0. `on` (a traced bool or float) switches the layer off.
+    """
+    on = jnp.asarray(on, jnp.float32)
+    alpha = _coverage(d, pixel) * on
+    colour = jnp.asarray(colour, jnp.float32)
+    image = canvas.image + alpha[..., None] * (colour - canvas.image)
+    parse = canvas.parse
+    if region is not None:
+        parse = jnp.where((d < 0.0) & (on > 0.0), jnp.asarray(region, jnp.int32), parse)
+    return _Canvas(image, parse)
+
+
+def _tint(canvas: _Canvas, alpha, colour):
+    """Colour-only overlay (make-up, beard, wrinkles): the parse map is untouched."""
+    colour = jnp.asarray(colour, jnp.float32)
+    return canvas._replace(image=canvas.image + alpha[..., None] * (colour - canvas.image))
+
+
+def _darken(canvas: _Canvas, amount):
+    """Multiply the image by (1 - amount): faint lines and shadows."""
+    return canvas._replace(image=canvas.image * (1.0 - amount)[..., None])
+
+
+def _hash_noise(ix, iy, salt):
+    """Per-pixel value noise in [0, 1) from an integer hash of the pixel index."""
+    h = (ix.astype(jnp.uint32) * jnp.uint32(0x9E3779B1)) ^ (
+        iy.astype(jnp.uint32) * jnp.uint32(0x85EBCA77)) ^ salt.astype(jnp.uint32)
+    h = h ^ (h >> 15)
+    h = h * jnp.uint32(0x2C1B3C6D)
+    h = h ^ (h >> 12)
+    return (h >> 8).astype(jnp.float32) * (1.0 / (1 << 24))
+
+
+# ---------------------------------------------------------------------------
+# Pose: image coordinates -> body (scale, translation) -> head (roll) ->
+# canonical frontal face (yaw undone by a horizontal warp).
+# ---------------------------------------------------------------------------
+_ROLL_PIVOT_Y = 0.10   # the head rolls about a point between nose and mouth
+_WARP_SOFTNESS = 0.08  # width of the smoothed kink of the yaw warp
+
+
+def _yaw_warp(face_r, yaw, xp=jnp):
+    """(shift, slope_left, slope_right) of the yaw warp.
+
+    Turning the face by yaw > 0 (to the image's right) shifts the features
+    by `shift` towards +x and squashes the right half of the face outline
+    (it turns away) while the left half widens a little.
+    """
+    s = xp.sin(yaw)
+    right, left = xp.maximum(s, 0.0), xp.maximum(-s, 0.0)
+    w_left = face_r * (1.0 + 0.08 * right - 0.22 * left)
+    w_right = face_r * (1.0 + 0.08 * left - 0.22 * right)
+    shift = 0.30 * face_r * s
+    return shift, face_r / (w_left + shift), face_r / (w_right - shift)
+
+
+def _head_to_face_x(hx, warp, xp=jnp):
+    """Canonical (frontal) x of a head-frame x: a monotone two-slope map with
+    a smoothed kink, sending -w_left -> -R, shift -> ~0 and w_right -> R."""
+    shift, slope_left, slope_right = warp
+    z = hx - shift
+    return slope_left * z + (slope_right - slope_left) * _WARP_SOFTNESS * xp.logaddexp(
+        z / _WARP_SOFTNESS, 0.0)
+
+
+def _face_to_head_x(fx, warp, xp=jnp):
+    """Inverse of _head_to_face_x (Newton; used for landmarks and bounds)."""
+    shift, slope_left, slope_right = warp
+    z = xp.where(fx < 0, fx / slope_left, fx / slope_right)
+    for _ in range(8):
+        g = _head_to_face_x(z + shift, warp, xp) - fx
+        dg = slope_left + (slope_right - slope_left) / (1.0 + xp.exp(-z / _WARP_SOFTNESS))
+        z = z - g / dg
+    return z + shift
+
+
+def _face_to_image(fx, fy, p, xp=jnp):
+    """Canonical face coordinates -> normalised image coordinates."""
+    hx = _face_to_head_x(fx, _yaw_warp(p["face_r"], p["yaw"], xp), xp)
+    cr, sr = xp.cos(p["roll"]), xp.sin(p["roll"])
+    ry = fy - _ROLL_PIVOT_Y
+    bx = cr * hx - sr * ry
+    by = sr * hx + cr * ry + _ROLL_PIVOT_Y
+    return p["tx"] + p["scale"] * bx, p["ty"] + p["scale"] * by
+
+
+class _Frame(NamedTuple):
+    """Per-pixel coordinates of a rectangle of pixels in the different frames."""
+    fx: jax.Array      # canonical face x (roll and yaw undone)
+    fy: jax.Array      # head-frame y (roll undone)
+    bx: jax.Array      # body frame (scale and translation undone, no roll)
+    by: jax.Array
+    img_x: jax.Array   # normalised image coordinates in [-1, 1]
+    img_y: jax.Array
+    ix: jax.Array      # integer pixel column / row
+    iy: jax.Array
+    pixel: jax.Array   # one pixel in head / body units
+
+
+def _frame(p, resolution: int, rows: tuple[int, int], cols: tuple[int, int]) -> _Frame:
+    step = 2.0 / resolution
+    iy = jnp.arange(rows[0], rows[1], dtype=jnp.int32)[:, None]
+    ix = jnp.arange(cols[0], cols[1], dtype=jnp.int32)[None, :]
+    shape = (rows[1] - rows[0], cols[1] - cols[0])
+    iy, ix = jnp.broadcast_to(iy, shape), jnp.broadcast_to(ix, shape)
+    img_x = (ix.astype(jnp.float32) + 0.5) * step - 1.0
+    img_y = (iy.astype(jnp.float32) + 0.5) * step - 1.0
+    inv_s = 1.0 / p["scale"]
+    bx = (img_x - p["tx"]) * inv_s
+    by = (img_y - p["ty"]) * inv_s
+    cr, sr = jnp.cos(p["roll"]), jnp.sin(p["roll"])
+    ry = by - _ROLL_PIVOT_Y
+    hx = cr * bx + sr * ry
+    fy = -sr * bx + cr * ry + _ROLL_PIVOT_Y
+    fx = _head_to_face_x(hx, _yaw_warp(p["face_r"], p["yaw"]))
+    return _Frame(fx, fy, bx, by, img_x, img_y, ix, iy, step * inv_s)
+
+
+# Boxes (canonical face coordinates: x0, x1, y0, y1) that contain everything
+# drawn by the two windowed passes for every parameter value the sampler can
+# produce; tests/test_synthetic.py checks windowed == full-frame rendering.
+_EYES_BOX = (-0.325, 0.325, -0.245, 0.065)
+_MOUTH_BOX = (-0.175, 0.175, -0.06, 0.50)
+_WINDOW_MARGIN_PX = 3
+
+
+@functools.lru_cache(maxsize=None)
+def _window(resolution: int, box: tuple[float, float, float, float]):
+    """Static pixel rows and columns that hold `box` under every pose."""
+    x0, x1, y0, y1 = box
+    grid = np.meshgrid(
+        np.linspace(-MAX_YAW, MAX_YAW, 41), np.linspace(*_FACE_R_RANGE, 5),
+        np.linspace(*_ROLL_RANGE, 21), np.array(_SCALE_RANGE), np.array(_TX_RANGE),
+        np.array(_TY_RANGE), np.array([x0, x1]), np.array([y0, y1]), indexing="ij")
+    yaw, face_r, roll, scale, tx, ty, fx, fy = (g.ravel() for g in grid)
+    p = dict(yaw=yaw, face_r=face_r, roll=roll, scale=scale, tx=tx, ty=ty)
+    x, y = _face_to_image(fx, fy, p, np)
+    step = 2.0 / resolution
+    to_px = lambda v: (v + 1.0) / step  # noqa: E731  (pixel edges)
+    c0 = max(0, int(np.floor(to_px(x.min()))) - _WINDOW_MARGIN_PX)
+    c1 = min(resolution, int(np.ceil(to_px(x.max()))) + _WINDOW_MARGIN_PX)
+    r0 = max(0, int(np.floor(to_px(y.min()))) - _WINDOW_MARGIN_PX)
+    r1 = min(resolution, int(np.ceil(to_px(y.max()))) + _WINDOW_MARGIN_PX)
+    return (r0, r1), (c0, c1)
+
+
+# ---------------------------------------------------------------------------
+# Layers.
+# ---------------------------------------------------------------------------
+def _head_sdf(fx, fy, p):
+    """Head outline: an ellipse above y = 0 (cranium, forehead), below it a
+    jaw blended between an ellipse (jaw_sq = 0), a squarer superellipse
+    (jaw_sq = 1) and a pointier chin (jaw_sq < 0)."""
+    r, top, chin, w = p["face_r"], p["top"], p["chin"], p["jaw_sq"]
+    d_up = _ellipse(fx, fy, 0.0, 0.0, r, top)
+    ax = jnp.abs(fx) * (1.0 / r)
+    ay = jnp.maximum(fy, 0.0) * (1.0 / chin)
+    ax2, ay2 = ax * ax, ay * ay
+    g = (1.0 - w) * (ax2 + ay2) + w * jnp.sqrt(ax2 * ax2 + ay2 * ay2) - 1.0
+    # g ~ 2 (k - 1) near the edge; one unit of k is r sideways, chin downwards.
+    unit = (r * ax + chin * ay) / (ax + ay + 1e-6)
+    return jnp.where(fy < 0.0, d_up, 0.5 * g * unit)
+
+
+def _hair_colour_field(f: _Frame, p):
+    """Per-pixel hair colour: strands (wavy or straight), grey strands with age."""
+    wave = p["wavy"] * 0.035 * jnp.sin(f.fy * 38.0 + p["wave_phase"])
+    strands = jnp.sin((f.fx + wave) * 110.0 + 1.5 * jnp.sin(f.fy * 8.0))
+    grey_fraction = jnp.clip((p["age"] - 42.0) / 45.0, 0.0, 0.4) * (p["hair_cat"] != GRAY)
+    grey = jnp.clip(5.0 * jnp.sin((f.fx + wave) * 190.0 + 3.0 * jnp.sin(f.fx * 31.0 + p["wave_phase"]))
+                    - 4.0, 0.0, 1.0)
+    highlight = 0.12 * jnp.clip(1.0 - ((f.fy + 0.42) * 10.0) ** 2, 0.0, 1.0)
+    colour = p["hair_colour"] * (1.0 + 0.06 * strands + highlight)[..., None]
+    colour = colour + (grey_fraction * grey)[..., None] * (jnp.asarray(GREY_STRAND) - colour)
+    return jnp.clip(colour, 0.0, 1.0)
+
+
+def _draw_base(f: _Frame, p):
+    """Background, long hair behind the head, cloth (with necktie), neck, necklace."""
+    t = ((f.img_y + 1.0) * 0.5)[..., None]
+    canvas = _Canvas(p["bg"] + t * (p["bg2"] - p["bg"]), jnp.zeros(f.fx.shape, jnp.int32))
+    hair_colour = _hair_colour_field(f, p)
+
+    r, length = p["face_r"], p["hair_len"]
+    half_w = r + p["hair_volume"] + 0.05 * length
+    wave = p["wavy"] * 0.018 * jnp.sin(f.fy * 22.0 + p["wave_phase"])
+    bottom = 0.05 + 0.55 * length
+    d_back = _rounded_box(f.fx + wave, f.fy, 0.0, 0.5 * (bottom - 0.30), half_w,
+                          0.5 * (bottom + 0.30), 0.12)
+    canvas = _paint(canvas, d_back, hair_colour, f.pixel, _R["hair"],
+                    on=p["has_hair"] * (length > 0.25))
+
+    # Shoulders start a fixed neck length below the chin (body frame).
+    chin = p["chin"] + 0.0 * f.bx
+    shoulder_y = p["chin"] + 0.22
+    d_cloth = _intersect(shoulder_y + 0.25 * f.bx * f.bx - f.by, jnp.abs(f.bx) - 1.3)
+    cloth_shade = 1.0 - 0.2 * jnp.clip(jnp.abs(f.bx) - 0.3, 0.0, 1.0)
+    canvas = _paint(canvas, d_cloth, p["cloth"] * cloth_shade[..., None], f.pixel, _R["cloth"])
+    # Necktie (part of cloth): white collar, knot and blade.
+    tie = p["necktie"]
+    collar_y = shoulder_y + 0.02
+    ax = jnp.abs(f.bx)
+    d_collar = _intersect(ax - 0.20, collar_y - 0.02 - f.by, f.by - (collar_y + 0.06 + 0.25 * ax))
+    canvas = _paint(canvas, d_collar, jnp.array([0.95, 0.95, 0.95]), f.pixel, _R["cloth"], on=tie)
+    dy = f.by - collar_y
+    d_knot = _intersect(ax - (0.034 - 0.2 * dy), -dy, dy - 0.055)
+    d_blade = _intersect(ax - (0.024 + 0.30 * (dy - 0.055)), 0.05 - dy)
+    canvas = _paint(canvas, _union(d_knot, d_blade), p["tie_colour"], f.pixel, _R["cloth"], on=tie)
+
+    # Neck down to the neckline (round or V; a tie closes the collar).
+    nw = p["neck_w"]
+    v_depth = 0.16 * p["v_neck"] * (1.0 - tie)
+    neckline = shoulder_y + 0.03 - 0.03 * tie + v_depth * jnp.maximum(0.0, 1.0 - ax * (1.0 / 0.16))
+    flare = 0.5 * jnp.maximum(f.by - (shoulder_y - 0.04), 0.0)
+    d_neck = _intersect(ax - nw - flare, 0.15 - f.by, f.by - neckline)
+    under_chin = jnp.clip((f.by - chin + 0.02) * (1.0 / 0.16), 0.0, 1.0)
+    canvas = _paint(canvas, d_neck, p["tone"] * (0.72 + 0.16 * under_chin)[..., None],
+                    f.pixel, _R["neck"])
+
+    # Necklace: a U-shaped chain on the neck and a pendant.
+    lace_y = p["chin"] + 0.12
+    thick = jnp.maximum(0.014, 1.1 * f.pixel)
+    d_chain = _intersect(_stroke(f.by - (lace_y - 0.05 * (f.bx / nw) ** 2), thick), ax - 0.97 * nw)
+    d_pendant = _circle(f.bx, f.by, 0.0, lace_y + 0.02, jnp.maximum(0.018, f.pixel))
+    canvas = _paint(canvas, _union(d_chain, d_pendant), p["necklace_colour"], f.pixel,
+                    _R["neck_l"], on=p["necklace"])
+    return canvas, hair_colour
+
+
+def _draw_ears(canvas, f: _Frame, p):
+    """Ears (mirrored: one evaluation for both) and earrings under the lobes."""
+    left = f.fx < 0
+    u = jnp.abs(f.fx)
+    # The ear on the side the face turns to slides behind the cheek.
+    far = jnp.maximum(jnp.where(left, -1.0, 1.0) * jnp.sin(p["yaw"]), 0.0)
+    ear_u = p["face_r"] + 0.004 - 0.40 * p["face_r"] * far
+    d_ear = _ellipse(u, f.fy, ear_u, 0.01, 0.048, 0.095)
+    shade = 0.93 - 0.2 * jnp.clip(1.0 - jnp.abs(u - ear_u - 0.006) * (1.0 / 0.02), 0.0, 1.0) \
+        * (jnp.abs(f.fy) < 0.05)
+    canvas = _paint(canvas, d_ear, p["tone"] * shade[..., None], f.pixel,
+                    jnp.where(left, _R["l_ear"], _R["r_ear"]))
+    hoop = p["earring_hoop"] > 0
+    radius = jnp.where(hoop, 0.032, 0.024)
+    d_disc = _circle(u, f.fy, ear_u + 0.014, 0.102 + radius, radius)
+    ring = jnp.maximum(0.010, 1.1 * f.pixel)
+    d_earring = jnp.where(hoop, _stroke(d_disc + 0.5 * ring, ring), d_disc)
+    glint = 0.35 * (d_disc < -0.45 * radius) * (1.0 - hoop)
+    colour = p["earring_colour"] + glint[..., None] * (1.0 - p["earring_colour"])
+    return _paint(canvas, d_earring, colour, f.pixel, _R["ear_r"], on=p["earrings"])
+
+
+def _draw_face(canvas, f: _Frame, p):
+    """Face skin with shading and texture; wrinkles, cheeks and facial hair
+    are colour on skin (CelebAMask-HQ labels beards as skin)."""
+    r = p["face_r"]
+    d_face = _head_sdf(f.fx, f.fy, p)
+    age = jnp.clip((p["age"] - 22.0) / 40.0, 0.0, 1.0)   # 0 young .. 1 old
+    u = jnp.abs(f.fx)
+    roundness = 1.0 - 0.16 * (u * (1.0 / r)) ** 2 - 0.10 * jnp.clip((f.fy - 0.35) * 5.0, 0.0, 1.0)
+    noise = _hash_noise(f.ix, f.iy, p["salt"]) - 0.5
+    texture = 1.0 + (0.02 + 0.06 * age) * noise   # old skin is less smooth
+    canvas = _paint(canvas, d_face, p["tone"] * (roundness * texture)[..., None], f.pixel, _R["skin"])
+    inside = _coverage(d_face, f.pixel)
+    px = f.pixel
+
+    # Forehead lines (age): three arcs evaluated at once as the nearest of them.
+    level = (f.fy + 0.25 - 0.10 * f.fx * f.fx) * (-1.0 / 0.036)
+    k = jnp.clip(jnp.round(level), 0.0, 2.0)
+    d_lines = _intersect(jnp.abs(level - k) * 0.036 - 0.003, u - (0.17 - 0.025 * k))
+    canvas = _darken(canvas, inside * 0.16 * age * _coverage(d_lines, jnp.maximum(px, 0.006)))
+
+    # Cheeks: rosy (stronger, larger) and make-up blush.
+    d_cheek = _ellipse(u, f.fy, p["eye_dx"] + 0.035, 0.12, 0.08, 0.06)
+    soft = jnp.clip(-d_cheek * 20.0, 0.0, 1.0)
+    canvas = _tint(canvas, (0.38 * p["rosy"] + 0.25 * p["makeup"]) * soft * inside,
+                   jnp.array([0.92, 0.22, 0.28]))
+
+    # Facial hair area: the lower face below a line through the cheeks.
+    un = u * (1.0 / r)
+    jaw_line = 0.10 + 0.02 * un - 0.12 * un ** 4
+    area = _coverage(_intersect(jaw_line - f.fy, d_face), 2.0 * px)
+    grain = 0.75 + 0.5 * _hash_noise(f.ix + 7, f.iy, p["salt"])
+    beard_colour = jnp.asarray(HAIR_COLOURS)[p["hair_cat"]] * 0.8
+    canvas = _tint(canvas, 0.32 * p["stubble"] * area * grain, jnp.array([0.22, 0.2, 0.2]))
+    canvas = _tint(canvas, jnp.minimum(0.9 * p["full_beard"] * area * grain, 1.0), beard_colour)
+
+    # Double chin: a soft crease above the chin.
+    d_crease = _intersect(_stroke(f.fy - (p["chin"] - 0.055 + 1.2 * f.fx * f.fx), 0.008), u - 0.15)
+    canvas = _darken(canvas, inside * p["double_chin"] * 0.35 * _coverage(d_crease, 2.0 * px))
+    return canvas, d_face, beard_colour
+
+
+def _draw_front_hair(canvas, f: _Frame, p, d_face, hair_colour):
+    """Hair over the cranium, bangs, side locks over the top of the ears,
+    sideburns. Returns the canvas and the visible-skin coverage."""
+    r, vol = p["face_r"], p["hair_volume"]
+    u = jnp.abs(f.fx)
+    wave = p["wavy"] * 0.012 * jnp.sin(f.fy * 30.0 + u * 20.0 + p["wave_phase"])
+    d_cap = _ellipse(f.fx, f.fy, 0.0, -0.02, r + vol, p["top"] + vol - 0.02) + wave
+    # Hairline: a side part tilts it, receding temples lift it at |x| ~ 0.2,
+    # bangs bring it down to just above the brows.
+    un = u * (1.0 / r)
+    part = 0.04 * p["hair_part"] * f.fx * (1.0 / r)
+    temple = p["receding"] * 0.14 * jnp.clip(1.0 - ((u - 0.20) * (1.0 / 0.10)) ** 2, 0.0, 1.0)
+    hairline = -0.36 + 0.30 * un ** 4 + part - temple - 0.06 * p["receding"]
+    fringe = p["eye_y"] - p["brow_gap"] - 0.035 + 0.012 * jnp.sin(f.fx * 55.0 + p["bangs_phase"])
+    hairline = jnp.where((p["bangs"] > 0) & (u < 0.9 * r), jnp.maximum(hairline, fringe), hairline)
+    d_forehead = _intersect(d_face, hairline - f.fy)
+    # The front hair stops near the middle of the ears; longer hair is behind.
+    d_hair = _intersect(d_cap, -d_forehead, f.fy - (-0.01 + 0.02 * p["hair_len"]))
+    d_side = _rounded_box(u, f.fy, r - 0.024, 0.02, 0.022, 0.075, 0.015)
+    d_hair = jnp.where(p["sideburns"] > 0, _union(d_hair, d_side), d_hair)
+    canvas = _paint(canvas, d_hair, hair_colour, f.pixel, _R["hair"], on=p["has_hair"])
+    skin_visible = _coverage(d_face, f.pixel) * (1.0 - p["has_hair"] * _coverage(d_hair, f.pixel))
+    return canvas, skin_visible
+
+
+def _eye_sdf(u, fy, cx, cy, w, h):
+    """Almond eye: the intersection of two discs through the corners."""
+    rad = (w * w + h * h) / (2.0 * h)
+    off = rad - h
+    return jnp.maximum(_circle(u, fy, cx, cy + off, rad), _circle(u, fy, cx, cy - off, rad))
+
+
+def _glasses_frame_width(pixel):
+    return jnp.maximum(0.017, 1.1 * pixel)
+
+
+def _draw_eyes_window(canvas, f: _Frame, p, skin_visible):
+    """Eye shadow, under-eye bags, crow's feet, brows, eyes, glasses lenses
+    and bridge. Both sides in one evaluation: u = |x| mirrors the face."""
+    left = f.fx < 0
+    u = jnp.abs(f.fx)
+    px = f.pixel
+    ex, ey, ew, eh = p["eye_dx"], p["eye_y"], p["eye_w"], p["eye_h"]
+    age = jnp.clip((p["age"] - 22.0) / 40.0, 0.0, 1.0)
+
+    d_shadow = _ellipse(u, f.fy, ex, ey - 0.022, 1.2 * ew, 0.04)
+    canvas = _tint(canvas, 0.7 * p["makeup"] * skin_visible * _coverage(d_shadow, 2.0 * px),
+                   p["makeup_colour"])
+    d_bags = _ellipse(u, f.fy, ex, ey + 0.034, 0.8 * ew, 0.015)
+    canvas = _darken(canvas, 0.2 * p["bags"] * skin_visible * _coverage(d_bags, 3.0 * px))
+    # Crow's feet: three short lines fanning out of the outer eye corner.
+    x0 = ex + ew + 0.012
+    slope = (f.fy - ey) / (u - x0 + 0.012)
+    k = jnp.clip(jnp.round(slope * 2.0), -1.0, 1.0)
+    d_crow = _intersect(jnp.abs((f.fy - ey) - 0.5 * k * (u - x0 + 0.012)) - 0.0025,
+                        jnp.abs(u - x0 - 0.016) - 0.016)
+    canvas = _darken(canvas, 0.16 * age * skin_visible * _coverage(d_crow, jnp.maximum(px, 0.006)))
+
+    # Brows: a curved band over each eye, thicker at the inner end.
+    half = 0.072
+    t = (u - ex - 0.006) * (1.0 / half)          # -1 inner end, +1 outer end
+    curve = ey - p["brow_gap"] - p["brow_arch"] * (1.0 - ((t - 0.25) * 0.8) ** 2) + p["brow_tilt"] * t
+    thick = p["brow_thick"] * (1.0 - 0.45 * jnp.clip(t, 0.0, 1.0) ** 2)
+    d_brow = _intersect(jnp.abs(f.fy - curve) - 0.5 * thick, (jnp.abs(t) - 1.0) * half)
+    canvas = _paint(canvas, d_brow, p["brow_colour"], px, jnp.where(left, _R["l_brow"], _R["r_brow"]))
+
+    # Eyes: white, iris, pupil, upper lash line (colour only inside the region).
+    d_eye = _eye_sdf(u, f.fy, ex, ey, ew, eh)
+    canvas = _paint(canvas, d_eye, jnp.array([0.96, 0.95, 0.93]), px,
+                    jnp.where(left, _R["l_eye"], _R["r_eye"]))
+    iris_u = ex + jnp.where(left, -1.0, 1.0) * p["gaze"][0] * ew
+    iris_y = ey + p["gaze"][1] * eh
+    d_ring = _circle(u, f.fy, iris_u, iris_y, 0.0)
+    canvas = _paint(canvas, jnp.maximum(d_ring - 0.022, d_eye), p["iris"], px)
+    canvas = _paint(canvas, jnp.maximum(d_ring - 0.009, d_eye), jnp.array([0.02, 0.02, 0.02]), px)
+    liner = 0.005 + 0.004 * p["makeup"]
+    d_lash = _intersect(_stroke(d_eye, 2.0 * liner), f.fy - ey - 0.2 * eh)
+    canvas = _tint(canvas, 0.85 * _coverage(d_lash, px), jnp.array([0.06, 0.04, 0.04]))
+
+    # Glasses: lens rims (round or rectangular), a faint lens tint, the bridge.
+    frame = _glasses_frame_width(px)
+    lens_w, lens_h = ew + 0.028, 0.052
+    d_round = _ellipse(u, f.fy, ex, ey, lens_w, lens_h)
+    d_rect = _rounded_box(u, f.fy, ex, ey, lens_w, 0.9 * lens_h, 0.025)
+    d_lens = jnp.where(p["glasses_round"] > 0, d_round, d_rect)
+    canvas = _tint(canvas, 0.12 * p["glasses"] * _coverage(d_lens, px), jnp.array([0.75, 0.85, 0.95]))
+    d_bridge = _intersect(_stroke(f.fy - (ey - 0.012), frame), u - (ex - lens_w + 0.004))
+    d_glasses = _union(_stroke(d_lens + 0.5 * frame, frame), d_bridge)
+    return _paint(canvas, d_glasses, p["glasses_colour"], px, _R["eye_g"], on=p["glasses"])
+
+
+def _draw_glasses_arms(canvas, f: _Frame, p):
+    """Temple arms from the lens rims to the ears (full frame, cheap)."""
+    u = jnp.abs(f.fx)
+    frame = _glasses_frame_width(f.pixel)
+    x_out = p["eye_dx"] + p["eye_w"] + 0.028
+    d_arm = _intersect(_stroke(f.fy - (p["eye_y"] - 0.02), frame), x_out - 0.004 - u,
+                       u - (p["face_r"] + 0.01))
+    return _paint(canvas, d_arm, p["glasses_colour"], f.pixel, _R["eye_g"], on=p["glasses"])
+
+
+def _nose_shift(p):
+    """The nose tip sticks out, so yaw moves it further than the eyes."""
+    return 0.075 * jnp.sin(p["yaw"])
+
+
+def _mouth_geometry(p, pixel):
+    """(centre x, centre y, half-width, corner lift, half-opening) of the mouth."""
+    lift = 0.026 * p["smiling"] * p["smile_amount"]
+    gap = jnp.where(p["mouth_open"] > 0, 0.020 * p["open_amount"], 0.0) + 0.010 * p["smiling"]
+    # At least ~one pixel of opening, so a drawn opening always owns pixels.
+    gap = jnp.where(gap > 0, jnp.maximum(gap, 0.65 * pixel), 0.0)
+    return 0.4 * _nose_shift(p), p["mouth_y"], p["mouth_w"], lift, gap
+
+
+def _draw_mouth_window(canvas, f: _Frame, p, skin_visible, beard_colour):
+    """Nasolabial folds, moustache, goatee, nose, lips and mouth opening."""
+    px = f.pixel
+    u = jnp.abs(f.fx)
+    age = jnp.clip((p["age"] - 22.0) / 40.0, 0.0, 1.0)
+    mx, my, hw, lift, gap = _mouth_geometry(p, px)
+
+    # Nasolabial folds (age): from the nose wing down past the mouth corner.
+    t = jnp.clip((f.fy - p["nose_len"] - 0.01) / (my + 0.03 - p["nose_len"]), 0.0, 1.0)
+    x_fold = p["nose_w"] + 0.03 + (hw - p["nose_w"]) * t
+    d_fold = _intersect(jnp.abs(u - x_fold) - 0.003, jnp.abs(f.fy - 0.5 * (p["nose_len"] + my + 0.04))
+                        - 0.5 * (my + 0.02 - p["nose_len"]))
+    canvas = _darken(canvas, 0.18 * age * skin_visible * _coverage(d_fold, jnp.maximum(px, 0.006)))
+
+    # Moustache over the upper lip, goatee on the chin (colour on skin).
+    grain = 0.75 + 0.5 * _hash_noise(f.ix + 7, f.iy, p["salt"])
+    lip_top = my - gap - p["lip_u"]
+    d_moustache = _intersect(_stroke(f.fy - (lip_top - 0.017 + 0.35 * (f.fx - mx) ** 2), 0.032),
+                             u - (hw + 0.022))
+    canvas = _tint(canvas, jnp.minimum(0.95 * p["mustache"] * skin_visible * grain, 1.0)
+                   * _coverage(d_moustache, px), beard_colour)
+    d_goatee = _ellipse(f.fx, f.fy, mx, my + gap + p["lip_l"] + 0.055, 0.045, 0.05)
+    canvas = _tint(canvas, jnp.minimum(0.85 * p["goatee"] * skin_visible * grain, 1.0)
+                   * _coverage(d_goatee, 1.5 * px), beard_colour)
+
+    # Nose: bridge widening into a rounded tip, shaded on the far side, nostrils.
+    nx = _nose_shift(p)
+    top = p["eye_y"] + 0.015
+    tip_y, nw = p["nose_len"], p["nose_w"]
+    nh = 0.6 * nw + 0.008
+    d_tip = _ellipse(f.fx, f.fy, nx, tip_y - 0.5 * nh, nw, nh)
+    frac = jnp.clip((f.fy - top) / (tip_y - top), 0.0, 1.0)
+    half = 0.014 + (0.75 * nw - 0.014) * frac * frac
+    d_bridge = _intersect(jnp.abs(f.fx - nx * (0.4 + 0.6 * frac)) - half, top - f.fy, f.fy - tip_y)
+    d_nose = _union(d_tip, d_bridge)
+    side = jnp.clip((f.fx - nx) * (2.0 / nw), -1.0, 1.0) * jnp.where(p["yaw"] >= 0, 1.0, -1.0)
+    canvas = _paint(canvas, d_nose, p["tone"] * (0.90 - 0.07 * side)[..., None], px, _R["nose"])
+    d_nostril = _ellipse(jnp.abs(f.fx - nx), f.fy, 0.55 * nw, tip_y - 0.004, 0.3 * nw, 0.009)
+    canvas = _tint(canvas, 0.75 * _coverage(jnp.maximum(d_nostril, d_nose), px), p["tone"] * 0.35)
+
+    # Lips and the opening between them; a smile lifts the corners.
+    t = (f.fx - mx) * (1.0 / hw)
+    env = jnp.clip(1.0 - t * t, 0.0, 1.0)
+    centre = my - lift * t * t
+    half_gap = gap * env
+    beyond = (jnp.abs(t) - 1.0) * hw
+    lip_u = jnp.maximum(p["lip_u"], 0.8 * px)
+    lip_l = jnp.maximum(p["lip_l"], 0.8 * px)
+    bow = 1.0 - 0.35 * jnp.clip(1.0 - (t * 4.0) ** 2, 0.0, 1.0)   # cupid's bow dip
+    upper_top = centre - half_gap - lip_u * jnp.sqrt(env) * bow
+    lower_bottom = centre + half_gap + lip_l * jnp.sqrt(env)
+    natural = p["tone"] * jnp.array([0.80, 0.56, 0.56]) + jnp.array([0.10, 0.0, 0.0])
+    lip_colour = jnp.where(p["lipstick"] > 0, p["lipstick_colour"], natural)
+    d_upper = _intersect(upper_top - f.fy, f.fy - (centre - half_gap), beyond)
+    d_lower = _intersect(f.fy - lower_bottom, centre + half_gap - f.fy, beyond)
+    d_open = _intersect(jnp.abs(f.fy - centre) - half_gap, beyond)
+    canvas = _paint(canvas, d_upper, lip_colour * 0.85, px, _R["u_lip"])
+    canvas = _paint(canvas, d_lower, lip_colour, px, _R["l_lip"])
+    canvas = _paint(canvas, d_open, jnp.array([0.25, 0.05, 0.07]), px, _R["mouth"], on=gap > 0)
+    # Teeth in the upper part of a smile's opening (colour; the region stays mouth).
+    d_teeth = _intersect(d_open, f.fy - centre + 0.2 * half_gap)
+    return _tint(canvas, p["smiling"] * _coverage(d_teeth, px), jnp.array([0.96, 0.95, 0.90]))
+
+
+def _draw_hat(canvas, f: _Frame, p):
+    r = p["face_r"]
+    brim = p["hat_brim"]
+    brim_y = -0.30 - 0.02 * brim
+    d_dome = _intersect(_ellipse(f.fx, f.fy, 0.0, brim_y + 0.02, r + 0.06, 0.42),
+                        f.fy - (brim_y + 0.02))
+    d_brim = _ellipse(f.fx, f.fy, 0.0, brim_y, r + 0.17, 0.045)
+    d_hat = jnp.where(brim > 0, _union(d_dome, d_brim), d_dome)
+    band = jnp.clip((f.fy - (brim_y - 0.08)) * 50.0, 0.0, 1.0) * (1.0 - brim)
+    return _paint(canvas, d_hat, p["hat_colour"] * (1.0 - 0.25 * band)[..., None], f.pixel,
+                  _R["hat"], on=p["hat"])
+
+
+def _crop(canvas: _Canvas, rows, cols) -> _Canvas:
+    return _Canvas(canvas.image[rows[0]:rows[1], cols[0]:cols[1]],
+                   canvas.parse[rows[0]:rows[1], cols[0]:cols[1]])
+
+
+def _paste(canvas: _Canvas, window: _Canvas, rows, cols) -> _Canvas:
+    return _Canvas(canvas.image.at[rows[0]:rows[1], cols[0]:cols[1]].set(window.image),
+                   canvas.parse.at[rows[0]:rows[1], cols[0]:cols[1]].set(window.parse))
+
+
+def _render_one(p, resolution: int, windows: bool = True):
+    """image [H, W, 3] in [0, 1] and parse [H, W] int32 of one parameter set.
+
+    Small inner features (eyes, brows, glasses rims, nose, mouth) are drawn
+    only inside static pixel windows that contain them for every pose
+    (`windows=False` draws them over the full frame; same result, slower).
+    """
+    full = ((0, resolution), (0, resolution))
+    f = _frame(p, resolution, *full)
+    canvas, hair_colour = _draw_base(f, p)
+    canvas = _draw_ears(canvas, f, p)
+    canvas, d_face, beard_colour = _draw_face(canvas, f, p)
+    canvas, skin_visible = _draw_front_hair(canvas, f, p, d_face, hair_colour)
+    canvas = _draw_glasses_arms(canvas, f, p)
+    for box, draw in ((_EYES_BOX, lambda c, w, sv: _draw_eyes_window(c, w, p, sv)),
+                      (_MOUTH_BOX, lambda c, w, sv: _draw_mouth_window(c, w, p, sv, beard_colour))):
+        rows, cols = _window(resolution, box) if windows else full
+        sub = _crop(canvas, rows, cols)
+        sv = skin_visible[rows[0]:rows[1], cols[0]:cols[1]]
+        sub = draw(sub, _frame(p, resolution, rows, cols), sv)
+        canvas = _paste(canvas, sub, rows, cols)
+    canvas = _draw_hat(canvas, f, p)
+    # Directional light and overall brightness.
+    direction = jnp.stack([jnp.cos(p["light_angle"]), jnp.sin(p["light_angle"])])
+    light = p["brightness"] * (1.0 + p["light_amp"] * (direction[0] * f.img_x + direction[1] * f.img_y))
+    return jnp.clip(canvas.image * light[..., None], 0.0, 1.0), canvas.parse
+
+
+def _landmarks(p, resolution: int):
+    """CelebA's 5 points (image-left eye, image-right eye, nose tip, image-left
+    and image-right mouth corners), pixel coordinates with centres at integers."""
+    mx, my, hw, lift, _ = _mouth_geometry(p, 2.0 / resolution / p["scale"])
+    nh = 0.6 * p["nose_w"] + 0.008
+    fx = jnp.stack([-p["eye_dx"], p["eye_dx"], _nose_shift(p), mx - hw, mx + hw])
+    fy = jnp.stack([p["eye_y"], p["eye_y"], p["nose_len"] - 0.5 * nh, my - lift, my - lift])
+    x, y = _face_to_image(fx, fy, p)
+    return (jnp.stack([x, y], axis=-1) + 1.0) * (0.5 * resolution) - 0.5
+
+
+# ---------------------------------------------------------------------------
+# Jitted entry points.
+# ---------------------------------------------------------------------------
+def _draw_batch(seed, indices, images_per_identity, independent: bool):
+    return jax.vmap(_draw_one, in_axes=(None, 0, None, None))(
+        seed, indices, images_per_identity, independent)
+
+
+@functools.partial(jax.jit, static_argnames=("independent",))
+def _attributes_jit(seed, indices, images_per_identity, *, independent: bool):
+    attrs, identity, group, _ = _draw_batch(seed, indices, images_per_identity, independent)
+    return attrs, identity, group
+
+
+@functools.partial(jax.jit, static_argnames=("resolution", "independent"))
+def _render_jit(seed, indices, images_per_identity, *, resolution: int, independent: bool):
+    attrs, identity, group, params = _draw_batch(seed, indices, images_per_identity, independent)
+    image, parse = jax.vmap(_render_one, in_axes=(0, None))(params, resolution)
+    landmarks = jax.vmap(_landmarks, in_axes=(0, None))(params, resolution)
+    return {
+        "image": image, "parse": parse, "attrs": attrs, "identity": identity,
+        "landmarks": landmarks.astype(jnp.float32), "group": group,
+        "yaw": params["yaw"],
+    }
+
+
+# ---------------------------------------------------------------------------
+# Public API.
+# ---------------------------------------------------------------------------
+_INT32_MAX = np.iinfo(np.int32).max
+
+
+def _check_seed(seed) -> int:
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+    if not 0 <= int(seed) <= _INT32_MAX:
+        raise ValueError(f"seed must be in 0..{_INT32_MAX}, got {seed}")
+    return int(seed)
+
+
+def _check_indices(indices) -> np.ndarray:
+    arr = np.asarray(indices)
+    if arr.ndim == 0:
+        arr = arr.reshape(1)
+    if arr.ndim != 1:
+        raise ValueError(f"indices must be a 1-D sequence of integers, got shape {arr.shape}")
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"indices must be integers, got dtype {arr.dtype}")
+    if arr.size and (arr.min() < 0 or arr.max() > _INT32_MAX):
+        bad = arr.min() if arr.min() < 0 else arr.max()
+        raise ValueError(f"image index {bad} out of range; expected 0..{_INT32_MAX}")
+    return arr.astype(np.int32)
+
+
+def _check_images_per_identity(n) -> int:
+    if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"images_per_identity must be a positive integer, got {n!r}")
+    return int(n)
+
+
+def _check_resolution(resolution) -> int:
+    if (isinstance(resolution, (bool, np.bool_)) or not isinstance(resolution, (int, np.integer))
+            or not MIN_RESOLUTION <= resolution <= MAX_RESOLUTION):
+        raise ValueError(
+            f"resolution must be an integer in {MIN_RESOLUTION}..{MAX_RESOLUTION}, got {resolution!r}")
+    return int(resolution)
+
+
+_ATTR_CHUNK = 1 << 16
+
+
+def sample_attributes(seed: int, indices, *, independent: bool = False,
+                      images_per_identity: int = 10) -> dict[str, np.ndarray]:
+    """Attributes of images without rendering them (cheap: ~1e6 per few seconds).
+
+    Args:
+      seed: data-set seed, 0..2**31-1.
+      indices: 1-D integer image indices, 0..2**31-1.
+      independent: sample every drawn attribute independently at its marginal
+        rate (Male included) instead of CelebA-like co-occurrences.
+      images_per_identity: identity = index // images_per_identity.
+
+    Returns:
+      numpy dict: ``attrs`` int8 [N, 40] (1 / 0, -1 for undrawn attributes),
+      ``identity`` int32 [N], ``group`` int32 [N] (skin tone, 0 light .. 3
+      dark), exactly the values :func:`render` returns for the same images.
+    """
+    seed = _check_seed(seed)
+    idx = _check_indices(indices)
+    ipi = _check_images_per_identity(images_per_identity)
+    n = idx.size
+    attrs = np.empty((n, regions.NUM_ATTRIBUTES), np.int8)
+    identity = np.empty((n,), np.int32)
+    group = np.empty((n,), np.int32)
+    # Fixed chunk sizes (powers of two, padded) so arbitrary N compiles a
+    # handful of shapes only.
+    start = 0
+    while start < n:
+        stop = min(start + _ATTR_CHUNK, n)
+        size = max(1024, 1 << (stop - start - 1).bit_length())
+        chunk = np.zeros((size,), np.int32)
+        chunk[: stop - start] = idx[start:stop]
+        a, i, g = _attributes_jit(np.int32(seed), chunk, np.int32(ipi), independent=bool(independent))
+        attrs[start:stop] = np.asarray(a)[: stop - start]
+        identity[start:stop] = np.asarray(i)[: stop - start]
+        group[start:stop] = np.asarray(g)[: stop - start]
+        start = stop
+    return {"attrs": attrs, "identity": identity, "group": group}
+
+
+def render(seed: int, indices, resolution: int = DEFAULT_RESOLUTION, *,
+           independent: bool = False, images_per_identity: int = 10) -> dict[str, jax.Array]:
+    """Render images by index: the batch format of DESIGN.md, as jax arrays.
+
+    Args:
+      seed: data-set seed, 0..2**31-1.
+      indices: 1-D integer image indices (B of them, B >= 1).
+      resolution: image side in pixels, 64..512. The face is defined in
+        continuous coordinates, so resolutions differ only in sampling.
+      independent: as in :func:`sample_attributes`.
+      images_per_identity: identity = index // images_per_identity.
+
+    Returns:
+      ``image`` float32 [B, H, W, 3] in [0, 1]; ``parse`` int32 [B, H, W]
+      (region ids 0..18, regions.REGIONS order); ``attrs`` int8 [B, 40];
+      ``identity`` int32 [B]; ``landmarks`` float32 [B, 5, 2] (x, y) pixel
+      coordinates with pixel centres at integers, CelebA order (image-left
+      eye, image-right eye, nose tip, image-left and image-right mouth
+      corners); ``group`` int32 [B] (skin tone 0 light .. 3 dark); ``yaw``
+      float32 [B] in radians, positive when the face turns to the image's
+      right.
+
+    Compiles once per (B, resolution, independent).
+    """
+    seed = _check_seed(seed)
+    idx = _check_indices(indices)
+    if idx.size == 0:
+        raise ValueError("indices is empty; expected at least one image index")
+    res = _check_resolution(resolution)
+    ipi = _check_images_per_identity(images_per_identity)
+    return _render_jit(np.int32(seed), idx, np.int32(ipi), resolution=res,
+                       independent=bool(independent))
+
+
+def attribute_rates(attrs: np.ndarray) -> dict[str, float]:
+    """Fraction of images with each drawn attribute (NaN for undrawn ones)."""
+    attrs = np.asarray(attrs)
+    out = {}
+    for j, name in enumerate(regions.ATTRIBUTES):
+        col = attrs[:, j]
+        known = col >= 0
+        out[name] = float(col[known].mean()) if known.any() else float("nan")
+    return out

@@ -1,0 +1,86 @@
+"""Maps a config's ``experiment`` name to the module that runs it.
+
+Each experiment module defines ``run(config, workdir)`` (the whole job) and
+may define ``train(config, workdir)`` (training only, for train.py).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from pathlib import Path
+
+EXPERIMENTS = {
+    "facex": "faceaudit_jax.experiments.facex",
+    "facex_tables": "faceaudit_jax.experiments.facex",
+    "classifier": "faceaudit_jax.experiments.classifier",
+    "attribute_cams": "faceaudit_jax.experiments.attribute_cams",
+    "corrrise": "faceaudit_jax.experiments.corrrise",
+    "vit_fv": "faceaudit_jax.experiments.vit_fv",
+    "debias_noise": "faceaudit_jax.experiments.debias_noise",
+}
+
+
+def prepare_workdir(workdir) -> Path:
+    """Create ``workdir`` and prove it is writable before any work starts."""
+    path = Path(workdir).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write_probe"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise ValueError(f"workdir {str(path)!r} is not writable ({err.strerror}); "
+                         "expected a directory this process can create and write") from None
+    return path
+
+
+def _module(config):
+    name = config.get("experiment", None)
+    if name not in EXPERIMENTS:
+        raise ValueError(f"unknown experiment {name!r}; expected one of: {', '.join(EXPERIMENTS)}")
+    return importlib.import_module(EXPERIMENTS[name])
+
+
+def _save_config(config, path: Path) -> None:
+    (path / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+
+
+def run_experiment(config, workdir):
+    path = prepare_workdir(workdir)
+    module = _module(config)
+    _save_config(config, path)
+    entry = "run_tables" if config.experiment == "facex_tables" else "run"
+    return getattr(module, entry)(config, str(path))
+
+
+def run_training(config, workdir):
+    path = prepare_workdir(workdir)
+    module = _module(config)
+    if not hasattr(module, "train"):
+        raise ValueError(f"experiment {config.experiment!r} has no separate training step; "
+                         "use explain.py to run it whole")
+    _save_config(config, path)
+    return module.train(config, str(path))
+
+
+def write_json(path, obj) -> None:
+    """JSON with NaN written as null, so results files stay valid JSON."""
+
+    def clean(x):
+        if isinstance(x, float) and x != x:
+            return None
+        if isinstance(x, dict):
+            return {str(k): clean(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [clean(v) for v in x]
+        if hasattr(x, "tolist"):
+            return clean(x.tolist())
+        return x
+
+    tmp = str(path) + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(clean(obj), f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)

@@ -1,0 +1,562 @@
+"""Generic, model-agnostic training: optimiser recipes, a jitted update, resumable ``fit``.
+
+The pieces, in the order an experiment uses them::
+
+    config = default_optimizer_config()            # FaceX recipe (Adam, lr 1e-3, steps x0.1 at 1/3, 2/3)
+    tx = make_optimizer(config, total_steps)
+    state = create_train_state(model, key, image_size, tx)
+    state = fit(model, state, batch_fn, total_steps, workdir,
+                loss_fn=lambda logits, batch: losses.sigmoid_bce(logits, batch["label"]))
+    logits = predict(model, state_variables(state), batches)
+    report = group_accuracy(logits[:, 0] > 0, labels, confounder)
+
+Models: any Flax module whose ``__call__(x, train=...)`` returns logits or
+``(logits, aux)``; BatchNorm models carry ``batch_stats`` (updated in training),
+dropout draws from the rng stream "dropout".
+
+Weight decay: with ``optimizer="adam"`` it is an L2 penalty added to the
+gradient before Adam's scaling, as ``torch.optim.Adam(weight_decay=...)`` does
+(the FaceX recipe's setting); ``optimizer="adamw"`` decouples it (optax.adamw,
+decay multiplied by the scheduled learning rate); for ``"sgd"`` it is L2 too.
+Decay applies to all parameters, as in torch's default.
+
+Determinism and resume: ``batch_fn(step)`` must be a pure function of the step
+and the dropout key of update ``step`` is ``fold_in(state.rng, step)``, so a run
+restored from a checkpoint at step k replays exactly the updates k, k+1, ... of
+an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import tempfile
+import time
+from typing import Any, Callable, Iterable, Mapping
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from tqdm.auto import tqdm
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("step", "cosine", "exponential", "constant")
+
+
+# ----------------------------------------------------------------------------- optimiser
+
+
+def default_optimizer_config() -> ml_collections.ConfigDict:
+    """The FaceX training recipe: Adam, lr 1e-3 x 0.1 at 1/3 and 2/3 of training, wd 1e-4, batch 128, 20 epochs.
+
+    Fields read by ``make_optimizer``: optimizer, lr, weight_decay, schedule,
+    decay_boundaries (fractions of total steps), decay_factor, exp_decay_rate,
+    exp_decay_steps, cosine_alpha, warmup_steps, momentum (sgd), b1, b2, eps,
+    grad_clip_norm (0 = off). batch_size and num_epochs are for the caller
+    (total_steps = num_epochs * ceil(num_images / batch_size)).
+    """
+    return ml_collections.ConfigDict(
+        dict(
+            optimizer="adam",
+            lr=1e-3,
+            weight_decay=1e-4,
+            schedule="step",
+            decay_boundaries=(1 / 3, 2 / 3),
+            decay_factor=0.1,
+            exp_decay_rate=0.96,
+            exp_decay_steps=1000,
+            cosine_alpha=0.0,
+            warmup_steps=0,
+            momentum=0.9,
+            b1=0.9,
+            b2=0.999,
+            eps=1e-8,
+            grad_clip_norm=0.0,
+            batch_size=128,
+            num_epochs=20,
+        )
+    )
+
+
+def _cfg(config: Any, key: str) -> Any:
+    """Field of ``config`` with the recipe's default where the config leaves it out."""
+    defaults = default_optimizer_config()
+    if isinstance(config, Mapping) or isinstance(config, ml_collections.ConfigDict):
+        if key in config:
+            return config[key]
+    elif hasattr(config, key):
+        return getattr(config, key)
+    return defaults[key]
+
+
+def make_schedule(config: Any, total_steps: int) -> optax.Schedule:
+    """Learning-rate schedule: step -> lr, for update index step = 0, 1, ..., total_steps - 1.
+
+    "step": lr * decay_factor ** (number of boundaries b * total_steps <= step);
+    "cosine": cosine decay from lr to cosine_alpha * lr over total_steps;
+    "exponential": lr * exp_decay_rate ** (step / exp_decay_steps) (smooth);
+    "constant": lr. ``warmup_steps`` > 0 prepends a linear warm-up from 0.
+    """
+    if isinstance(total_steps, bool) or not isinstance(total_steps, (int, np.integer)) or total_steps < 1:
+        raise ValueError(f"total_steps must be a positive int, got {total_steps!r}")
+    total_steps = int(total_steps)
+    lr = float(_cfg(config, "lr"))
+    if not lr > 0:
+        raise ValueError(f"lr must be positive, got {lr!r}")
+    kind = _cfg(config, "schedule")
+    warmup = int(_cfg(config, "warmup_steps"))
+    if not 0 <= warmup < total_steps:
+        raise ValueError(f"warmup_steps must be in [0, total_steps={total_steps}), got {warmup}")
+
+    if kind == "step":
+        fractions = tuple(float(b) for b in _cfg(config, "decay_boundaries"))
+        if any(not 0.0 < b < 1.0 for b in fractions) or list(fractions) != sorted(fractions):
+            raise ValueError(f"decay_boundaries must be increasing fractions in (0, 1), got {fractions}")
+        boundaries = jnp.asarray([int(round(b * total_steps)) for b in fractions], jnp.int32)
+        factor = float(_cfg(config, "decay_factor"))
+        if not factor > 0:
+            raise ValueError(f"decay_factor must be positive, got {factor!r}")
+
+        def base(step):
+            num_decays = jnp.sum(jnp.asarray(step) >= boundaries)
+            return lr * factor ** num_decays.astype(jnp.float32)
+
+    elif kind == "cosine":
+        base = optax.cosine_decay_schedule(lr, decay_steps=total_steps, alpha=float(_cfg(config, "cosine_alpha")))
+    elif kind == "exponential":
+        rate, every = float(_cfg(config, "exp_decay_rate")), int(_cfg(config, "exp_decay_steps"))
+        if not 0 < rate <= 1 or every < 1:
+            raise ValueError(
+                f"exponential schedule needs exp_decay_rate in (0, 1] and exp_decay_steps >= 1, got {rate}, {every}"
+            )
+        base = optax.exponential_decay(lr, transition_steps=every, decay_rate=rate)
+    elif kind == "constant":
+        base = optax.constant_schedule(lr)
+    else:
+        raise ValueError(f"unknown schedule {kind!r}; expected one of {list(SCHEDULES)}")
+
+    if warmup:
+        return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), base], [warmup])
+    return base
+
+
+def make_optimizer(config: Any, total_steps: int) -> optax.GradientTransformation:
+    """optax transformation for ``config`` (see ``default_optimizer_config``) over ``total_steps`` updates.
+
+    The learning rate is injected as a hyperparameter, so the optimiser state
+    records the rate of the latest update (``current_lr``), which ``fit`` logs.
+    """
+    schedule = make_schedule(config, total_steps)
+    name = _cfg(config, "optimizer")
+    weight_decay = float(_cfg(config, "weight_decay"))
+    if weight_decay < 0:
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+    clip = float(_cfg(config, "grad_clip_norm") or 0.0)
+    b1, b2, eps = float(_cfg(config, "b1")), float(_cfg(config, "b2")), float(_cfg(config, "eps"))
+
+    if name == "adam":
+        def factory(learning_rate):
+            return optax.chain(
+                optax.add_decayed_weights(weight_decay),  # coupled L2, as torch's Adam
+                optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
+                optax.scale_by_learning_rate(learning_rate),
+            )
+    elif name == "adamw":
+        def factory(learning_rate):
+            return optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+    elif name == "sgd":
+        momentum = float(_cfg(config, "momentum"))
+
+        def factory(learning_rate):
+            return optax.chain(
+                optax.add_decayed_weights(weight_decay),
+                optax.sgd(learning_rate, momentum=momentum or None),
+            )
+    else:
+        raise ValueError(f"unknown optimizer {name!r}; expected one of {list(OPTIMIZERS)}")
+
+    tx = optax.inject_hyperparams(factory)(learning_rate=schedule)
+    if clip > 0:
+        tx = optax.chain(optax.clip_by_global_norm(clip), tx)
+    return tx
+
+
+_INJECT_STATES = tuple(
+    getattr(optax, name) for name in ("InjectHyperparamsState", "InjectStatefulHyperparamsState") if hasattr(optax, name)
+)
+
+
+def current_lr(opt_state: Any) -> jax.Array:
+    """The learning rate of the latest update, read from the injected hyperparameters (NaN if none)."""
+    found = [
+        s.hyperparams["learning_rate"]
+        for s in jax.tree.leaves(opt_state, is_leaf=lambda s: isinstance(s, _INJECT_STATES))
+        if isinstance(s, _INJECT_STATES) and "learning_rate" in s.hyperparams
+    ]
+    return jnp.asarray(found[0], jnp.float32) if found else jnp.float32(jnp.nan)
+
+
+# ----------------------------------------------------------------------------- state
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a training run carries between updates.
+
+    step: int32 scalar, number of updates done; params / batch_stats (an empty
+    dict for models without BatchNorm) / opt_state: pytrees; rng: a raw uint32
+    PRNG key [2] (dropout keys are fold_in(rng, step)); tx: the optimiser
+    (static, not checkpointed).
+    """
+
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    rng: jax.Array
+    tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+
+    def checkpoint_tree(self) -> dict:
+        """The arrays to save (everything but tx)."""
+        return dict(step=self.step, params=self.params, batch_stats=self.batch_stats,
+                    opt_state=self.opt_state, rng=self.rng)
+
+    def replace_from_tree(self, tree: Mapping) -> "TrainState":
+        return self.replace(**{k: tree[k] for k in ("step", "params", "batch_stats", "opt_state", "rng")})
+
+
+def _raw_key(key: jax.Array) -> jax.Array:
+    """Raw uint32 key data whether ``key`` is a typed key or a legacy PRNGKey."""
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        return jax.random.key_data(key)
+    return jnp.asarray(key, jnp.uint32)
+
+
+def state_variables(state: TrainState) -> dict:
+    """{"params", ["batch_stats"]} for ``model.apply``."""
+    variables = {"params": state.params}
+    if state.batch_stats:
+        variables["batch_stats"] = state.batch_stats
+    return variables
+
+
+def create_train_state(model: Any, key: jax.Array, image_size, tx: optax.GradientTransformation) -> TrainState:
+    """Initialise ``model`` for [1, H, W, 3] inputs and the optimiser; step 0.
+
+    ``key`` is split into an init key and the run's rng (dropout); ``image_size``
+    is an int or (H, W).
+    """
+    from faceaudit_jax.models.resnet import init_variables  # models import nothing from here
+
+    init_key, run_key = jax.random.split(key)
+    variables = init_variables(model, init_key, image_size)
+    params = variables["params"]
+    return TrainState(
+        step=jnp.asarray(0, jnp.int32),
+        params=params,
+        batch_stats=variables.get("batch_stats", {}),
+        opt_state=tx.init(params),
+        rng=_raw_key(run_key),
+        tx=tx,
+    )
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+def _logits_of(output: Any) -> jax.Array:
+    return output[0] if isinstance(output, tuple) else output
+
+
+def make_train_step(model: Any, loss_fn: Callable, *, input_key: str = "image") -> Callable:
+    """Jitted ``train_step(state, batch) -> (state, metrics)``; ``state`` is donated.
+
+    ``loss_fn(logits, batch)`` returns a scalar, or (scalar, dict of scalar
+    metrics). The model sees ``batch[input_key]`` in training mode; BatchNorm
+    statistics are updated; the dropout key is fold_in(state.rng, state.step).
+    metrics: "loss", "lr" (rate used by this update), "grad_norm" and any extras.
+    Compiles once per batch shape/dtype. The jitted function is memoised on
+    (model, loss_fn, input_key), so repeated ``fit`` calls in one process (e.g.
+    a resume) reuse the compiled update.
+    """
+    try:
+        return _cached_train_step(model, loss_fn, input_key)
+    except TypeError:  # an unhashable model or loss: build without the memo
+        return _build_train_step(model, loss_fn, input_key)
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_train_step(model: Any, loss_fn: Callable, input_key: str) -> Callable:
+    return _build_train_step(model, loss_fn, input_key)
+
+
+def _build_train_step(model: Any, loss_fn: Callable, input_key: str) -> Callable:
+
+    def train_step(state: TrainState, batch: Mapping[str, jax.Array]):
+        dropout_key = jax.random.fold_in(state.rng, state.step)
+        has_batch_stats = bool(state.batch_stats)
+
+        def compute_loss(params):
+            variables = {"params": params}
+            if has_batch_stats:
+                variables["batch_stats"] = state.batch_stats
+                output, updates = model.apply(variables, batch[input_key], train=True,
+                                              rngs={"dropout": dropout_key}, mutable=["batch_stats"])
+                new_batch_stats = updates["batch_stats"]
+            else:
+                output = model.apply(variables, batch[input_key], train=True, rngs={"dropout": dropout_key})
+                new_batch_stats = state.batch_stats
+            result = loss_fn(_logits_of(output), batch)
+            loss, extras = result if isinstance(result, tuple) else (result, {})
+            return loss, (new_batch_stats, extras)
+
+        (loss, (new_batch_stats, extras)), grads = jax.value_and_grad(compute_loss, has_aux=True)(state.params)
+        updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_batch_stats,
+                                  opt_state=opt_state)
+        metrics = {"loss": loss, "lr": current_lr(opt_state), "grad_norm": optax.tree.norm(grads), **extras}
+        return new_state, metrics
+
+    return jax.jit(train_step, donate_argnums=0)
+
+
+def make_eval_step(model: Any) -> Callable:
+    """Jitted ``eval_step(variables, images) -> logits`` in eval mode (running BN statistics, no dropout)."""
+
+    def eval_step(variables, images):
+        return _logits_of(model.apply(variables, images, train=False))
+
+    return jax.jit(eval_step)
+
+
+def predict(model: Any, variables: Mapping, batches: Iterable, *, input_key: str = "image") -> jax.Array:
+    """Logits for a stream of batches (image arrays or batch dicts), concatenated: [N, num_outputs].
+
+    A smaller last batch is padded to the first batch's size, so the eval step
+    compiles once for the whole stream.
+    """
+    eval_step = make_eval_step(model)
+    variables = dict(variables)
+    outputs, batch_size = [], None
+    for batch in batches:
+        images = batch[input_key] if isinstance(batch, Mapping) else batch
+        images = jnp.asarray(images)
+        n = images.shape[0]
+        if batch_size is None:
+            batch_size = n
+        if n < batch_size:
+            pad = jnp.zeros((batch_size - n,) + images.shape[1:], images.dtype)
+            logits = eval_step(variables, jnp.concatenate([images, pad]))[:n]
+        else:
+            logits = eval_step(variables, images)
+        outputs.append(logits)
+    if not outputs:
+        raise ValueError("predict got no batches")
+    return jnp.concatenate(outputs)
+
+
+def group_accuracy(preds: Any, labels: Any, groups: Any) -> dict[str, float]:
+    """Accuracy overall and per (target y, confounder a) group.
+
+    Args:
+      preds: [N] predicted labels (threshold logits first, e.g. logits > 0).
+      labels: [N] true target labels y (ints / bools).
+      groups: [N] confounder values a (ints / bools).
+    Returns:
+      {"overall", "n", "y=<y>,a=<a>" and "n_y=<y>,a=<a>" for every (y, a) pair
+      present, "worst_group", "gap" (best minus worst group accuracy)}, plus
+      for binary y and a: "aligned" (y == a, the bias-aligned groups of a
+      FaceX-style biased subset) and "conflicting" (y != a), NaN if empty.
+    """
+    preds, labels, groups = (np.asarray(x).astype(np.int64).ravel() for x in (preds, labels, groups))
+    if not (preds.shape == labels.shape == groups.shape):
+        raise ValueError(
+            f"preds, labels and groups must have the same length, got {preds.size}, {labels.size}, {groups.size}"
+        )
+    if preds.size == 0:
+        raise ValueError("group_accuracy got no samples")
+    correct = preds == labels
+    report: dict[str, float] = {"overall": float(correct.mean()), "n": int(correct.size)}
+    pairs = np.unique(np.stack([labels, groups], axis=1), axis=0)
+    group_accs = []
+    for y, a in pairs:  # a handful of groups, not a hot loop
+        selected = (labels == y) & (groups == a)
+        acc = float(correct[selected].mean())
+        report[f"y={y},a={a}"] = acc
+        report[f"n_y={y},a={a}"] = int(selected.sum())
+        group_accs.append(acc)
+    report["worst_group"] = float(min(group_accs))
+    report["gap"] = float(max(group_accs) - min(group_accs))
+    if set(np.unique(labels)) <= {0, 1} and set(np.unique(groups)) <= {0, 1}:
+        aligned = labels == groups
+        report["aligned"] = float(correct[aligned].mean()) if aligned.any() else float("nan")
+        report["conflicting"] = float(correct[~aligned].mean()) if (~aligned).any() else float("nan")
+    return report
+
+
+# ----------------------------------------------------------------------------- fit
+
+
+def check_workdir(workdir: str) -> str:
+    """Create ``workdir`` if needed and prove it is writable; returns its absolute path.
+
+    Raises ValueError naming the path otherwise, before any training starts.
+    """
+    path = os.path.abspath(os.fspath(workdir))
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write_test_"):
+            pass
+    except OSError as error:
+        raise ValueError(f"workdir {path!r} is not writable ({error.strerror or error}); "
+                         "pass a directory you can write to") from error
+    return path
+
+
+def _checkpoint_manager(workdir: str, max_to_keep: int) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                           enable_async_checkpointing=False)
+    return ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), options=options)
+
+
+def restore_latest(state: TrainState, workdir: str) -> TrainState:
+    """``state`` with the arrays of the latest checkpoint under workdir/checkpoints (unchanged if none)."""
+    path = os.path.join(os.path.abspath(workdir), "checkpoints")
+    if not os.path.isdir(path):
+        return state
+    with _checkpoint_manager(os.path.abspath(workdir), 1) as manager:
+        return _restore(manager, state)
+
+
+def _restore(manager: ocp.CheckpointManager, state: TrainState) -> TrainState:
+    latest = manager.latest_step()
+    if latest is None:
+        return state
+    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, state.checkpoint_tree())
+    tree = manager.restore(latest, args=ocp.args.StandardRestore(target))
+    return state.replace_from_tree(tree)
+
+
+def _truncate_metrics(metrics_path: str, last_step: int) -> None:
+    """Drop records past ``last_step`` (written by a run killed after its last checkpoint)."""
+    if not os.path.exists(metrics_path):
+        return
+    with open(metrics_path) as f:
+        lines = [line for line in f if line.strip()]
+    kept = [line for line in lines if json.loads(line).get("step", 0) <= last_step]
+    if len(kept) != len(lines):
+        with open(metrics_path, "w") as f:
+            f.writelines(kept)
+
+
+def _to_python(metrics: Mapping) -> dict:
+    return {k: (float(v) if np.ndim(v) == 0 else np.asarray(v).tolist()) for k, v in metrics.items()}
+
+
+def _batch_size(batch: Mapping, input_key: str) -> int:
+    return int(np.shape(batch[input_key])[0])
+
+
+def fit(
+    model: Any,
+    state: TrainState,
+    batch_fn: Callable[[int], Mapping[str, Any]],
+    num_steps: int,
+    workdir: str,
+    *,
+    loss_fn: Callable,
+    ckpt_every: int = 500,
+    log_every: int = 50,
+    eval_fn: Callable[[TrainState], Mapping[str, Any]] | None = None,
+    eval_every: int | None = None,
+    desc: str = "train",
+    max_to_keep: int = 3,
+    input_key: str = "image",
+    progress: bool = True,
+) -> TrainState:
+    """Train until ``state.step == num_steps``, resuming from workdir/checkpoints if possible.
+
+    Args:
+      model: Flax module (see the module docstring).
+      state: a fresh ``create_train_state`` result (replaced by the latest
+        checkpoint if there is one). It is donated: do not reuse it afterwards.
+      batch_fn: step -> batch dict; must be a deterministic function of the
+        step (a resumed run then sees the same batches).
+      num_steps: total number of updates of the run (not of this call).
+      workdir: everything goes here: checkpoints/ (Orbax, last ``max_to_keep``)
+        and metrics.jsonl (JSON lines: {"kind": "train", "step", "loss", "lr",
+        "grad_norm", "images_per_s", ...} every ``log_every`` steps and
+        {"kind": "eval", "step", ...} every ``eval_every`` steps and at the end).
+      loss_fn: ``loss_fn(logits, batch)`` -> scalar or (scalar, metrics dict).
+      ckpt_every: checkpoint period in steps; the final step is always saved.
+      eval_fn: optional ``eval_fn(state)`` -> dict of scalars.
+    Returns:
+      the final state. Raises ValueError for an unwritable workdir before any
+      work is done.
+    """
+    workdir = check_workdir(workdir)
+    for name, value in (("num_steps", num_steps), ("ckpt_every", ckpt_every), ("log_every", log_every)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < (0 if name == "num_steps" else 1):
+            raise ValueError(f"{name} must be a {'non-negative' if name == 'num_steps' else 'positive'} int, got {value!r}")
+    if eval_fn is not None and eval_every is not None and eval_every < 1:
+        raise ValueError(f"eval_every must be a positive int or None, got {eval_every!r}")
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
+
+    manager = _checkpoint_manager(workdir, max_to_keep)
+    try:
+        state = _restore(manager, state)
+        start = int(state.step)
+        _truncate_metrics(metrics_path, start)
+        if start >= num_steps:
+            return state
+
+        train_step = make_train_step(model, loss_fn, input_key=input_key)
+        bar = tqdm(total=num_steps, initial=start, desc=desc, disable=not progress, dynamic_ncols=True)
+        # Throughput window: images and wall time between log points, minus the
+        # time spent checkpointing and evaluating; the first (compiling) step
+        # of this call is left out.
+        window_start, window_images, window_steps, window_paused = None, 0, 0, 0.0
+        with open(metrics_path, "a") as metrics_file:
+
+            def write(record):
+                metrics_file.write(json.dumps(record) + "\n")
+                metrics_file.flush()
+
+            for step in range(start, num_steps):
+                batch = batch_fn(step)
+                state, metrics = train_step(state, batch)
+                done = step + 1
+                if window_start is None:
+                    jax.block_until_ready(metrics["loss"])
+                    window_start = time.perf_counter()
+                else:
+                    window_images += _batch_size(batch, input_key)
+                    window_steps += 1
+                bar.update(1)
+
+                if done % log_every == 0 or done == num_steps:
+                    values = _to_python(jax.device_get(metrics))
+                    elapsed = time.perf_counter() - window_start - window_paused
+                    rate = window_images / elapsed if window_steps and elapsed > 0 else float("nan")
+                    write({"kind": "train", "step": done, **values, "images_per_s": rate})
+                    bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}",
+                                    img_s=f"{rate:.0f}")
+                    window_start, window_images, window_steps, window_paused = time.perf_counter(), 0, 0, 0.0
+
+                paused_from = time.perf_counter()
+                if done % ckpt_every == 0 or done == num_steps:
+                    manager.save(done, args=ocp.args.StandardSave(state.checkpoint_tree()), force=True)
+                if eval_fn is not None and ((eval_every and done % eval_every == 0) or done == num_steps):
+                    write({"kind": "eval", "step": done, **_to_python(eval_fn(state))})
+                window_paused += time.perf_counter() - paused_from
+        bar.close()
+        manager.wait_until_finished()
+    finally:
+        manager.close()
+    return state

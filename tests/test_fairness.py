@@ -1,0 +1,139 @@
+"""FNR / FPR per attribute and per-group accuracy against hand counts."""
+
+import warnings
+
+import jax
+import numpy as np
+import pytest
+
+from faceaudit_jax.metrics import fairness
+
+
+def _rates_loop(predicted, targets):
+    """Independent reference: count the four cases entry by entry."""
+    n, a = targets.shape
+    fnr, fpr = np.full(a, np.nan), np.full(a, np.nan)
+    for m in range(a):
+        tp = fn = fp = tn = 0
+        for i in range(n):
+            t, p = targets[i, m], predicted[i, m]
+            if t == 1:
+                tp, fn = tp + p, fn + (not p)
+            elif t == 0:
+                fp, tn = fp + p, tn + (not p)
+        if tp + fn:
+            fnr[m] = fn / (tp + fn)
+        if fp + tn:
+            fpr[m] = fp / (fp + tn)
+    return fnr, fpr
+
+
+def test_error_rates_against_hand_counts_with_unknown_targets():
+    targets = np.array([[1, 0], [1, 0], [1, 1], [0, -1], [0, 1], [-1, 0]], np.int8)
+    logits = np.array([[2.0, -1.0], [-0.5, 0.3], [0.1, 1.0], [0.4, 5.0], [-3.0, -2.0],
+                       [9.0, -9.0]], np.float32)
+    rates = fairness.attribute_error_rates(logits, targets)
+    # attribute 0: positives rows 0-2 -> one miss (row 1): FNR 1/3;
+    #              negatives rows 3-4 -> one false alarm (row 3): FPR 1/2; row 5 unknown.
+    # attribute 1: positives rows 2, 4 -> one miss (row 4): FNR 1/2;
+    #              negatives rows 0, 1, 5 -> one false alarm (row 1): FPR 1/3; row 3 unknown.
+    np.testing.assert_allclose(rates.fnr, [1 / 3, 1 / 2])
+    np.testing.assert_allclose(rates.fpr, [1 / 2, 1 / 3])
+    np.testing.assert_array_equal(rates.num_positive, [3, 2])
+    np.testing.assert_array_equal(rates.num_negative, [2, 3])
+    np.testing.assert_allclose(rates.positive_share, [3 / 5, 2 / 5])
+    np.testing.assert_allclose(rates.accuracy, [3 / 5, 3 / 5])
+    # bool predictions and logits agree; z == 0 counts as positive.
+    same = fairness.attribute_error_rates(logits >= 0, targets)
+    np.testing.assert_allclose(same.fnr, rates.fnr)
+    with pytest.warns(RuntimeWarning, match="no negative samples"):
+        zero = fairness.attribute_error_rates(np.zeros((1, 1)), np.ones((1, 1), np.int8))
+    assert zero.fnr[0] == 0.0
+
+
+def test_error_rates_match_loop_on_random_data_and_stream_over_batches():
+    rng = np.random.default_rng(0)
+    targets = rng.choice([-1, 0, 1], size=(200, 7), p=[0.1, 0.6, 0.3]).astype(np.int8)
+    logits = rng.normal(size=(200, 7)).astype(np.float32)
+    rates = fairness.attribute_error_rates(logits, targets)
+    fnr, fpr = _rates_loop(logits >= 0, targets)
+    np.testing.assert_allclose(rates.fnr, fnr)
+    np.testing.assert_allclose(rates.fpr, fpr)
+    counts = jax.jit(fairness.confusion_counts)(logits[:80], targets[:80]) + \
+        fairness.confusion_counts(logits[80:], targets[80:])
+    streamed = fairness.error_rates_from_counts(counts)
+    np.testing.assert_allclose(streamed.fnr, fnr)
+    np.testing.assert_allclose(streamed.fpr, fpr)
+
+
+def test_attribute_without_positives_gets_nan_fnr_with_warning_others_unaffected():
+    targets = np.array([[0, 1, 1], [0, 0, 1], [-1, 1, 1]], np.int8)  # attr 0 no positive,
+    predicted = np.array([[True, True, False], [False, False, True], [True, True, True]])
+    names = ["Bald", "Smiling", "Young"]  # attr 2 no negative
+    with pytest.warns(RuntimeWarning) as record:
+        rates = fairness.attribute_error_rates(predicted, targets, names=names)
+    messages = " | ".join(str(w.message) for w in record)
+    assert "no positive samples for attribute(s) Bald" in messages
+    assert "no negative samples for attribute(s) Young" in messages
+    assert np.isnan(rates.fnr[0]) and rates.fpr[0] == pytest.approx(0.5)
+    assert np.isnan(rates.fpr[2]) and rates.fnr[2] == pytest.approx(1 / 3)
+    assert rates.fnr[1] == 0.0 and rates.fpr[1] == 0.0
+
+
+def test_positive_share_and_imbalance_order():
+    targets = np.array([[1, 1, 0, -1], [0, 1, 0, -1], [0, 1, 1, -1], [0, 0, 0, -1]], np.int8)
+    with pytest.warns(RuntimeWarning, match="no known targets for attribute"):
+        p = fairness.positive_share(targets)
+    np.testing.assert_allclose(p[:3], [0.25, 0.75, 0.25])
+    assert np.isnan(p[3])
+    p_m = np.array([0.5, 0.02, 0.7, 0.98, 0.45])
+    np.testing.assert_allclose(fairness.imbalance(p_m), [0.0, 0.48, 0.2, 0.48, 0.05])
+    # Stable ties (attributes 1 and 3), most imbalanced first.
+    np.testing.assert_array_equal(fairness.imbalance_order(p_m), [1, 3, 2, 4, 0])
+    np.testing.assert_array_equal(fairness.imbalance_order(p_m, most_imbalanced_first=False),
+                                  [0, 4, 2, 1, 3])
+    np.testing.assert_array_equal(fairness.imbalance_order([0.5, np.nan, 0.9]), [2, 0, 1])
+
+
+def test_group_ids_cells_and_unknown():
+    target = np.array([0, 0, 1, 1, -1, 1], np.int8)
+    confounder = np.array([0, 1, 0, 1, 1, -1], np.int8)
+    np.testing.assert_array_equal(fairness.group_ids(target, confounder), [0, 1, 2, 3, -1, -1])
+    np.testing.assert_array_equal(
+        fairness.group_ids(np.array([1, 2]), np.array([2, 3]), num_confounder_values=3), [5, -1])
+    with pytest.raises(ValueError, match="same shape"):
+        fairness.group_ids(np.zeros(3), np.zeros(2))
+
+
+def test_group_accuracy_against_loop_gap_and_empty_group():
+    rng = np.random.default_rng(1)
+    groups = rng.integers(-1, 3, size=300)  # -1: unknown, left out; group 3 never occurs
+    correct = rng.random(300) < np.array([0.9, 0.7, 0.5])[np.maximum(groups, 0)]
+    with pytest.warns(RuntimeWarning, match=r"no samples in group\(s\) dark"):
+        result = fairness.group_accuracy(correct, groups, 4,
+                                         group_names=["light", "medium", "tan", "dark"])
+    for g in range(3):
+        assert result.accuracy[g] == pytest.approx(correct[groups == g].mean())
+        assert result.count[g] == (groups == g).sum()
+    assert np.isnan(result.accuracy[3]) and result.count[3] == 0
+    expected_gap = max(result.accuracy[:3]) - min(result.accuracy[:3])
+    assert result.gap == pytest.approx(expected_gap)
+    assert result.best == int(np.argmax(result.accuracy[:3]))
+    assert result.worst == int(np.argmin(result.accuracy[:3]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        streamed = fairness.group_accuracy_from_counts(
+            fairness.group_counts(correct[:100], groups[:100], 3)
+            + jax.jit(fairness.group_counts, static_argnums=2)(correct[100:], groups[100:], 3))
+    np.testing.assert_allclose(streamed.accuracy, result.accuracy[:3])
+
+
+def test_bad_inputs_raise_clear_errors():
+    with pytest.raises(ValueError, match="targets must be integers"):
+        fairness.confusion_counts(np.zeros((2, 2)), np.zeros((2, 2), np.float32))
+    with pytest.raises(ValueError, match="same shape"):
+        fairness.confusion_counts(np.zeros((2, 3)), np.zeros((2, 2), np.int8))
+    with pytest.raises(ValueError, match="num_groups"):
+        fairness.group_counts(np.ones(3, bool), np.zeros(3, np.int32), 0)
+    with pytest.raises(ValueError, match="groups must be integers"):
+        fairness.group_counts(np.ones(3, bool), np.zeros(3, np.float32), 2)

@@ -1,0 +1,143 @@
+"""Attribution-guided mask / noise augmentation."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from faceaudit_jax.mitigation import noise as N
+
+H, W = 16, 20
+
+
+def random_images(seed, batch=3):
+    rng = np.random.default_rng(seed)
+    # Away from 0, 1 and the 0.5 fill so every altered value is visibly changed.
+    images = rng.uniform(0.05, 0.95, (batch, H, W, 3)).astype(np.float32)
+    images[np.isclose(images, 0.5, atol=1e-3)] = 0.3
+    return jnp.asarray(images)
+
+
+@pytest.mark.parametrize("q", [0.6, 0.7, 0.8, 0.95, 1.0, 0.01])
+def test_quantile_mask_selects_exact_top_share(q):
+    rng = np.random.default_rng(0)
+    attribution = rng.uniform(0, 1, (4, H, W)).astype(np.float32)
+    sel = np.asarray(N.quantile_mask(attribution, q))
+    expected = int(round((1 - q) * H * W))
+    for b in range(4):
+        assert sel[b].sum() == expected
+        if 0 < expected < H * W:
+            # Every selected pixel is attributed at least as much as every other one.
+            assert attribution[b][sel[b]].min() >= attribution[b][~sel[b]].max()
+            # The released code's rule (strictly above the q-quantile) agrees up to one pixel.
+            released = attribution[b] > np.quantile(attribution[b], q)
+            assert abs(int(released.sum()) - expected) <= 1
+            assert (released & ~sel[b]).sum() == 0
+
+
+def test_quantile_mask_exact_share_with_ties():
+    # A map with large flat plateaus: a threshold rule would select 0% or 50%.
+    attribution = np.zeros((H, W), np.float32)
+    attribution[:, W // 2:] = 1.0
+    attribution[0, 0] = 0.5
+    for q in (0.6, 0.7, 0.8, 0.95):
+        sel = np.asarray(N.quantile_mask(attribution, q))
+        assert sel.sum() == round((1 - q) * H * W)
+        # Highest values first: the plateau of ones fills before anything else.
+        n_ones = int((attribution == 1).sum())
+        assert sel[attribution == 1].sum() == min(sel.sum(), n_ones)
+    constant = np.asarray(N.quantile_mask(np.ones((H, W)), 0.75))
+    assert constant.sum() == 80
+
+
+def test_mask_changes_exactly_the_selection():
+    images = random_images(1)
+    attribution = jax.random.uniform(jax.random.PRNGKey(0), (3, H, W))
+    q = 0.7
+    out = np.asarray(N.augment(jax.random.PRNGKey(1), images, attribution, q, "mask", "specific"))
+    changed = np.any(out != np.asarray(images), axis=-1)
+    sel = np.asarray(N.quantile_mask(attribution, q))
+    np.testing.assert_array_equal(changed, sel)
+    assert changed.sum(axis=(1, 2)).tolist() == [round(0.3 * H * W)] * 3
+    assert np.all(out[sel] == 0.5)
+
+
+def test_noise_changes_only_within_selection():
+    images = random_images(2)
+    attribution = jax.random.uniform(jax.random.PRNGKey(3), (H, W))
+    q = 0.8
+    out = np.asarray(N.augment(jax.random.PRNGKey(4), images, attribution, q, "noise", "general"))
+    sel = np.asarray(N.quantile_mask(attribution, q))
+    changed = np.any(out != np.asarray(images), axis=-1)
+    assert not np.any(changed[:, ~sel])              # nothing outside the selection
+    assert changed[:, sel].mean() > 0.99             # (almost) everything inside it
+    assert out.min() >= 0.0 and out.max() <= 1.0
+
+
+def test_noise_statistics():
+    images = jnp.full((8, H, W, 3), 0.5)
+    sel = jnp.ones((H, W), bool)
+    out = np.asarray(N.apply_noise(jax.random.PRNGKey(5), images, sel, std=0.05))
+    delta = out - 0.5
+    assert abs(delta.mean()) < 0.003
+    assert delta.std() == pytest.approx(0.05, rel=0.05)
+    # std 0.5 clips to [0, 1].
+    big = np.asarray(N.apply_noise(jax.random.PRNGKey(6), images, sel, std=0.5))
+    assert big.min() == 0.0 and big.max() == 1.0
+
+
+def test_general_vs_specific_scope():
+    images = random_images(3)
+    maps = np.zeros((3, H, W), np.float32)
+    maps[0, :4] = 1.0    # top rows
+    maps[1, -4:] = 1.0   # bottom rows
+    maps[2, :, :2] = 1.0
+    q = 1 - 4 * W / (H * W)   # exactly the 4 rows
+    specific = np.asarray(N.augment(jax.random.PRNGKey(0), images, maps, q, "mask", "specific"))
+    changed = np.any(specific != np.asarray(images), axis=-1)
+    np.testing.assert_array_equal(changed[0], maps[0] == 1)
+    np.testing.assert_array_equal(changed[1], maps[1] == 1)
+    general_map = maps.mean(0)
+    general = np.asarray(N.augment(jax.random.PRNGKey(0), images, general_map, q, "mask", "general"))
+    changed_general = np.any(general != np.asarray(images), axis=-1)
+    want = np.asarray(N.quantile_mask(general_map, q))
+    for b in range(3):
+        np.testing.assert_array_equal(changed_general[b], want)
+
+
+def test_augment_runs_inside_jit_and_compiles_once():
+    augment_fn = N.make_augment_fn(0.7, "noise", "specific")
+    traces = []
+
+    @jax.jit
+    def step(key, images, attribution):
+        traces.append(1)
+        return augment_fn(key, images, attribution).sum()
+
+    images = random_images(4)
+    for seed in range(3):
+        attribution = jax.random.uniform(jax.random.PRNGKey(seed), (3, H, W))
+        step(jax.random.PRNGKey(seed), images, attribution)
+    assert len(traces) == 1
+
+
+def test_bad_inputs():
+    images = random_images(5)
+    attribution = jnp.ones((H, W))
+    for q in (0.0, -0.1, 1.1, float("nan")):
+        with pytest.raises(ValueError, match=r"\(0, 1\]"):
+            N.augment(jax.random.PRNGKey(0), images, attribution, q)
+        with pytest.raises(ValueError, match=r"\(0, 1\]"):
+            N.quantile_mask(attribution, q)
+        with pytest.raises(ValueError, match=r"\(0, 1\]"):
+            N.make_augment_fn(q)
+    with pytest.raises(ValueError, match="general"):
+        N.augment(jax.random.PRNGKey(0), images, jnp.ones((3, H, W)), 0.7, "noise", "general")
+    with pytest.raises(ValueError, match="specific"):
+        N.augment(jax.random.PRNGKey(0), images, attribution, 0.7, "mask", "specific")
+    with pytest.raises(ValueError, match="mode"):
+        N.augment(jax.random.PRNGKey(0), images, attribution, 0.7, "blur")
+    with pytest.raises(ValueError, match="scope"):
+        N.make_augment_fn(0.7, "mask", "global")
+    with pytest.raises(ValueError, match="selection"):
+        N.apply_mask(images, jnp.ones((H + 1, W), bool))

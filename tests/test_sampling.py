@@ -1,0 +1,110 @@
+import numpy as np
+import pytest
+
+from faceaudit_jax import regions
+from faceaudit_jax.data import sampling
+
+
+def random_table(n=40000, seed=0, unknown_rate=0.02):
+    rng = np.random.default_rng(seed)
+    table = (rng.random((n, regions.NUM_ATTRIBUTES)) < 0.4).astype(np.int8)
+    table[rng.random(table.shape) < unknown_rate] = -1
+    return table
+
+
+def col(name):
+    return regions.attribute_id(name)
+
+
+def test_biased_subset_cooccurrence_within_sampling_error():
+    table = random_table()
+    idx = sampling.biased_subset(table, "Male", "Wearing_Lipstick", 0.9, 4000, seed=1)
+    sub = table[idx]
+    assert idx.size == 4000 and np.unique(idx).size == 4000
+    y, a = sub[:, col("Male")], sub[:, col("Wearing_Lipstick")]
+    assert np.all(y >= 0) and np.all(a >= 0)
+    assert np.mean(y == 1) == pytest.approx(0.5, abs=1e-3)
+    # Exact counts by construction: 90% of each class aligned.
+    assert np.mean(a[y == 1] == 1) == pytest.approx(0.9, abs=1e-3)
+    assert np.mean(a[y == 0] == 0) == pytest.approx(0.9, abs=1e-3)
+    pos, neg = sampling.cooccurrence(sub, "Male", "Wearing_Lipstick")
+    assert pos == pytest.approx(0.9, abs=1e-3) and neg == pytest.approx(0.9, abs=1e-3)
+
+
+def test_biased_subset_two_confounders_spreads_conflicting_cells():
+    table = random_table(80000)
+    idx = sampling.biased_subset(table, "Male", ["Eyeglasses", "Wearing_Hat"], 0.97, 2000, seed=3)
+    sub = table[idx]
+    y, aligned = sampling.group_labels(sub, "Male", ["Eyeglasses", "Wearing_Hat"])
+    assert np.mean(aligned) == pytest.approx(0.97, abs=2e-3)
+    # The 3% conflicting images of each class cover all three other combinations.
+    conflicting = sub[~aligned][:, regions.attribute_ids(["Male", "Eyeglasses", "Wearing_Hat"])]
+    assert len({tuple(r) for r in conflicting}) == 6
+
+
+def test_biased_subset_is_deterministic_and_seed_dependent():
+    table = random_table()
+    a = sampling.biased_subset(table, "Young", "Smiling", 0.99, 1000, seed=5)
+    b = sampling.biased_subset(table, "Young", "Smiling", 0.99, 1000, seed=5)
+    c = sampling.biased_subset(table, "Young", "Smiling", 0.99, 1000, seed=6)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_balanced_subset_has_equal_cells():
+    table = random_table()
+    idx = sampling.balanced_subset(table, "Male", "Blond_Hair", 1000, seed=0)
+    sub = table[idx]
+    cells = sub[:, col("Male")] * 2 + sub[:, col("Blond_Hair")]
+    np.testing.assert_array_equal(np.bincount(cells, minlength=4), [250, 250, 250, 250])
+
+
+def test_deconinck_subset_counts():
+    table = random_table(60000)
+    idx = sampling.deconinck_subset(table, "Eyeglasses", seed=0, n_target=300,
+                                    n_other_with=200, n_other_without=100)
+    sub = table[idx]
+    men = sub[:, col("Male")] == 1
+    glasses = sub[:, col("Eyeglasses")] == 1
+    assert men.sum() == 300 and np.sum(men & glasses) == 0
+    assert np.sum(~men & glasses) == 200 and np.sum(~men & ~glasses) == 100
+
+
+@pytest.mark.parametrize("corr", [0.5, 1.2, -0.1])
+def test_corr_outside_range_is_rejected(corr):
+    with pytest.raises(ValueError, match=r"corr=.*\(0.5, 1\]"):
+        sampling.biased_subset(random_table(1000), "Male", "Smiling", corr, 100, seed=0)
+
+
+def test_unknown_attribute_names_the_value():
+    with pytest.raises(ValueError, match="unknown attribute 'Lipstick'"):
+        sampling.biased_subset(random_table(1000), "Male", "Lipstick", 0.9, 100, seed=0)
+
+
+def test_too_large_subset_names_the_cell():
+    table = random_table(2000)
+    with pytest.raises(ValueError, match=r"cell \(Male=1, Smiling=1\).*pool has only"):
+        sampling.biased_subset(table, "Male", "Smiling", 0.99, 5000, seed=0)
+
+
+def test_unknown_labels_are_never_drawn():
+    table = random_table(20000, unknown_rate=0.3)
+    idx = sampling.balanced_subset(table, "Male", "Smiling", 400, seed=0)
+    assert np.all(table[idx][:, [col("Male"), col("Smiling")]] >= 0)
+
+
+def test_verification_pairs_are_identity_disjoint_across_folds():
+    identity = np.repeat(np.arange(200), 5)
+    pairs = sampling.verification_pairs(identity, seed=0, num_folds=10, pairs_per_fold=30)
+    assert pairs["a"].size == 600
+    same = pairs["same"]
+    np.testing.assert_array_equal(identity[pairs["a"]][same], identity[pairs["b"]][same])
+    assert np.all(identity[pairs["a"]][~same] != identity[pairs["b"]][~same])
+    assert np.all(pairs["a"][same] != pairs["b"][same])
+    people_per_fold = [set(identity[pairs["a"][pairs["fold"] == f]]) |
+                       set(identity[pairs["b"][pairs["fold"] == f]]) for f in range(10)]
+    for f in range(10):
+        for g in range(f + 1, 10):
+            assert not people_per_fold[f] & people_per_fold[g]
+    for f in range(10):
+        assert np.sum(same[pairs["fold"] == f]) == 30
