@@ -10,7 +10,9 @@ Measured side by side in one process on the same model and batch:
   call, 2B + 2KB images) / the forward pass of those 2B + 2KB images, and K
   separate calls (one per technique) / the single call;
 - ``fv_heatmaps.explain_pairs`` (binarise + masks + evaluation + heatmaps) /
-  ``evaluate_masks`` alone.
+  ``evaluate_masks`` alone;
+- XLA's cost model (flops, bytes accessed) of each map method's compiled
+  program / the forward's: free of the timing noise of a shared CPU.
 
 Every function is compiled (warm-up) before timing; the two sides of a ratio
 are timed alternately, ``--repeats`` rounds with ``block_until_ready``; the
@@ -90,6 +92,20 @@ def main() -> None:
 
     def neg_dist(emb, other):
         return attention.similarity(emb, other)
+
+    # Noise-free companion figures: XLA's own cost model of the compiled programs.
+    def compiled_cost(jitted, *args, **kwargs):
+        cost = jitted.lower(*args, **kwargs).compile().cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        return cost.get("flops", float("nan")), cost.get("bytes accessed", float("nan"))
+
+    base_flops, base_bytes = compiled_cost(embed, params, images)
+    for method in attention.METHODS:
+        flops, bytes_ = compiled_cost(
+            attention._attention_maps_jit, apply_fn, params, images, method, neg_dist, others,
+            "cls", None, "mean", 0.0, True)
+        print(f"RATIO {method}_flops_over_forward = {flops / base_flops:.2f}  "
+              f"(bytes accessed: {bytes_ / base_bytes:.2f})")
 
     for method in attention.METHODS:
         report(f"{method}_over_forward", paired_ratio(lambda: attention.attention_maps(

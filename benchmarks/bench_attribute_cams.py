@@ -29,7 +29,6 @@ import statistics
 import time
 
 import jax
-import jax.numpy as jnp
 
 from faceaudit_jax.explain import attribute_cams as ac
 from faceaudit_jax.explain import cams

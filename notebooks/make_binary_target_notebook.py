@@ -96,12 +96,12 @@ print(f"image {i}: z = {z[i]:+.3f} (predicted not {ATTRIBUTE}); energy in the "
     ("code", """\
 image = np.asarray(faces["image"][i])
 fig, axes = plt.subplots(1, 4, figsize=(11, 3))
-axes[0].imshow(image); axes[0].set_title("image")
-axes[1].imshow(mask, cmap="gray"); axes[1].set_title(f"{ATTRIBUTE} mask")
+axes[0].imshow(image); axes[0].set_title("image", fontsize=9)
+axes[1].imshow(mask, cmap="gray"); axes[1].set_title(f"{ATTRIBUTE} mask", fontsize=9)
 for ax, mode in zip(axes[2:], ("predicted", "positive")):
     ax.imshow(image)
     ax.imshow(maps[mode][i], cmap="jet", alpha=0.5, vmin=0, vmax=1)
-    ax.set_title(f"target {'|z|' if mode == 'predicted' else 'z'} ({mode} class)")
+    ax.set_title(f"target {'|z|' if mode == 'predicted' else 'z'} ({mode} class)", fontsize=9)
 for ax in axes:
     ax.axis("off")
 plt.show()"""),

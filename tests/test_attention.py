@@ -126,6 +126,13 @@ def test_grad_rollout_matches_numpy_and_gradients_are_real(tiny):
     fd = (value_and_grad(bump)[0] - value_and_grad(-bump)[0]) / (2 * eps)
     np.testing.assert_allclose(float(fd), grads_np[layer][pos], rtol=2e-2)
 
+    # the fused path (custom VJP inside the model) gives the same head-fused relevance
+    fused, _ = jax.jit(attention.fused_relevance, static_argnums=(0, 3))(
+        apply_fn, params, images, _neg_dist_to, others)
+    explicit_weighted = np.clip(grads_np * np.asarray(attn, np.float64), 0, None).mean(2)
+    np.testing.assert_allclose(np.asarray(fused), explicit_weighted, rtol=1e-4,
+                               atol=1e-6 * explicit_weighted.max())
+
     got = attention.grad_weighted_rollout(attn, grads)
     expected = np_chefer(np.asarray(attn, np.float64), grads_np)
     np.testing.assert_allclose(np.asarray(got).reshape(3, -1), expected, rtol=1e-4, atol=1e-9)
@@ -258,6 +265,8 @@ def test_bad_inputs(tiny):
         attention.attention_rollout(jnp.ones((2, 3, 5, 5)))
     with pytest.raises(ValueError, match="grads"):
         attention.grad_weighted_rollout(jnp.asarray(attn), jnp.asarray(attn)[:1])
+    with pytest.raises(ValueError, match=r"\[L, B, T, T\]"):
+        attention.relevance_rollout(jnp.ones((2, 3, 5)))
     with pytest.raises(ValueError, match="one score per image"):
         attention.attention_maps(apply_fn, params, images, "grad_rollout",
                                  lambda e: jnp.sum(e))

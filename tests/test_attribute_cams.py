@@ -16,7 +16,7 @@ from faceaudit_jax.models import resnet
 NUM_OUTPUTS = 4
 
 
-def _centre_logits(head_params, features_fn, head_fn, images):
+def _centre_logits(features_fn, head_fn, images):
     """Shift the output bias so every attribute has both predicted classes."""
     logits = head_fn(features_fn(images))
     return -jnp.median(logits, axis=0) + 0.01 * jnp.arange(logits.shape[1])
@@ -55,7 +55,7 @@ def tiny_cnn():
         pooled = jnp.mean(fmap, axis=(1, 2))
         return jnp.tanh(pooled @ params["d1"]) @ params["d2"] + bias
 
-    bias = _centre_logits(params, features_fn, raw_head, images)
+    bias = _centre_logits(features_fn, raw_head, images)
 
     def head_fn(fmap):
         pooled = jnp.mean(fmap, axis=(1, 2))
@@ -71,7 +71,7 @@ def small_resnet():
     variables = resnet.init_variables(model, jax.random.key(1), 32)
     images = jnp.asarray(np.random.default_rng(2).random((6, 32, 32, 3)), jnp.float32)
     features_fn, head_fn = resnet.classifier_fns(model, variables)
-    shift = _centre_logits(None, features_fn, head_fn, images)
+    shift = _centre_logits(features_fn, head_fn, images)
     params = jax.tree_util.tree_map(lambda x: x, variables["params"])
     params["fc"] = dict(params["fc"], bias=params["fc"]["bias"] + shift)
     features_fn, head_fn = resnet.classifier_fns(model, dict(variables, params=params))

@@ -101,6 +101,7 @@ def test_paper_and_tiny_configs_geometry():
     tiny = vit.VIT_CONFIGS["vit_tiny_face"].validate()
     paper = vit.VIT_CONFIGS["vit_face_paper"].validate()
     assert tiny.grid_shape == (14, 14) and tiny.num_tokens == 197
+    assert vit.VIT_CONFIGS["vit_tiny_face_p16"].validate().grid_shape == (7, 7)
     assert paper.grid_shape == (14, 14) and paper.num_tokens == 197
     assert paper.patch_size == 12 and paper.stride == 8
     assert (paper.hidden_dim, paper.num_layers, paper.num_heads) == (512, 20, 8)
@@ -140,6 +141,8 @@ def test_bad_inputs(smoke):
         model.apply(params, jnp.zeros((1, 32, 32, 1)))
     with pytest.raises(ValueError, match="attn_perturbation"):
         model.apply(params, jnp.zeros((1, 32, 32, 3)), attn_perturbation=jnp.zeros((2, 1, 2, 5, 5)))
+    with pytest.raises(ValueError, match="relevance_tap"):
+        model.apply(params, jnp.zeros((1, 32, 32, 3)), relevance_tap=jnp.zeros((2, 1, 5, 5)))
     with pytest.raises(ValueError, match="unknown ViT config"):
         vit.build_vit("vit_huge")
     with pytest.raises(ValueError, match="unknown ViTConfig field"):

@@ -212,101 +212,155 @@ MARGINAL_RATES: dict[str, float] = {
 }
 
 
+# ---------------------------------------------------------------------------
+# Counter-based random numbers (numpy). Every draw is a hash of (seed,
+# stream, counter, slot): no state, any image's draws can be recomputed alone,
+# and the same numbers come out for a batch of 1 or of 1e6. splitmix64's
+# finaliser is the mixing function (a bijection with full avalanche).
+# ---------------------------------------------------------------------------
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_SLOT_MULT = 0xD1B54A32D192ED03
+_U64_MASK = (1 << 64) - 1
+_NORMAL_SLOT_BASE = 1 << 16
+
+
+def _mix64(z: np.ndarray) -> np.ndarray:
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+class _Stream:
+    """Named uniform and normal draws for a vector of counters (identities or
+    image indices) of one stream; each draw is computed when first asked for."""
+
+    def __init__(self, seed: int, stream: int, counters: np.ndarray,
+                 uniform_names: tuple[str, ...], normal_names: tuple[str, ...]):
+        key = _mix64(np.array([(seed << 8) | stream], np.uint64))
+        self._base = _mix64(key + counters.astype(np.uint64) * _GOLDEN)
+        self._u = {n: i for i, n in enumerate(uniform_names)}
+        self._z = {n: i for i, n in enumerate(normal_names)}
+        self._cache: dict[str, np.ndarray] = {}
+
+    def _unit(self, slot: int) -> np.ndarray:
+        bits = _mix64(self._base + np.uint64(((slot + 1) * _SLOT_MULT) & _U64_MASK))
+        return (bits >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))   # [0, 1)
+
+    def u(self, name: str) -> np.ndarray:
+        """Uniform in [0, 1), float64."""
+        if name not in self._cache:
+            self._cache[name] = self._unit(self._u[name])
+        return self._cache[name]
+
+    def z(self, name: str) -> np.ndarray:
+        """Standard normal (Box-Muller on two dedicated slots), float64."""
+        key = "z:" + name
+        if key not in self._cache:
+            slot = _NORMAL_SLOT_BASE + 2 * self._z[name]
+            radius = np.sqrt(-2.0 * np.log1p(-self._unit(slot)))
+            self._cache[key] = radius * np.cos(2.0 * np.pi * self._unit(slot + 1))
+        return self._cache[key]
+
+
 def _where(cond, a, b):
-    return jnp.where(cond, jnp.float32(a), jnp.float32(b))
+    return np.where(cond, a, b)
+
+
+def _pick(palette: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """Rows of a constant palette chosen by uniforms in [0, 1)."""
+    return palette[np.minimum((u * len(palette)).astype(np.int64), len(palette) - 1)]
+
+
+def _brow_colour(hair_cat: np.ndarray) -> np.ndarray:
+    """Brows: darker than blond hair, greyish under grey hair, brown when bald."""
+    colour = 0.8 * HAIR_COLOURS[np.where(hair_cat == BALD, BROWN, hair_cat)]
+    colour = np.where((hair_cat == BLOND)[:, None], 0.6 * HAIR_COLOURS[BLOND], colour)
+    return np.where((hair_cat == GRAY)[:, None], np.array([0.55, 0.53, 0.52]), colour)
 
 
 # ---------------------------------------------------------------------------
-# Per-image parameters.
+# Attributes and drawing parameters (vectorised numpy, no pixels).
 # ---------------------------------------------------------------------------
-def _draw_one(seed, index, images_per_identity, independent: bool):
-    """Attributes and drawing parameters of one image (scalar index).
+def _draw(seed: int, indices: np.ndarray, images_per_identity: int, independent: bool,
+          with_params: bool = True):
+    """Attributes (and, with_params, drawing parameters) of images.
 
-    Returns (attrs int8 [40], identity int32, group int32, params dict of
-    float32 scalars / small vectors).
+    Binary attributes are comparisons of uniforms with constant
+    probabilities, so they are exactly reproducible and cost one hash each.
+
+    Returns (attrs int8 [N, 40], identity int32 [N], group int32 [N], params:
+    dict of float32 [N] / [N, k] arrays, or None without with_params).
     """
-    root = jax.random.key(seed)
-    identity = index // images_per_identity
-    k_id = jax.random.fold_in(jax.random.fold_in(root, IDENTITY_STREAM), identity)
-    k_im = jax.random.fold_in(jax.random.fold_in(root, IMAGE_STREAM), index)
-    # Separate sub-keys for the uniform and normal vectors: using a key both
-    # directly and through fold_in could correlate the two streams.
-    iu = jax.random.uniform(jax.random.fold_in(k_id, 0), (len(_ID_UNIFORMS),))
-    iz = jax.random.normal(jax.random.fold_in(k_id, 1), (len(_ID_NORMALS),))
-    mu = jax.random.uniform(jax.random.fold_in(k_im, 0), (len(_IM_UNIFORMS),))
-    mz = jax.random.normal(jax.random.fold_in(k_im, 1), (len(_IM_NORMALS),))
-
-    IU = lambda n: iu[_IDU[n]]  # noqa: E731
-    IZ = lambda n: iz[_IDZ[n]]  # noqa: E731
-    MU = lambda n: mu[_IMU[n]]  # noqa: E731
-    MZ = lambda n: mz[_IMZ[n]]  # noqa: E731
+    indices = indices.astype(np.int64)
+    identity = indices // images_per_identity
+    ids = _Stream(seed, IDENTITY_STREAM, identity, _ID_UNIFORMS, _ID_NORMALS)
+    img = _Stream(seed, IMAGE_STREAM, indices, _IM_UNIFORMS, _IM_NORMALS)
     M = MARGINAL_RATES
 
     def p(name, conditional):
         """Probability of an attribute: its marginal, or the conditional."""
-        return jnp.float32(M[name]) if independent else conditional
+        return M[name] if independent else conditional
 
     # ---- identity level ----------------------------------------------------
-    male = IU("male") < M["Male"]
+    male = ids.u("male") < M["Male"]
     female = ~male
-    young = IU("young") < p("Young", _where(male, 0.66, 0.85))
-    group = jnp.sum(IU("group") > jnp.array([0.55, 0.78, 0.91], jnp.float32)).astype(jnp.int32)
-    light_group = group <= 1
-    pale = IU("pale") < p("Pale_Skin", jnp.where(
+    young = ids.u("young") < p("Young", _where(male, 0.66, 0.85))
+    group = np.searchsorted(np.array([0.55, 0.78, 0.91]), ids.u("group"), side="right")
+    pale = ids.u("pale") < p("Pale_Skin", np.where(
         group == 0, _where(male, 0.02, 0.09), _where((group == 1) & female, 0.03, 0.0)))
-    big_nose = IU("big_nose") < p("Big_Nose", _where(male, 0.38, 0.12))
-    big_lips = IU("big_lips") < p("Big_Lips", _where(male, 0.17, 0.29))
-    chubby = IU("chubby") < p("Chubby", jnp.where(
+    big_nose = ids.u("big_nose") < p("Big_Nose", _where(male, 0.38, 0.12))
+    big_lips = ids.u("big_lips") < p("Big_Lips", _where(male, 0.17, 0.29))
+    chubby = ids.u("chubby") < p("Chubby", np.where(
         male, _where(young, 0.05, 0.20), _where(young, 0.01, 0.06)))
-    double_chin = IU("double_chin") < p("Double_Chin", jnp.where(
+    double_chin = ids.u("double_chin") < p("Double_Chin", np.where(
         chubby, 0.5, _where(young, 0.01, 0.10)))
-    bushy = IU("bushy") < p("Bushy_Eyebrows", _where(male, 0.22, 0.08))
-    arched = IU("arched") < p("Arched_Eyebrows", _where(male, 0.10, 0.38))
-    bags = IU("bags") < p("Bags_Under_Eyes", _where(young, 0.13, 0.45))
-    receding_draw = IU("receding") < p("Receding_Hairline", jnp.where(
+    bushy = ids.u("bushy") < p("Bushy_Eyebrows", _where(male, 0.22, 0.08))
+    arched = ids.u("arched") < p("Arched_Eyebrows", _where(male, 0.10, 0.38))
+    bags = ids.u("bags") < p("Bags_Under_Eyes", _where(young, 0.13, 0.45))
+    receding_draw = ids.u("receding") < p("Receding_Hairline", np.where(
         male, _where(young, 0.06, 0.30), 0.02))
 
     # ---- image level: expression and accessories ----------------------------
-    smiling = MU("smiling") < M["Smiling"]
-    mouth_open = MU("open") < p("Mouth_Slightly_Open", _where(smiling, 0.70, 0.27))
-    lipstick = MU("lipstick") < p("Wearing_Lipstick", _where(male, 0.01, 0.80))
-    makeup = MU("makeup") < p("Heavy_Makeup", jnp.where(
+    smiling = img.u("smiling") < M["Smiling"]
+    mouth_open = img.u("open") < p("Mouth_Slightly_Open", _where(smiling, 0.70, 0.27))
+    lipstick = img.u("lipstick") < p("Wearing_Lipstick", _where(male, 0.01, 0.80))
+    makeup = img.u("makeup") < p("Heavy_Makeup", np.where(
         male, 0.005, _where(lipstick, 0.78, 0.05)))
-    earrings = MU("earrings") < p("Wearing_Earrings", _where(male, 0.02, 0.31))
-    necklace = MU("necklace") < p("Wearing_Necklace", _where(male, 0.02, 0.19))
-    necktie = MU("necktie") < p("Wearing_Necktie", _where(male, 0.16, 0.005))
-    hat = MU("hat") < p("Wearing_Hat", _where(male, 0.06, 0.04))
-    glasses = MU("glasses") < p("Eyeglasses", jnp.where(
+    earrings = img.u("earrings") < p("Wearing_Earrings", _where(male, 0.02, 0.31))
+    necklace = img.u("necklace") < p("Wearing_Necklace", _where(male, 0.02, 0.19))
+    necktie = img.u("necktie") < p("Wearing_Necktie", _where(male, 0.16, 0.005))
+    hat = img.u("hat") < p("Wearing_Hat", _where(male, 0.06, 0.04))
+    glasses = img.u("glasses") < p("Eyeglasses", np.where(
         male, _where(young, 0.05, 0.17), _where(young, 0.035, 0.12)))
-    narrow = MU("narrow") < M["Narrow_Eyes"]
-    rosy = MU("rosy") < p("Rosy_Cheeks", _where(male, 0.02, 0.10))
+    narrow = img.u("narrow") < M["Narrow_Eyes"]
+    rosy = img.u("rosy") < p("Rosy_Cheeks", _where(male, 0.02, 0.10))
 
     # ---- hair ---------------------------------------------------------------
     # Baldness and the usual hair colour belong to the identity; one image in
     # seven shows another colour (dyed, lit differently), drawn from the same
     # table so the rates do not change.
-    bald = IU("bald") < p("Bald", jnp.where(male, _where(young, 0.005, 0.12), 0.0))
+    bald = ids.u("bald") < p("Bald", np.where(male, _where(young, 0.005, 0.12), 0.0))
     if independent:
-        cum = jnp.asarray(_HAIR_MARGINAL_CUM)
+        cum = np.broadcast_to(_HAIR_MARGINAL_CUM, (len(indices), len(_HAIR_MARGINAL_CUM)))
     else:
-        cum = jnp.asarray(_HAIR_CUM)[2 * male.astype(jnp.int32) + young.astype(jnp.int32)]
-    colour_u = jnp.where(MU("hair_redraw") < 0.15, MU("hair_cat"), IU("hair_cat"))
-    hair_cat = jnp.where(bald, BALD, jnp.sum(colour_u > cum)).astype(jnp.int32)
+        cum = _HAIR_CUM[2 * male.astype(np.int64) + young.astype(np.int64)]
+    colour_u = np.where(img.u("hair_redraw") < 0.15, img.u("hair_cat"), ids.u("hair_cat"))
+    hair_cat = np.where(bald, BALD, np.sum(colour_u[:, None] > cum, axis=1))
     has_hair = ~bald
-    bangs = has_hair & (MU("bangs") < p("Bangs", _where(male, 0.09, 0.20)))
+    bangs = has_hair & (img.u("bangs") < p("Bangs", _where(male, 0.09, 0.20)))
     wavy_p = p("Wavy_Hair", _where(male, 0.18, 0.42))
     straight_p = p("Straight_Hair", _where(male, 0.23, 0.20))
-    texture_u = MU("hair_texture")
+    texture_u = img.u("hair_texture")
     wavy = has_hair & (texture_u < wavy_p)
-    straight = has_hair & (texture_u >= wavy_p) & (texture_u < wavy_p + straight_p)
-    sideburns = has_hair & (MU("sideburns") < p("Sideburns", _where(male, 0.13, 0.0)))
+    straight = has_hair & (texture_u >= wavy_p) & (texture_u < np.add(wavy_p, straight_p))
+    sideburns = has_hair & (img.u("sideburns") < p("Sideburns", _where(male, 0.13, 0.0)))
     receding = has_hair & receding_draw
 
     # ---- facial hair (colour on skin) ---------------------------------------
-    stubble = MU("stubble") < p("5_o_Clock_Shadow", _where(male, 0.26, 0.0))
-    goatee = MU("goatee") < p("Goatee", _where(male, 0.15, 0.0))
-    mustache = MU("mustache") < p("Mustache", _where(male, 0.10, 0.0))
-    full_beard = MU("beard") < p("full_beard", _where(male, 0.12, 0.0))
+    stubble = img.u("stubble") < p("5_o_Clock_Shadow", _where(male, 0.26, 0.0))
+    goatee = img.u("goatee") < p("Goatee", _where(male, 0.15, 0.0))
+    mustache = img.u("mustache") < p("Mustache", _where(male, 0.10, 0.0))
+    full_beard = img.u("beard") < p("full_beard", _where(male, 0.12, 0.0))
     no_beard = ~(goatee | mustache | full_beard)
 
     named = {
@@ -328,26 +382,35 @@ def _draw_one(seed, index, images_per_identity, independent: bool):
         "Wearing_Necktie": necktie, "Young": young,
     }
     assert set(named) == set(DRAWN_ATTRIBUTES)
-    attrs = jnp.stack([
-        named[a].astype(jnp.int8) if a in named else jnp.int8(-1)
-        for a in regions.ATTRIBUTES])
+    attrs = np.full((len(indices), regions.NUM_ATTRIBUTES), -1, np.int8)
+    for name, value in named.items():
+        attrs[:, regions.ATTRIBUTE_ID[name]] = value
+    identity = identity.astype(np.int32)
+    group = group.astype(np.int32)
+    if not with_params:
+        return attrs, identity, group, None
 
     # ---- continuous drawing parameters --------------------------------------
-    f32 = lambda b: b.astype(jnp.float32)  # noqa: E731
-    fm, fy, fchub = f32(male), f32(young), f32(chubby)
-    age = jnp.where(young, 18.0 + 22.0 * IU("age"), 40.0 + 35.0 * IU("age"))
-    tone = jnp.asarray(SKIN_TONES)[group] * (1.0 + 0.035 * jnp.stack(
-        [IZ("tone_r"), IZ("tone_g"), IZ("tone_b")]))
-    tone = jnp.where(pale, 0.45 * tone + 0.55 * jnp.asarray(PALE_TONE), tone)
+    fm, fchub = male.astype(np.float64), chubby.astype(np.float64)
+    IZ, MZ, MU = ids.z, img.z, img.u
 
     def clipped(z, mean, sd, lo, hi):
-        return jnp.clip(mean + sd * z, lo, hi)
+        return np.clip(mean + sd * z, lo, hi)
 
+    def rgb(stream, prefix):
+        return np.stack([stream.u(prefix + c) for c in ("_r", "_g", "_b")], axis=-1)
+
+    age = np.where(young, 18.0 + 22.0 * ids.u("age"), 40.0 + 35.0 * ids.u("age"))
+    tone = SKIN_TONES[group] * (1.0 + 0.035 * np.stack(
+        [IZ("tone_r"), IZ("tone_g"), IZ("tone_b")], axis=-1))
+    tone = np.where(pale[:, None], 0.45 * tone + 0.55 * PALE_TONE, tone)
     # Hair length: a per-identity habit plus per-image variation; men's hair is
     # shorter on average, but the two distributions overlap strongly.
-    hair_len = jnp.clip(0.60 - 0.28 * fm + 0.19 * IZ("hair_len") + 0.16 * MZ("hair_len"), 0.0, 1.0)
+    hair_len = np.clip(0.60 - 0.28 * fm + 0.19 * IZ("hair_len") + 0.16 * MZ("hair_len"), 0.0, 1.0)
     params = dict(
-        male=fm, young=fy, age=age, tone=tone,
+        age=age, tone=tone,
+        # face geometry (identity); Male: a little wider, squarer jaw, thicker
+        # brows and neck; the distributions overlap.
         face_r=clipped(IZ("face_width"), 0.410 + 0.010 * fm + 0.030 * fchub, 0.016, *_FACE_R_RANGE),
         jaw_sq=clipped(IZ("jaw_square"), -0.05 + 0.35 * fm + 0.30 * fchub, 0.18, -0.4, 1.0),
         chin=clipped(IZ("chin"), 0.50 + 0.015 * fm, 0.022, 0.44, 0.58),
@@ -355,88 +418,71 @@ def _draw_one(seed, index, images_per_identity, independent: bool):
         eye_dx=clipped(IZ("eye_dx"), 0.165, 0.010, 0.14, 0.19),
         eye_y=clipped(IZ("eye_y"), -0.035, 0.010, -0.065, -0.005),
         eye_w=clipped(IZ("eye_w"), 0.062, 0.005, 0.05, 0.075),
-        eye_h=clipped(IZ("eye_h"), 0.028, 0.003, 0.02, 0.036) * jnp.where(narrow, 0.55, 1.0),
+        eye_h=clipped(IZ("eye_h"), 0.028, 0.003, 0.02, 0.036) * np.where(narrow, 0.55, 1.0),
         brow_thick=clipped(IZ("brow_thick"), 0.019 + 0.003 * fm, 0.002, 0.014, 0.026)
-        * jnp.where(bushy, 1.6, 1.0),
+        * np.where(bushy, 1.6, 1.0),
         brow_gap=clipped(IZ("brow_gap"), 0.078, 0.007, 0.062, 0.095)
-        + 0.012 * jnp.clip(MZ("brow_raise"), -1.0, 1.0),
+        + 0.012 * np.clip(MZ("brow_raise"), -1.0, 1.0),
         brow_tilt=clipped(IZ("brow_tilt"), 0.0, 0.008, -0.015, 0.015),
-        brow_arch=jnp.where(arched, 0.024, 0.007),
-        nose_len=clipped(IZ("nose_len"), 0.115, 0.010, 0.09, 0.14)
-        + jnp.where(big_nose, 0.022, 0.0),
-        nose_w=clipped(IZ("nose_w"), 0.032, 0.004, 0.024, 0.042)
-        + jnp.where(big_nose, 0.016, 0.0),
+        brow_arch=np.where(arched, 0.024, 0.007),
+        nose_len=clipped(IZ("nose_len"), 0.115, 0.010, 0.09, 0.14) + np.where(big_nose, 0.022, 0.0),
+        nose_w=clipped(IZ("nose_w"), 0.032, 0.004, 0.024, 0.042) + np.where(big_nose, 0.016, 0.0),
         mouth_y=clipped(IZ("mouth_y"), 0.27, 0.010, 0.245, 0.30),
-        mouth_w=clipped(IZ("mouth_w"), 0.095, 0.008, 0.075, 0.115)
-        + jnp.where(smiling, 0.012, 0.0),
-        lip_u=clipped(IZ("lip_u"), 0.017, 0.003, 0.011, 0.024) + jnp.where(big_lips, 0.008, 0.0),
-        lip_l=clipped(IZ("lip_l"), 0.023, 0.003, 0.016, 0.030) + jnp.where(big_lips, 0.010, 0.0),
+        mouth_w=clipped(IZ("mouth_w"), 0.095, 0.008, 0.075, 0.115) + np.where(smiling, 0.012, 0.0),
+        lip_u=clipped(IZ("lip_u"), 0.017, 0.003, 0.011, 0.024) + np.where(big_lips, 0.008, 0.0),
+        lip_l=clipped(IZ("lip_l"), 0.023, 0.003, 0.016, 0.030) + np.where(big_lips, 0.010, 0.0),
         neck_w=clipped(IZ("neck_w"), 0.155 + 0.015 * fm + 0.02 * fchub, 0.010, 0.13, 0.21),
-        iris=jnp.asarray(IRIS_COLOURS)[jnp.minimum((IU("iris") * len(IRIS_COLOURS)).astype(jnp.int32), len(IRIS_COLOURS) - 1)],
-        # pose and light
-        yaw=jnp.clip(0.20 * MZ("yaw"), -MAX_YAW, MAX_YAW),
+        iris=_pick(IRIS_COLOURS, ids.u("iris")),
+        # pose and light (image)
+        yaw=np.clip(0.20 * MZ("yaw"), -MAX_YAW, MAX_YAW),
         roll=clipped(MZ("roll"), 0.0, 0.045, *_ROLL_RANGE),
         scale=clipped(MZ("scale"), 1.11, 0.045, *_SCALE_RANGE),
         tx=clipped(MZ("tx"), 0.0, 0.02, *_TX_RANGE),
         ty=clipped(MZ("ty"), -0.10, 0.02, *_TY_RANGE),
         brightness=clipped(MZ("brightness"), 0.97, 0.06, 0.82, 1.10),
-        light_angle=2.0 * jnp.pi * MU("light_angle"),
+        light_angle=2.0 * np.pi * MU("light_angle"),
         light_amp=0.06 + 0.12 * MU("light_amp"),
-        bg=0.15 + 0.75 * jnp.stack([MU("bg_r"), MU("bg_g"), MU("bg_b")]),
-        bg2=0.15 + 0.75 * jnp.stack([MU("bg2_r"), MU("bg2_g"), MU("bg2_b")]),
+        bg=0.15 + 0.75 * rgb(img, "bg"),
+        bg2=0.15 + 0.75 * rgb(img, "bg2"),
         # hair
-        has_hair=f32(has_hair), hair_cat=hair_cat,
-        hair_colour=jnp.asarray(HAIR_COLOURS)[hair_cat]
-        * (1.0 + 0.08 * jnp.clip(MZ("hair_jitter"), -2.0, 2.0)),
+        has_hair=has_hair, hair_cat=hair_cat,
+        hair_colour=HAIR_COLOURS[hair_cat] * (1.0 + 0.08 * np.clip(MZ("hair_jitter"), -2.0, 2.0))[:, None],
         hair_len=hair_len,
         hair_volume=clipped(MZ("hair_volume"), 0.035 + 0.02 * hair_len, 0.01, 0.018, 0.075),
-        bangs=f32(bangs), wavy=f32(wavy), straight=f32(straight),
-        sideburns=f32(sideburns), receding=f32(receding),
+        bangs=bangs, wavy=wavy, sideburns=sideburns, receding=receding,
         hair_part=2.0 * MU("hair_part") - 1.0,
-        bangs_phase=2.0 * jnp.pi * MU("bangs_phase"),
-        wave_phase=2.0 * jnp.pi * MU("wave_phase"),
-        salt=(MU("noise_phase") * 2.0 ** 24).astype(jnp.int32),
+        bangs_phase=2.0 * np.pi * MU("bangs_phase"),
+        wave_phase=2.0 * np.pi * MU("wave_phase"),
+        salt=np.floor(MU("noise_phase") * (1 << 24)),
         brow_colour=_brow_colour(hair_cat),
         # expression
-        smiling=f32(smiling), mouth_open=f32(mouth_open),
+        smiling=smiling, mouth_open=mouth_open,
         smile_amount=clipped(MZ("smile_amount"), 1.0, 0.2, 0.6, 1.4),
         open_amount=clipped(MZ("open_amount"), 1.0, 0.2, 0.6, 1.4),
-        gaze=jnp.stack([jnp.clip(0.25 * MZ("gaze_x"), -0.5, 0.5),
-                        jnp.clip(0.15 * MZ("gaze_y"), -0.3, 0.3)]),
-        # accessories
-        lipstick=f32(lipstick), makeup=f32(makeup), earrings=f32(earrings),
-        necklace=f32(necklace), necktie=f32(necktie), hat=f32(hat),
-        glasses=f32(glasses), rosy=f32(rosy), bags=f32(bags),
-        double_chin=f32(double_chin), stubble=f32(stubble),
-        goatee=f32(goatee), mustache=f32(mustache), full_beard=f32(full_beard),
+        gaze=np.stack([np.clip(0.25 * MZ("gaze_x"), -0.5, 0.5),
+                       np.clip(0.15 * MZ("gaze_y"), -0.3, 0.3)], axis=-1),
+        # skin details and accessories
+        lipstick=lipstick, makeup=makeup, earrings=earrings, necklace=necklace,
+        necktie=necktie, hat=hat, glasses=glasses, rosy=rosy, bags=bags,
+        double_chin=double_chin, stubble=stubble, goatee=goatee,
+        mustache=mustache, full_beard=full_beard,
         lipstick_colour=_pick(LIPSTICK_COLOURS, MU("lipstick_colour")),
         makeup_colour=_pick(EYESHADOW_COLOURS, MU("makeup_colour")),
         earring_colour=_pick(EARRING_COLOURS, MU("earring_colour")),
-        earring_hoop=f32(MU("earring_type") < 0.35),
+        earring_hoop=MU("earring_type") < 0.35,
         necklace_colour=_pick(NECKLACE_COLOURS, MU("necklace_colour")),
         glasses_colour=_pick(GLASSES_COLOURS, MU("glasses_colour")),
-        glasses_round=f32(MU("glasses_shape") < 0.5),
+        glasses_round=MU("glasses_shape") < 0.5,
         hat_colour=_pick(HAT_COLOURS, MU("hat_colour")),
-        hat_brim=f32(MU("hat_type") < 0.6),
+        hat_brim=MU("hat_type") < 0.6,
         tie_colour=_pick(TIE_COLOURS, MU("tie_colour")),
-        cloth=0.10 + 0.70 * jnp.stack([MU("cloth_r"), MU("cloth_g"), MU("cloth_b")]),
-        v_neck=f32(MU("neckline") < 0.4),
+        cloth=0.10 + 0.70 * rgb(img, "cloth"),
+        v_neck=MU("neckline") < 0.4,
     )
-    return attrs, identity.astype(jnp.int32), group, params
-
-
-def _brow_colour(hair_cat):
-    """Brows: darker than blond hair, greyish under grey hair, brown when bald."""
-    hair = jnp.asarray(HAIR_COLOURS)
-    colour = 0.8 * hair[jnp.where(hair_cat == BALD, BROWN, hair_cat)]
-    colour = jnp.where(hair_cat == BLOND, 0.6 * hair[BLOND], colour)
-    return jnp.where(hair_cat == GRAY, jnp.array([0.55, 0.53, 0.52]), colour)
-
-
-def _pick(palette: np.ndarray, u):
-    """Row of a constant palette chosen by a uniform in [0, 1)."""
-    i = jnp.minimum((u * len(palette)).astype(jnp.int32), len(palette) - 1)
-    return jnp.asarray(palette)[i]
+    # Everything goes to the renderer as float32 (hair_cat as int32).
+    params = {k: np.asarray(v, np.int32 if k == "hair_cat" else np.float32)
+              for k, v in params.items()}
+    return attrs, identity, group, params
 
 
 # ---------------------------------------------------------------------------
@@ -620,22 +666,31 @@ def _frame(p, resolution: int, rows: tuple[int, int], cols: tuple[int, int]) -> 
 # Boxes (canonical face coordinates: x0, x1, y0, y1) that contain everything
 # drawn by the two windowed passes for every parameter value the sampler can
 # produce; tests/test_synthetic.py checks windowed == full-frame rendering.
-_EYES_BOX = (-0.325, 0.325, -0.245, 0.065)
-_MOUTH_BOX = (-0.175, 0.175, -0.06, 0.50)
+# Face boxes are in canonical face coordinates, body boxes in body
+# coordinates (no roll, no yaw).
+_EARS_BOX = ("face", (-0.565, 0.565, -0.095, 0.175))
+_ARMS_BOX = ("face", (-0.52, 0.52, -0.095, -0.015))
+_EYES_BOX = ("face", (-0.325, 0.325, -0.245, 0.065))
+_MOUTH_BOX = ("face", (-0.175, 0.175, -0.06, 0.50))
+_HAT_BOX = ("face", (-0.69, 0.69, -0.76, -0.22))
+_NECK_BOX = ("body", (-0.24, 0.24, 0.46, 1.4))
 _WINDOW_MARGIN_PX = 3
 
 
 @functools.lru_cache(maxsize=None)
-def _window(resolution: int, box: tuple[float, float, float, float]):
+def _window(resolution: int, box: tuple[str, tuple[float, float, float, float]]):
     """Static pixel rows and columns that hold `box` under every pose."""
-    x0, x1, y0, y1 = box
+    kind, (x0, x1, y0, y1) = box
     grid = np.meshgrid(
         np.linspace(-MAX_YAW, MAX_YAW, 41), np.linspace(*_FACE_R_RANGE, 5),
         np.linspace(*_ROLL_RANGE, 21), np.array(_SCALE_RANGE), np.array(_TX_RANGE),
         np.array(_TY_RANGE), np.array([x0, x1]), np.array([y0, y1]), indexing="ij")
     yaw, face_r, roll, scale, tx, ty, fx, fy = (g.ravel() for g in grid)
     p = dict(yaw=yaw, face_r=face_r, roll=roll, scale=scale, tx=tx, ty=ty)
-    x, y = _face_to_image(fx, fy, p, np)
+    if kind == "face":
+        x, y = _face_to_image(fx, fy, p, np)
+    else:
+        x, y = tx + scale * fx, ty + scale * fy
     step = 2.0 / resolution
     to_px = lambda v: (v + 1.0) / step  # noqa: E731  (pixel edges)
     c0 = max(0, int(np.floor(to_px(x.min()))) - _WINDOW_MARGIN_PX)
@@ -677,7 +732,7 @@ def _hair_colour_field(f: _Frame, p):
 
 
 def _draw_base(f: _Frame, p):
-    """Background, long hair behind the head, cloth (with necktie), neck, necklace."""
+    """Background, long hair behind the head, cloth and neck (full frame)."""
     t = ((f.img_y + 1.0) * 0.5)[..., None]
     canvas = _Canvas(p["bg"] + t * (p["bg2"] - p["bg"]), jnp.zeros(f.fx.shape, jnp.int32))
     hair_colour = _hair_colour_field(f, p)
@@ -692,23 +747,15 @@ def _draw_base(f: _Frame, p):
                     on=p["has_hair"] * (length > 0.25))
 
     # Shoulders start a fixed neck length below the chin (body frame).
-    chin = p["chin"] + 0.0 * f.bx
+    chin = p["chin"]
     shoulder_y = p["chin"] + 0.22
     d_cloth = _intersect(shoulder_y + 0.25 * f.bx * f.bx - f.by, jnp.abs(f.bx) - 1.3)
     cloth_shade = 1.0 - 0.2 * jnp.clip(jnp.abs(f.bx) - 0.3, 0.0, 1.0)
     canvas = _paint(canvas, d_cloth, p["cloth"] * cloth_shade[..., None], f.pixel, _R["cloth"])
-    # Necktie (part of cloth): white collar, knot and blade.
-    tie = p["necktie"]
-    collar_y = shoulder_y + 0.02
-    ax = jnp.abs(f.bx)
-    d_collar = _intersect(ax - 0.20, collar_y - 0.02 - f.by, f.by - (collar_y + 0.06 + 0.25 * ax))
-    canvas = _paint(canvas, d_collar, jnp.array([0.95, 0.95, 0.95]), f.pixel, _R["cloth"], on=tie)
-    dy = f.by - collar_y
-    d_knot = _intersect(ax - (0.034 - 0.2 * dy), -dy, dy - 0.055)
-    d_blade = _intersect(ax - (0.024 + 0.30 * (dy - 0.055)), 0.05 - dy)
-    canvas = _paint(canvas, _union(d_knot, d_blade), p["tie_colour"], f.pixel, _R["cloth"], on=tie)
 
     # Neck down to the neckline (round or V; a tie closes the collar).
+    tie = p["necktie"]
+    ax = jnp.abs(f.bx)
     nw = p["neck_w"]
     v_depth = 0.16 * p["v_neck"] * (1.0 - tie)
     neckline = shoulder_y + 0.03 - 0.03 * tie + v_depth * jnp.maximum(0.0, 1.0 - ax * (1.0 / 0.16))
@@ -717,15 +764,29 @@ def _draw_base(f: _Frame, p):
     under_chin = jnp.clip((f.by - chin + 0.02) * (1.0 / 0.16), 0.0, 1.0)
     canvas = _paint(canvas, d_neck, p["tone"] * (0.72 + 0.16 * under_chin)[..., None],
                     f.pixel, _R["neck"])
+    return canvas, hair_colour
+
+
+def _draw_neck_details(canvas, f: _Frame, p):
+    """Necktie (part of cloth: white collar, knot, blade) and necklace."""
+    tie = p["necktie"]
+    ax = jnp.abs(f.bx)
+    collar_y = p["chin"] + 0.24
+    d_collar = _intersect(ax - 0.20, collar_y - 0.02 - f.by, f.by - (collar_y + 0.06 + 0.25 * ax))
+    canvas = _paint(canvas, d_collar, jnp.array([0.95, 0.95, 0.95]), f.pixel, _R["cloth"], on=tie)
+    dy = f.by - collar_y
+    d_knot = _intersect(ax - (0.034 - 0.2 * dy), -dy, dy - 0.055)
+    d_blade = _intersect(ax - (0.024 + 0.30 * (dy - 0.055)), 0.05 - dy)
+    canvas = _paint(canvas, _union(d_knot, d_blade), p["tie_colour"], f.pixel, _R["cloth"], on=tie)
 
     # Necklace: a U-shaped chain on the neck and a pendant.
+    nw = p["neck_w"]
     lace_y = p["chin"] + 0.12
     thick = jnp.maximum(0.014, 1.1 * f.pixel)
     d_chain = _intersect(_stroke(f.by - (lace_y - 0.05 * (f.bx / nw) ** 2), thick), ax - 0.97 * nw)
     d_pendant = _circle(f.bx, f.by, 0.0, lace_y + 0.02, jnp.maximum(0.018, f.pixel))
-    canvas = _paint(canvas, _union(d_chain, d_pendant), p["necklace_colour"], f.pixel,
-                    _R["neck_l"], on=p["necklace"])
-    return canvas, hair_colour
+    return _paint(canvas, _union(d_chain, d_pendant), p["necklace_colour"], f.pixel,
+                  _R["neck_l"], on=p["necklace"])
 
 
 def _draw_ears(canvas, f: _Frame, p):
@@ -996,25 +1057,32 @@ def _paste(canvas: _Canvas, window: _Canvas, rows, cols) -> _Canvas:
 def _render_one(p, resolution: int, windows: bool = True):
     """image [H, W, 3] in [0, 1] and parse [H, W] int32 of one parameter set.
 
-    Small inner features (eyes, brows, glasses rims, nose, mouth) are drawn
-    only inside static pixel windows that contain them for every pose
-    (`windows=False` draws them over the full frame; same result, slower).
+    Layers are painted in occlusion order. Small layers (ears, neck details,
+    glasses arms, eyes, mouth, hat) are drawn only inside static pixel
+    windows that contain them for every pose the sampler can produce;
+    `windows=False` draws them over the full frame (same result, slower; the
+    tests compare the two).
     """
     full = ((0, resolution), (0, resolution))
     f = _frame(p, resolution, *full)
+
+    def windowed(canvas, box, draw):
+        rows, cols = _window(resolution, box) if windows else full
+        sub = draw(_crop(canvas, rows, cols), _frame(p, resolution, rows, cols),
+                   (slice(*rows), slice(*cols)))
+        return _paste(canvas, sub, rows, cols)
+
     canvas, hair_colour = _draw_base(f, p)
-    canvas = _draw_ears(canvas, f, p)
+    canvas = windowed(canvas, _NECK_BOX, lambda c, w, _: _draw_neck_details(c, w, p))
+    canvas = windowed(canvas, _EARS_BOX, lambda c, w, _: _draw_ears(c, w, p))
     canvas, d_face, beard_colour = _draw_face(canvas, f, p)
     canvas, skin_visible = _draw_front_hair(canvas, f, p, d_face, hair_colour)
-    canvas = _draw_glasses_arms(canvas, f, p)
-    for box, draw in ((_EYES_BOX, lambda c, w, sv: _draw_eyes_window(c, w, p, sv)),
-                      (_MOUTH_BOX, lambda c, w, sv: _draw_mouth_window(c, w, p, sv, beard_colour))):
-        rows, cols = _window(resolution, box) if windows else full
-        sub = _crop(canvas, rows, cols)
-        sv = skin_visible[rows[0]:rows[1], cols[0]:cols[1]]
-        sub = draw(sub, _frame(p, resolution, rows, cols), sv)
-        canvas = _paste(canvas, sub, rows, cols)
-    canvas = _draw_hat(canvas, f, p)
+    canvas = windowed(canvas, _ARMS_BOX, lambda c, w, _: _draw_glasses_arms(c, w, p))
+    canvas = windowed(canvas, _EYES_BOX,
+                      lambda c, w, sl: _draw_eyes_window(c, w, p, skin_visible[sl]))
+    canvas = windowed(canvas, _MOUTH_BOX,
+                      lambda c, w, sl: _draw_mouth_window(c, w, p, skin_visible[sl], beard_colour))
+    canvas = windowed(canvas, _HAT_BOX, lambda c, w, _: _draw_hat(c, w, p))
     # Directional light and overall brightness.
     direction = jnp.stack([jnp.cos(p["light_angle"]), jnp.sin(p["light_angle"])])
     light = p["brightness"] * (1.0 + p["light_amp"] * (direction[0] * f.img_x + direction[1] * f.img_y))
@@ -1035,33 +1103,25 @@ def _landmarks(p, resolution: int):
 # ---------------------------------------------------------------------------
 # Jitted entry points.
 # ---------------------------------------------------------------------------
-def _draw_batch(seed, indices, images_per_identity, independent: bool):
-    return jax.vmap(_draw_one, in_axes=(None, 0, None, None))(
-        seed, indices, images_per_identity, independent)
+# The renderer is one large elementwise graph; LLVM's expensive passes cost
+# about a third of its compile time and buy no measurable speed.
+_COMPILER_OPTIONS = {"xla_llvm_disable_expensive_passes": True}
 
 
-@functools.partial(jax.jit, static_argnames=("independent",))
-def _attributes_jit(seed, indices, images_per_identity, *, independent: bool):
-    attrs, identity, group, _ = _draw_batch(seed, indices, images_per_identity, independent)
-    return attrs, identity, group
 
-
-@functools.partial(jax.jit, static_argnames=("resolution", "independent"))
-def _render_jit(seed, indices, images_per_identity, *, resolution: int, independent: bool):
-    attrs, identity, group, params = _draw_batch(seed, indices, images_per_identity, independent)
+@functools.partial(jax.jit, static_argnames=("resolution",), compiler_options=_COMPILER_OPTIONS)
+def _render_jit(params, *, resolution: int):
+    """Pixels of a batch of parameter sets: (image, parse, landmarks)."""
     image, parse = jax.vmap(_render_one, in_axes=(0, None))(params, resolution)
     landmarks = jax.vmap(_landmarks, in_axes=(0, None))(params, resolution)
-    return {
-        "image": image, "parse": parse, "attrs": attrs, "identity": identity,
-        "landmarks": landmarks.astype(jnp.float32), "group": group,
-        "yaw": params["yaw"],
-    }
+    return image, parse, landmarks
 
 
 # ---------------------------------------------------------------------------
 # Public API.
 # ---------------------------------------------------------------------------
 _INT32_MAX = np.iinfo(np.int32).max
+_PARAMETER_NAMES = tuple(_draw(0, np.zeros(1, np.int64), 1, False)[3])
 
 
 def _check_seed(seed) -> int:
@@ -1100,46 +1160,65 @@ def _check_resolution(resolution) -> int:
     return int(resolution)
 
 
-_ATTR_CHUNK = 1 << 16
+_ATTR_CHUNK = 1 << 18   # bounds the memory of sample_attributes on huge pools
 
 
 def sample_attributes(seed: int, indices, *, independent: bool = False,
                       images_per_identity: int = 10) -> dict[str, np.ndarray]:
-    """Attributes of images without rendering them (cheap: ~1e6 per few seconds).
+    """Attributes of images without rendering them (vectorised numpy; about a
+    million indices per second).
 
     Args:
       seed: data-set seed, 0..2**31-1.
       indices: 1-D integer image indices, 0..2**31-1.
       independent: sample every drawn attribute independently at its marginal
-        rate (Male included) instead of CelebA-like co-occurrences.
+        rate (Male included) instead of CelebA-like co-occurrences. Hair
+        colours and Bald stay mutually exclusive; hair attributes are 0 when
+        bald.
       images_per_identity: identity = index // images_per_identity.
 
     Returns:
       numpy dict: ``attrs`` int8 [N, 40] (1 / 0, -1 for undrawn attributes),
       ``identity`` int32 [N], ``group`` int32 [N] (skin tone, 0 light .. 3
-      dark), exactly the values :func:`render` returns for the same images.
+      dark): exactly the values :func:`render` returns for the same images.
     """
     seed = _check_seed(seed)
     idx = _check_indices(indices)
     ipi = _check_images_per_identity(images_per_identity)
-    n = idx.size
-    attrs = np.empty((n, regions.NUM_ATTRIBUTES), np.int8)
-    identity = np.empty((n,), np.int32)
-    group = np.empty((n,), np.int32)
-    # Fixed chunk sizes (powers of two, padded) so arbitrary N compiles a
-    # handful of shapes only.
-    start = 0
-    while start < n:
-        stop = min(start + _ATTR_CHUNK, n)
-        size = max(1024, 1 << (stop - start - 1).bit_length())
-        chunk = np.zeros((size,), np.int32)
-        chunk[: stop - start] = idx[start:stop]
-        a, i, g = _attributes_jit(np.int32(seed), chunk, np.int32(ipi), independent=bool(independent))
-        attrs[start:stop] = np.asarray(a)[: stop - start]
-        identity[start:stop] = np.asarray(i)[: stop - start]
-        group[start:stop] = np.asarray(g)[: stop - start]
-        start = stop
-    return {"attrs": attrs, "identity": identity, "group": group}
+    parts = [_draw(seed, idx[i:i + _ATTR_CHUNK], ipi, bool(independent), with_params=False)
+             for i in range(0, max(idx.size, 1), _ATTR_CHUNK)]
+    return {"attrs": np.concatenate([q[0] for q in parts]),
+            "identity": np.concatenate([q[1] for q in parts]),
+            "group": np.concatenate([q[2] for q in parts])}
+
+
+def sample_parameters(seed: int, indices, *, independent: bool = False,
+                      images_per_identity: int = 10) -> dict[str, np.ndarray]:
+    """The drawing parameters of images (numpy dict of float32 [B] / [B, k]).
+
+    Together with :func:`render_parameters` this allows counterfactual
+    images: copy the dict, change one entry (e.g. ``lipstick`` to 0) and
+    render both. Attributes are not recomputed from edited parameters.
+    """
+    seed = _check_seed(seed)
+    idx = _check_indices(indices)
+    ipi = _check_images_per_identity(images_per_identity)
+    return _draw(seed, idx, ipi, bool(independent))[3]
+
+
+def render_parameters(params: dict, resolution: int = DEFAULT_RESOLUTION) -> dict[str, jax.Array]:
+    """Render parameter sets from :func:`sample_parameters` (possibly edited).
+
+    Returns ``image`` [B, H, W, 3], ``parse`` [B, H, W] and ``landmarks``
+    [B, 5, 2] as in :func:`render`. Compiles once per (B, resolution).
+    """
+    res = _check_resolution(resolution)
+    missing = set(_PARAMETER_NAMES) - set(params)
+    if missing:
+        raise ValueError(f"params lacks {sorted(missing)}; expected the dict of sample_parameters")
+    arrays = {k: jnp.asarray(params[k]) for k in _PARAMETER_NAMES}
+    image, parse, landmarks = _render_jit(arrays, resolution=res)
+    return {"image": image, "parse": parse, "landmarks": landmarks}
 
 
 def render(seed: int, indices, resolution: int = DEFAULT_RESOLUTION, *,
@@ -1162,9 +1241,10 @@ def render(seed: int, indices, resolution: int = DEFAULT_RESOLUTION, *,
       eye, image-right eye, nose tip, image-left and image-right mouth
       corners); ``group`` int32 [B] (skin tone 0 light .. 3 dark); ``yaw``
       float32 [B] in radians, positive when the face turns to the image's
-      right.
+      right (its features shift to larger x).
 
-    Compiles once per (B, resolution, independent).
+    The per-image parameters are drawn on the host (numpy, cheap); the pixels
+    come from one jitted function compiled once per (B, resolution).
     """
     seed = _check_seed(seed)
     idx = _check_indices(indices)
@@ -1172,8 +1252,14 @@ def render(seed: int, indices, resolution: int = DEFAULT_RESOLUTION, *,
         raise ValueError("indices is empty; expected at least one image index")
     res = _check_resolution(resolution)
     ipi = _check_images_per_identity(images_per_identity)
-    return _render_jit(np.int32(seed), idx, np.int32(ipi), resolution=res,
-                       independent=bool(independent))
+    attrs, identity, group, params = _draw(seed, idx, ipi, bool(independent))
+    image, parse, landmarks = _render_jit({k: jnp.asarray(v) for k, v in params.items()},
+                                          resolution=res)
+    return {
+        "image": image, "parse": parse, "attrs": jnp.asarray(attrs),
+        "identity": jnp.asarray(identity), "landmarks": landmarks,
+        "group": jnp.asarray(group), "yaw": jnp.asarray(params["yaw"]),
+    }
 
 
 def attribute_rates(attrs: np.ndarray) -> dict[str, float]:

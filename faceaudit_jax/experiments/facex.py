@@ -202,3 +202,9 @@ def run(config, workdir: str) -> dict:
               f"(report: {work / f'report_{name}' / 'report.md'})", flush=True)
     write_json(work / "summary.json", summary)
     return summary
+
+
+def run_tables(config, workdir: str) -> dict:
+    """Tables 1, 3, 4 and Figure 5 on synthetic faces (see ``facex_tables``)."""
+    from faceaudit_jax.experiments import facex_tables
+    return facex_tables.run_tables(config, workdir)

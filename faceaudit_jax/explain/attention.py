@@ -199,7 +199,19 @@ def grad_weighted_rollout(attn: jax.Array, grads: jax.Array, *, readout: str = "
         raise ValueError(f"grads must have the attention's shape {tuple(attn.shape)}, got "
                          f"{tuple(grads.shape)}")
     weighted = jnp.mean(jnp.maximum(grads * attn, 0.0), axis=2)
-    row = _readout_vector(attn.shape[1], attn.shape[-1], readout, weighted.dtype)
+    return relevance_rollout(weighted, readout=readout, grid_shape=grid_shape)
+
+
+def relevance_rollout(weighted: jax.Array, *, readout: str = "cls",
+                      grid_shape: tuple[int, int] | None = None) -> jax.Array:
+    """Chefer's update R <- R + A_bar R from head-fused relevances A_bar [L, B, T, T].
+
+    ``grad_weighted_rollout`` with A_bar already computed (e.g. by the model's
+    fused ``relevance_tap``). Returns [B, rows, cols].
+    """
+    if weighted.ndim != 4 or weighted.shape[-1] != weighted.shape[-2]:
+        raise ValueError(f"weighted must be [L, B, T, T], got shape {tuple(weighted.shape)}")
+    row = _readout_vector(weighted.shape[1], weighted.shape[-1], readout, weighted.dtype)
     return _to_grid(_propagate_row(row, weighted, residual=True), grid_shape)
 
 
@@ -259,6 +271,37 @@ attention_and_grads = jax.jit(attention_and_grads,
                               static_argnames=("apply_fn", "target_fn", "lrp_detach"))
 
 
+def fused_relevance(apply_fn: Callable, params: Any, images: jax.Array, target_fn: Callable,
+                    target_args: Any = None, lrp_detach: bool = False):
+    """A_bar = E_h[(d target / dA ⊙ A)^+] per layer from one forward + backward pass.
+
+    Same result as ``attention_and_grads`` followed by the head-mean of
+    (grads ⊙ attn)^+, but computed inside the backward pass through the
+    model's ``relevance_tap`` argument, so the per-head gradients and the
+    stacked attention are never materialised ([L, B, T, T] instead of two
+    [L, B, heads, T, T] arrays). apply_fn must accept ``relevance_tap``
+    (``models.vit.ViTApply`` does).
+
+    Returns:
+      (A_bar [L, B, T, T], embeddings [B, D]).
+    """
+    _, aux = jax.eval_shape(lambda p, x: apply_fn(p, x), params, images)
+    num_layers, batch, _, num_tokens, _ = aux["attn"].shape
+    zeros = jnp.zeros((num_layers, batch, num_tokens, num_tokens), aux["attn"].dtype)
+
+    def total_target(tap):
+        embeddings, _ = apply_fn(params, images, lrp_detach=lrp_detach, relevance_tap=tap)
+        scores = target_fn(embeddings) if target_args is None else target_fn(embeddings,
+                                                                              target_args)
+        if scores.shape != (images.shape[0],):
+            raise ValueError(f"target_fn must return one score per image, shape "
+                             f"({images.shape[0]},), got {tuple(scores.shape)}")
+        return jnp.sum(scores), embeddings
+
+    weighted, embeddings = jax.grad(total_target, has_aux=True)(zeros)
+    return weighted, embeddings
+
+
 def normalize_maps(maps: jax.Array) -> jax.Array:
     """Min-max normalise each [H, W] map of [B, H, W] to [0, 1]; constant maps -> 0."""
     low = jnp.min(maps, axis=(1, 2), keepdims=True)
@@ -274,7 +317,7 @@ def _check_method(method: str, target_fn) -> None:
 
 
 def _grid_maps(apply_fn, params, images, method, target_fn, target_args, readout, grid_shape,
-               head_fusion, discard_ratio):
+               head_fusion, discard_ratio, fused=True):
     """[B, rows, cols] raw maps for one of METHODS."""
     if method in ("rollout", "nograd"):
         _, aux = apply_fn(params, images)
@@ -282,8 +325,13 @@ def _grid_maps(apply_fn, params, images, method, target_fn, target_args, readout
             return attention_rollout(aux["attn"], head_fusion, discard_ratio, readout=readout,
                                      grid_shape=grid_shape)
         return nograd_rollout(aux["attn"], readout=readout, grid_shape=grid_shape)
+    lrp_detach = method == "nograd_lrp"
+    if fused:
+        weighted, _ = fused_relevance(apply_fn, params, images, target_fn, target_args,
+                                      lrp_detach)
+        return relevance_rollout(weighted, readout=readout, grid_shape=grid_shape)
     attn, grads, _ = attention_and_grads(apply_fn, params, images, target_fn, target_args,
-                                         lrp_detach=(method == "nograd_lrp"))
+                                         lrp_detach=lrp_detach)
     return grad_weighted_rollout(attn, grads, readout=readout, grid_shape=grid_shape)
 
 
@@ -298,13 +346,13 @@ def _check_images(images, name="images") -> None:
 
 
 _STATIC = ("apply_fn", "method", "target_fn", "readout", "grid_shape", "head_fusion",
-           "discard_ratio")
+           "discard_ratio", "fused")
 
 
 def _attention_maps_impl(apply_fn, params, images, method, target_fn, target_args, readout,
-                         grid_shape, head_fusion, discard_ratio):
+                         grid_shape, head_fusion, discard_ratio, fused=True):
     grid_maps = _grid_maps(apply_fn, params, images, method, target_fn, target_args, readout,
-                           grid_shape, head_fusion, discard_ratio)
+                           grid_shape, head_fusion, discard_ratio, fused)
     return _upsample_normalise(grid_maps, images.shape[1:3])
 
 
@@ -314,12 +362,13 @@ _attention_maps_jit = jax.jit(_attention_maps_impl, static_argnames=_STATIC)
 def attention_maps(apply_fn: Callable, params: Any, images: jax.Array, method: str = "rollout",
                    target_fn: Callable | None = None, *, target_args: Any = None,
                    readout: str = "cls", grid_shape: tuple[int, int] | None = None,
-                   head_fusion: str = "mean", discard_ratio: float = 0.0) -> jax.Array:
+                   head_fusion: str = "mean", discard_ratio: float = 0.0,
+                   fused: bool = True) -> jax.Array:
     """Attention explanation maps for a batch of images, in one jitted call.
 
     Args:
-      apply_fn: ``apply_fn(params, images, attn_perturbation=None, lrp_detach=False)``
-        -> (embeddings [B, D], aux["attn"] [L, B, heads, T, T]); e.g.
+      apply_fn: ``apply_fn(params, images, attn_perturbation=None, lrp_detach=False,
+        relevance_tap=None)`` -> (embeddings [B, D], aux["attn"] [L, B, heads, T, T]); e.g.
         ``models.vit.ViTApply(model)``. Static for jit: reuse the same object.
       params: the model variables.
       images: [B, H, W, 3] in [0, 1].
@@ -330,6 +379,10 @@ def attention_maps(apply_fn: Callable, params: Any, images: jax.Array, method: s
       readout: "cls" or "mean" (match the model's pooling).
       grid_shape: patch grid (rows, cols); ``None`` = square.
       head_fusion, discard_ratio: rollout options.
+      fused: gradient methods take A_bar from the model's ``relevance_tap``
+        (``fused_relevance``; less memory traffic). ``False`` uses only
+        ``attn_perturbation`` (``attention_and_grads``), for apply functions
+        without ``relevance_tap``. Same maps either way.
 
     Returns:
       [B, H, W] float32 maps, bilinearly upsampled from the patch grid to the
@@ -344,7 +397,8 @@ def attention_maps(apply_fn: Callable, params: Any, images: jax.Array, method: s
         raise ValueError(f"readout must be one of {READOUTS}, got {readout!r}")
     grid_shape = None if grid_shape is None else tuple(int(v) for v in grid_shape)
     return _attention_maps_jit(apply_fn, params, images, method, target_fn, target_args,
-                               readout, grid_shape, head_fusion, float(discard_ratio))
+                               readout, grid_shape, head_fusion, float(discard_ratio),
+                               bool(fused))
 
 
 # ----------------------------------------------------------------------------------------

@@ -119,13 +119,21 @@ def check_positive_int(name: str, value, minimum: int = 1) -> int:
     return int(value)
 
 
-def resolve_devices(devices) -> tuple:
-    """None -> all local devices; otherwise a non-empty tuple of devices."""
+def resolve_devices(devices, embed_fn=None) -> tuple:
+    """None -> all local devices; otherwise a non-empty tuple of devices.
+
+    A host model (`numpy_embed_fn`) runs on the host whatever the device, so
+    sharding its masks gains nothing; worse, host callbacks inside a
+    multi-device collective program can deadlock XLA's CPU runtime. Such an
+    embed_fn gets the first device only.
+    """
     if devices is None:
         devices = jax.local_devices()
     devices = tuple(devices)
     if not devices:
         raise ValueError("devices is empty; expected at least one device")
+    if getattr(embed_fn, "runs_on_host", False):
+        devices = devices[:1]
     return devices
 
 
@@ -594,7 +602,7 @@ def corrrise_batch(embed_fn: EmbedFn, images_a, images_b, key, num_masks: int = 
     if correlation not in ("pearson", "spearman"):
         raise ValueError(f"correlation={correlation!r}; expected 'pearson' or 'spearman'")
     chunk_size = check_positive_int("chunk_size", chunk_size)
-    devices = resolve_devices(devices)
+    devices = resolve_devices(devices, embed_fn)
     layout = chunk_layout(num_masks, chunk_size, len(devices))
     s_a, s_b, constant = _corrrise_impl(
         images_a, images_b, key, embed_fn=embed_fn, num_masks=num_masks,
@@ -627,34 +635,47 @@ def corrrise(embed_fn: EmbedFn, image_a, image_b, key, num_masks: int = 500,
 # Non-JAX models
 # --------------------------------------------------------------------------
 
+class HostEmbedFn:
+    """A traceable embed_fn around a host (numpy) model; see `numpy_embed_fn`.
+
+    Hashes by identity (it is a static jit argument). ``runs_on_host`` tells
+    the explanation functions to keep it on one device.
+    """
+
+    runs_on_host = True
+
+    def __init__(self, fn: Callable[[np.ndarray], np.ndarray], out_dim: int, dtype):
+        self.fn = fn
+        self.out_dim = out_dim
+        self.dtype = np.dtype(dtype)
+
+    def _host(self, images):
+        images = np.asarray(images)
+        lead = images.shape[:-3]
+        flat = images.reshape((-1,) + images.shape[-3:])
+        out = np.asarray(self.fn(flat), dtype=self.dtype)
+        if out.shape != (flat.shape[0], self.out_dim):
+            raise ValueError(
+                f"the numpy model returned shape {out.shape} for {flat.shape[0]} images; "
+                f"expected ({flat.shape[0]}, {self.out_dim})")
+        return out.reshape(lead + (self.out_dim,))
+
+    def __call__(self, images):
+        result = jax.ShapeDtypeStruct(images.shape[:-3] + (self.out_dim,), self.dtype)
+        return jax.pure_callback(self._host, result, images, vmap_method="expand_dims")
+
+
 def numpy_embed_fn(fn: Callable[[np.ndarray], np.ndarray], out_dim: int,
-                   dtype=np.float32) -> EmbedFn:
+                   dtype=np.float32) -> HostEmbedFn:
     """Wraps a host (numpy) model fn(images [B, H, W, C]) -> [B, out_dim] for JAX.
 
     The result is a traceable embed_fn built on `jax.pure_callback`; it can be
     jitted, vmapped (vmap_method="expand_dims": extra leading axes are folded
-    into the host batch and unfolded after), and used inside `corrrise`.
+    into the host batch and unfolded after), and used inside `corrrise`,
+    `rise` and `occlusion` (on one device: the model runs on the host).
     Create it once and reuse it: each new wrapper is a new static argument.
     """
-    out_dim = check_positive_int("out_dim", out_dim)
-    dtype = np.dtype(dtype)
-
-    def host(images):
-        images = np.asarray(images)
-        lead = images.shape[:-3]
-        flat = images.reshape((-1,) + images.shape[-3:])
-        out = np.asarray(fn(flat), dtype=dtype)
-        if out.shape != (flat.shape[0], out_dim):
-            raise ValueError(
-                f"the numpy model returned shape {out.shape} for {flat.shape[0]} images; "
-                f"expected ({flat.shape[0]}, {out_dim})")
-        return out.reshape(lead + (out_dim,))
-
-    def embed(images):
-        result = jax.ShapeDtypeStruct(images.shape[:-3] + (out_dim,), dtype)
-        return jax.pure_callback(host, result, images, vmap_method="expand_dims")
-
-    return embed
+    return HostEmbedFn(fn, check_positive_int("out_dim", out_dim), dtype)
 
 
 # --------------------------------------------------------------------------

@@ -119,7 +119,7 @@ def occlusion_batch(embed_fn: EmbedFn, images_a, images_b, patch_size: int = 16,
     if not np.isfinite(fill_value):
         raise ValueError(f"fill_value={fill_value}; expected a finite number")
     chunk_size = check_positive_int("chunk_size", chunk_size)
-    devices = resolve_devices(devices)
+    devices = resolve_devices(devices, embed_fn)
     layout = chunk_layout(len(positions), chunk_size, len(devices))
     result = _occlusion_impl(
         images_a, images_b, embed_fn=embed_fn, patch_size=int(patch_size), stride=int(stride),

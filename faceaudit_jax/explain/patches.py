@@ -223,11 +223,14 @@ def _patches_to_pixels(confidences: Array, locations: Array, k: int,
     """Jittable core of `patches_to_pixels` (no value checks).
 
     Summed-area trick: a patch covering rows [y0, y1) and columns [x0, x1)
-    adds +c at (y0, x0) and (y1, x1) and -c at (y0, x1) and (y1, x0) of an
-    (H+1) x (W+1) difference array; its 2-D prefix sum is the per-pixel sum.
-    Coverage counts use the same trick in int32, so they are exact and the
-    "0 where no patch covers" rule does not depend on float round-off.
-    Patches partly outside the image contribute to the part inside.
+    adds +c at (y0, x0) and (y1, x1) and -c at (y0, x1) and (y1, x0) of a
+    difference array; its 2-D prefix sum is the per-pixel sum of covering
+    patches. Corners on row H or column W never reach a pixel, so they are
+    dropped. Sums and coverage counts share one scatter (counts are small
+    integers, exact in float32, so the "0 where no patch covers" rule does not
+    depend on round-off). Prefix sums use `lax.associative_scan` (log-depth),
+    which XLA runs several times faster than `cumsum` on CPU. Patches partly
+    outside the image contribute to the part inside.
     """
     confidences = confidences.astype(jnp.float32)
     x0 = jnp.clip(locations[:, 0], 0, width)
@@ -236,15 +239,14 @@ def _patches_to_pixels(confidences: Array, locations: Array, k: int,
     y1 = jnp.clip(locations[:, 1] + k, 0, height)
     rows = jnp.concatenate([y0, y0, y1, y1])
     cols = jnp.concatenate([x0, x1, x0, x1])
-    signs = jnp.array([1, -1, -1, 1], jnp.int32).repeat(confidences.shape[0])
-
-    def summed(weights):
-        diff = jnp.zeros((height + 1, width + 1), weights.dtype).at[rows, cols].add(weights)
-        return jnp.cumsum(jnp.cumsum(diff, axis=0), axis=1)[:height, :width]
-
-    sums = summed(jnp.tile(confidences, 4) * signs.astype(jnp.float32))
-    counts = summed(signs)
-    return jnp.where(counts > 0, sums / jnp.maximum(counts, 1).astype(jnp.float32), 0.0)
+    signs = jnp.repeat(jnp.array([1.0, -1.0, -1.0, 1.0], jnp.float32), confidences.shape[0])
+    weights = jnp.stack([jnp.tile(confidences, 4) * signs, signs], axis=-1)   # [4Q, 2]
+    diff = jnp.zeros((height, width, 2), jnp.float32).at[rows, cols].add(weights, mode="drop")
+    summed = jax.lax.associative_scan(jnp.add, diff, axis=0)
+    summed = jax.lax.associative_scan(jnp.add, summed, axis=1)
+    sums, counts = summed[..., 0], summed[..., 1]
+    covered = counts > 0.5
+    return jnp.where(covered, sums / jnp.where(covered, counts, 1.0), 0.0)
 
 
 def _check_pixel_inputs(confidences: Any, locations: Any, k: int, height: int, width: int) -> None:

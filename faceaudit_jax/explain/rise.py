@@ -116,7 +116,7 @@ def rise_batch(embed_fn: EmbedFn, images_a, images_b, key, num_masks: int = 1000
     num_masks = check_positive_int("num_masks", num_masks)
     keep_prob = _check_rise_args(grid_size, keep_prob, height, width)
     chunk_size = check_positive_int("chunk_size", chunk_size)
-    devices = resolve_devices(devices)
+    devices = resolve_devices(devices, embed_fn)
     layout = chunk_layout(num_masks, chunk_size, len(devices))
     result = _rise_impl(images_a, images_b, key, embed_fn=embed_fn, num_masks=num_masks,
                         grid_size=int(grid_size), keep_prob=keep_prob, layout=layout,

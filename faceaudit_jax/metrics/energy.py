@@ -119,7 +119,7 @@ def energy_by_prediction(energy, predicted_positive, valid=None,
       energy: float [N] or [N, A] per-sample energies (from
         `proportional_energy`).
       predicted_positive: bool [N] or [N, A], same shape: the sample was
-        predicted positive for that attribute (e.g. logits > 0).
+        predicted positive for that attribute (e.g. logits >= 0, as in cams.binary_target).
       valid: optional bool of the same shape; False entries are left out of
         both means (e.g. samples whose target is unknown, or non-frontal).
       names: optional attribute names (length A) for the warnings.
@@ -136,7 +136,7 @@ def energy_by_prediction(energy, predicted_positive, valid=None,
     if predicted_positive.dtype != np.bool_:
         raise ValueError(
             f"predicted_positive must be bool; got dtype {predicted_positive.dtype} "
-            "(use logits > 0)")
+            "(use logits >= 0)")
     if energy.ndim not in (1, 2) or energy.shape != predicted_positive.shape:
         raise ValueError(
             f"energy {energy.shape} and predicted_positive {predicted_positive.shape} "

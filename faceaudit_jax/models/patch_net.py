@@ -11,6 +11,11 @@ each grid position then says where the label's information lives
 layers with batch norm, dropout), trained on biased data with or without the
 mask / noise augmentations of `faceaudit_jax.mitigation.noise`.
 
+Backbones: "small" (`SmallPatchBackbone`, a fast conv stack for CPU) and
+"resnet18" (`PatchResNet18`: torchvision-layout ResNet-18 built from
+`faceaudit_jax.models.resnet.BasicBlock`, with its own 4-channel stem because
+the shared `ResNetBackbone` takes 3-channel images).
+
 Pure helpers (`grid_positions`, `crop_patches`, `sample_patches`) are
 jit-friendly and shared with the sliding-window attribution. The training
 recipe functions build optax optimizers with the papers' schedules and jitted
@@ -25,7 +30,6 @@ epochs, 90 epochs, batch 256, cross-entropy with label smoothing 0.1. See
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import flax.linen as nn
@@ -468,16 +472,3 @@ def make_predict_fn(model: nn.Module) -> Callable[[Mapping, Array], Array]:
 
     return predict
 
-
-def num_grid_positions(grid: int) -> int:
-    """p for a grid with `grid` positions per side."""
-    return int(grid) * int(grid)
-
-
-def grid_side(num_positions: int) -> int:
-    """sqrt(p), raising when p is not a perfect square."""
-    side = math.isqrt(int(num_positions))
-    if side * side != int(num_positions):
-        raise ValueError(
-            f"{num_positions} positions do not form a square grid; expected p = g * g")
-    return side

@@ -14,6 +14,12 @@ attention layer hides:
   ``jax.grad`` w.r.t. a zero perturbation is exactly dOutput/dA (the quantity
   Chefer et al. hook in PyTorch), with no change to the forward result.
 
+``relevance_tap`` [L, B, T, T] (zeros) is a fused shortcut for Chefer et
+al.'s rule: ``jax.grad`` w.r.t. it is E_h[(dOutput/dA ⊙ A)^+] per layer,
+computed inside the backward pass (a custom VJP at the same point as the
+perturbation), so the per-head gradients [L, B, heads, T, T] are never
+written out and read back.
+
 ``lrp_detach=True`` builds the "conservative propagation" graph of Ali et al.
 (2022, "XAI for Transformers: Better Explanations through Conservative
 Propagation"): the LayerNorm normaliser and the attention probabilities are
@@ -27,6 +33,7 @@ model-specific statistics.
 
 Configs (``build_vit``): ``vit_tiny_face`` (112 px, patch 8 -> a 14 x 14 grid
 like the paper's, width 96, 4 layers, 4 heads; trains on a CPU),
+``vit_tiny_face_p16`` (the same with 16 px patches: a 7 x 7 grid, ~5x cheaper),
 ``vit_face_paper`` (Face Transformer ViT-P12S8: 112 px, 12 px patches at
 stride 8 with 2 px padding -> 14 x 14 overlapping patches, width 512, 20
 layers, 8 heads, MLP 2048) and ``vit_smoke`` (32 px, for tests).
@@ -129,6 +136,9 @@ VIT_CONFIGS: dict[str, ViTConfig] = {
     # Same 14 x 14 patch grid as the paper's model, at a width that trains on 2 CPU cores.
     "vit_tiny_face": ViTConfig(image_size=112, patch_size=8, hidden_dim=96, num_layers=4,
                                num_heads=4, mlp_dim=192, embed_dim=128),
+    # About 5x cheaper per image (50 tokens), at the price of a coarse 7 x 7 map grid.
+    "vit_tiny_face_p16": ViTConfig(image_size=112, patch_size=16, hidden_dim=96, num_layers=4,
+                                   num_heads=4, mlp_dim=192, embed_dim=128),
     # Face Transformer ViT-P12S8 (Zhong and Deng 2021): overlapping 12 px patches at stride
     # 8; 2 px padding makes the grid exactly 14 x 14 on 112 px faces.
     "vit_face_paper": ViTConfig(image_size=112, patch_size=12, patch_stride=8, patch_padding=2,
@@ -163,20 +173,47 @@ class DetachableLayerNorm(nn.Module):
         return centred * inv_std * scale + bias
 
 
+@jax.custom_vjp
+def relevance_tap(probs: jax.Array, tap: jax.Array) -> jax.Array:
+    """Identity on probs [B, heads, T, T]; the cotangent of ``tap`` [B, T, T] is
+    E_h[(g ⊙ probs)^+], g = the cotangent of the output (Chefer et al.'s A_bar).
+
+    ``tap`` never changes the forward value; pass zeros and differentiate.
+    """
+    del tap
+    return probs
+
+
+def _relevance_tap_fwd(probs, tap):
+    del tap
+    return probs, probs
+
+
+def _relevance_tap_bwd(probs, grad):
+    weighted = jnp.mean(jnp.maximum(grad * probs, 0.0), axis=1)
+    return grad, weighted.astype(probs.dtype)
+
+
+relevance_tap.defvjp(_relevance_tap_fwd, _relevance_tap_bwd)
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention that returns its probabilities.
 
-    ``__call__(tokens [B, T, C], perturbation [B, heads, T, T] | None)`` ->
-    (output [B, T, C], probabilities [B, heads, T, T]). The perturbation is
-    added to the probabilities where they weight the values, so the gradient
-    w.r.t. a zero perturbation is the gradient w.r.t. the probabilities.
+    ``__call__(tokens [B, T, C], perturbation [B, heads, T, T] | None, tap
+    [B, T, T] | None)`` -> (output [B, T, C], probabilities [B, heads, T, T]).
+    The perturbation is added to the probabilities where they weight the
+    values, so the gradient w.r.t. a zero perturbation is the gradient w.r.t.
+    the probabilities; the gradient w.r.t. a zero ``tap`` is
+    E_h[(that gradient ⊙ probabilities)^+] (``relevance_tap``).
     """
 
     num_heads: int
     dropout_rate: float = 0.0
 
     @nn.compact
-    def __call__(self, tokens, perturbation=None, *, deterministic=True, detach=False):
+    def __call__(self, tokens, perturbation=None, tap=None, *, deterministic=True,
+                 detach=False):
         batch, num_tokens, width = tokens.shape
         head_dim = width // self.num_heads
         qkv = nn.Dense(3 * width, name="qkv")(tokens)
@@ -189,6 +226,8 @@ class SelfAttention(nn.Module):
         mixing = jax.lax.stop_gradient(probs) if detach else probs
         if perturbation is not None:
             mixing = mixing + perturbation
+        if tap is not None:
+            mixing = relevance_tap(mixing, tap)
         mixed = jnp.einsum("bhqk,bkhd->bqhd", mixing.astype(value.dtype), value)
         out = nn.Dense(width, name="out")(mixed.reshape(batch, num_tokens, width))
         out = nn.Dropout(self.dropout_rate)(out, deterministic=deterministic)
@@ -203,11 +242,12 @@ class EncoderBlock(nn.Module):
     dropout_rate: float = 0.0
 
     @nn.compact
-    def __call__(self, tokens, perturbation=None, *, deterministic=True, detach=False):
+    def __call__(self, tokens, perturbation=None, tap=None, *, deterministic=True,
+                 detach=False):
         width = tokens.shape[-1]
         normed = DetachableLayerNorm(name="ln_attn")(tokens, detach=detach)
         attended, probs = SelfAttention(self.num_heads, self.dropout_rate, name="attn")(
-            normed, perturbation, deterministic=deterministic, detach=detach)
+            normed, perturbation, tap, deterministic=deterministic, detach=detach)
         tokens = tokens + attended
         normed = DetachableLayerNorm(name="ln_mlp")(tokens, detach=detach)
         hidden = nn.gelu(nn.Dense(self.mlp_dim, name="mlp_in")(normed))
@@ -221,13 +261,15 @@ class ViTFaceEmbedder(nn.Module):
     """ViT face embedder.
 
     ``__call__(images [B, H, W, 3] in [0, 1], train=False, attn_perturbation=None,
-    lrp_detach=False)`` -> (embeddings [B, embed_dim], aux) with
+    lrp_detach=False, relevance_tap=None)`` -> (embeddings [B, embed_dim], aux) with
     ``aux["attn"]``: float32 [L, B, heads, T, T], every layer's attention
     probabilities (rows sum to 1), T = 1 + number of patches, token 0 = CLS,
     patch tokens in row-major grid order (``config.grid_shape``).
 
     ``attn_perturbation``: optional [L, B, heads, T, T] added to the
     probabilities (pass zeros and differentiate to get dOutput/dA).
+    ``relevance_tap``: optional [L, B, T, T]; the gradient w.r.t. zeros is
+    E_h[(dOutput/dA ⊙ A)^+] per layer (see ``relevance_tap``).
     ``lrp_detach``: stop gradients through the LayerNorm normalisers and the
     attention probabilities (conservative LRP graph; forward unchanged).
     Embeddings are not L2-normalised here.
@@ -237,7 +279,7 @@ class ViTFaceEmbedder(nn.Module):
 
     @nn.compact
     def __call__(self, images, train: bool = False, attn_perturbation=None,
-                 lrp_detach: bool = False):
+                 lrp_detach: bool = False, relevance_tap=None):
         cfg = self.config.validate()
         if images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"images must be [B, H, W, 3], got shape {tuple(images.shape)}")
@@ -250,6 +292,10 @@ class ViTFaceEmbedder(nn.Module):
         if attn_perturbation is not None and tuple(attn_perturbation.shape) != expected:
             raise ValueError(f"attn_perturbation must have shape [L, B, heads, T, T] = "
                              f"{expected}, got {tuple(attn_perturbation.shape)}")
+        expected_tap = (cfg.num_layers, batch, cfg.num_tokens, cfg.num_tokens)
+        if relevance_tap is not None and tuple(relevance_tap.shape) != expected_tap:
+            raise ValueError(f"relevance_tap must have shape [L, B, T, T] = {expected_tap}, "
+                             f"got {tuple(relevance_tap.shape)}")
         deterministic = not train
 
         x = (images.astype(jnp.float32) - 0.5) / 0.5
@@ -268,9 +314,10 @@ class ViTFaceEmbedder(nn.Module):
         layer_probs = []
         for layer in range(cfg.num_layers):
             perturbation = None if attn_perturbation is None else attn_perturbation[layer]
+            tap = None if relevance_tap is None else relevance_tap[layer]
             tokens, probs = EncoderBlock(cfg.num_heads, cfg.mlp_dim, cfg.dropout_rate,
                                          name=f"block_{layer}")(
-                tokens, perturbation, deterministic=deterministic, detach=lrp_detach)
+                tokens, perturbation, tap, deterministic=deterministic, detach=lrp_detach)
             layer_probs.append(probs)
         tokens = DetachableLayerNorm(name="ln_final")(tokens, detach=lrp_detach)
         pooled = tokens[:, 0] if cfg.pool == "cls" else jnp.mean(tokens[:, 1:], axis=1)
@@ -282,7 +329,8 @@ def build_vit(name: str, embed_dim: int | None = None, **overrides: Any) -> ViTF
     """A ``ViTFaceEmbedder`` from a named config.
 
     Args:
-      name: one of ``VIT_CONFIGS`` ("vit_tiny_face", "vit_face_paper", "vit_smoke").
+      name: one of ``VIT_CONFIGS`` ("vit_tiny_face", "vit_tiny_face_p16",
+        "vit_face_paper", "vit_smoke").
       embed_dim: embedding size; ``None`` keeps the config's.
       **overrides: any other ``ViTConfig`` field (e.g. ``pool="mean"``).
     """
@@ -302,17 +350,19 @@ def build_vit(name: str, embed_dim: int | None = None, **overrides: Any) -> ViTF
 class ViTApply:
     """Pure apply function of a ViT embedder for ``explain.attention``.
 
-    ``ViTApply(model)(params, images, attn_perturbation=None, lrp_detach=False)``
-    -> (embeddings [B, D], aux). Frozen and hashable by the model's config, so
+    ``ViTApply(model)(params, images, attn_perturbation=None, lrp_detach=False,
+    relevance_tap=None)`` -> (embeddings [B, D], aux). Frozen and hashable by the model's config, so
     passing it as a static argument to ``jax.jit`` hits the compile cache across
     calls (a fresh lambda each call would recompile).
     """
 
     model: ViTFaceEmbedder
 
-    def __call__(self, params, images, attn_perturbation=None, lrp_detach=False):
+    def __call__(self, params, images, attn_perturbation=None, lrp_detach=False,
+                 relevance_tap=None):
         return self.model.apply(params, images, train=False,
-                                attn_perturbation=attn_perturbation, lrp_detach=lrp_detach)
+                                attn_perturbation=attn_perturbation, lrp_detach=lrp_detach,
+                                relevance_tap=relevance_tap)
 
 
 # ----------------------------------------------------------------------------------------

@@ -1,0 +1,707 @@
+"""FaceX's bias experiments on synthetic faces: Tables 1, 3 and 4 and Figure 5.
+
+Every table is a set of classifiers trained on chosen subsets of the embedded
+synthetic faces, each audited with FaceX (:func:`facex.audit`) on a test set,
+and scored by the ranking position (RP) of the regions tied to the attributes
+the training data links to the target:
+
+* Table 1 (single-attribute bias): target x confounder pairs, training subsets
+  in which the confounder agrees with the target in a share ``corr`` (0.99),
+  drawn from the attribute-independent pool so that the injected link is the
+  only one; tested on a subset balanced over target x confounder. RP of the
+  confounder = best rank among its regions. The biased model's accuracy on
+  bias-aligned and bias-conflicting test images says whether the shortcut was
+  learned at all (an RP is only expected to be small when it was).
+* Table 3 (two confounders at once): RP1 / RP2 = the better / worse of the two
+  confounders' RPs ("the first and second confounder region found").
+* Table 4 (no injected bias): a model trained on a target-balanced random
+  subset of CelebA-like correlated faces vs one trained on
+  attribute-independent faces, both audited on the same correlated,
+  target-balanced test set; RP of the regions of the ``top_k`` attributes most
+  correlated with the target in the correlated training set.
+* Figure 5 (mitigation): the Table 1 model for Male x Blond_Hair vs the same
+  training set with group-balanced reweighting; both heatmaps and the IoR
+  change per region.
+
+Resumability: every model trains in ``<workdir>/models/<name>`` (Orbax
+checkpoints: a killed run resumes, a finished model reloads instantly) and its
+audit is written to ``<workdir>/audits/<name>.json``; a model whose audit JSON
+exists is neither reloaded nor re-explained. Both carry a fingerprint of the
+settings that made them (training indices, weights, training and explanation
+config), and a mismatch raises instead of silently mixing runs.
+
+Outputs under ``<workdir>``: table1.json / table1.md, table3.*, table4.*,
+figure5.png / figure5.json / figure5.md, tables.md (all tables), audits/
+(per-model JSON and prototype heatmaps), models/ (checkpoints, keep out of git).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+from tqdm import tqdm
+
+from faceaudit_jax import regions
+from faceaudit_jax.data import pipeline, sampling
+from faceaudit_jax.experiments import classifier
+from faceaudit_jax.experiments.registry import write_json
+from faceaudit_jax.summary import ior as ior_lib
+
+PARTS = ("table1", "table3", "table4", "figure5")
+
+# The paper's numbers (FaceX, CelebA), quoted next to ours in the Markdown.
+PAPER = {
+    "table1": "paper (CelebA, ResNet-18): mean RP 2.25, worst RP 6",
+    "table3": "paper (CelebA): mean RP1 1.25, mean RP2 6.67",
+}
+
+
+# ---------------------------------------------------------------------------
+# Pure helpers (numpy in, numpy out)
+# ---------------------------------------------------------------------------
+
+def _attribute_table(attrs) -> np.ndarray:
+    table = np.asarray(attrs)
+    if table.ndim != 2 or table.shape[1] != regions.NUM_ATTRIBUTES:
+        raise ValueError(f"attribute table has shape {table.shape}; expected "
+                         f"[N, {regions.NUM_ATTRIBUTES}] in CelebA order")
+    if table.shape[0] == 0:
+        raise ValueError("attribute table is empty; expected at least one row")
+    return table
+
+
+def group_balanced_weights(attrs, target: str, confounders: Sequence[str]) -> np.ndarray:
+    """Per-sample weights inversely proportional to the size of its (y, a...) cell.
+
+    With G non-empty cells and n_g images in cell g, image i of cell g gets
+    w_i = N / (G * n_g): every cell carries the same total weight N / G and
+    the weights average exactly 1, so the loss keeps its scale.
+
+    Args:
+      attrs: int8 [N, 40] attribute table of the training images.
+      target, confounders: attribute names defining the cells.
+    Returns:
+      float32 [N].
+    """
+    table = _attribute_table(attrs)
+    names = [target] + list(confounders)
+    values = table[:, regions.attribute_ids(names)]
+    unknown = np.flatnonzero(np.any(values < 0, axis=1))
+    if unknown.size:
+        raise ValueError(f"row {int(unknown[0])} has an unknown (-1) value among {names}; "
+                         "expected every training image to be labelled for the cells")
+    _, inverse, counts = np.unique(values, axis=0, return_inverse=True, return_counts=True)
+    inverse = np.asarray(inverse).reshape(-1)
+    weights = table.shape[0] / (counts.size * counts[inverse].astype(np.float64))
+    return weights.astype(np.float32)
+
+
+def attribute_correlations(attrs, target: str) -> np.ndarray:
+    """Pearson correlation (phi, for binary columns) of every attribute with ``target``.
+
+    Returns float64 [40]; NaN for the target itself, for columns holding any
+    unknown (-1) value (undrawn attributes) and for constant columns.
+    """
+    table = _attribute_table(attrs)
+    t = regions.attribute_id(target)
+    y = table[:, t].astype(np.float64)
+    if np.any(y < 0):
+        raise ValueError(f"target {target!r} has unknown (-1) values; expected a labelled target")
+    x = table.astype(np.float64)
+    xc, yc = x - x.mean(0), y - y.mean()
+    sx, sy = np.sqrt((xc ** 2).mean(0)), np.sqrt((yc ** 2).mean())
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = (xc * yc[:, None]).mean(0) / (sx * sy)
+    usable = np.all(table >= 0, axis=0) & (sx > 0) & (sy > 0)
+    usable[t] = False
+    return np.where(usable, r, np.nan)
+
+
+def top_correlated_attributes(attrs, target: str, k: int, *,
+                              require_regions: bool = True) -> list[tuple[str, float]]:
+    """The ``k`` attributes most correlated with ``target`` by |Pearson r|, highest first.
+
+    Excludes the target, undrawn (-1) and constant attributes and, with
+    ``require_regions``, attributes tied to no face region (Young, Male, ...),
+    whose RP is undefined. Returns [(name, r), ...] (fewer than k if fewer
+    qualify); ties are broken by attribute order.
+    """
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k={k!r}; expected a positive int")
+    r = attribute_correlations(attrs, target)
+    candidates = [j for j, name in enumerate(regions.ATTRIBUTES)
+                  if np.isfinite(r[j]) and (not require_regions or regions.regions_of(name))]
+    candidates.sort(key=lambda j: (-abs(r[j]), j))
+    return [(regions.ATTRIBUTES[j], float(r[j])) for j in candidates[:int(k)]]
+
+
+def ordered_rps(rps: Sequence[Optional[int]]) -> list[Optional[int]]:
+    """RPs sorted best first, unranked (None) last: [RP1, RP2, ...] of Table 3."""
+    found = sorted(rp for rp in rps if rp is not None)
+    return found + [None] * (len(rps) - len(found))
+
+
+def mean_rp(rps: Sequence[Optional[int]]) -> Optional[float]:
+    """Mean of the ranked RPs (None entries left out); None when none is ranked."""
+    found = [rp for rp in rps if rp is not None]
+    return float(np.mean(found)) if found else None
+
+
+def parse_confounder_set(spec: str) -> tuple[str, ...]:
+    """'Eyeglasses+Wearing_Hat' -> ('Eyeglasses', 'Wearing_Hat'), names validated."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"confounder set {spec!r}; expected names joined by '+', "
+                         "e.g. 'Eyeglasses+Wearing_Hat'")
+    names = tuple(n.strip() for n in spec.split("+"))
+    regions.attribute_ids(names)
+    if len(set(names)) != len(names):
+        raise ValueError(f"confounder set {spec!r} repeats an attribute")
+    return names
+
+
+def _fmt(value, fmt: str = ".3f", missing: str = "n/a") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return missing
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return str(int(value))
+    return format(float(value), fmt)
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub Markdown table; None / NaN cells print as 'n/a', floats with 3 decimals."""
+    if any(len(row) != len(headers) for row in rows):
+        raise ValueError(f"every row needs {len(headers)} cells ({', '.join(headers)})")
+    cells = [[c if isinstance(c, str) else _fmt(c) for c in row] for row in rows]
+    lines = ["| " + " | ".join(headers) + " |",
+             "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in cells]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------
+# One model: train (or resume / reload), test per group, audit, cache
+# ---------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """Everything that defines one trained-and-audited model of a table."""
+
+    name: str                       # directory and file name under models/ and audits/
+    target: str
+    confounders: tuple[str, ...]    # for the group report; () for none (Table 4)
+    train_independent: bool         # training distribution: attribute-independent or correlated
+    train_indices: np.ndarray       # int64 [N_train] image indices
+    train_attrs: np.ndarray         # int8 [N_train, 40]
+    test_independent: bool
+    test_indices: np.ndarray        # int64 [N_test]
+    test_attrs: np.ndarray          # int8 [N_test, 40]
+    sample_weights: Optional[np.ndarray] = None   # float32 [N_train] or None
+
+
+class TablesContext:
+    """Shared state of one ``run_tables`` call: config, paths, cached attribute pools."""
+
+    def __init__(self, config, workdir):
+        self.config = config
+        self.workdir = Path(workdir)
+        self.models_dir = self.workdir / "models"
+        self.audits_dir = self.workdir / "audits"
+        self.models_dir.mkdir(parents=True, exist_ok=True)
+        self.audits_dir.mkdir(parents=True, exist_ok=True)
+        self._pools: dict = {}
+        self.records: dict[str, dict] = {}
+
+    def source(self, independent: bool):
+        data = ml_collections.ConfigDict(self.config.data.to_dict())
+        data.independent = bool(independent)
+        return classifier.build_source(data)
+
+    def pool(self, independent: bool, split: str, size: int) -> tuple[np.ndarray, np.ndarray]:
+        """(indices, attrs) of a training or test pool; computed once per run.
+
+        Training pools start at index 0, test pools at ``data.test_offset``,
+        so training and test identities are disjoint.
+        """
+        key = (bool(independent), split, int(size))
+        if key not in self._pools:
+            offset = 0 if split == "train" else int(self.config.data.test_offset)
+            if split == "train" and int(size) > int(self.config.data.test_offset):
+                raise ValueError(f"training pool size {size} overlaps the test range starting at "
+                                 f"data.test_offset={self.config.data.test_offset}")
+            start = time.perf_counter()
+            self._pools[key] = classifier.pool(self.source(independent), offset, int(size))
+            tqdm.write(f"[pool] {split} {'independent' if independent else 'correlated'}: "
+                       f"{int(size):,} images' attributes in {time.perf_counter() - start:.1f} s")
+        return self._pools[key]
+
+
+def case_config(config, target: str, confounders: Sequence[str], corr: float):
+    """``config`` with the ``bias`` block that ``classifier.train_classifier`` reads."""
+    case = config.copy_and_resolve_references()
+    with case.unlocked():
+        case.bias = ml_collections.ConfigDict(
+            {"target": target, "confounders": tuple(confounders), "corr": float(corr)})
+    return case
+
+
+def _digest(*arrays) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+        if a is None:
+            h.update(b"none")
+        else:
+            a = np.ascontiguousarray(a)
+            h.update(str((a.dtype.str, a.shape)).encode())
+            h.update(a.tobytes())
+    return h.hexdigest()[:16]
+
+
+def fingerprint(config, spec: ModelSpec) -> str:
+    """Hash of the settings that determine a model and its audit."""
+    settings = {
+        "target": spec.target, "train_independent": spec.train_independent,
+        "test_independent": spec.test_independent, "seed": int(config.seed),
+        "model": config.model.to_dict(), "train": config.train.to_dict(),
+        # Pool sizes only bound what can be drawn; ``independent`` is per model (spec).
+        "data": {k: v for k, v in config.data.to_dict().items()
+                 if k not in ("pool_size", "test_pool_size", "independent")},
+        "explain": config.explain.to_dict(),
+        "arrays": _digest(spec.train_indices, spec.sample_weights, spec.test_indices),
+    }
+    # Fields that do not change the trained weights or the audit.
+    for k in ("ckpt_every", "log_every"):
+        settings["train"].pop(k, None)
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _check_fingerprint(path: Path, expected: str, what: str) -> None:
+    if path.exists():
+        found = path.read_text().strip()
+        if found != expected:
+            raise ValueError(
+                f"{what} at {path.parent} was made with other settings (fingerprint {found}, "
+                f"expected {expected}); use a fresh --workdir or delete that directory")
+
+
+def _load_record(path: Path) -> dict:
+    record = json.loads(path.read_text())
+    record["ior_vector"] = np.asarray(
+        [np.nan if v is None else v for v in record["ior_vector"]], np.float64)
+    return record
+
+
+def _target_accuracy(logits: np.ndarray, attrs: np.ndarray, target: str) -> dict:
+    y = attrs[:, regions.attribute_id(target)]
+    known = y >= 0
+    correct = (logits[known] > 0).astype(np.int32) == y[known]
+    return {"accuracy": float(correct.mean()) if correct.size else math.nan,
+            "num_images": int(known.sum())}
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _single_logit(model, variables, images):
+    return model.apply(variables, images, train=False)[0][:, 0]
+
+
+def predict_logits(clf: classifier.TrainedClassifier, source, indices: np.ndarray,
+                   batch_size: int) -> np.ndarray:
+    """Logits [N] of a single-logit classifier on ``indices``, in order.
+
+    Unlike ``classifier.predict_logits`` the jitted forward pass is shared by
+    every model of the same architecture (the module is a static argument and
+    the weights a traced one), so the tables' 20 models compile it once.
+    """
+    out = []
+    for batch, valid in pipeline.iterate_batches(source, indices, batch_size):
+        out.append(np.asarray(_single_logit(clf.model, clf.variables, batch["image"]))[valid])
+    return np.concatenate(out)
+
+
+def evaluate_model(ctx: TablesContext, spec: ModelSpec, corr: float = 0.0) -> dict:
+    """Train (resume / reload), test per group and FaceX-audit one model; cached on disk.
+
+    Returns the per-model record (also ``<workdir>/audits/<name>.json``):
+    ``ior`` per region, ``ranking``, ``confounder_rp``, ``group_accuracy`` and
+    timings, plus ``ior_vector`` [19] (float64, NaN where absent).
+    """
+    from faceaudit_jax.experiments import facex
+    from faceaudit_jax.viz import prototype
+
+    if spec.name in ctx.records:
+        return ctx.records[spec.name]
+    config = ctx.config
+    expected = fingerprint(config, spec)
+    json_path = ctx.audits_dir / f"{spec.name}.json"
+    if json_path.exists():
+        record = _load_record(json_path)
+        if record.get("fingerprint") != expected:
+            raise ValueError(
+                f"{json_path} was made with other settings (fingerprint "
+                f"{record.get('fingerprint')}, expected {expected}); use a fresh --workdir "
+                f"or delete it and models/{spec.name}")
+        ctx.records[spec.name] = record
+        return record
+
+    model_dir = ctx.models_dir / spec.name
+    model_dir.mkdir(parents=True, exist_ok=True)
+    stamp = model_dir / "fingerprint.txt"
+    _check_fingerprint(stamp, expected, f"model {spec.name!r}")
+    stamp.write_text(expected + "\n")
+
+    case = case_config(config, spec.target, spec.confounders, corr)
+    train_source = ctx.source(spec.train_independent)
+    test_source = ctx.source(spec.test_independent)
+    start = time.perf_counter()
+    clf = classifier.train_classifier(case, str(ctx.models_dir), spec.train_indices,
+                                      train_source, spec.name, sample_weights=spec.sample_weights)
+    train_seconds = time.perf_counter() - start
+    batch_size = int(config.test.batch_size)
+    logits = predict_logits(clf, test_source, spec.test_indices, batch_size)
+    if spec.confounders:
+        groups = classifier.group_report(logits, spec.test_attrs, spec.target,
+                                         list(spec.confounders))
+    else:
+        groups = _target_accuracy(logits, spec.test_attrs, spec.target)
+    xsource = facex.explain_source(config, test_source)
+    result = facex.audit(clf, xsource, spec.test_indices, spec.target, config.explain,
+                         batch_size, desc=f"explain {spec.name}")
+    ranking = result.ranking()
+    confounder_rp = dict(zip(spec.confounders,
+                             facex.confounder_rp(result.ior, list(spec.confounders))))
+    heatmap = ctx.audits_dir / f"{spec.name}.png"
+    prototype.plot_prototype_heatmap(
+        result.ior, path=str(heatmap), dpi=int(config.tables.heatmap_dpi),
+        title=f"{spec.name}: FaceX IoR of the {spec.target} classifier")
+    record = {
+        "name": spec.name, "target": spec.target, "confounders": list(spec.confounders),
+        "train_distribution": "independent" if spec.train_independent else "correlated",
+        "test_distribution": "independent" if spec.test_independent else "correlated",
+        "train_size": int(spec.train_indices.size), "test_size": int(spec.test_indices.size),
+        "reweighted": spec.sample_weights is not None,
+        "ior": dict(zip(regions.REGIONS, result.ior.tolist())),
+        "counts": dict(zip(regions.REGIONS, np.asarray(result.counts).tolist())),
+        "ior_vector": result.ior.astype(np.float64),
+        "ranking": [{"rank": r, "region": n, "ior": v} for r, n, v in ranking],
+        "confounder_rp": confounder_rp,
+        "group_accuracy": groups,
+        "accuracy_at_explained_resolution": result.accuracy,
+        "train_seconds": train_seconds, "explain_seconds": result.seconds,
+        "heatmap": heatmap.name, "fingerprint": expected,
+    }
+    write_json(json_path, record)
+    ctx.records[spec.name] = record
+    return record
+
+
+# ---------------------------------------------------------------------------
+# Model specs
+# ---------------------------------------------------------------------------
+
+def _train_size(config) -> int:
+    return int(config.train.size)
+
+
+def biased_spec(ctx: TablesContext, target: str, confounders: Sequence[str],
+                corr: float) -> ModelSpec:
+    """A model trained on a ``corr``-biased subset of the independent pool (Tables 1, 3)."""
+    config = ctx.config
+    confounders = tuple(confounders)
+    for c in confounders:
+        if not regions.regions_of(c):
+            raise ValueError(f"confounder {c!r} is tied to no face region, so its RP is "
+                             "undefined; expected an attribute with regions (regions.py)")
+    train_idx, train_attrs = ctx.pool(True, "train", int(config.data.pool_size))
+    test_idx, test_attrs = ctx.pool(True, "test", int(config.data.test_pool_size))
+    seed = int(config.seed)
+    tr = sampling.biased_subset(train_attrs, target, confounders, float(corr),
+                                _train_size(config), seed)
+    te = sampling.balanced_subset(test_attrs, target, confounders, int(config.test.size), seed + 2)
+    return ModelSpec(
+        name=f"biased_{target}_{'+'.join(confounders)}", target=target,
+        confounders=confounders, train_independent=True, train_indices=train_idx[tr],
+        train_attrs=train_attrs[tr], test_independent=True, test_indices=test_idx[te],
+        test_attrs=test_attrs[te])
+
+
+def reweighted_spec(vanilla: ModelSpec) -> ModelSpec:
+    """The same training set as ``vanilla`` with group-balanced sample weights."""
+    weights = group_balanced_weights(vanilla.train_attrs, vanilla.target, vanilla.confounders)
+    return dataclasses.replace(
+        vanilla, name=f"reweighted_{vanilla.target}_{'+'.join(vanilla.confounders)}",
+        sample_weights=weights)
+
+
+def _row(record: dict, key: str) -> Optional[float]:
+    value = record["group_accuracy"].get(key)
+    return None if value is None else float(value)
+
+
+def _top_regions(record: dict, n: int = 3) -> str:
+    return ", ".join(r["region"] for r in record["ranking"][:n])
+
+
+# ---------------------------------------------------------------------------
+# The tables
+# ---------------------------------------------------------------------------
+
+def table1(ctx: TablesContext) -> dict:
+    """Single-attribute bias: RP of the injected confounder's region per (target, confounder)."""
+    cfg = ctx.config.table1
+    cases = [(t, c) for t in cfg.targets for c in cfg.confounders]
+    if not cases:
+        raise ValueError("table1 has no cases; expected table1.targets and table1.confounders")
+    rows = []
+    for target, conf in tqdm(cases, desc="table1", leave=False):
+        record = evaluate_model(ctx, biased_spec(ctx, target, (conf,), float(cfg.corr)),
+                                float(cfg.corr))
+        row = {
+            "target": target, "confounder": conf, "regions": list(regions.regions_of(conf)),
+            "rp": record["confounder_rp"][conf], "top_regions": _top_regions(record),
+            "accuracy": _row(record, "accuracy"),
+            "aligned_accuracy": _row(record, "aligned_accuracy"),
+            "conflicting_accuracy": _row(record, "conflicting_accuracy"),
+            "gap": _row(record, "gap"), "model": record["name"],
+        }
+        row["shortcut_learned"] = bool(row["gap"] is not None
+                                       and row["gap"] >= float(cfg.learned_gap))
+        rows.append(row)
+        tqdm.write(f"[table1] {target} x {conf}: RP {_fmt(row['rp'])} | aligned "
+                   f"{_fmt(row['aligned_accuracy'])} conflicting {_fmt(row['conflicting_accuracy'])}")
+    rps = [r["rp"] for r in rows]
+    learned = [r["rp"] for r in rows if r["shortcut_learned"]]
+    found = [rp for rp in rps if rp is not None]
+    summary = {
+        "mean_rp": mean_rp(rps), "worst_rp": max(found) if found else None,
+        "num_cases": len(rows), "num_unranked": len(rps) - len(found),
+        "mean_rp_where_shortcut_learned": mean_rp(learned),
+        "num_shortcut_learned": len(learned),
+        "mean_rp_by_target": {t: mean_rp([r["rp"] for r in rows if r["target"] == t])
+                              for t in cfg.targets},
+        "corr": float(cfg.corr), "learned_gap_threshold": float(cfg.learned_gap),
+    }
+    return {"rows": rows, "summary": summary}
+
+
+def table1_markdown(result: dict) -> str:
+    s = result["summary"]
+    body = markdown_table(
+        ["Target", "Confounder", "RP", "Top-3 regions", "Acc.", "Aligned acc.",
+         "Conflicting acc.", "Shortcut learned"],
+        [[r["target"], r["confounder"], r["rp"], r["top_regions"], r["accuracy"],
+          r["aligned_accuracy"], r["conflicting_accuracy"], "yes" if r["shortcut_learned"] else "no"]
+         for r in result["rows"]])
+    return (f"## Table 1: single-attribute bias (co-occurrence {s['corr']})\n\n{body}\n"
+            f"Mean RP {_fmt(s['mean_rp'], '.2f')}, worst RP {_fmt(s['worst_rp'])} "
+            f"({s['num_unranked']} of {s['num_cases']} unranked); mean RP where the shortcut was "
+            f"learned (aligned - conflicting accuracy >= {s['learned_gap_threshold']}): "
+            f"{_fmt(s['mean_rp_where_shortcut_learned'], '.2f')} over "
+            f"{s['num_shortcut_learned']} models. {PAPER['table1']}.\n")
+
+
+def table3(ctx: TablesContext) -> dict:
+    """Two confounders at once: RP1 and RP2 (better and worse confounder RP)."""
+    cfg = ctx.config.table3
+    sets = [parse_confounder_set(s) for s in cfg.confounder_sets]
+    if not sets:
+        raise ValueError("table3 has no confounder sets; expected e.g. 'Eyeglasses+Wearing_Hat'")
+    for names in sets:
+        if len(names) != 2:
+            raise ValueError(f"table3 confounder set {'+'.join(names)!r} has {len(names)} "
+                             "attributes; expected exactly 2")
+    rows = []
+    for confs in tqdm(sets, desc="table3", leave=False):
+        record = evaluate_model(ctx, biased_spec(ctx, cfg.target, confs, float(cfg.corr)),
+                                float(cfg.corr))
+        per = [record["confounder_rp"][c] for c in confs]
+        rp1, rp2 = ordered_rps(per)
+        rows.append({
+            "target": cfg.target, "confounders": list(confs),
+            "rp_per_confounder": dict(zip(confs, per)), "rp1": rp1, "rp2": rp2,
+            "top_regions": _top_regions(record, 4),
+            "accuracy": _row(record, "accuracy"),
+            "aligned_accuracy": _row(record, "aligned_accuracy"),
+            "conflicting_accuracy": _row(record, "conflicting_accuracy"),
+            "model": record["name"],
+        })
+        tqdm.write(f"[table3] {cfg.target} x {' + '.join(confs)}: RP1 {_fmt(rp1)} RP2 {_fmt(rp2)}")
+    summary = {"mean_rp1": mean_rp([r["rp1"] for r in rows]),
+               "mean_rp2": mean_rp([r["rp2"] for r in rows]),
+               "num_cases": len(rows), "corr": float(cfg.corr)}
+    return {"rows": rows, "summary": summary}
+
+
+def table3_markdown(result: dict) -> str:
+    s = result["summary"]
+    body = markdown_table(
+        ["Target", "Confounders", "RP per confounder", "RP1", "RP2", "Top-4 regions",
+         "Aligned acc.", "Conflicting acc."],
+        [[r["target"], " + ".join(r["confounders"]),
+          ", ".join(f"{c}: {_fmt(v)}" for c, v in r["rp_per_confounder"].items()),
+          r["rp1"], r["rp2"], r["top_regions"], r["aligned_accuracy"], r["conflicting_accuracy"]]
+         for r in result["rows"]])
+    return (f"## Table 3: two confounders at once (co-occurrence {s['corr']})\n\n{body}\n"
+            f"Mean RP1 {_fmt(s['mean_rp1'], '.2f')}, mean RP2 {_fmt(s['mean_rp2'], '.2f')}. "
+            f"{PAPER['table3']}. Aligned: both confounders agree with the target.\n")
+
+
+def table4(ctx: TablesContext) -> dict:
+    """No injected bias: correlated-data vs independent-data model, RP of the top-k correlated attributes."""
+    config, cfg = ctx.config, ctx.config.table4
+    target, seed, size = cfg.target, int(ctx.config.seed), _train_size(ctx.config)
+    corr_idx, corr_attrs = ctx.pool(False, "train", int(cfg.pool_size))
+    ind_idx, ind_attrs = ctx.pool(True, "train", int(config.data.pool_size))
+    test_idx, test_attrs = ctx.pool(False, "test", int(cfg.pool_size))
+    tr_c = sampling.balanced_subset(corr_attrs, target, [], size, seed)
+    tr_i = sampling.balanced_subset(ind_attrs, target, [], size, seed)
+    te = sampling.balanced_subset(test_attrs, target, [], int(config.test.size), seed + 2)
+    common = dict(target=target, confounders=(), test_independent=False,
+                  test_indices=test_idx[te], test_attrs=test_attrs[te])
+    specs = {
+        "correlated": ModelSpec(name=f"natural_correlated_{target}", train_independent=False,
+                                train_indices=corr_idx[tr_c], train_attrs=corr_attrs[tr_c], **common),
+        "independent": ModelSpec(name=f"natural_independent_{target}", train_independent=True,
+                                 train_indices=ind_idx[tr_i], train_attrs=ind_attrs[tr_i], **common),
+    }
+    top = top_correlated_attributes(corr_attrs[tr_c], target, int(cfg.top_k))
+    r_independent = attribute_correlations(ind_attrs[tr_i], target)
+    records = {k: evaluate_model(ctx, s) for k, s in
+               tqdm(specs.items(), desc="table4", leave=False)}
+    rows = []
+    for name, r in top:
+        attr_regions = regions.regions_of(name)
+        rps = {k: ior_lib.ranking_position(rec["ior_vector"], attr_regions)
+               for k, rec in records.items()}
+        rows.append({"attribute": name, "regions": list(attr_regions),
+                     "r_correlated_train": r,
+                     "r_independent_train": float(r_independent[regions.attribute_id(name)]),
+                     "rp_correlated_model": rps["correlated"],
+                     "rp_independent_model": rps["independent"]})
+        tqdm.write(f"[table4] {name} (r={r:+.2f}): RP {_fmt(rps['correlated'])} (correlated) vs "
+                   f"{_fmt(rps['independent'])} (independent)")
+    summary = {
+        "target": target,
+        "mean_rp_correlated_model": mean_rp([r["rp_correlated_model"] for r in rows]),
+        "mean_rp_independent_model": mean_rp([r["rp_independent_model"] for r in rows]),
+        "accuracy": {k: rec["group_accuracy"]["accuracy"] for k, rec in records.items()},
+        "top_regions": {k: [r["region"] for r in rec["ranking"][:5]] for k, rec in records.items()},
+        "models": {k: rec["name"] for k, rec in records.items()},
+        "excluded": "the target, undrawn (-1) attributes and attributes tied to no region",
+    }
+    return {"rows": rows, "summary": summary}
+
+
+def table4_markdown(result: dict) -> str:
+    s = result["summary"]
+    body = markdown_table(
+        ["Attribute", "Regions", "r (correlated train)", "r (independent train)",
+         "RP, correlated-data model", "RP, independent-data model"],
+        [[r["attribute"], ", ".join(r["regions"]), r["r_correlated_train"],
+          r["r_independent_train"], r["rp_correlated_model"], r["rp_independent_model"]]
+         for r in result["rows"]])
+    return (f"## Table 4: no injected bias ({s['target']} classifiers)\n\n{body}\n"
+            f"Mean RP: {_fmt(s['mean_rp_correlated_model'], '.2f')} (trained on CelebA-like "
+            f"correlated faces, accuracy {_fmt(s['accuracy']['correlated'])}) vs "
+            f"{_fmt(s['mean_rp_independent_model'], '.2f')} (attribute-independent faces, accuracy "
+            f"{_fmt(s['accuracy']['independent'])}); both audited on the same correlated, "
+            f"target-balanced test set. Top regions: correlated model "
+            f"{', '.join(s['top_regions']['correlated'])}; independent model "
+            f"{', '.join(s['top_regions']['independent'])}.\n")
+
+
+def figure5(ctx: TablesContext) -> dict:
+    """Before / after group-balanced reweighting on one biased training set."""
+    from faceaudit_jax.viz import figures
+
+    cfg = ctx.config.figure5
+    vanilla_spec = biased_spec(ctx, cfg.target, (cfg.confounder,), float(cfg.corr))
+    specs = {"vanilla": vanilla_spec, "reweighted": reweighted_spec(vanilla_spec)}
+    records = {k: evaluate_model(ctx, s, float(cfg.corr))
+               for k, s in tqdm(specs.items(), desc="figure5", leave=False)}
+    ior_v, ior_m = records["vanilla"]["ior_vector"], records["reweighted"]["ior_vector"]
+    path = ctx.workdir / "figure5.png"
+    figures.plot_ior_comparison(
+        ior_v, ior_m, labels=("vanilla", "reweighted"), path=str(path),
+        title=f"{cfg.target} classifier, {cfg.confounder} at {cfg.corr}: vanilla vs "
+              "group-balanced reweighting")
+    change = ior_m - ior_v
+    keys = ("accuracy", "aligned_accuracy", "conflicting_accuracy", "gap")
+    result = {
+        "target": cfg.target, "confounder": cfg.confounder, "corr": float(cfg.corr),
+        "confounder_regions": list(regions.regions_of(cfg.confounder)),
+        "rp": {k: rec["confounder_rp"][cfg.confounder] for k, rec in records.items()},
+        "group_accuracy": {k: {g: rec["group_accuracy"].get(g) for g in keys}
+                           for k, rec in records.items()},
+        "ior": {k: dict(zip(regions.REGIONS, rec["ior_vector"].tolist()))
+                for k, rec in records.items()},
+        "ior_change": dict(zip(regions.REGIONS, change.tolist())),
+        "top_regions": {k: [r["region"] for r in rec["ranking"][:5]] for k, rec in records.items()},
+        "models": {k: rec["name"] for k, rec in records.items()},
+        "figure": path.name,
+    }
+    tqdm.write(f"[figure5] RP of {cfg.confounder}: {_fmt(result['rp']['vanilla'])} (vanilla) -> "
+               f"{_fmt(result['rp']['reweighted'])} (reweighted)")
+    return result
+
+
+def figure5_markdown(result: dict) -> str:
+    acc = result["group_accuracy"]
+    summary = markdown_table(
+        ["Model", f"RP of {result['confounder']}", "Acc.", "Aligned acc.", "Conflicting acc.",
+         "Top-5 regions"],
+        [[k, result["rp"][k], acc[k]["accuracy"], acc[k]["aligned_accuracy"],
+          acc[k]["conflicting_accuracy"], ", ".join(result["top_regions"][k])]
+         for k in ("vanilla", "reweighted")])
+    per_region = markdown_table(
+        ["Region", "IoR vanilla", "IoR reweighted", "Change"],
+        [[n, result["ior"]["vanilla"][n], result["ior"]["reweighted"][n], result["ior_change"][n]]
+         for n in regions.REGIONS])
+    return (f"## Figure 5: {result['target']} x {result['confounder']} at {result['corr']}, "
+            f"before and after group-balanced reweighting\n\n![figure 5]({result['figure']})\n\n"
+            f"{summary}\n{per_region}")
+
+
+_PARTS = {
+    "table1": (table1, table1_markdown),
+    "table3": (table3, table3_markdown),
+    "table4": (table4, table4_markdown),
+    "figure5": (figure5, figure5_markdown),
+}
+
+
+def run_tables(config, workdir: str) -> dict:
+    """Run the configured parts (``config.tables.parts``), write JSON + Markdown, print tables."""
+    parts = tuple(config.tables.parts)
+    unknown = [p for p in parts if p not in _PARTS]
+    if unknown or not parts:
+        raise ValueError(f"tables.parts={parts!r}; expected a non-empty subset of {PARTS}")
+    ctx = TablesContext(config, workdir)
+    results, texts = {}, {}
+    for part in parts:
+        compute, render = _PARTS[part]
+        start = time.perf_counter()
+        result = compute(ctx)
+        result["seconds"] = time.perf_counter() - start
+        write_json(ctx.workdir / f"{part}.json", result)
+        texts[part] = render(result)
+        (ctx.workdir / f"{part}.md").write_text(texts[part])
+        results[part] = result
+    header = ("# FaceX reproduction on synthetic faces\n\n"
+              f"Model {config.model.name} at {config.data.resolution} px, "
+              f"{config.train.size} training images x {config.train.num_epochs} epochs "
+              f"(batch {config.train.batch_size}), {config.test.size} test images, "
+              f"{config.explain.method} with the {config.explain.target_mode}-class target, "
+              f"{config.explain.ior_mode} IoR.\n\n")
+    (ctx.workdir / "tables.md").write_text(header + "\n".join(texts[p] for p in parts))
+    for part in parts:
+        print("\n" + texts[part], flush=True)
+    return results

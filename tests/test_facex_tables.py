@@ -1,0 +1,322 @@
+"""FaceX tables: the pure helpers against numpy references, the table logic on known
+IoR vectors, and the smoke variant end to end (train, audit, JSON, resume)."""
+
+import importlib.util
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from faceaudit_jax import regions
+from faceaudit_jax.experiments import classifier, facex, facex_tables as ft
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_config(variant="smoke"):
+    spec = importlib.util.spec_from_file_location("facex_tables_config",
+                                                  ROOT / "configs" / "facex_tables.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(variant)
+
+
+def tiny_config():
+    """The smoke variant shrunk to one model per part (5 models in all)."""
+    c = load_config("smoke")
+    c.data.pool_size = c.data.test_pool_size = c.table4.pool_size = 30_000
+    c.train.size, c.train.batch_size = 32, 16
+    c.test.size, c.test.batch_size = 32, 16
+    c.train.ckpt_every = 2
+    c.table1.targets = ("Male",)
+    c.table1.confounders = ("Blond_Hair",)
+    c.table3.confounder_sets = ("Smiling+Wearing_Earrings",)
+    c.table4.top_k = 3
+    return c
+
+
+def col(name):
+    return regions.attribute_id(name)
+
+
+# ---------------------------------------------------------------------------
+# Pure helpers
+# ---------------------------------------------------------------------------
+
+def test_group_balanced_weights_match_loop_reference():
+    rng = np.random.default_rng(0)
+    table = (rng.random((500, regions.NUM_ATTRIBUTES)) < 0.3).astype(np.int8)
+    confs = ["Blond_Hair", "Wearing_Hat"]
+    w = ft.group_balanced_weights(table, "Male", confs)
+    keys = [tuple(row) for row in table[:, [col("Male")] + [col(c) for c in confs]]]
+    counts = {k: keys.count(k) for k in set(keys)}
+    expected = np.array([len(keys) / (len(counts) * counts[k]) for k in keys])
+    np.testing.assert_allclose(w, expected, rtol=1e-6)
+    assert w.dtype == np.float32 and w.mean() == pytest.approx(1.0, abs=1e-6)
+    for k in counts:  # every cell carries the same total weight
+        assert w[[i for i, kk in enumerate(keys) if kk == k]].sum() == pytest.approx(
+            len(keys) / len(counts), rel=1e-5)
+
+
+def test_group_balanced_weights_of_a_099_subset():
+    table = np.zeros((200, regions.NUM_ATTRIBUTES), np.int8)
+    table[:100, col("Male")] = 1
+    table[:99, col("Blond_Hair")] = 1      # 99 aligned men, 1 conflicting
+    table[100, col("Blond_Hair")] = 1      # 1 conflicting woman, 99 aligned
+    w = ft.group_balanced_weights(table, "Male", ["Blond_Hair"])
+    assert w[0] == pytest.approx(200 / (4 * 99)) and w[99] == pytest.approx(50.0)
+    assert w[100] == pytest.approx(50.0) and w[150] == pytest.approx(200 / (4 * 99))
+
+
+def test_group_balanced_weights_reject_unknown_values():
+    table = np.zeros((4, regions.NUM_ATTRIBUTES), np.int8)
+    table[2, col("Wearing_Hat")] = -1
+    with pytest.raises(ValueError, match="row 2"):
+        ft.group_balanced_weights(table, "Male", ["Wearing_Hat"])
+    with pytest.raises(ValueError, match="shape"):
+        ft.group_balanced_weights(table[:, :10], "Male", ["Wearing_Hat"])
+
+
+def test_attribute_correlations_match_corrcoef_and_exclusions():
+    rng = np.random.default_rng(1)
+    table = (rng.random((400, regions.NUM_ATTRIBUTES)) < 0.4).astype(np.int8)
+    table[:, col("Attractive")] = -1                 # undrawn
+    table[:, col("Bald")] = 0                        # constant
+    r = ft.attribute_correlations(table, "Male")
+    y = table[:, col("Male")].astype(float)
+    for j, name in enumerate(regions.ATTRIBUTES):
+        if name in ("Male", "Attractive", "Bald"):
+            assert np.isnan(r[j]), name
+        else:
+            assert r[j] == pytest.approx(np.corrcoef(table[:, j].astype(float), y)[0, 1], abs=1e-12)
+
+
+def test_top_correlated_attributes_order_and_region_filter():
+    rng = np.random.default_rng(2)
+    n = 2000
+    y = (rng.random(n) < 0.5).astype(np.int8)
+    table = (rng.random((n, regions.NUM_ATTRIBUTES)) < 0.5).astype(np.int8)
+    table[:, col("Male")] = y
+
+    def noisy(flip):
+        return np.where(rng.random(n) < flip, 1 - y, y).astype(np.int8)
+
+    table[:, col("Young")] = noisy(0.0)               # perfect, but tied to no region
+    table[:, col("Wearing_Lipstick")] = 1 - noisy(0.05)   # strong negative
+    table[:, col("Goatee")] = noisy(0.15)
+    table[:, col("Eyeglasses")] = noisy(0.3)
+    top = ft.top_correlated_attributes(table, "Male", 3)
+    assert [name for name, _ in top] == ["Wearing_Lipstick", "Goatee", "Eyeglasses"]
+    assert top[0][1] < -0.8 and 0.6 < top[1][1] < 0.8
+    with_young = ft.top_correlated_attributes(table, "Male", 1, require_regions=False)
+    assert with_young[0][0] == "Young" and with_young[0][1] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="k=0"):
+        ft.top_correlated_attributes(table, "Male", 0)
+
+
+def test_rp_helpers_and_parsing():
+    assert ft.ordered_rps([7, 2]) == [2, 7]
+    assert ft.ordered_rps([None, 4]) == [4, None]
+    assert ft.ordered_rps([None, None]) == [None, None]
+    assert ft.mean_rp([1, None, 4]) == pytest.approx(2.5)
+    assert ft.mean_rp([None]) is None
+    assert ft.parse_confounder_set(" Eyeglasses + Wearing_Hat") == ("Eyeglasses", "Wearing_Hat")
+    with pytest.raises(ValueError, match="Eyeglases"):
+        ft.parse_confounder_set("Eyeglases+Wearing_Hat")
+    with pytest.raises(ValueError, match="repeats"):
+        ft.parse_confounder_set("Smiling+Smiling")
+
+
+def test_markdown_table():
+    text = ft.markdown_table(["a", "b", "c"], [["x", 3, None], ["y", 0.12345, float("nan")]])
+    assert text.splitlines() == ["| a | b | c |", "|---|---|---|", "| x | 3 | n/a |",
+                                 "| y | 0.123 | n/a |"]
+    with pytest.raises(ValueError, match="3 cells"):
+        ft.markdown_table(["a", "b", "c"], [["x"]])
+
+
+def test_case_config_sets_bias_without_touching_the_original():
+    c = load_config("smoke")
+    case = ft.case_config(c, "Young", ("Wearing_Hat",), 0.9)
+    assert case.bias.target == "Young" and tuple(case.bias.confounders) == ("Wearing_Hat",)
+    assert "bias" not in c
+
+
+def test_config_variants():
+    assert load_config("").train.size == 4000
+    assert load_config("paper").model.name == "resnet18"
+    with pytest.raises(ValueError, match="unknown config variant"):
+        load_config("huge")
+
+
+# ---------------------------------------------------------------------------
+# Table logic on known IoR vectors (no training)
+# ---------------------------------------------------------------------------
+
+def ior_with_order(order):
+    """An IoR vector [19] ranking the named regions first, in this order."""
+    ior = np.full(regions.NUM_REGIONS, 0.1)
+    for rank, name in enumerate(order):
+        ior[regions.REGION_ID[name]] = 0.9 - 0.05 * rank
+    return ior
+
+
+def test_tables_logic_on_known_ior(tmp_path, monkeypatch):
+    c = tiny_config()
+    c.table1.confounders = ("Blond_Hair", "Wearing_Earrings")
+    c.table3.confounder_sets = ("Blond_Hair+Wearing_Earrings",)
+    orders = {  # hair 2nd; earrings 4th; lips 1st and 3rd
+        "Male": ["u_lip", "hair", "l_lip", "ear_r", "nose"],
+    }
+    gaps = {"biased_Male_Blond_Hair": 0.5, "biased_Male_Wearing_Earrings": 0.0}
+
+    def fake_evaluate(ctx, spec, corr=0.0):
+        ior = ior_with_order(orders[spec.target])
+        return {"name": spec.name, "ior_vector": ior,
+                "ranking": [{"rank": r, "region": n, "ior": v} for r, n, v in ior_lib_rank(ior)],
+                "confounder_rp": dict(zip(spec.confounders,
+                                          facex.confounder_rp(ior, list(spec.confounders)))),
+                "group_accuracy": {"accuracy": 0.8, "aligned_accuracy": 0.9,
+                                   "conflicting_accuracy": 0.9 - gaps.get(spec.name, 0.0),
+                                   "gap": gaps.get(spec.name, 0.0)}}
+
+    from faceaudit_jax.summary.ior import rank_regions as ior_lib_rank
+    monkeypatch.setattr(ft, "evaluate_model", fake_evaluate)
+    ctx = ft.TablesContext(c, tmp_path)
+    t1 = ft.table1(ctx)
+    assert [r["rp"] for r in t1["rows"]] == [2, 4]
+    assert t1["summary"]["mean_rp"] == pytest.approx(3.0) and t1["summary"]["worst_rp"] == 4
+    assert t1["summary"]["mean_rp_where_shortcut_learned"] == pytest.approx(2.0)
+    assert [r["shortcut_learned"] for r in t1["rows"]] == [True, False]
+    t3 = ft.table3(ctx)
+    assert (t3["rows"][0]["rp1"], t3["rows"][0]["rp2"]) == (2, 4)
+    t4 = ft.table4(ctx)
+    for row in t4["rows"]:  # same IoR for both models: the same RP, from the attribute's regions
+        expected = min((i + 1 for i, n in enumerate(orders["Male"])
+                        if n in regions.regions_of(row["attribute"])), default=None)
+        if expected is None:  # a region outside the first five: rank among the 0.1 ties
+            expected = 6
+        assert row["rp_correlated_model"] == row["rp_independent_model"] == expected
+    assert len(t4["rows"]) == 3
+    with pytest.raises(ValueError, match="exactly 2"):
+        c.table3.confounder_sets = ("Smiling",)
+        ft.table3(ctx)
+
+
+def test_run_tables_rejects_unknown_part(tmp_path):
+    c = tiny_config()
+    c.tables.parts = ("table2",)
+    with pytest.raises(ValueError, match="table2"):
+        ft.run_tables(c, tmp_path)
+
+
+def test_regionless_confounder_is_rejected(tmp_path):
+    c = tiny_config()
+    c.table1.confounders = ("Young",)
+    c.table1.targets = ("Male",)
+    with pytest.raises(ValueError, match="no face region"):
+        ft.table1(ft.TablesContext(c, tmp_path))
+
+
+# ---------------------------------------------------------------------------
+# End to end on the smoke variant (tiny budget: 5 models of 2 steps each)
+# ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("facex_tables")
+    config = tiny_config()
+    results = facex.run_tables(config, str(workdir))
+    return config, workdir, results
+
+
+def _is_rp(value):
+    return value is None or (type(value) is int and 1 <= value <= regions.NUM_REGIONS - 1)
+
+
+def test_smoke_writes_every_table(smoke_run):
+    config, workdir, _ = smoke_run
+    for part in ft.PARTS:
+        assert (workdir / f"{part}.json").is_file() and (workdir / f"{part}.md").is_file()
+    assert (workdir / "figure5.png").stat().st_size > 10_000
+    assert (workdir / "tables.md").read_text().count("## ") == 4
+    audits = sorted(p.stem for p in (workdir / "audits").glob("*.json"))
+    assert audits == sorted(["biased_Male_Blond_Hair", "biased_Male_Smiling+Wearing_Earrings",
+                             "natural_correlated_Male", "natural_independent_Male",
+                             "reweighted_Male_Blond_Hair"])
+    for name in audits:
+        assert (workdir / "models" / name / "checkpoints").is_dir()
+        assert (workdir / "audits" / f"{name}.png").is_file()
+
+
+def test_smoke_json_structure_and_rp_types(smoke_run):
+    _, workdir, _ = smoke_run
+    t1 = json.loads((workdir / "table1.json").read_text())
+    (row,) = t1["rows"]
+    assert row["target"] == "Male" and row["confounder"] == "Blond_Hair" and _is_rp(row["rp"])
+    for key in ("accuracy", "aligned_accuracy", "conflicting_accuracy"):
+        assert 0.0 <= row[key] <= 1.0
+    assert t1["summary"]["mean_rp"] == (None if row["rp"] is None else float(row["rp"]))
+    t3 = json.loads((workdir / "table3.json").read_text())
+    (row3,) = t3["rows"]
+    assert _is_rp(row3["rp1"]) and _is_rp(row3["rp2"])
+    assert sorted(v for v in row3["rp_per_confounder"].values() if v is not None) == \
+        [v for v in (row3["rp1"], row3["rp2"]) if v is not None]
+    t4 = json.loads((workdir / "table4.json").read_text())
+    assert len(t4["rows"]) == 3
+    for r in t4["rows"]:
+        assert r["attribute"] != "Male" and r["regions"]
+        assert _is_rp(r["rp_correlated_model"]) and _is_rp(r["rp_independent_model"])
+    # The correlated training set's strongest links are CelebA's (lipstick, make-up).
+    assert abs(t4["rows"][0]["r_correlated_train"]) > 0.5
+    f5 = json.loads((workdir / "figure5.json").read_text())
+    assert set(f5["rp"]) == {"vanilla", "reweighted"} and all(_is_rp(v) for v in f5["rp"].values())
+    assert set(f5["ior_change"]) == set(regions.REGIONS)
+    for n in regions.REGIONS:
+        a, b, d = f5["ior"]["vanilla"][n], f5["ior"]["reweighted"][n], f5["ior_change"][n]
+        assert d is None if a is None or b is None else d == pytest.approx(b - a, abs=1e-9)
+    # Figure 5's vanilla model is Table 1's model (trained once).
+    assert f5["models"]["vanilla"] == row["model"]
+    record = json.loads((workdir / "audits" / "reweighted_Male_Blond_Hair.json").read_text())
+    assert record["reweighted"] is True and len(record["ior_vector"]) == regions.NUM_REGIONS
+
+
+def test_smoke_resume_reuses_audits_and_detects_changed_settings(smoke_run, monkeypatch):
+    config, workdir, results = smoke_run
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished model was trained again")
+
+    monkeypatch.setattr(classifier, "train_classifier", no_training)
+    start = time.perf_counter()
+    again = ft.run_tables(config, str(workdir))
+    assert time.perf_counter() - start < 30
+    assert again["table1"]["rows"] == results["table1"]["rows"]
+    assert again["table4"]["rows"] == results["table4"]["rows"]
+    changed = config.copy_and_resolve_references()
+    changed.train.lr = 3e-4
+    changed.tables.parts = ("table1",)
+    with pytest.raises(ValueError, match="other settings"):
+        ft.run_tables(changed, str(workdir))
+
+
+def test_predict_logits_matches_classifier_and_compiles_once():
+    import jax
+    from faceaudit_jax.data import pipeline
+    from faceaudit_jax.models import build_model, init_variables
+
+    source = pipeline.SyntheticSource(seed=0, resolution=64)
+    indices = np.arange(10)
+    clfs = [classifier.TrainedClassifier(build_model("small_resnet", 1),
+                                         init_variables(build_model("small_resnet", 1),
+                                                        jax.random.key(k), 64), f"m{k}", "")
+            for k in (0, 1)]
+    before = ft._single_logit._cache_size()
+    got = [ft.predict_logits(c, source, indices, 8) for c in clfs]
+    assert ft._single_logit._cache_size() - before <= 1   # two models, one compilation
+    for c, g in zip(clfs, got):
+        np.testing.assert_allclose(g, classifier.predict_logits(c, source, indices, 8),
+                                   rtol=1e-5, atol=1e-5)
+    assert got[0].shape == (10,) and not np.allclose(got[0], got[1])
