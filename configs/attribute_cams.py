@@ -68,9 +68,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.data.images_per_identity = 10
     # Test images come from an index range (and so identities) disjoint from training.
     c.data.test_offset = 50_000_000
-    # "drawn": every attribute the synthetic renderer draws (35); "all": the 40
-    # CelebA attributes (for CelebA); or an explicit tuple of names.
-    c.data.attributes = "drawn"
+    # The networks' outputs. (): every attribute with known training targets
+    # (synthetic: the 35 the renderer draws; CelebA: all 40); or a tuple of names.
+    c.data.attributes = ()
 
     c.model = ml_collections.ConfigDict()
     c.model.name = "small_resnet"
@@ -130,7 +130,6 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.test.batch_size = 100
     elif variant == "celeba":
         c.data.source = "celeba"
-        c.data.attributes = "all"
         c.data.resolution = 224
         c.model.name = "resnet50"
         c.train.size = 0                 # 0: the whole training partition

@@ -3,7 +3,7 @@
 The notebook trains a small classifier on synthetic faces with an injected
 shortcut (the smoke budget of configs/facex.py, so it runs on a CPU in about a
 minute), audits it with FaceX (region IoR, ranking, ranking position of the
-shortcut, prototype heatmap), then adds a CAM formula (XGrad-CAM) as a plain
+shortcut, prototype heatmap), then adds a CAM formula (LayerCAM) as a plain
 function: passed directly as a callable, and registered by name so the whole
 audit uses it.
 
@@ -40,12 +40,15 @@ a minute on a CPU; the full config (`python explain.py --config
 configs/facex.py --workdir runs/facex`) learns the shortcut and ranks the lips
 at the top."""),
     ("code", """\
+%matplotlib inline
 import importlib.util, tempfile
 from pathlib import Path
-import jax, jax.numpy as jnp, numpy as np
+import jax, jax.numpy as jnp, matplotlib, numpy as np
 from faceaudit_jax.experiments import classifier, facex
 from faceaudit_jax.explain import cams
 from faceaudit_jax.viz import figures, prototype
+
+matplotlib.rcParams["figure.dpi"] = 64   # keeps the stored notebook small
 
 root = next(p for p in [Path.cwd(), *Path.cwd().parents] if (p / "configs" / "facex.py").exists())
 spec = importlib.util.spec_from_file_location("facex_config", root / "configs" / "facex.py")
@@ -76,37 +79,39 @@ prototype.plot_prototype_heatmap(result.ior, title="FaceX IoR, Male classifier (
 A CAM formula is any function `fn(acts, grads) -> maps`: `acts` is the last
 feature map [B, h, w, C], `grads` the gradient of the explained score with
 respect to it (same shape), and it returns [B, h, w] after the final ReLU.
-Upsampling and the [0, 1] normalisation are done for you. Example: XGrad-CAM
-(Fu et al., 2020), whose channel weights are $\\sum_{ij} g_{ij} a_{ij} / \\sum_{ij} a_{ij}$
-(as in pytorch-grad-cam's `XGradCAM`)."""),
+Upsampling and the [0, 1] normalisation are done for you. Example: LayerCAM
+(Jiang et al., 2021), which weights every position of every channel by its
+own positive gradient, $\\mathrm{ReLU}(\\sum_c \\mathrm{ReLU}(g_c) \\odot a_c)$,
+as pytorch-grad-cam's `LayerCAM`. (XGrad-CAM would make a dull example here:
+behind a global-average-pooling + linear head the gradient is constant over
+positions and XGrad-CAM coincides with Grad-CAM.)"""),
     ("code", """\
-def xgrad_cam(acts, grads):
-    sum_acts = acts.sum(axis=(1, 2), keepdims=True)                       # [B, 1, 1, C]
-    weights = (grads * acts / (sum_acts + 1e-7)).sum(axis=(1, 2))         # [B, C]
-    return jax.nn.relu(jnp.einsum("bc,bhwc->bhw", weights, acts))         # [B, h, w]"""),
+def layer_cam(acts, grads):
+    return jax.nn.relu((jax.nn.relu(grads) * acts).sum(axis=-1))        # [B, h, w]"""),
     ("md", "**Option 1: pass the function itself** as `method` to `compute_cams` (or `make_cam_fn`):"),
     ("code", """\
 features_fn, head_fn = clf.fns()
 batch = source.batch(subsets["test"][:6])
 target = cams.make_binary_target("predicted")          # |z|: explain the predicted class
 maps = {m: cams.compute_cams(features_fn, head_fn, batch["image"], target, method=m)
-        for m in ("grad_cam", xgrad_cam)}
-print("maps", maps[xgrad_cam].shape, "in [0, 1]:",
-      float(maps[xgrad_cam].min()), float(maps[xgrad_cam].max()))
-figures.plot_cam_overlays(np.asarray(batch["image"]), np.asarray(maps[xgrad_cam]),
+        for m in ("grad_cam", layer_cam)}
+print("maps", maps[layer_cam].shape, "in [0, 1]:",
+      float(maps[layer_cam].min()), float(maps[layer_cam].max()))
+print("mean |LayerCAM - Grad-CAM|:", float(jnp.abs(maps[layer_cam] - maps["grad_cam"]).mean()))
+figures.plot_cam_overlays(np.asarray(batch["image"]), np.asarray(maps[layer_cam]),
                           titles=[f"image {i}" for i in range(6)])"""),
     ("md", """\
 **Option 2: register it by name**, so anything configured by a method name
 (the config field `explain.method`, hence `explain.py` and the whole audit)
 can use it. `overwrite=True` lets this cell run twice."""),
     ("code", """\
-cams.register_cam_method("xgrad_cam", xgrad_cam, overwrite=True)
-config.explain.method = "xgrad_cam"
+cams.register_cam_method("layer_cam", layer_cam, overwrite=True)
+config.explain.method = "layer_cam"
 result_x = facex.audit(clf, source, subsets["test"], config.bias.target, config.explain,
                        batch_size=int(config.test.batch_size))
 print("top regions, Grad-CAM: ", [r for _, r, _ in result.ranking()[:5]])
-print("top regions, XGrad-CAM:", [r for _, r, _ in result_x.ranking()[:5]])
-figures.plot_ior_comparison(result.ior, result_x.ior, labels=("Grad-CAM", "XGrad-CAM"))"""),
+print("top regions, LayerCAM: ", [r for _, r, _ in result_x.ranking()[:5]])
+figures.plot_ior_comparison(result.ior, result_x.ior, labels=("Grad-CAM", "LayerCAM"))"""),
     ("md", """\
 The tables of the paper (single and double injected biases, no injected bias,
 and a mitigation before/after) run with `bash scripts/reproduce_facex.sh`;

@@ -304,19 +304,22 @@ def test_smoke_resume_reuses_audits_and_detects_changed_settings(smoke_run, monk
 
 def test_predict_logits_matches_classifier_and_compiles_once():
     import jax
-    from faceaudit_jax.data import pipeline
     from faceaudit_jax.models import build_model, init_variables
 
-    source = pipeline.SyntheticSource(seed=0, resolution=64)
-    indices = np.arange(10)
+    class RandomImages:  # a minimal source: random pixels, no renderer to compile
+        def batch(self, indices):
+            rng = np.random.default_rng(int(indices[0]))
+            return {"image": rng.random((len(indices), 64, 64, 3), dtype=np.float32)}
+
+    source, indices = RandomImages(), np.arange(20)
     clfs = [classifier.TrainedClassifier(build_model("small_resnet", 1),
                                          init_variables(build_model("small_resnet", 1),
                                                         jax.random.key(k), 64), f"m{k}", "")
             for k in (0, 1)]
     before = ft._single_logit._cache_size()
-    got = [ft.predict_logits(c, source, indices, 8) for c in clfs]
+    got = [ft.predict_logits(c, source, indices, 16) for c in clfs]
     assert ft._single_logit._cache_size() - before <= 1   # two models, one compilation
     for c, g in zip(clfs, got):
-        np.testing.assert_allclose(g, classifier.predict_logits(c, source, indices, 8),
+        np.testing.assert_allclose(g, classifier.predict_logits(c, source, indices, 16),
                                    rtol=1e-5, atol=1e-5)
-    assert got[0].shape == (10,) and not np.allclose(got[0], got[1])
+    assert got[0].shape == (20,) and not np.allclose(got[0], got[1])

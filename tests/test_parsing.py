@@ -97,8 +97,11 @@ def test_training_on_synthetic_faces_raises_mean_iou(trained):
     final = parser_net.evaluate_parser(model, variables, [batch])
     assert final["mean_iou"] > initial["mean_iou"] + 0.15, (initial["mean_iou"], final["mean_iou"])
     assert final["pixel_accuracy"] > 0.75, final["pixel_accuracy"]
-    for name in ("background", "skin", "hair"):  # the large regions are learned first
-        assert final["per_region_iou"][regions.region_id(name)] > 0.5, (name, final["per_region_iou"])
+    # The large regions (>= 5% of the pixels: background, skin, and hair or cloth when drawn) are learned first.
+    share = np.bincount(np.asarray(batch["parse"]).ravel(), minlength=19) / np.asarray(batch["parse"]).size
+    large = np.flatnonzero(share >= 0.05)
+    assert {0, 1} <= set(large.tolist())
+    assert (final["per_region_iou"][large] > 0.5).all(), (large, final["per_region_iou"])
     assert np.isfinite(float(metrics["loss"])) and set(metrics) >= {"loss", "pixel_accuracy", "mean_iou"}
     # Streaming two half batches gives the same numbers as one batch.
     halves = [{k: v[:4] for k, v in batch.items()}, {k: v[4:] for k, v in batch.items()}]

@@ -140,26 +140,26 @@ def build_source(data_cfg):
     raise ValueError(f"data.source={data_cfg.source!r}; expected one of {DATA_SOURCES}")
 
 
-def attribute_names(data_cfg) -> tuple[str, ...]:
-    """The network's outputs: "drawn" (the renderer's 35), "all" (40) or a tuple of names."""
+def attribute_names(data_cfg, train_attrs: np.ndarray) -> tuple[str, ...]:
+    """The network's outputs, in CelebA order.
+
+    ``data_cfg.attributes`` empty: every attribute with a known target in the
+    training set (synthetic faces: the 35 the renderer draws; CelebA: all 40);
+    else the tuple of names given. ``train_attrs`` is int8 [N, 40].
+    """
     spec = data_cfg.attributes
-    if spec == "drawn":
-        if data_cfg.source != "synthetic":
-            raise ValueError(
-                f"data.attributes='drawn' is for synthetic faces; with data.source="
-                f"{data_cfg.source!r} use 'all' or a tuple of attribute names")
-        from faceaudit_jax.data import synthetic
-        return tuple(synthetic.DRAWN_ATTRIBUTES)
-    if spec == "all":
-        return tuple(regions.ATTRIBUTES)
     if isinstance(spec, str):
         raise ValueError(
-            f"data.attributes={spec!r}; expected 'drawn', 'all' or a tuple of attribute names")
+            f"data.attributes={spec!r}; expected a tuple of attribute names, or () for every "
+            "attribute with known training targets")
     names = tuple(spec)
-    if not names:
-        raise ValueError("data.attributes is empty; expected at least one attribute name")
-    regions.attribute_ids(names)  # validates every name
-    return names
+    if names:
+        regions.attribute_ids(names)  # validates every name
+        return names
+    known = (np.asarray(train_attrs) >= 0).any(axis=0)
+    if not known.any():
+        raise ValueError("the training set has no known attribute targets (all -1)")
+    return tuple(n for n, k in zip(regions.ATTRIBUTES, known) if k)
 
 
 def split_indices(config, source) -> tuple[np.ndarray, np.ndarray]:
@@ -182,10 +182,10 @@ def split_indices(config, source) -> tuple[np.ndarray, np.ndarray]:
             np.arange(offset, offset + test_size, dtype=np.int64))
 
 
-def training_positive_share(source, train_idx, names: Sequence[str]) -> np.ndarray:
+def training_positive_share(train_attrs: np.ndarray, names: Sequence[str]) -> np.ndarray:
     """p_m [A] of the training set (NaN for an attribute without known targets)."""
-    attrs = source.attributes(train_idx)["attrs"][:, regions.attribute_ids(names)]
-    return fairness.positive_share(attrs, names)
+    return fairness.positive_share(np.asarray(train_attrs)[:, regions.attribute_ids(names)],
+                                   names)
 
 
 # ----------------------------------------------------------------------------- losses
@@ -298,8 +298,14 @@ def _ignore_models_folder(models_dir: Path) -> None:
 
 
 def train_model(config, workdir: str, name: str, source, train_idx: np.ndarray,
-                names: Sequence[str], loss: str, p_train: np.ndarray) -> TrainedModel:
-    """Train (or resume, or reload when finished) one multi-attribute model."""
+                names: Sequence[str], loss: str, p_train: np.ndarray,
+                tx: Optional[Any] = None) -> TrainedModel:
+    """Train (or resume, or reload when finished) one multi-attribute model.
+
+    ``tx``: the optax transformation; pass the same object for several models
+    of one architecture and they share one compiled train step (the optimiser
+    is part of the train state's static structure).
+    """
     models_dir = Path(workdir) / "models"
     _ignore_models_folder(models_dir)
     run_dir = models_dir / name
@@ -309,7 +315,8 @@ def train_model(config, workdir: str, name: str, source, train_idx: np.ndarray,
     num_steps = pipeline.steps_per_epoch(train_idx.size, batch_size) * int(config.train.num_epochs)
     if num_steps < 1:
         raise ValueError(f"train.num_epochs={config.train.num_epochs}; expected >= 1")
-    tx = train_lib.make_optimizer(config.train, num_steps)
+    if tx is None:
+        tx = train_lib.make_optimizer(config.train, num_steps)
     # The same key and batch order for both models: they differ only by the loss.
     state = train_lib.create_train_state(
         model, jax.random.PRNGKey(int(config.seed)), int(config.data.resolution), tx)
@@ -320,6 +327,18 @@ def train_model(config, workdir: str, name: str, source, train_idx: np.ndarray,
         ckpt_every=int(config.train.ckpt_every), log_every=int(config.train.log_every),
         desc=f"train {name}")
     return TrainedModel(name, model, train_lib.state_variables(state), num_steps, str(run_dir))
+
+
+def train_models(config, workdir: str, source, train_idx: np.ndarray, names: Sequence[str],
+                 p_train: np.ndarray) -> list[TrainedModel]:
+    """AFFACT-u and AFFACT-b (``MODELS`` order), sharing one optimiser recipe object."""
+    num_steps = (pipeline.steps_per_epoch(train_idx.size, int(config.train.batch_size))
+                 * int(config.train.num_epochs))
+    if num_steps < 1:
+        raise ValueError(f"train.num_epochs={config.train.num_epochs}; expected >= 1")
+    tx = train_lib.make_optimizer(config.train, num_steps)
+    return [train_model(config, workdir, name, source, train_idx, names, loss, p_train, tx)
+            for name, loss in model_losses(config).items()]
 
 
 def model_losses(config) -> dict[str, str]:
@@ -482,10 +501,6 @@ def explain_test_set(models: Sequence[TrainedModel], source, test_idx: np.ndarra
 
 
 # ----------------------------------------------------------------------------- reductions
-
-
-def _nan_to_none(values) -> list:
-    return [None if not np.isfinite(v) else float(v) for v in np.asarray(values, np.float64)]
 
 
 def model_report(evaluation: Evaluation, names: Sequence[str], pairs, defined: np.ndarray
@@ -790,7 +805,7 @@ def _gray(image: np.ndarray) -> np.ndarray:
     return np.clip(np.asarray(image, np.float32).mean(-1), 0.0, 1.0)
 
 
-def _show_mean_cam(ax, background, cam, mask_mean, title: str) -> None:
+def _show_mean_cam(ax, background, cam, mask_mean, text: str) -> None:
     ax.imshow(background, cmap="gray", vmin=0, vmax=1)
     if cam is not None and np.all(np.isfinite(cam)):
         ax.imshow(cam, cmap="jet", vmin=0, vmax=1, alpha=0.5, interpolation="bilinear")
@@ -800,16 +815,43 @@ def _show_mean_cam(ax, background, cam, mask_mean, title: str) -> None:
     else:
         ax.text(0.5, 0.5, "no such\nprediction", ha="center", va="center", color="white",
                 fontsize=7, transform=ax.transAxes)
-    ax.set_title(title, fontsize=6.5)
+    ax.text(0.03, 0.03, text, ha="left", va="bottom", color="white", fontsize=6.5,
+            transform=ax.transAxes, bbox=dict(facecolor="black", alpha=0.55, pad=1.2, lw=0))
     ax.set_xticks([])
     ax.set_yticks([])
 
 
-def _colorbar(fig: Figure) -> None:
-    bar_ax = fig.add_axes([0.93, 0.15, 0.012, 0.7])
+class _Cell(NamedTuple):
+    cam: Optional[np.ndarray]  # [H, W] mean CAM, None/NaN: no such prediction
+    mask: Optional[np.ndarray]  # [H, W] mean attribute mask (contour)
+    text: str  # shown in the cell's corner
+
+
+def _cam_grid(path: Path, background: np.ndarray, cells: Sequence[Sequence[_Cell]],
+              row_labels: Sequence[str], col_labels: Sequence[str], title: str) -> str:
+    """A grid of mean CAMs over the mean face: row labels left, column labels on top."""
+    rows, cols = len(cells), len(cells[0])
+    cell = 1.25
+    top, left, right = 0.75, 0.9, 0.75  # inches
+    width, height = left + cols * cell + right, top + rows * cell + 0.1
+    fig = Figure(figsize=(width, height))
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for r in range(rows):
+        for c in range(cols):
+            ax = axes[r, c]
+            _show_mean_cam(ax, background, cells[r][c].cam, cells[r][c].mask, cells[r][c].text)
+            if c == 0:
+                ax.set_ylabel(row_labels[r], fontsize=7)
+            if r == 0:
+                ax.set_title(col_labels[c], fontsize=7)
+    fig.subplots_adjust(left=left / width, right=1 - right / width, top=1 - top / height,
+                        bottom=0.1 / height, wspace=0.04, hspace=0.04)
+    fig.suptitle(title, fontsize=8, y=1 - 0.12 / height, va="top")
+    bar_ax = fig.add_axes([1 - 0.6 / width, 0.15, 0.12 / width, 0.7])
     bar = fig.colorbar(cm.ScalarMappable(norm=mcolors.Normalize(0, 1), cmap="jet"), cax=bar_ax)
     bar.set_label("mean normalised CAM", fontsize=7)
     bar.ax.tick_params(labelsize=6)
+    return _save(fig, path)
 
 
 def _cam_means(evaluation: Evaluation, pair_index: int, names):
@@ -819,86 +861,82 @@ def _cam_means(evaluation: Evaluation, pair_index: int, names):
 
 
 def _background(evaluation: Evaluation):
+    """(mean test face in grey [H, W], mean attribute masks [A, H, W])."""
     sums = evaluation.sums
     count = max(int(sums.count), 1)
     return _gray(np.asarray(sums.image_sum) / count), np.asarray(sums.mask_sum) / count
 
 
+def _label(name: str) -> str:
+    return name.replace("_", " ")
+
+
 def figure2(path: Path, evaluations, reports, pairs, main_method, attributes, names) -> str:
     """Mean CAM per predicted class and attribute, both models (the paper's Figure 2)."""
-    k = pairs.index((main_method, "predicted"))
     key = f"{main_method}/predicted"
     background, mask_mean = _background(evaluations[MODELS[0]])
-    fig = Figure(figsize=(4 * 1.45 + 0.8, len(attributes) * 1.6 + 0.6))
-    axes = fig.subplots(len(attributes), 4, squeeze=False)
-    for model_i, model in enumerate(MODELS):
-        means = _cam_means(evaluations[model], k, names)
-        energy = reports[model]["energy"][key]
-        for row, attribute in enumerate(attributes):
-            a = list(names).index(attribute)
-            for side_i, (side, cam, count) in enumerate((
-                    ("positive", means.positive[a], means.num_positive[a]),
-                    ("negative", means.negative[a], means.num_negative[a]))):
-                title = (f"{attribute.replace('_', ' ')}\n{MODEL_LABELS[model]} "
-                         f"{'z>=0' if side == 'positive' else 'z<0'} (n={count}) "
-                         f"E={_fmt(energy[side][a], '.2f')}")
-                _show_mean_cam(axes[row, 2 * model_i + side_i], background, cam,
-                               mask_mean[a], title)
-    fig.suptitle(f"Mean {METHOD_LABELS.get(main_method, main_method)} (target |z|) per predicted "
-                 "class; white: attribute mask", fontsize=8)
-    fig.subplots_adjust(left=0.02, right=0.9, top=1 - 0.5 / fig.get_figheight(), bottom=0.01,
-                        wspace=0.05, hspace=0.45)
-    _colorbar(fig)
-    return _save(fig, path)
+    means = {m: _cam_means(evaluations[m], pairs.index((main_method, "predicted")), names)
+             for m in MODELS}
+    cells = []
+    for attribute in attributes:
+        a = list(names).index(attribute)
+        row = []
+        for model in MODELS:
+            energy = reports[model]["energy"][key]
+            for side in ("positive", "negative"):
+                count = getattr(means[model], f"num_{side}")[a]
+                row.append(_Cell(getattr(means[model], side)[a], mask_mean[a],
+                                 f"n={count} E={_fmt(energy[side][a], '.2f')}"))
+        cells.append(row)
+    cols = [f"{MODEL_LABELS[m]}, {'z >= 0' if s == 'positive' else 'z < 0'}"
+            for m in MODELS for s in ("positive", "negative")]
+    return _cam_grid(path, background, cells, [_label(a) for a in attributes], cols,
+                     f"Mean {METHOD_LABELS.get(main_method, main_method)} (target |z|) per "
+                     "predicted class; white line: attribute mask; E: mean energy in it")
 
 
 def figure3(path: Path, evaluations, reports, pairs, methods, attributes, names) -> str:
     """Mean CAMs per CAM method (rows: model x method; columns: attribute x predicted class)."""
     background, mask_mean = _background(evaluations[MODELS[0]])
-    rows = [(model, method) for model in MODELS for method in methods]
-    fig = Figure(figsize=(2 * len(attributes) * 1.2 + 0.8, len(rows) * 1.35 + 0.6))
-    axes = fig.subplots(len(rows), 2 * len(attributes), squeeze=False)
-    for r, (model, method) in enumerate(rows):
-        means = _cam_means(evaluations[model], pairs.index((method, "predicted")), names)
-        energy = reports[model]["energy"][f"{method}/predicted"]
-        for c, attribute in enumerate(attributes):
-            a = list(names).index(attribute)
-            for s, (side, cam) in enumerate((("positive", means.positive[a]),
-                                             ("negative", means.negative[a]))):
-                title = (f"{MODEL_LABELS[model]} {METHOD_LABELS.get(method, method)}\n"
-                         f"{attribute.replace('_', ' ')} {'+' if s == 0 else '-'} "
-                         f"E={_fmt(energy[side][a], '.2f')}")
-                _show_mean_cam(axes[r, 2 * c + s], background, cam, mask_mean[a], title)
-    fig.suptitle("Mean CAMs (target |z|) per CAM method, positively (+) and negatively (-) "
-                 "predicted faces", fontsize=8)
-    fig.subplots_adjust(left=0.01, right=0.9, top=1 - 0.5 / fig.get_figheight(), bottom=0.01,
-                        wspace=0.05, hspace=0.5)
-    _colorbar(fig)
-    return _save(fig, path)
+    cells, row_labels = [], []
+    for model in MODELS:
+        for method in methods:
+            means = _cam_means(evaluations[model], pairs.index((method, "predicted")), names)
+            energy = reports[model]["energy"][f"{method}/predicted"]
+            row = []
+            for attribute in attributes:
+                a = list(names).index(attribute)
+                for side in ("positive", "negative"):
+                    row.append(_Cell(getattr(means, side)[a], mask_mean[a],
+                                     f"E={_fmt(energy[side][a], '.2f')}"))
+            cells.append(row)
+            row_labels.append(f"{MODEL_LABELS[model]}\n{METHOD_LABELS.get(method, method)}")
+    cols = [f"{_label(a)} {'+' if s == 'positive' else '-'}" for a in attributes
+            for s in ("positive", "negative")]
+    return _cam_grid(path, background, cells, row_labels, cols,
+                     "Mean CAMs (target |z|) per CAM method over positively (+) and negatively "
+                     "(-) predicted faces")
 
 
 def figure4(path: Path, evaluations, reports, pairs, main_method, attributes, names) -> str:
     """Negatively predicted faces: positive target z vs predicted target |z| (Figure 4)."""
     background, mask_mean = _background(evaluations[MODELS[0]])
-    fig = Figure(figsize=(4 * 1.45 + 0.8, len(attributes) * 1.6 + 0.6))
-    axes = fig.subplots(len(attributes), 4, squeeze=False)
-    for model_i, model in enumerate(MODELS):
-        for target_i, mode in enumerate(("positive", "predicted")):
-            key = f"{main_method}/{mode}"
-            means = _cam_means(evaluations[model], pairs.index((main_method, mode)), names)
-            for row, attribute in enumerate(attributes):
-                a = list(names).index(attribute)
-                title = (f"{attribute.replace('_', ' ')}\n{MODEL_LABELS[model]} z<0, target "
-                         f"{'z' if mode == 'positive' else '|z|'} "
-                         f"E={_fmt(reports[model]['energy'][key]['negative'][a], '.2f')}")
-                _show_mean_cam(axes[row, 2 * model_i + target_i], background,
-                               means.negative[a], mask_mean[a], title)
-    fig.suptitle(f"Mean {METHOD_LABELS.get(main_method, main_method)} on negatively predicted "
-                 "faces: positive target z vs predicted target |z|", fontsize=8)
-    fig.subplots_adjust(left=0.02, right=0.9, top=1 - 0.5 / fig.get_figheight(), bottom=0.01,
-                        wspace=0.05, hspace=0.45)
-    _colorbar(fig)
-    return _save(fig, path)
+    cells = []
+    for attribute in attributes:
+        a = list(names).index(attribute)
+        row = []
+        for model in MODELS:
+            for mode in ("positive", "predicted"):
+                means = _cam_means(evaluations[model], pairs.index((main_method, mode)), names)
+                energy = reports[model]["energy"][f"{main_method}/{mode}"]["negative"][a]
+                row.append(_Cell(means.negative[a], mask_mean[a],
+                                 f"n={means.num_negative[a]} E={_fmt(energy, '.2f')}"))
+        cells.append(row)
+    cols = [f"{MODEL_LABELS[m]}, target {'z' if mode == 'positive' else '|z|'}"
+            for m in MODELS for mode in ("positive", "predicted")]
+    return _cam_grid(path, background, cells, [_label(a) for a in attributes], cols,
+                     f"Mean {METHOD_LABELS.get(main_method, main_method)} on negatively "
+                     "predicted faces (z < 0): positive target z vs predicted target |z|")
 
 
 def figure_energy(path: Path, rows1: Sequence[dict], method_label: str) -> str:
@@ -949,11 +987,11 @@ def _source_label(config) -> str:
 def train(config, workdir: str) -> dict[str, TrainedModel]:
     """Train (or reload) AFFACT-u and AFFACT-b; returns {name: TrainedModel}."""
     source = build_source(config.data)
-    names = attribute_names(config.data)
     train_idx, _ = split_indices(config, source)
-    p_train = training_positive_share(source, train_idx, names)
-    return {name: train_model(config, workdir, name, source, train_idx, names, loss, p_train)
-            for name, loss in model_losses(config).items()}
+    train_attrs = source.attributes(train_idx)["attrs"]
+    names = attribute_names(config.data, train_attrs)
+    p_train = training_positive_share(train_attrs, names)
+    return {m.name: m for m in train_models(config, workdir, source, train_idx, names, p_train)}
 
 
 def run(config, workdir: str) -> dict:
@@ -962,7 +1000,9 @@ def run(config, workdir: str) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     source = build_source(config.data)
-    names = attribute_names(config.data)
+    train_idx, test_idx = split_indices(config, source)
+    train_attrs = source.attributes(train_idx)["attrs"]
+    names = attribute_names(config.data, train_attrs)
     methods = tuple(config.explain.methods)
     main_method = str(config.explain.main_method)
     pairs = cam_pairs(methods, main_method)
@@ -979,10 +1019,8 @@ def run(config, workdir: str) -> dict:
     defined = masks_lib.mask_defined(names, mask_source)
     losses_by_model = model_losses(config)
 
-    train_idx, test_idx = split_indices(config, source)
-    p_train = training_positive_share(source, train_idx, names)
-    models = [train_model(config, workdir, name, source, train_idx, names, loss, p_train)
-              for name, loss in losses_by_model.items()]
+    p_train = training_positive_share(train_attrs, names)
+    models = train_models(config, workdir, source, train_idx, names, p_train)
     trained_at = time.perf_counter()
 
     caught: list[str] = []

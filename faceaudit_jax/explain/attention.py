@@ -36,6 +36,12 @@ Methods (``attention_maps(..., method=...)``):
   It is not Chefer's exact alpha-beta LRP; it does propagate relevance without
   the extra gradient weighting and differs from rollout.
 
+Gradient methods cost one forward and one backward pass (no weight gradients).
+By default (``fused=True``) the head-fused relevance A_bar is produced inside
+the backward pass by the model's ``relevance_tap`` (a custom VJP), so the
+per-head gradients are never materialised; ``attention_and_grads`` gives the
+raw [L, B, heads, T, T] gradients when they are wanted.
+
 For a verification pair the target is the similarity of an image's embedding
 with the other image's (held fixed): ``pair_attention_maps`` does this for a
 batch of pairs in one forward and one backward pass.

@@ -229,7 +229,7 @@ def _patches_to_pixels(confidences: Array, locations: Array, k: int,
     dropped. Sums and coverage counts share one scatter (counts are small
     integers, exact in float32, so the "0 where no patch covers" rule does not
     depend on round-off). Prefix sums use `lax.associative_scan` (log-depth),
-    which XLA runs several times faster than `cumsum` on CPU. Patches partly
+    which XLA runs about twice as fast as `cumsum` on CPU. Patches partly
     outside the image contribute to the part inside.
     """
     confidences = confidences.astype(jnp.float32)
@@ -240,11 +240,11 @@ def _patches_to_pixels(confidences: Array, locations: Array, k: int,
     rows = jnp.concatenate([y0, y0, y1, y1])
     cols = jnp.concatenate([x0, x1, x0, x1])
     signs = jnp.repeat(jnp.array([1.0, -1.0, -1.0, 1.0], jnp.float32), confidences.shape[0])
-    weights = jnp.stack([jnp.tile(confidences, 4) * signs, signs], axis=-1)   # [4Q, 2]
-    diff = jnp.zeros((height, width, 2), jnp.float32).at[rows, cols].add(weights, mode="drop")
-    summed = jax.lax.associative_scan(jnp.add, diff, axis=0)
-    summed = jax.lax.associative_scan(jnp.add, summed, axis=1)
-    sums, counts = summed[..., 0], summed[..., 1]
+    # Channel-first [2, H, W] (sums, counts): measured faster than [H, W, 2].
+    weights = jnp.stack([jnp.tile(confidences, 4) * signs, signs])             # [2, 4Q]
+    diff = jnp.zeros((2, height, width), jnp.float32).at[:, rows, cols].add(weights, mode="drop")
+    summed = jax.lax.associative_scan(jnp.add, diff, axis=1)
+    sums, counts = jax.lax.associative_scan(jnp.add, summed, axis=2)
     covered = counts > 0.5
     return jnp.where(covered, sums / jnp.where(covered, counts, 1.0), 0.0)
 

@@ -1,0 +1,287 @@
+"""The binary-attribute-CAM experiment: smoke run end to end, and its pieces against references."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from faceaudit_jax import losses, regions
+from faceaudit_jax.experiments import attribute_cams as ac
+from faceaudit_jax.experiments import registry
+from faceaudit_jax.explain import attribute_cams as attribute_cams_lib
+from faceaudit_jax.explain import attribute_masks as masks_lib
+from faceaudit_jax.metrics import energy as energy_lib
+from faceaudit_jax.models import build_model, init_variables
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def get_config(variant=""):
+    spec = importlib.util.spec_from_file_location("attribute_cams_config",
+                                                  ROOT / "configs" / "attribute_cams.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(variant)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("attribute_cams_smoke")
+    config = get_config("smoke")
+    results = registry.run_experiment(config, str(workdir))
+    return config, workdir, results
+
+
+def test_smoke_writes_every_output(smoke_run):
+    _, workdir, _ = smoke_run
+    for name in ("results.json", "table1.md", "table2.md", "table_targets.md", "summary.md",
+                 "config.json"):
+        assert (workdir / name).stat().st_size > 0, name
+    for name in ("figure2_mean_cams.png", "figure3_cam_methods.png", "figure4_targets.png",
+                 "figure_energy.png"):
+        assert (workdir / name).read_bytes()[:8] == PNG_MAGIC, name
+    # Checkpoints live under models/, which its .gitignore keeps out of git.
+    gitignore = (workdir / "models" / ".gitignore").read_text().splitlines()
+    assert "*" in gitignore
+    for model in ac.MODELS:
+        assert (workdir / "models" / model / "checkpoints").is_dir()
+        assert (workdir / "models" / model / "metrics.jsonl").stat().st_size > 0
+    summary = (workdir / "summary.md").read_text()
+    assert summary.startswith("### Binary attribute CAMs\n")
+    assert ("finding shows" in summary) != ("finding does not show" in summary)
+    assert "| Wearing Hat |" in summary
+    assert "table1.md" in summary
+
+
+def test_smoke_json_structure_and_consistency(smoke_run):
+    config, workdir, returned = smoke_run
+    results = json.loads((workdir / "results.json").read_text())
+    assert set(results) >= {"experiment", "setup", "p_train", "models", "table1", "table2",
+                            "targets", "finding", "figures", "warnings"}
+    setup = results["setup"]
+    names = setup["attributes"]
+    from faceaudit_jax.data import synthetic
+    assert names == list(synthetic.DRAWN_ATTRIBUTES)
+    test = setup["test"]
+    assert test["rendered"] == test["total"] == config.test.size
+    assert test["kept"] + test["excluded"] == test["total"]
+    assert test["excluded"] == test["not_frontal"] + test["degenerate"]
+    assert setup["num_steps"] == config.train.size // config.train.batch_size
+    pairs = ["grad_cam/predicted", "grad_cam_plusplus/predicted", "hires_cam/predicted",
+             "element_wise_grad_cam/predicted", "grad_cam/positive"]
+    assert setup["pairs"] == pairs
+
+    # p_m of the training set, recomputed from the renderer's attribute table.
+    attrs = synthetic.sample_attributes(0, np.arange(config.train.size),
+                                        independent=False)["attrs"]
+    for name in names:
+        column = attrs[:, regions.attribute_id(name)]
+        assert results["p_train"][name] == pytest.approx((column == 1).mean())
+
+    for model in ac.MODELS:
+        per_attribute = results["models"][model]["attributes"]
+        assert list(per_attribute) == names
+        for name, entry in per_attribute.items():
+            assert entry["num_positive"] + entry["num_negative"] == test["kept"]
+            assert entry["predicted_positive"] + entry["predicted_negative"] == test["kept"]
+            assert set(entry["energy"]) == set(pairs)
+            for pair, sides in entry["energy"].items():
+                for side in ("positive", "negative"):
+                    value = sides[side]
+                    count = entry[f"predicted_{side}"]
+                    if name in ("Male", "Young") or count == 0:
+                        assert value is None, (model, name, pair, side)
+                    else:
+                        assert 0.0 <= value <= 1.0
+            # z and |z| are the same target on positively predicted faces.
+            pos_z = entry["energy"]["grad_cam/positive"]["positive"]
+            pos_abs = entry["energy"]["grad_cam/predicted"]["positive"]
+            assert (pos_z is None) == (pos_abs is None)
+            if pos_z is not None:
+                assert pos_z == pytest.approx(pos_abs, abs=1e-6)
+            if entry["num_positive"]:
+                assert entry["p_test"] == pytest.approx(entry["num_positive"] / test["kept"])
+
+    # Table 1: every attribute once, most imbalanced first.
+    table1 = results["table1"]
+    assert sorted(row["attribute"] for row in table1) == sorted(names)
+    imbalance = [row["imbalance"] for row in table1]
+    assert all(a >= b for a, b in zip(imbalance, imbalance[1:]))
+    for row in table1:
+        u = results["models"]["affact_u"]["attributes"][row["attribute"]]
+        assert row["affact_u"]["fnr"] == u["fnr"] or (row["affact_u"]["fnr"] is None
+                                                      and u["fnr"] is None)
+    assert {(r["attribute"], r["model"]) for r in results["table2"]} == {
+        (a, m) for a in config.explain.table2_attributes for m in ac.MODELS}
+    finding = results["finding"]
+    assert isinstance(finding["shows"], bool)
+    for row in finding["rows"]:
+        assert abs(row["p_train"] - 0.5) >= config.explain.min_imbalance
+    # The returned dict is what was written (NaN written as null).
+    assert returned["setup"]["test"] == results["setup"]["test"]
+    table1_md = (workdir / "table1.md").read_text()
+    assert table1_md.count("\n| ") == len(names) + 1  # header + one row per attribute
+
+
+def test_rerun_with_other_settings_is_refused(smoke_run, tmp_path):
+    config, workdir, _ = smoke_run
+    changed = get_config("smoke")
+    changed.train.num_epochs = 2
+    source = ac.build_source(changed.data)
+    train_idx, _ = ac.split_indices(changed, source)
+    names = ac.attribute_names(changed.data, source.attributes(train_idx)["attrs"])
+    with pytest.raises(ValueError, match="num_epochs"):
+        ac.train_model(changed, str(workdir), "affact_u", source, train_idx, names, "euclidean",
+                       np.full(len(names), 0.5))
+
+
+def test_explain_step_matches_public_cam_and_energy_functions():
+    """The fused step = attribute_cams + proportional_energy + numpy sums, per pair."""
+    names = ("Wearing_Hat", "Eyeglasses", "Male")
+    model = build_model("small_resnet", len(names))
+    variables = init_variables(model, jax.random.PRNGKey(3), 64)
+    key_images, key_parse = jax.random.split(jax.random.PRNGKey(4))
+    images = jax.random.uniform(key_images, (3, 64, 64, 3))
+    parse = jax.random.randint(key_parse, (3, 64, 64), 0, regions.NUM_REGIONS)
+    valid = np.array([True, False, True])
+    pairs = (("grad_cam", "predicted"), ("grad_cam", "positive"))
+    step = ac.make_explain_step(model, names, pairs, "parse")
+    sums = ac.init_explain_sums(len(pairs), len(names), 64, 64)
+    sums, logits, energy, area = step(variables, sums, images, parse, jnp.asarray(valid))
+
+    features_fn = lambda x: model.apply(variables, x, train=False, method="features")  # noqa
+    head_fn = lambda f: model.apply(variables, f, method="head")  # noqa
+    masks = np.asarray(masks_lib.attribute_masks(parse, names, "parse"))
+    np.testing.assert_allclose(area, masks.mean(axis=(-2, -1)), atol=1e-6)
+    for k, (method, mode) in enumerate(pairs):
+        maps, ref_logits = attribute_cams_lib.attribute_cams(features_fn, head_fn, images, method,
+                                                             mode)
+        np.testing.assert_allclose(logits, ref_logits, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(energy[k], energy_lib.proportional_energy(maps, masks),
+                                   atol=1e-5)
+        maps = np.asarray(maps)
+        positive = (np.asarray(ref_logits) >= 0) & valid[:, None]
+        for a in range(len(names)):
+            expected = sum(maps[b, a] for b in range(3) if positive[b, a])
+            np.testing.assert_allclose(sums.cams[k].positive_sum[a], expected,
+                                       atol=1e-5)
+            assert int(sums.cams[k].positive_count[a]) == positive[:, a].sum()
+            assert int(sums.cams[k].negative_count[a]) == (valid & ~positive[:, a]).sum()
+    assert int(sums.count) == 2
+    np.testing.assert_allclose(sums.image_sum, np.asarray(images)[valid].sum(0), atol=1e-5)
+    np.testing.assert_allclose(sums.mask_sum, masks[valid].sum(0), atol=1e-6)
+
+
+def test_class_weights_follow_eq6_and_loss_matches_a_numpy_loop():
+    p = np.array([0.2, 0.8, 0.5, np.nan])
+    w_pos, w_neg = ac.class_weights("balanced", p)
+    np.testing.assert_allclose(w_pos, [4.0, 1.0, 1.0, 1.0], rtol=1e-6)
+    np.testing.assert_allclose(w_neg, [1.0, 4.0, 1.0, 1.0], rtol=1e-6)
+    for kind in ac.UNBALANCED_LOSSES:
+        ones = ac.class_weights(kind, p)
+        assert all(np.array_equal(w, np.ones(4)) for w in ones)
+    with pytest.raises(ValueError, match="unknown loss kind"):
+        ac.class_weights("focal", p)
+
+    rng = np.random.default_rng(0)
+    attrs = rng.integers(-1, 2, size=(5, 4)).astype(np.int8)  # 1 / 0 / -1 unknown
+    logits = rng.normal(size=(5, 4)).astype(np.float32)
+    names = ("Bald", "Eyeglasses", "Smiling", "Wearing_Hat")
+    all_attrs = np.full((5, regions.NUM_ATTRIBUTES), -1, np.int8)
+    all_attrs[:, regions.attribute_ids(names)] = attrs
+    batch = {"attrs": jnp.asarray(all_attrs), "image": jnp.zeros((5, 64, 64, 3)),
+             "parse": jnp.zeros((5, 64, 64), jnp.int32)}
+    transformed = ac.label_transform(names, (w_pos, w_neg))(batch)
+    assert set(transformed) == {"image", "label", "label_mask", "weight_positive",
+                                "weight_negative"}
+    loss = float(ac.make_loss_fn("balanced")(jnp.asarray(logits), transformed))
+    expected = 0.0
+    for n in range(5):
+        for m in range(4):
+            if attrs[n, m] < 0:
+                continue
+            t = 1.0 if attrs[n, m] == 1 else -1.0
+            expected += (w_pos[m] if t > 0 else w_neg[m]) * (logits[n, m] - t) ** 2
+    assert loss == pytest.approx(expected / 5, rel=1e-5)
+    # Unit weights: AFFACT-u's plain Euclidean loss.
+    plain = ac.label_transform(names, ac.class_weights("euclidean", p))(batch)
+    assert float(ac.make_loss_fn("euclidean")(jnp.asarray(logits), plain)) == pytest.approx(
+        float(losses.euclidean(jnp.asarray(logits), 2.0 * plain["label"] - 1.0,
+                               plain["label_mask"])), rel=1e-6)
+
+
+def _reports(u_pos, u_neg, b_pos, b_neg, uniform=0.1):
+    def report(pos, neg):
+        n = len(pos)
+        return {"energy": {"grad_cam/predicted": {"positive": np.asarray(pos, float),
+                                                  "negative": np.asarray(neg, float)}},
+                "uniform_energy": {"positive": np.full(n, uniform), "negative": np.full(n, uniform)},
+                "fnr": np.full(n, 0.5), "fpr": np.full(n, 0.25)}
+    return {"affact_u": report(u_pos, u_neg), "affact_b": report(b_pos, b_neg)}
+
+
+def test_majority_class_finding_by_hand():
+    names = ["Bald", "No_Beard", "Smiling", "Eyeglasses"]
+    p = np.array([0.05, 0.9, 0.5, 0.1])
+    defined = np.array([True, True, True, False])
+    # Bald: majority negative; No_Beard: majority positive; Smiling balanced;
+    # Eyeglasses has no mask here. So two attributes are compared.
+    reports = _reports(u_pos=[np.nan, 0.1, 0.9, 0.9], u_neg=[0.2, 0.7, 0.9, 0.0],
+                       b_pos=[0.4, 0.3, 0.0, 0.9], b_neg=[0.5, 0.6, 0.0, 0.9])
+    finding = ac.majority_class_finding(p, reports, "grad_cam/predicted", defined, names, 0.35)
+    assert [r["attribute"] for r in finding["rows"]] == ["Bald", "No_Beard"]
+    assert [r["majority"] for r in finding["rows"]] == ["negative", "positive"]
+    assert finding["majority"]["mean_u"] == pytest.approx((0.2 + 0.1) / 2)
+    assert finding["majority"]["mean_b"] == pytest.approx((0.5 + 0.3) / 2)
+    assert finding["majority"]["num_b_higher"] == 2
+    # Minority side: Bald's AFFACT-u never predicted positive (NaN) -> only No_Beard.
+    assert finding["minority"]["attributes"] == ["No_Beard"]
+    assert finding["minority"]["mean_u"] == pytest.approx(0.7)
+    assert finding["minority_error_u"] == pytest.approx((0.5 + 0.25) / 2)  # FNR, FPR
+    assert finding["shows"] is True
+    # Reversed: the balanced model's majority CAMs are weaker -> it does not show.
+    reversed_reports = {"affact_u": reports["affact_b"], "affact_b": reports["affact_u"]}
+    assert ac.majority_class_finding(p, reversed_reports, "grad_cam/predicted", defined, names,
+                                     0.35)["shows"] is False
+    none = ac.majority_class_finding(p, reports, "grad_cam/predicted", defined, names, 0.49)
+    assert none["majority"]["num_attributes"] == 0 and none["shows"] is False
+
+
+def test_bad_configs_raise_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="unknown config variant"):
+        get_config("bogus")
+    config = get_config("smoke")
+    with pytest.raises(ValueError, match="main_method"):
+        ac.cam_pairs(("hires_cam",), "grad_cam")
+    with pytest.raises(ValueError, match="unknown CAM method|unknown"):
+        ac.cam_pairs(("not_a_cam",), "not_a_cam")
+    config.data.source = "celeba"
+    config.data.root = str(tmp_path / "no_celeba_here")
+    with pytest.raises(FileNotFoundError, match="data.root"):
+        ac.build_source(config.data)
+    config.data.source = "imagenet"
+    with pytest.raises(ValueError, match="data.source"):
+        ac.build_source(config.data)
+    config = get_config("smoke")
+    config.data.attributes = ("Wearing_Hat", "Not_An_Attribute")
+    with pytest.raises(ValueError, match="Not_An_Attribute"):
+        ac.attribute_names(config.data, np.zeros((2, 40), np.int8))
+    config.data.attributes = ()
+    with pytest.raises(ValueError, match="no known attribute targets"):
+        ac.attribute_names(config.data, np.full((2, 40), -1, np.int8))
+    table = np.full((2, 40), -1, np.int8)
+    table[:, [regions.attribute_id("Bald"), regions.attribute_id("Young")]] = 1
+    assert ac.attribute_names(config.data, table) == ("Bald", "Young")
+    config = get_config("smoke")
+    config.data.test_offset = 10
+    with pytest.raises(ValueError, match="test_offset"):
+        ac.split_indices(config, ac.build_source(config.data))
+    config = get_config("smoke")
+    config.train.unbalanced_loss = "hinge"
+    with pytest.raises(ValueError, match="unbalanced_loss"):
+        ac.model_losses(config)
