@@ -20,7 +20,10 @@ grid, ~5x slower) or --config.explain.num_positive=300.
 Why the default sizes (2-core CPU, about 10-12 min on a free machine):
 * vit_tiny_face_p16: 16 px patches give a 7 x 7 grid (50 tokens), about 5x
   cheaper than the 14 x 14 grid of vit_tiny_face and the paper's model.
-* 400 identities x 10 images x 8 epochs at batch 64 = 500 updates.
+* 400 identities x 10 images x 6 epochs at batch 32 = 750 updates (steps
+  matter more than epochs here: 3 epochs at batch 64 left the CosFace loss
+  nearly flat, 3 epochs at batch 32 with s = 16, m = 0.2 reached ~88%
+  10-fold accuracy).
 * 100 test identities, 10 folds x 30 matched + 30 mismatched pairs.
 * Table 1 on up to 100 true-positive and 100 true-negative pairs (each
   attention method costs one forward + backward per image and one forward
@@ -54,18 +57,20 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
     c.train = ml_collections.ConfigDict()
     c.train.num_identities = 400
-    c.train.batch_size = 64
-    c.train.num_epochs = 8
+    c.train.batch_size = 32
+    c.train.num_epochs = 6
     c.train.optimizer = "adamw"
     c.train.lr = 1e-3
     c.train.weight_decay = 0.05
     c.train.schedule = "cosine"
     c.train.warmup_steps = 50
     c.train.grad_clip_norm = 1.0
-    # CosFace on the cosine head; the scale is below Face Transformer's 64 because
-    # a few hundred identities saturate the softmax at 64 long before the margin is met.
-    c.train.scale = 32.0
-    c.train.margin = 0.35
+    # CosFace on the cosine head. Face Transformer's s = 64, m = 0.35 (the paper
+    # variant) barely moved a small ViT trained from scratch for a few hundred
+    # steps (s = 32, m = 0.35: loss 17.2 -> 16.1, 76% verification accuracy after
+    # 186 updates); s = 16, m = 0.2 learns within the CPU budget.
+    c.train.scale = 16.0
+    c.train.margin = 0.2
     c.train.flip = True
     c.train.ckpt_every = 100
     c.train.log_every = 25
@@ -150,6 +155,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.train.lr = 3e-4
         c.train.warmup_steps = 1000
         c.train.scale = 64.0
+        c.train.margin = 0.35
         c.train.ckpt_every = 1000
         c.train.log_every = 100
         c.test.num_identities = 1000

@@ -3,8 +3,8 @@
 # CAMs on CelebA-like synthetic faces (Tables 1-2 and Figures 2-4 analogues,
 # results.json and the README fragment summary.md).
 #
-# About 10-12 minutes on a free 2-core CPU (two small ResNets x 625 updates at
-# 96 px, then ~515 frontal test faces explained with 4 CAM methods). Rerunning
+# About 7-8 minutes on a free 2-core CPU (two small ResNets x 1,000 updates at
+# 96 px, then ~530 frontal test faces explained with 4 CAM methods). Rerunning
 # reloads the finished models from results/attribute_cams/models/ (kept out of
 # git by the .gitignore there) and only re-explains. Extra arguments are
 # passed to explain.py, e.g. --config.train.unbalanced_loss=bce.

@@ -226,28 +226,44 @@ def _reports(u_pos, u_neg, b_pos, b_neg, uniform=0.1):
 
 
 def test_majority_class_finding_by_hand():
-    names = ["Bald", "No_Beard", "Smiling", "Eyeglasses"]
-    p = np.array([0.05, 0.9, 0.5, 0.1])
-    defined = np.array([True, True, True, False])
-    # Bald: majority negative; No_Beard: majority positive; Smiling balanced;
-    # Eyeglasses has no mask here. So two attributes are compared.
-    reports = _reports(u_pos=[np.nan, 0.1, 0.9, 0.9], u_neg=[0.2, 0.7, 0.9, 0.0],
-                       b_pos=[0.4, 0.3, 0.0, 0.9], b_neg=[0.5, 0.6, 0.0, 0.9])
+    from scipy import stats
+
+    names = ["Bald", "Gray_Hair", "Wearing_Hat", "Goatee", "Mustache", "No_Beard", "Smiling",
+             "Eyeglasses"]
+    p = np.array([0.05, 0.04, 0.05, 0.06, 0.04, 0.9, 0.5, 0.1])
+    defined = np.array([True, True, True, True, True, True, True, False])
+    # Five rare attributes (majority negative), No_Beard (majority positive),
+    # Smiling balanced, Eyeglasses without a mask: six attributes compared.
+    u_major = [0.20, 0.10, 0.15, 0.30, 0.25, 0.10]
+    b_major = [0.50, 0.20, 0.16, 0.40, 0.35, 0.30]
+    reports = _reports(u_pos=[np.nan] * 5 + [u_major[5], 0.9, 0.9],
+                       u_neg=u_major[:5] + [0.7, 0.9, 0.0],
+                       b_pos=[0.4, np.nan, 0.3, 0.3, 0.3, b_major[5], 0.0, 0.9],
+                       b_neg=b_major[:5] + [0.6, 0.0, 0.9])
     finding = ac.majority_class_finding(p, reports, "grad_cam/predicted", defined, names, 0.35)
-    assert [r["attribute"] for r in finding["rows"]] == ["Bald", "No_Beard"]
-    assert [r["majority"] for r in finding["rows"]] == ["negative", "positive"]
-    assert finding["majority"]["mean_u"] == pytest.approx((0.2 + 0.1) / 2)
-    assert finding["majority"]["mean_b"] == pytest.approx((0.5 + 0.3) / 2)
-    assert finding["majority"]["num_b_higher"] == 2
-    # Minority side: Bald's AFFACT-u never predicted positive (NaN) -> only No_Beard.
+    assert [r["attribute"] for r in finding["rows"]] == names[:6]
+    assert [r["majority"] for r in finding["rows"]] == ["negative"] * 5 + ["positive"]
+    majority = finding["majority"]
+    assert majority["mean_u"] == pytest.approx(np.mean(u_major))
+    assert majority["mean_b"] == pytest.approx(np.mean(b_major))
+    assert majority["mean_lift_b"] == pytest.approx(np.mean(b_major) / 0.1)
+    assert majority["num_b_higher"] == 6
+    assert majority["wilcoxon_p_b_greater"] == pytest.approx(
+        stats.wilcoxon(b_major, u_major, alternative="greater").pvalue)
+    assert majority["wilcoxon_p_b_greater"] == pytest.approx(1 / 64)  # exact: all 6 pairs b > u
+    # Minority side: only No_Beard has predictions on both models' minority side.
     assert finding["minority"]["attributes"] == ["No_Beard"]
     assert finding["minority"]["mean_u"] == pytest.approx(0.7)
-    assert finding["minority_error_u"] == pytest.approx((0.5 + 0.25) / 2)  # FNR, FPR
-    assert finding["shows"] is True
-    # Reversed: the balanced model's majority CAMs are weaker -> it does not show.
-    reversed_reports = {"affact_u": reports["affact_b"], "affact_b": reports["affact_u"]}
-    assert ac.majority_class_finding(p, reversed_reports, "grad_cam/predicted", defined, names,
-                                     0.35)["shows"] is False
+    assert finding["minority_error_u"] == pytest.approx((5 * 0.5 + 0.25) / 6)  # FNR x5, FPR
+    assert finding["testable"] and finding["shows"] is True
+    # Reversed roles: the balanced model's majority CAMs are weaker -> it does not show.
+    swapped = {"affact_u": reports["affact_b"], "affact_b": reports["affact_u"]}
+    reverse = ac.majority_class_finding(p, swapped, "grad_cam/predicted", defined, names, 0.35)
+    assert reverse["testable"] and reverse["shows"] is False
+    # Too few attributes for the test: inconclusive, never "shows".
+    few = ac.majority_class_finding(p, reports, "grad_cam/predicted", defined, names, 0.455)
+    assert few["majority"]["num_attributes"] == 2  # Gray_Hair, Mustache
+    assert not few["testable"] and few["shows"] is False
     none = ac.majority_class_finding(p, reports, "grad_cam/predicted", defined, names, 0.49)
     assert none["majority"]["num_attributes"] == 0 and none["shows"] is False
 
@@ -285,3 +301,52 @@ def test_bad_configs_raise_clear_errors(tmp_path):
     config.train.unbalanced_loss = "hinge"
     with pytest.raises(ValueError, match="unbalanced_loss"):
         ac.model_losses(config)
+
+
+def _write_tiny_celeba(root, n=4):
+    """A CelebA folder in the published layout: n 178 x 218 JPEGs and the tables."""
+    from PIL import Image
+    from faceaudit_jax.data import celeba
+
+    (root / celeba.CELEBA_IMAGE_DIR).mkdir(parents=True)
+    names = [f"{i + 1:06d}.jpg" for i in range(n)]
+    for i, name in enumerate(names):
+        Image.new("RGB", (178, 218), (40 * i, 100, 200)).save(root / celeba.CELEBA_IMAGE_DIR / name)
+    attrs = np.where(np.arange(n)[:, None] % 2 == 0, 1, -1) * np.ones((1, 40), int)
+    (root / celeba.CELEBA_ATTR_FILE).write_text(
+        f"{n}\n" + " ".join(regions.ATTRIBUTES) + "\n"
+        + "".join(name + " " + " ".join(str(v) for v in row) + "\n"
+                  for name, row in zip(names, attrs)))
+    # Frontal landmarks (x, y): eyes, nose on the eye-mouth axis, mouth corners.
+    points = "69 111 109 111 89 135 73 152 105 152"
+    (root / celeba.CELEBA_LANDMARK_FILE).write_text(
+        f"{n}\n" + " ".join(celeba.LANDMARK_COLUMNS) + "\n"
+        + "".join(f"{name} {points}\n" for name in names))
+    (root / celeba.CELEBA_PARTITION_FILE).write_text(
+        "".join(f"{name} {0 if i < n - 1 else 2}\n" for i, name in enumerate(names)))
+
+
+def test_celeba_source_feeds_the_experiment_batches(tmp_path):
+    _write_tiny_celeba(tmp_path)
+    config = get_config("celeba")
+    config.data.root = str(tmp_path)
+    config.data.resolution = 64
+    source = ac.build_source(config.data)
+    train_idx, test_idx = ac.split_indices(config, source)  # size 0: whole partitions
+    np.testing.assert_array_equal(train_idx, [0, 1, 2])
+    np.testing.assert_array_equal(test_idx, [3])
+    train_attrs = source.attributes(train_idx)["attrs"]
+    assert ac.attribute_names(config.data, train_attrs) == regions.ATTRIBUTES
+    batch = source.batch([0, 3])
+    assert set(batch) == {"image", "attrs", "landmarks"}
+    assert batch["image"].shape == (2, 64, 64, 3) and batch["attrs"].shape == (2, 40)
+    assert batch["landmarks"].shape == (2, 5, 2)
+    from faceaudit_jax.data import frontal
+    keep, counts = frontal.frontal_filter(np.asarray(batch["landmarks"]))
+    assert keep.all() and counts["kept"] == 2
+    np.testing.assert_allclose(ac.training_positive_share(train_attrs, regions.ATTRIBUTES),
+                               np.full(40, 2 / 3))
+    # CelebA has no parse maps: the parse-region masks are refused, clearly.
+    config.explain.mask_source = "parse"
+    with pytest.raises(ValueError, match="no parse maps"):
+        ac.explain_test_set([], source, test_idx, regions.ATTRIBUTES, (), config)

@@ -1,7 +1,5 @@
 """CorrRISE: correlation maps, masks, streaming/sharded equivalence, black-box adapter."""
 
-import warnings
-
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -302,6 +302,22 @@ def test_smoke_resume_reuses_audits_and_detects_changed_settings(smoke_run, monk
         ft.run_tables(changed, str(workdir))
 
 
+
+def test_smoke_changed_explanation_reaudits_without_retraining(smoke_run):
+    config, workdir, _ = smoke_run
+    name = "biased_Male_Blond_Hair"
+    metrics = (workdir / "models" / name / "metrics.jsonl").read_text()
+    before = json.loads((workdir / "audits" / f"{name}.json").read_text())
+    changed = config.copy_and_resolve_references()
+    changed.explain.method = "hires_cam"
+    changed.tables.parts = ("table1",)
+    ft.run_tables(changed, str(workdir))
+    after = json.loads((workdir / "audits" / f"{name}.json").read_text())
+    assert after["fingerprint"] != before["fingerprint"]
+    assert after["model_fingerprint"] == before["model_fingerprint"]
+    assert (workdir / "models" / name / "metrics.jsonl").read_text() == metrics  # not retrained
+    assert after["group_accuracy"] == before["group_accuracy"]   # same model, same test set
+
 def test_predict_logits_matches_classifier_and_compiles_once():
     import jax
     from faceaudit_jax.models import build_model, init_variables

@@ -165,6 +165,8 @@ def test_streaming_equals_one_shot_with_groups():
     groups[:3] = [0, 1, 0]
     parse[groups == 2] = np.where(parse[groups == 2] == 7, 1, parse[groups == 2])
     state = ior_lib.IoRAccumulator.init(NUM_REGIONS, num_groups=3)
+    # Other test files in this worker may have compiled other shapes already.
+    compiled_before = ior_lib._ior_update_jit._cache_size()
     for lo, hi in ((0, 3), (3, 6), (6, 9)):
         state = ior_lib.IoRAccumulator.update(state, maps[lo:hi], parse[lo:hi],
                                               groups[lo:hi])
@@ -181,7 +183,7 @@ def test_streaming_equals_one_shot_with_groups():
     if (groups == 2).any():
         assert np.isnan(summary.ior_by_group[2, 7])
     # Same batch shape three times: the update compiled once.
-    assert ior_lib._ior_update_jit._cache_size() == 1
+    assert ior_lib._ior_update_jit._cache_size() - compiled_before <= 1
     with pytest.raises(ValueError, match="group id 3 out of range"):
         ior_lib.IoRAccumulator.update(state, maps[:2], parse[:2], np.array([0, 3]))
 

@@ -297,7 +297,8 @@ def _worst_case_params():
     sr = np.where((n // 4) % 2 == 0, 1.0, -1.0)
     over = dict(
         scale=np.full(B, S._SCALE_RANGE[1]), tx=sx * S._TX_RANGE[1],
-        ty=np.where(sy > 0, S._TY_RANGE[1], S._TY_RANGE[0]), yaw=sx * S.MAX_YAW,
+        ty=np.where(sy > 0, S._TY_RANGE[1], S._TY_RANGE[0]),
+        yaw=np.where(n < 8, 0.0, sx * S.MAX_YAW),   # frontal faces are the widest
         roll=sr * S._ROLL_RANGE[1], face_r=np.where(n % 3 == 0, S._FACE_R_RANGE[0], S._FACE_R_RANGE[1]),
         eye_dx=np.full(B, 0.195), eye_w=np.full(B, 0.084), eye_h=np.full(B, 0.039),
         eye_y=np.where(sy > 0, -0.005, -0.065), brow_gap=np.full(B, 0.107),
@@ -348,3 +349,21 @@ def test_counterfactual_parameters_change_only_their_region():
             for dx in (0, 1, 2):
                 near_lips = near_lips | padded[:, dy:dy + 64, dx:dx + 64]
     assert not (changed & ~near_lips).any()
+
+
+def test_counter_hash_draws_are_uniform_normal_and_uncorrelated():
+    idx = np.arange(200_000)
+    stream = S._Stream(SEED, S.IMAGE_STREAM, idx, ("a", "b"), ("z",))
+    a, b, z = stream.u("a"), stream.u("b"), stream.z("z")
+    assert 0.0 <= a.min() and a.max() < 1.0
+    counts = np.histogram(a, bins=20, range=(0, 1))[0]
+    expected = len(idx) / 20
+    assert ((counts - expected) ** 2 / expected).sum() < 60      # chi2(19): p ~ 1e-6
+    assert abs(z.mean()) < 0.01 and abs(z.std() - 1.0) < 0.01
+    assert abs(np.mean(np.abs(z) < 1.0) - 0.6827) < 0.005
+    assert abs(np.corrcoef(a, b)[0, 1]) < 0.01                   # slots
+    assert abs(np.corrcoef(a[:-1], a[1:])[0, 1]) < 0.01          # neighbouring indices
+    other_seed = S._Stream(SEED + 1, S.IMAGE_STREAM, idx, ("a",), ()).u("a")
+    identity = S._Stream(SEED, S.IDENTITY_STREAM, idx, ("a",), ()).u("a")
+    assert abs(np.corrcoef(a, other_seed)[0, 1]) < 0.01
+    assert abs(np.corrcoef(a, identity)[0, 1]) < 0.01

@@ -268,3 +268,29 @@ def test_config_variants():
         assert config.explain.main_method in config.explain.methods
     with pytest.raises(ValueError, match="variant"):
         _config("huge")
+
+
+def test_bad_explain_settings_fail_before_any_work(tmp_path):
+    config = _config("smoke")
+    config.explain.fill = float("inf")
+    with pytest.raises(ValueError, match="explain.fill"):
+        vit_fv.run(config, str(tmp_path))
+    config = _config("smoke")
+    config.explain.methods = ("rollout", "saliency")
+    with pytest.raises(ValueError, match="explain.methods"):
+        vit_fv.run(config, str(tmp_path))
+    config = _config("smoke")
+    config.explain.main_method = "grad_rollout"
+    with pytest.raises(ValueError, match="main_method"):
+        vit_fv.run(config, str(tmp_path))
+    assert not (tmp_path / "models").exists()
+
+
+def test_reports_regenerate_identically_from_results_json(smoke_run):
+    _, workdir, _ = smoke_run
+    before = {name: (workdir / name).read_text() for name in ("summary.md", "table1.md")}
+    vit_fv.rewrite_reports(workdir)
+    for name, text in before.items():
+        assert (workdir / name).read_text() == text, name
+    with pytest.raises(FileNotFoundError, match="results.json"):
+        vit_fv.rewrite_reports(workdir / "nowhere")

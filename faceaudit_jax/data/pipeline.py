@@ -48,13 +48,11 @@ class SyntheticSource:
 
 def attribute_label_fn(target: str) -> Callable[[dict], dict]:
     """Adds ``label`` (float32 [B], 0/1) and ``label_mask`` for one binary attribute."""
-    col = regions.attribute_id(target)
+    add_labels = multi_attribute_label_fn([target])
 
     def add_label(batch):
-        raw = batch["attrs"][:, col]
-        batch = dict(batch)
-        batch["label"] = jnp.asarray(raw == 1, jnp.float32)
-        batch["label_mask"] = jnp.asarray(raw >= 0)
+        batch = add_labels(batch)
+        batch["label"], batch["label_mask"] = batch["label"][:, 0], batch["label_mask"][:, 0]
         return batch
 
     return add_label

@@ -2,53 +2,71 @@
 
 Every image is a pure function of ``(seed, index)``: nothing is stored, any
 image can be re-rendered from its index, and a data set of a million faces is a
-range of integers. Rendering happens in JAX (one jitted function per batch
-size, resolution and flags, ``vmap`` over images) with an exact parse map in
-the CelebAMask-HQ region order of :mod:`faceaudit_jax.regions`.
+range of integers. Each image comes with the batch format of DESIGN.md,
+including an exact parse map in the CelebAMask-HQ region order of
+:mod:`faceaudit_jax.regions`.
+
+Public functions: :func:`render` (pixels and labels of images by index),
+:func:`sample_attributes` (attributes only, no pixels: cheap enough to filter
+pools of millions of indices), :func:`sample_parameters` and
+:func:`render_parameters` (the drawing parameters, e.g. to render a
+counterfactual with one accessory switched), :func:`attribute_rates`.
 
 How a face is made
 ------------------
 * Randomness. Image ``index`` belongs to identity ``index //
-  images_per_identity``. Identity-level draws (sex, age, skin tone, face and
-  jaw shape, eye spacing, nose, lips, brows) come from
-  ``fold_in(fold_in(key(seed), IDENTITY_STREAM), identity)``; image-level draws
-  (pose, lighting, expression, hair style and colour, accessories, background)
-  from ``fold_in(fold_in(key(seed), IMAGE_STREAM), index)``. Binary attributes
-  are comparisons of those uniforms with constant probabilities only, so
-  :func:`sample_attributes` (attributes alone, no pixels) returns exactly the
-  attributes :func:`render` draws.
-* Geometry. Shapes are signed-distance (or close-to-signed-distance) functions
-  in continuous coordinates: the image spans [-1, 1] on both axes (x to the
-  right, y down), so the same face rendered at 64 and at 512 pixels is the
-  same face. The image is anti-aliased (coverage = clip(0.5 - d / pixel));
-  the parse map is the hard assignment d < 0, painted in occlusion order:
-  background, long (back) hair, cloth (necktie included), neck, necklace,
-  ears, earrings, face skin (beard, moustache, stubble, wrinkles and make-up
-  are colour on skin, as in CelebAMask-HQ), front hair (cap, bangs, side
-  locks over the top of the ears, sideburns), brows, eyes, nose, lips and
-  mouth opening, eyeglasses, hat.
-* Pose. Scale, translation and roll (about the neck) move the head; yaw is
-  drawn by shifting the inner features (eyes, nose, mouth; the nose more,
-  because it sticks out) towards the turned side and squashing that half of
-  the face outline, while the far ear slides behind the cheek. ``yaw`` is
-  returned in radians, positive when the face turns towards the image's
-  right (features shifted to larger x); it is drawn within about +-30 deg.
+  images_per_identity``. Every random number is a counter-based hash (numpy,
+  splitmix64) of ``(seed, stream, counter, slot)``: identity-level draws
+  (sex, age, skin tone, face and jaw shape, eye spacing, nose, lips, brows,
+  usual hair colour, baldness) use the identity as counter, image-level
+  draws (pose, lighting, expression, hair style, accessories, background) the
+  image index. This plays the role of ``fold_in(key(seed), index)`` without
+  a compile and at about a million images per second on one core. Binary
+  attributes are comparisons of those uniforms with constant probabilities,
+  so :func:`sample_attributes` returns exactly the attributes :func:`render`
+  draws.
+* Geometry. Shapes are signed-distance (or first-order signed-distance)
+  functions in continuous coordinates: the image spans [-1, 1] on both axes
+  (x to the right, y down), so the same face rendered at 64 and at 512 pixels
+  is the same face. The image is anti-aliased (coverage = clip(0.5 - d /
+  pixel)); the parse map is the hard assignment d < 0, painted in occlusion
+  order: background, long (back) hair, cloth, neck, necktie (part of cloth),
+  necklace, ears, earrings, face skin (beard, moustache, stubble, wrinkles
+  and make-up are colour on skin, as in CelebAMask-HQ), front hair (cap,
+  bangs, side locks over the top of the ears, sideburns), eyeglasses arms,
+  brows, eyes, glasses rims, nose, lips and mouth opening, hat.
+* Pose. Scale, translation and roll (about a point between nose and mouth)
+  move the head; yaw is drawn by shifting the inner features (eyes, nose,
+  mouth; the nose more, because it sticks out) towards the turned side and
+  squashing that half of the face outline, while the far ear slides behind
+  the cheek. ``yaw`` is returned in radians, positive when the face turns
+  towards the image's right (features shifted to larger x); it is drawn
+  within +-30 degrees (normal, sd ~11 degrees), so CelebA's frontal filter
+  (nose off the eye-mouth line by < 0.1 of its length) keeps about 9 faces
+  in 10 and rejects those turned by more than ~25 degrees.
 * Male and Young are carried by subtle cues on purpose (the papers' shortcut
   experiments need a target that is harder than the accessory shortcut):
   Male by a slightly wider, squarer jaw, slightly thicker brows and neck,
   shorter hair on average (per image, overlapping strongly with women's) and
-  optional facial hair; Young by the absence of faint wrinkles, under-eye
-  lines, skin texture and grey strands. Accessories are salient on purpose:
-  lipstick is saturated red, earrings bright discs or hoops, glasses dark
-  frames, hats large coloured shapes.
+  optional facial hair; Young by the absence of faint wrinkles, skin
+  texture, under-eye bags and grey strands. Accessories are salient on
+  purpose: lipstick is saturated red, earrings bright discs or hoops,
+  glasses dark frames, hats large coloured shapes.
+* Speed. The pixels come from one jitted function of the parameter arrays,
+  compiled once per (batch size, resolution). Per-pixel work avoids
+  transcendental functions (they dominated the cost), the many small
+  inner-face layers are drawn only inside static windows that contain them
+  for every pose, and batches are rendered in chunks of ~2**17 pixels so
+  the intermediates stay in cache (see benchmarks/bench_render.py).
 
 Left and right follow the image, as CelebA's landmarks do: ``l_eye``,
 ``l_brow``, ``l_ear`` and the first landmark are on the image's left.
 
-Thin features (glasses frames, necklace, hoops, the mouth opening, lips) have
-a minimum stroke of about one pixel, so a drawn accessory always owns parse
-pixels at every resolution from 64 up; that is the only place resolution
-changes geometry, and only at low resolutions.
+Thin features (glasses rims, necklace, hoops, the mouth opening, lips, eyes,
+brows) have a minimum stroke of about one pixel, so a drawn accessory always
+owns parse pixels at every resolution from 64 up; that is the only place
+resolution changes geometry, and only at low resolutions (at 64 px a
+glasses rim can hide a brow).
 
 Attributes the renderer does not draw (Attractive, Blurry, High_Cheekbones,
 Oval_Face, Pointy_Nose) are -1. Hair colour is one of black, brown, blond,
@@ -95,9 +113,10 @@ DRAWN_ATTRIBUTES: tuple[str, ...] = tuple(
 _R = regions.REGION_ID
 
 # ---------------------------------------------------------------------------
-# Random slots. Each image (and each identity) draws one vector of uniforms
-# and one of normals; the names below say which entry feeds what. Adding a
-# slot at the end keeps every earlier draw unchanged.
+# Random slots: the named draws of an identity and of an image. A draw's
+# value depends on its position here (the hash's slot), so adding a name at
+# the end of a tuple keeps every earlier draw, and so every data set,
+# unchanged.
 # ---------------------------------------------------------------------------
 _ID_UNIFORMS = (
     "male", "young", "group", "pale", "big_nose", "big_lips", "chubby",
@@ -112,7 +131,7 @@ _ID_NORMALS = (
 )
 _IM_UNIFORMS = (
     "smiling", "open", "lipstick", "makeup", "earrings", "necklace",
-    "necktie", "hat", "glasses", "hair_cat", "bald", "bangs", "hair_texture",
+    "necktie", "hat", "glasses", "hair_cat", "bangs", "hair_texture",
     "sideburns", "stubble", "goatee", "mustache", "beard", "rosy", "narrow",
     "bg_r", "bg_g", "bg_b", "bg2_r", "bg2_g", "bg2_b", "light_angle",
     "cloth_r", "cloth_g", "cloth_b", "neckline", "tie_colour", "hat_colour",
@@ -128,12 +147,6 @@ _IM_NORMALS = (
 )
 
 
-def _slot_index(names: tuple[str, ...]) -> dict[str, int]:
-    return {n: i for i, n in enumerate(names)}
-
-
-_IDU, _IDZ = _slot_index(_ID_UNIFORMS), _slot_index(_ID_NORMALS)
-_IMU, _IMZ = _slot_index(_IM_UNIFORMS), _slot_index(_IM_NORMALS)
 
 # ---------------------------------------------------------------------------
 # Colours (linear-ish RGB in [0, 1]).
@@ -262,10 +275,6 @@ class _Stream:
         return self._cache[key]
 
 
-def _where(cond, a, b):
-    return np.where(cond, a, b)
-
-
 def _pick(palette: np.ndarray, u: np.ndarray) -> np.ndarray:
     """Rows of a constant palette chosen by uniforms in [0, 1)."""
     return palette[np.minimum((u * len(palette)).astype(np.int64), len(palette) - 1)]
@@ -304,42 +313,42 @@ def _draw(seed: int, indices: np.ndarray, images_per_identity: int, independent:
     # ---- identity level ----------------------------------------------------
     male = ids.u("male") < M["Male"]
     female = ~male
-    young = ids.u("young") < p("Young", _where(male, 0.66, 0.85))
+    young = ids.u("young") < p("Young", np.where(male, 0.66, 0.85))
     group = np.searchsorted(np.array([0.55, 0.78, 0.91]), ids.u("group"), side="right")
     pale = ids.u("pale") < p("Pale_Skin", np.where(
-        group == 0, _where(male, 0.02, 0.09), _where((group == 1) & female, 0.03, 0.0)))
-    big_nose = ids.u("big_nose") < p("Big_Nose", _where(male, 0.38, 0.12))
-    big_lips = ids.u("big_lips") < p("Big_Lips", _where(male, 0.17, 0.29))
+        group == 0, np.where(male, 0.02, 0.09), np.where((group == 1) & female, 0.03, 0.0)))
+    big_nose = ids.u("big_nose") < p("Big_Nose", np.where(male, 0.38, 0.12))
+    big_lips = ids.u("big_lips") < p("Big_Lips", np.where(male, 0.17, 0.29))
     chubby = ids.u("chubby") < p("Chubby", np.where(
-        male, _where(young, 0.05, 0.20), _where(young, 0.01, 0.06)))
+        male, np.where(young, 0.05, 0.20), np.where(young, 0.01, 0.06)))
     double_chin = ids.u("double_chin") < p("Double_Chin", np.where(
-        chubby, 0.5, _where(young, 0.01, 0.10)))
-    bushy = ids.u("bushy") < p("Bushy_Eyebrows", _where(male, 0.22, 0.08))
-    arched = ids.u("arched") < p("Arched_Eyebrows", _where(male, 0.10, 0.38))
-    bags = ids.u("bags") < p("Bags_Under_Eyes", _where(young, 0.13, 0.45))
+        chubby, 0.5, np.where(young, 0.01, 0.10)))
+    bushy = ids.u("bushy") < p("Bushy_Eyebrows", np.where(male, 0.22, 0.08))
+    arched = ids.u("arched") < p("Arched_Eyebrows", np.where(male, 0.10, 0.38))
+    bags = ids.u("bags") < p("Bags_Under_Eyes", np.where(young, 0.13, 0.45))
     receding_draw = ids.u("receding") < p("Receding_Hairline", np.where(
-        male, _where(young, 0.06, 0.30), 0.02))
+        male, np.where(young, 0.06, 0.30), 0.02))
 
     # ---- image level: expression and accessories ----------------------------
     smiling = img.u("smiling") < M["Smiling"]
-    mouth_open = img.u("open") < p("Mouth_Slightly_Open", _where(smiling, 0.70, 0.27))
-    lipstick = img.u("lipstick") < p("Wearing_Lipstick", _where(male, 0.01, 0.80))
+    mouth_open = img.u("open") < p("Mouth_Slightly_Open", np.where(smiling, 0.70, 0.27))
+    lipstick = img.u("lipstick") < p("Wearing_Lipstick", np.where(male, 0.01, 0.80))
     makeup = img.u("makeup") < p("Heavy_Makeup", np.where(
-        male, 0.005, _where(lipstick, 0.78, 0.05)))
-    earrings = img.u("earrings") < p("Wearing_Earrings", _where(male, 0.02, 0.31))
-    necklace = img.u("necklace") < p("Wearing_Necklace", _where(male, 0.02, 0.19))
-    necktie = img.u("necktie") < p("Wearing_Necktie", _where(male, 0.16, 0.005))
-    hat = img.u("hat") < p("Wearing_Hat", _where(male, 0.06, 0.04))
+        male, 0.005, np.where(lipstick, 0.78, 0.05)))
+    earrings = img.u("earrings") < p("Wearing_Earrings", np.where(male, 0.02, 0.31))
+    necklace = img.u("necklace") < p("Wearing_Necklace", np.where(male, 0.02, 0.19))
+    necktie = img.u("necktie") < p("Wearing_Necktie", np.where(male, 0.16, 0.005))
+    hat = img.u("hat") < p("Wearing_Hat", np.where(male, 0.06, 0.04))
     glasses = img.u("glasses") < p("Eyeglasses", np.where(
-        male, _where(young, 0.05, 0.17), _where(young, 0.035, 0.12)))
+        male, np.where(young, 0.05, 0.17), np.where(young, 0.035, 0.12)))
     narrow = img.u("narrow") < M["Narrow_Eyes"]
-    rosy = img.u("rosy") < p("Rosy_Cheeks", _where(male, 0.02, 0.10))
+    rosy = img.u("rosy") < p("Rosy_Cheeks", np.where(male, 0.02, 0.10))
 
     # ---- hair ---------------------------------------------------------------
     # Baldness and the usual hair colour belong to the identity; one image in
     # seven shows another colour (dyed, lit differently), drawn from the same
     # table so the rates do not change.
-    bald = ids.u("bald") < p("Bald", np.where(male, _where(young, 0.005, 0.12), 0.0))
+    bald = ids.u("bald") < p("Bald", np.where(male, np.where(young, 0.005, 0.12), 0.0))
     if independent:
         cum = np.broadcast_to(_HAIR_MARGINAL_CUM, (len(indices), len(_HAIR_MARGINAL_CUM)))
     else:
@@ -347,20 +356,20 @@ def _draw(seed: int, indices: np.ndarray, images_per_identity: int, independent:
     colour_u = np.where(img.u("hair_redraw") < 0.15, img.u("hair_cat"), ids.u("hair_cat"))
     hair_cat = np.where(bald, BALD, np.sum(colour_u[:, None] > cum, axis=1))
     has_hair = ~bald
-    bangs = has_hair & (img.u("bangs") < p("Bangs", _where(male, 0.09, 0.20)))
-    wavy_p = p("Wavy_Hair", _where(male, 0.18, 0.42))
-    straight_p = p("Straight_Hair", _where(male, 0.23, 0.20))
+    bangs = has_hair & (img.u("bangs") < p("Bangs", np.where(male, 0.09, 0.20)))
+    wavy_p = p("Wavy_Hair", np.where(male, 0.18, 0.42))
+    straight_p = p("Straight_Hair", np.where(male, 0.23, 0.20))
     texture_u = img.u("hair_texture")
     wavy = has_hair & (texture_u < wavy_p)
     straight = has_hair & (texture_u >= wavy_p) & (texture_u < np.add(wavy_p, straight_p))
-    sideburns = has_hair & (img.u("sideburns") < p("Sideburns", _where(male, 0.13, 0.0)))
+    sideburns = has_hair & (img.u("sideburns") < p("Sideburns", np.where(male, 0.13, 0.0)))
     receding = has_hair & receding_draw
 
     # ---- facial hair (colour on skin) ---------------------------------------
-    stubble = img.u("stubble") < p("5_o_Clock_Shadow", _where(male, 0.26, 0.0))
-    goatee = img.u("goatee") < p("Goatee", _where(male, 0.15, 0.0))
-    mustache = img.u("mustache") < p("Mustache", _where(male, 0.10, 0.0))
-    full_beard = img.u("beard") < p("full_beard", _where(male, 0.12, 0.0))
+    stubble = img.u("stubble") < p("5_o_Clock_Shadow", np.where(male, 0.26, 0.0))
+    goatee = img.u("goatee") < p("Goatee", np.where(male, 0.15, 0.0))
+    mustache = img.u("mustache") < p("Mustache", np.where(male, 0.10, 0.0))
+    full_beard = img.u("beard") < p("full_beard", np.where(male, 0.12, 0.0))
     no_beard = ~(goatee | mustache | full_beard)
 
     named = {
@@ -568,6 +577,14 @@ def _darken(canvas: _Canvas, amount):
     return canvas._replace(image=canvas.image * (1.0 - amount)[..., None])
 
 
+def _wave(x):
+    """A cheap sine look-alike (piecewise parabola, period 2 pi, error < 6 %)
+    for textures: transcendental functions dominate per-pixel cost on CPU."""
+    u = x * (1.0 / (2.0 * np.pi))
+    u = u - jnp.round(u)                      # [-0.5, 0.5]
+    return 8.0 * u * (1.0 - 2.0 * jnp.abs(u))
+
+
 def _hash_noise(ix, iy, salt):
     """Per-pixel value noise in [0, 1) from an integer hash of the pixel index."""
     h = (ix.astype(jnp.uint32) * jnp.uint32(0x9E3779B1)) ^ (
@@ -606,8 +623,9 @@ def _head_to_face_x(hx, warp, xp=jnp):
     a smoothed kink, sending -w_left -> -R, shift -> ~0 and w_right -> R."""
     shift, slope_left, slope_right = warp
     z = hx - shift
-    return slope_left * z + (slope_right - slope_left) * _WARP_SOFTNESS * xp.logaddexp(
-        z / _WARP_SOFTNESS, 0.0)
+    # Smooth max(z, 0) = (z + sqrt(z^2 + eps^2)) / 2: one sqrt, no exp / log.
+    return slope_left * z + (slope_right - slope_left) * 0.5 * (
+        z + xp.sqrt(z * z + _WARP_SOFTNESS ** 2))
 
 
 def _face_to_head_x(fx, warp, xp=jnp):
@@ -616,7 +634,8 @@ def _face_to_head_x(fx, warp, xp=jnp):
     z = xp.where(fx < 0, fx / slope_left, fx / slope_right)
     for _ in range(8):
         g = _head_to_face_x(z + shift, warp, xp) - fx
-        dg = slope_left + (slope_right - slope_left) / (1.0 + xp.exp(-z / _WARP_SOFTNESS))
+        dg = slope_left + (slope_right - slope_left) * 0.5 * (
+            1.0 + z / xp.sqrt(z * z + _WARP_SOFTNESS ** 2))
         z = z - g / dg
     return z + shift
 
@@ -671,7 +690,7 @@ def _frame(p, resolution: int, rows: tuple[int, int], cols: tuple[int, int]) -> 
 # windows: every window boundary materialises the canvas, and for the larger
 # layers that memory traffic costs more than the arithmetic a window saves
 # (measured; so is two windows beating one window around both).
-_EYES_BOX = ("face", (-0.30, 0.30, -0.245, 0.10))
+_EYES_BOX = ("face", (-0.35, 0.35, -0.245, 0.10))
 _MOUTH_BOX = ("face", (-0.22, 0.22, -0.05, 0.52))
 _WINDOW_MARGIN_PX = 3
 
@@ -719,10 +738,10 @@ def _head_sdf(fx, fy, p):
 
 def _hair_colour_field(f: _Frame, p):
     """Per-pixel hair colour: strands (wavy or straight), grey strands with age."""
-    wave = p["wavy"] * 0.035 * jnp.sin(f.fy * 38.0 + p["wave_phase"])
-    strands = jnp.sin((f.fx + wave) * 110.0 + 1.5 * jnp.sin(f.fy * 8.0))
+    wave = p["wavy"] * 0.035 * _wave(f.fy * 38.0 + p["wave_phase"])
+    strands = _wave((f.fx + wave) * 110.0 + 1.5 * _wave(f.fy * 8.0))
     grey_fraction = jnp.clip((p["age"] - 42.0) / 45.0, 0.0, 0.4) * (p["hair_cat"] != GRAY)
-    grey = jnp.clip(5.0 * jnp.sin((f.fx + wave) * 190.0 + 3.0 * jnp.sin(f.fx * 31.0 + p["wave_phase"]))
+    grey = jnp.clip(5.0 * _wave((f.fx + wave) * 190.0 + 3.0 * _wave(f.fx * 31.0 + p["wave_phase"]))
                     - 4.0, 0.0, 1.0)
     highlight = 0.12 * jnp.clip(1.0 - ((f.fy + 0.42) * 10.0) ** 2, 0.0, 1.0)
     colour = p["hair_colour"] * (1.0 + 0.06 * strands + highlight)[..., None]
@@ -738,7 +757,7 @@ def _draw_base(f: _Frame, p):
 
     r, length = p["face_r"], p["hair_len"]
     half_w = r + p["hair_volume"] + 0.05 * length
-    wave = p["wavy"] * 0.018 * jnp.sin(f.fy * 22.0 + p["wave_phase"])
+    wave = p["wavy"] * 0.018 * _wave(f.fy * 22.0 + p["wave_phase"])
     bottom = 0.05 + 0.55 * length
     d_back = _rounded_box(f.fx + wave, f.fy, 0.0, 0.5 * (bottom - 0.30), half_w,
                           0.5 * (bottom + 0.30), 0.12)
@@ -856,7 +875,7 @@ def _draw_front_hair(canvas, f: _Frame, p, d_face, hair_colour):
     sideburns. Returns the canvas and the visible-skin coverage."""
     r, vol = p["face_r"], p["hair_volume"]
     u = jnp.abs(f.fx)
-    wave = p["wavy"] * 0.012 * jnp.sin(f.fy * 30.0 + u * 20.0 + p["wave_phase"])
+    wave = p["wavy"] * 0.012 * _wave(f.fy * 30.0 + u * 20.0 + p["wave_phase"])
     d_cap = _ellipse(f.fx, f.fy, 0.0, -0.02, r + vol, p["top"] + vol - 0.02) + wave
     # Hairline: a side part tilts it, receding temples lift it at |x| ~ 0.2,
     # bangs bring it down to just above the brows.
@@ -864,7 +883,7 @@ def _draw_front_hair(canvas, f: _Frame, p, d_face, hair_colour):
     part = 0.04 * p["hair_part"] * f.fx * (1.0 / r)
     temple = p["receding"] * 0.14 * jnp.clip(1.0 - ((u - 0.20) * (1.0 / 0.10)) ** 2, 0.0, 1.0)
     hairline = -0.36 + 0.30 * un ** 4 + part - temple - 0.06 * p["receding"]
-    fringe = p["eye_y"] - p["brow_gap"] - 0.035 + 0.012 * jnp.sin(f.fx * 55.0 + p["bangs_phase"])
+    fringe = p["eye_y"] - p["brow_gap"] - 0.035 + 0.012 * _wave(f.fx * 55.0 + p["bangs_phase"])
     hairline = jnp.where((p["bangs"] > 0) & (u < 0.9 * r), jnp.maximum(hairline, fringe), hairline)
     d_forehead = _intersect(d_face, hairline - f.fy)
     # The front hair stops near the middle of the ears; longer hair is behind.
@@ -1106,10 +1125,29 @@ _COMPILER_OPTIONS = {"xla_llvm_disable_expensive_passes": True}
 
 
 
+# Images rendered together (vmap) per step of a loop over the batch: about
+# 2**17 pixels keeps the many per-layer intermediates in cache (measured
+# 1.3x at 128 px and 1.6x at 256 px over one vmap of the whole batch).
+_PIXELS_PER_CHUNK = 1 << 17
+
+
 @functools.partial(jax.jit, static_argnames=("resolution",), compiler_options=_COMPILER_OPTIONS)
 def _render_jit(params, *, resolution: int):
     """Pixels of a batch of parameter sets: (image, parse, landmarks)."""
-    image, parse = jax.vmap(_render_one, in_axes=(0, None))(params, resolution)
+    batch = params["yaw"].shape[0]
+    target = max(1, _PIXELS_PER_CHUNK // (resolution * resolution))
+    render_one = functools.partial(_render_one, resolution=resolution)
+    if batch <= target:
+        image, parse = jax.vmap(render_one)(params)
+    else:
+        # Equal chunks (padding the batch by fewer than `steps` copies of its
+        # last image): a remainder chunk would compile the renderer twice.
+        steps = -(-batch // target)
+        chunk = -(-batch // steps)
+        pad = steps * chunk - batch
+        padded = jax.tree.map(lambda v: jnp.concatenate([v, jnp.repeat(v[-1:], pad, axis=0)]), params)
+        image, parse = jax.lax.map(render_one, padded, batch_size=chunk)
+        image, parse = image[:batch], parse[:batch]
     landmarks = jax.vmap(_landmarks, in_axes=(0, None))(params, resolution)
     return image, parse, landmarks
 

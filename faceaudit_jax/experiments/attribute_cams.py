@@ -263,15 +263,17 @@ class TrainedModel:
 
 
 def _fingerprint(config, names: Sequence[str], loss: str) -> dict:
-    """What a checkpoint depends on; a mismatch means another experiment's model."""
-    return {
+    """What a checkpoint depends on (JSON-normalised); a mismatch means another model."""
+    train = {k: v for k, v in config.train.to_dict().items()
+             if k not in ("ckpt_every", "log_every")}
+    fingerprint = {
         "model": str(config.model.name), "attributes": list(names), "loss": loss,
         "source": str(config.data.source), "resolution": int(config.data.resolution),
         "data_seed": int(config.data.seed), "independent": bool(config.data.independent),
-        "train_size": int(config.train.size), "batch_size": int(config.train.batch_size),
-        "num_epochs": int(config.train.num_epochs), "lr": float(config.train.lr),
-        "seed": int(config.seed),
+        "images_per_identity": int(config.data.images_per_identity),
+        "seed": int(config.seed), "train": train,
     }
+    return json.loads(json.dumps(fingerprint))
 
 
 def _check_fingerprint(run_dir: Path, expected: dict) -> None:
@@ -455,6 +457,8 @@ def explain_test_set(models: Sequence[TrainedModel], source, test_idx: np.ndarra
     if mask_source == "parse" and isinstance(source, CelebASource):
         raise ValueError("CelebA has no parse maps; set explain.mask_source='rectangles'")
     cols = np.asarray(regions.attribute_ids(names))
+    if not models:
+        raise ValueError("no models to explain; expected at least one TrainedModel")
     if len({m.model for m in models}) != 1:
         raise ValueError("the models to explain must share one architecture (one compiled step)")
     step = make_explain_step(models[0].model, names, pairs, mask_source)
@@ -539,19 +543,29 @@ def model_report(evaluation: Evaluation, names: Sequence[str], pairs, defined: n
     }
 
 
+MIN_ATTRIBUTES_FOR_TEST = 5  # a one-sided signed-rank test needs a handful of pairs
+
+
 def majority_class_finding(p_train, reports: dict, key: str, defined, names: Sequence[str],
-                           min_imbalance: float) -> dict:
+                           min_imbalance: float, alpha: float = 0.05) -> dict:
     """Majority- and minority-class energies of AFFACT-u vs AFFACT-b on imbalanced attributes.
 
     Majority class: positive when the training p_m > 0.5, else negative. Over
     the attributes with a mask and |p_m - 0.5| >= ``min_imbalance``, compares
-    the mean energy (pair ``key``, e.g. "grad_cam/predicted") of the samples
-    each model predicts in the majority class, and in the minority class
-    (where both models predicted some). ``shows``: the paper's finding, i.e.
-    the balanced model's majority-class CAMs carry more energy in the
-    attribute region than the unbalanced model's, on average and for most of
-    the attributes.
+    per attribute the mean energy (pair ``key``, e.g. "grad_cam/predicted")
+    over the faces each model predicts in the majority class, and in the
+    minority class (where both models predicted some). ``lift`` = energy /
+    the energy a uniform map gets on the same faces (the mask's area share),
+    so attributes with small and large masks weigh alike.
+
+    ``shows`` (the paper's finding: the balanced model's majority-class CAMs
+    carry more energy in the attribute region than the unbalanced model's):
+    at least ``MIN_ATTRIBUTES_FOR_TEST`` attributes compared, the mean energy
+    of AFFACT-b above AFFACT-u's, and a one-sided Wilcoxon signed-rank test of
+    the per-attribute pairs (b > u) with p < ``alpha``.
     """
+    from scipy import stats  # only the closing note needs it
+
     p = np.asarray(p_train, np.float64)
     selected = np.asarray(defined, bool) & np.isfinite(p) & (fairness.imbalance(p) >= min_imbalance)
     majority_positive = p > 0.5
@@ -565,30 +579,41 @@ def majority_class_finding(p_train, reports: dict, key: str, defined, names: Seq
 
     rows = []
     for a in np.flatnonzero(selected):
-        rows.append({
-            "attribute": names[a], "p_train": float(p[a]),
-            "majority": "positive" if majority_positive[a] else "negative",
-            **{f"{label}_{m}": v for m, report in (("u", u), ("b", b))
-               for label, v in (
-                   ("majority_energy", side(report, True, "energy")[a]),
-                   ("minority_energy", side(report, False, "energy")[a]),
-                   ("majority_uniform", side(report, True, "uniform_energy")[a]),
-                   ("minority_error", np.where(majority_positive, report["fpr"],
-                                               report["fnr"])[a]))},
-        })
+        row = {"attribute": names[a], "p_train": float(p[a]),
+               "majority": "positive" if majority_positive[a] else "negative"}
+        for m, report in (("u", u), ("b", b)):
+            row[f"majority_energy_{m}"] = float(side(report, True, "energy")[a])
+            row[f"minority_energy_{m}"] = float(side(report, False, "energy")[a])
+            row[f"majority_uniform_{m}"] = float(side(report, True, "uniform_energy")[a])
+            row[f"minority_uniform_{m}"] = float(side(report, False, "uniform_energy")[a])
+            row[f"minority_error_{m}"] = float(
+                np.where(majority_positive, report["fpr"], report["fnr"])[a])
+        rows.append(row)
 
     def compare(kind: str) -> dict:
         eu = np.array([r[f"{kind}_energy_u"] for r in rows], np.float64)
         eb = np.array([r[f"{kind}_energy_b"] for r in rows], np.float64)
-        both = np.isfinite(eu) & np.isfinite(eb)
+        cu = np.array([r[f"{kind}_uniform_u"] for r in rows], np.float64)
+        cb = np.array([r[f"{kind}_uniform_b"] for r in rows], np.float64)
+        both = np.isfinite(eu) & np.isfinite(eb) & (cu > 0) & (cb > 0)
         n = int(both.sum())
-        return {
+        result = {
             "num_attributes": n,
             "attributes": [r["attribute"] for r, ok in zip(rows, both) if ok],
             "mean_u": float(eu[both].mean()) if n else None,
             "mean_b": float(eb[both].mean()) if n else None,
+            "mean_uniform_u": float(cu[both].mean()) if n else None,
+            "mean_uniform_b": float(cb[both].mean()) if n else None,
+            "mean_lift_u": float((eu[both] / cu[both]).mean()) if n else None,
+            "mean_lift_b": float((eb[both] / cb[both]).mean()) if n else None,
             "num_b_higher": int((eb[both] > eu[both]).sum()),
+            "wilcoxon_p_b_greater": None,
         }
+        differences = eb[both] - eu[both]
+        if n >= MIN_ATTRIBUTES_FOR_TEST and np.any(differences != 0):
+            result["wilcoxon_p_b_greater"] = float(
+                stats.wilcoxon(eb[both], eu[both], alternative="greater").pvalue)
+        return result
 
     def mean_of(field):
         values = np.array([r[field] for r in rows], np.float64)
@@ -597,17 +622,15 @@ def majority_class_finding(p_train, reports: dict, key: str, defined, names: Seq
 
     majority = compare("majority")
     minority = compare("minority")
-    n = majority["num_attributes"]
-    shows = bool(n > 0 and majority["mean_b"] > majority["mean_u"]
-                 and majority["num_b_higher"] > n / 2)
+    p_value = majority["wilcoxon_p_b_greater"]
+    testable = majority["num_attributes"] >= MIN_ATTRIBUTES_FOR_TEST and p_value is not None
+    shows = bool(testable and majority["mean_b"] > majority["mean_u"] and p_value < alpha)
     return {
-        "pair": key, "min_imbalance": float(min_imbalance), "rows": rows,
-        "majority": majority, "minority": minority,
-        "majority_uniform_u": mean_of("majority_uniform_u"),
-        "majority_uniform_b": mean_of("majority_uniform_b"),
+        "pair": key, "min_imbalance": float(min_imbalance), "alpha": float(alpha),
+        "rows": rows, "majority": majority, "minority": minority,
         "minority_error_u": mean_of("minority_error_u"),
         "minority_error_b": mean_of("minority_error_b"),
-        "shows": shows,
+        "testable": bool(testable), "shows": shows,
     }
 
 
@@ -758,22 +781,29 @@ def summary_markdown(setup: dict, rows1: Sequence[dict], finding: dict,
         verdict = ("No attribute with a mask is imbalanced enough (|p_m - 0.5| >= "
                    f"{finding['min_imbalance']}) to test the paper's finding.")
     else:
+        p_value = maj["wilcoxon_p_b_greater"]
         verdict = (
             f"Over the {n} attributes with |p_m - 0.5| >= {finding['min_imbalance']:.2f} and a "
-            f"mask, the majority-class CAMs carry a mean energy of {maj['mean_u']:.3f} "
-            f"(AFFACT-u) vs {maj['mean_b']:.3f} (AFFACT-b) inside the attribute region "
-            f"(AFFACT-b higher for {maj['num_b_higher']} of {n}; a uniform map would get "
-            f"{_fmt(finding['majority_uniform_u'])}); the minority class: "
+            f"mask, the majority-class CAMs put a mean energy of {maj['mean_u']:.3f} (AFFACT-u) "
+            f"vs {maj['mean_b']:.3f} (AFFACT-b) inside the attribute region, "
+            f"{maj['mean_lift_u']:.2f}x vs {maj['mean_lift_b']:.2f}x what a uniform map gets "
+            f"on the same faces; AFFACT-b is higher for {maj['num_b_higher']} of {n} attributes "
+            f"(one-sided Wilcoxon signed-rank p = {_fmt(p_value)}). Minority class: "
             f"{_fmt(mino['mean_u'])} vs {_fmt(mino['mean_b'])} over the "
-            f"{mino['num_attributes']} attributes both models predict positively at least once, "
-            f"and the mean minority-class error rate is {_fmt(finding['minority_error_u'])} "
-            f"(u) vs {_fmt(finding['minority_error_b'])} (b). ")
-        verdict += ("**The paper's finding shows**: the unbalanced model's majority-class CAMs "
-                    "carry less energy in the attribute region than the balanced model's."
-                    if finding["shows"] else
-                    "**The paper's finding does not show** on these synthetic faces: the "
-                    "balanced model's majority-class CAMs do not carry clearly more energy in "
-                    "the attribute region than the unbalanced model's.")
+            f"{mino['num_attributes']} of these attributes that both models predict at least "
+            f"once; mean minority-class error rate {_fmt(finding['minority_error_u'])} (u) vs "
+            f"{_fmt(finding['minority_error_b'])} (b). ")
+        if finding["shows"]:
+            verdict += ("**The paper's finding shows**: the unbalanced model's majority-class "
+                        "CAMs carry less energy in the attribute region than the balanced "
+                        "model's.")
+        elif not finding["testable"]:
+            verdict += (f"**Inconclusive**: fewer than {MIN_ATTRIBUTES_FOR_TEST} attributes to "
+                        "compare.")
+        else:
+            verdict += ("**The paper's finding does not show** here: the balanced model's "
+                        "majority-class CAMs do not carry significantly more energy in the "
+                        f"attribute region (p >= {finding['alpha']}) than the unbalanced model's.")
     loss_u = ("plain Euclidean loss on +-1 targets" if setup["unbalanced_loss"] == "euclidean"
               else "sigmoid cross-entropy")
     files = ", ".join(f"[{f}]({link_prefix}{f})" for f in (

@@ -27,8 +27,10 @@ Resumability: every model trains in ``<workdir>/models/<name>`` (Orbax
 checkpoints: a killed run resumes, a finished model reloads instantly) and its
 audit is written to ``<workdir>/audits/<name>.json``; a model whose audit JSON
 exists is neither reloaded nor re-explained. Both carry a fingerprint of the
-settings that made them (training indices, weights, training and explanation
-config), and a mismatch raises instead of silently mixing runs.
+settings that made them: a model trained with other settings (training
+indices, weights, model, training or data config) raises instead of silently
+mixing runs; an audit made with other explanation settings or another test
+set is redone on the existing model.
 
 Outputs under ``<workdir>``: table1.json / table1.md, table3.*, table4.*,
 figure5.png / figure5.json / figure5.md, tables.md (all tables), audits/
@@ -266,22 +268,32 @@ def _digest(*arrays) -> str:
     return h.hexdigest()[:16]
 
 
-def fingerprint(config, spec: ModelSpec) -> str:
-    """Hash of the settings that determine a model and its audit."""
-    settings = {
+def _hash(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def model_fingerprint(config, spec: ModelSpec) -> str:
+    """Hash of the settings that determine a model's trained weights."""
+    train = config.train.to_dict()
+    for k in ("ckpt_every", "log_every"):  # bookkeeping, not the weights
+        train.pop(k, None)
+    return _hash({
         "target": spec.target, "train_independent": spec.train_independent,
-        "test_independent": spec.test_independent, "seed": int(config.seed),
-        "model": config.model.to_dict(), "train": config.train.to_dict(),
+        "seed": int(config.seed), "model": config.model.to_dict(), "train": train,
         # Pool sizes only bound what can be drawn; ``independent`` is per model (spec).
         "data": {k: v for k, v in config.data.to_dict().items()
                  if k not in ("pool_size", "test_pool_size", "independent")},
-        "explain": config.explain.to_dict(),
-        "arrays": _digest(spec.train_indices, spec.sample_weights, spec.test_indices),
-    }
-    # Fields that do not change the trained weights or the audit.
-    for k in ("ckpt_every", "log_every"):
-        settings["train"].pop(k, None)
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        "arrays": _digest(spec.train_indices, spec.sample_weights),
+    })
+
+
+def audit_fingerprint(config, spec: ModelSpec) -> str:
+    """Hash of the model's settings plus what its test and audit depend on."""
+    return _hash({
+        "model": model_fingerprint(config, spec), "test_independent": spec.test_independent,
+        "confounders": list(spec.confounders), "explain": config.explain.to_dict(),
+        "test": _digest(spec.test_indices),
+    })
 
 
 def _check_fingerprint(path: Path, expected: str, what: str) -> None:
@@ -340,23 +352,22 @@ def evaluate_model(ctx: TablesContext, spec: ModelSpec, corr: float = 0.0) -> di
     if spec.name in ctx.records:
         return ctx.records[spec.name]
     config = ctx.config
-    expected = fingerprint(config, spec)
+    expected = audit_fingerprint(config, spec)
     json_path = ctx.audits_dir / f"{spec.name}.json"
     if json_path.exists():
         record = _load_record(json_path)
-        if record.get("fingerprint") != expected:
-            raise ValueError(
-                f"{json_path} was made with other settings (fingerprint "
-                f"{record.get('fingerprint')}, expected {expected}); use a fresh --workdir "
-                f"or delete it and models/{spec.name}")
-        ctx.records[spec.name] = record
-        return record
+        if record.get("fingerprint") == expected:
+            ctx.records[spec.name] = record
+            return record
+        # Otherwise the test set or the explanation settings changed: audit
+        # again (the model is reused if it was trained with the same settings).
 
     model_dir = ctx.models_dir / spec.name
     model_dir.mkdir(parents=True, exist_ok=True)
     stamp = model_dir / "fingerprint.txt"
-    _check_fingerprint(stamp, expected, f"model {spec.name!r}")
-    stamp.write_text(expected + "\n")
+    model_fp = model_fingerprint(config, spec)
+    _check_fingerprint(stamp, model_fp, f"model {spec.name!r}")
+    stamp.write_text(model_fp + "\n")
 
     case = case_config(config, spec.target, spec.confounders, corr)
     train_source = ctx.source(spec.train_independent)
@@ -396,7 +407,7 @@ def evaluate_model(ctx: TablesContext, spec: ModelSpec, corr: float = 0.0) -> di
         "group_accuracy": groups,
         "accuracy_at_explained_resolution": result.accuracy,
         "train_seconds": train_seconds, "explain_seconds": result.seconds,
-        "heatmap": heatmap.name, "fingerprint": expected,
+        "heatmap": heatmap.name, "fingerprint": expected, "model_fingerprint": model_fp,
     }
     write_json(json_path, record)
     ctx.records[spec.name] = record
@@ -702,6 +713,12 @@ def run_tables(config, workdir: str) -> dict:
               f"{config.explain.method} with the {config.explain.target_mode}-class target, "
               f"{config.explain.ior_mode} IoR.\n\n")
     (ctx.workdir / "tables.md").write_text(header + "\n".join(texts[p] for p in parts))
+    # The README fragment (scripts/update_readme.py): same text, one heading level down.
+    body = "\n".join(texts[p] for p in parts).replace("\n## ", "\n#### ")
+    body = body[3:] if body.startswith("## ") else body
+    (ctx.workdir / "summary.md").write_text(
+        "### FaceX reproduction (`configs/facex_tables.py`)\n\n" + header.split("\n\n", 1)[1]
+        + ("#### " + body if not body.startswith("#### ") else body))
     for part in parts:
         print("\n" + texts[part], flush=True)
     return results

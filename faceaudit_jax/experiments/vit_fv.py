@@ -72,7 +72,7 @@ import json
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -112,80 +112,8 @@ PAPER_TABLE1 = {"sm_plus": {"oim": 10.00, "um": 4.80},
 # ----------------------------------------------------------------------------- data
 
 
-def split_indices(config) -> tuple[np.ndarray, np.ndarray]:
-    """(training image indices, test image indices) with disjoint identities.
-
-    Training: 0 .. train.num_identities * images_per_identity - 1; test: the
-    same count of test.num_identities identities from ``data.test_offset``.
-    """
-    per_identity = int(config.data.images_per_identity)
-    if per_identity < 2:
-        raise ValueError(f"data.images_per_identity={per_identity}; expected >= 2 (matched "
-                         "pairs need two images of a person)")
-    num_train = int(config.train.num_identities)
-    num_test = int(config.test.num_identities)
-    if num_train < 2:
-        raise ValueError(f"train.num_identities={num_train}; expected >= 2")
-    num_folds = int(config.test.num_folds)
-    if num_test < 2 * num_folds:
-        raise ValueError(f"test.num_identities={num_test} cannot make {num_folds} "
-                         f"identity-disjoint folds; expected >= {2 * num_folds}")
-    offset = int(config.data.test_offset)
-    train_size = num_train * per_identity
-    if offset < train_size or offset % per_identity:
-        raise ValueError(
-            f"data.test_offset={offset}; expected a multiple of images_per_identity="
-            f"{per_identity} that is >= the {train_size} training images (disjoint identities)")
-    return (np.arange(train_size, dtype=np.int64),
-            np.arange(offset, offset + num_test * per_identity, dtype=np.int64))
-
-
-def build_source(data_cfg) -> pipeline.SyntheticSource:
-    if data_cfg.source != "synthetic":
-        raise ValueError(f"data.source={data_cfg.source!r}; this experiment renders its faces, "
-                         "expected 'synthetic'")
-    return pipeline.SyntheticSource(
-        seed=int(data_cfg.seed), resolution=int(data_cfg.resolution),
-        independent=bool(data_cfg.independent),
-        images_per_identity=int(data_cfg.images_per_identity))
-
-
-def render_uint8(source, indices: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Render faces in fixed-size batches: (images uint8 [N, H, W, 3], identity int64 [N])."""
-    images, identity = [], []
-    for batch, valid in pipeline.iterate_batches(source, indices, int(batch_size)):
-        pixels = np.asarray(batch["image"])[valid]
-        images.append(np.round(np.clip(pixels, 0.0, 1.0) * 255.0).astype(np.uint8))
-        identity.append(np.asarray(batch["identity"])[valid].astype(np.int64))
-    return np.concatenate(images), np.concatenate(identity)
-
-
-def to_float(images_uint8) -> jax.Array:
-    """uint8 [..., H, W, 3] -> float32 in [0, 1]."""
-    return jnp.asarray(images_uint8, jnp.float32) / 255.0
-
-
-def make_batch_fn(images: np.ndarray, labels: np.ndarray, batch_size: int, seed: int,
-                  flip: bool) -> Callable[[int], dict]:
-    """``batch_fn(step)`` for ``train_lib.fit``: a pure function of the step.
-
-    Epoch-wise shuffles (``pipeline.step_indices``) and, with ``flip``, a
-    horizontal flip of each image with probability 1/2 drawn from (seed, step).
-    Returns {"image" float32 [B, H, W, 3], "identity" int32 [B]}.
-    """
-    positions = np.arange(images.shape[0])
-
-    def batch_fn(step: int) -> dict:
-        chosen = pipeline.step_indices(positions, batch_size, seed, step)
-        batch_images = images[chosen]
-        if flip:
-            mirror = np.random.default_rng([int(seed), int(step), 1]).random(chosen.size) < 0.5
-            batch_images = np.where(mirror[:, None, None, None], batch_images[:, :, ::-1],
-                                    batch_images)
-        return {"image": to_float(batch_images),
-                "identity": jnp.asarray(labels[chosen], jnp.int32)}
-
-    return batch_fn
+from faceaudit_jax.experiments.verification_data import (  # noqa: F401  (re-exported)
+    build_source, make_batch_fn, render_uint8, split_indices, to_float)
 
 
 # ----------------------------------------------------------------------------- training
@@ -497,18 +425,28 @@ def sm_table(result: Mapping[str, np.ndarray], positive: np.ndarray) -> dict:
 
 
 def oim_finding(table: Mapping) -> dict:
-    """Whether OIM has the largest mean SM and the largest share of wins, per decision."""
+    """Which technique leads by mean SM, by median SM and by share of wins, per decision.
+
+    Returns {"positive" | "negative": {"best_by_mean", "best_by_median",
+    "best_by_wins" (technique names; None when no SM is defined),
+    "oim_wins_by_mean", "oim_wins_by_median", "oim_wins_by_share" (bools)}}.
+    Ties go to the earlier technique in ``TECHNIQUES`` order.
+    """
     finding = {}
     for side in ("positive", "negative"):
         entry = table[side]
         metric = entry["metric"]
-        means = {t: s["mean"] for t, s in entry[metric].items()}
-        finite = {t: v for t, v in means.items() if np.isfinite(v)}
-        best_mean = max(finite, key=finite.get) if finite else None
-        wins = entry["wins"]
+        best = {}
+        for stat in ("mean", "median"):
+            values = {t: s[stat] for t, s in entry[metric].items()
+                      if s[stat] is not None and np.isfinite(s[stat])}
+            best[stat] = max(values, key=values.get) if values else None
+        wins = {t: v for t, v in entry["wins"].items() if v is not None and np.isfinite(v)}
         best_wins = max(wins, key=wins.get) if wins else None
-        finding[side] = {"best_by_mean": best_mean, "best_by_wins": best_wins,
-                         "oim_wins_by_mean": best_mean == "oim",
+        finding[side] = {"best_by_mean": best["mean"], "best_by_median": best["median"],
+                         "best_by_wins": best_wins,
+                         "oim_wins_by_mean": best["mean"] == "oim",
+                         "oim_wins_by_median": best["median"] == "oim",
                          "oim_wins_by_share": best_wins == "oim"}
     return finding
 
@@ -545,13 +483,16 @@ def heatmap_ranking(heatmap: np.ndarray, fallback: np.ndarray) -> np.ndarray:
     return np.where(heatmap > 0, 1.0 + scaled, np.asarray(fallback, np.float32))
 
 
-def curve_saliencies(bound: BoundEmbed, probes, galleries, explained: Mapping, positive: np.ndarray,
-                     curves_cfg, key) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def curve_saliencies(bound: BoundEmbed, probes, galleries, explained: Mapping,
+                     positive: np.ndarray, curves_cfg, key, fill: float = 0.0
+                     ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """{method: (probe saliency, gallery saliency)} [P, H, W] each; descending = mask first.
 
-    explained: the main method's ``explain_pair_batches`` output for these P
-    pairs; positive: bool [P]. The black-box baselines run once over all P
-    pairs (one call each). Signs follow the module docstring.
+    probes, galleries: float [P, H, W, 3]; explained: the main method's
+    ``explain_pair_batches`` output for these P pairs; positive: bool [P].
+    The black-box baselines run once over all P pairs (one call each); the
+    occluder is filled with ``fill``, like every removed pixel here. Signs
+    follow the module docstring.
     """
     positive = np.asarray(positive, bool)
     sign = np.where(positive, 1.0, -1.0).astype(np.float32)[:, None, None]
@@ -567,7 +508,7 @@ def curve_saliencies(bound: BoundEmbed, probes, galleries, explained: Mapping, p
         chunk_size=chunk)
     o_a, o_b = occlusion_lib.occlusion_batch(
         bound, probes, galleries, patch_size=int(curves_cfg.occlusion_patch),
-        stride=int(curves_cfg.occlusion_stride), fill_value=0.0, chunk_size=chunk)
+        stride=int(curves_cfg.occlusion_stride), fill_value=float(fill), chunk_size=chunk)
     noise = np.asarray(jax.random.uniform(key_random, (2,) + tuple(probes.shape[:3])))
     heat = explained["heatmap"]
     return {
@@ -752,28 +693,35 @@ def methods_markdown(tables: Mapping[str, Mapping]) -> str:
 
 
 def _finding_sentence(table: Mapping, finding: Mapping) -> str:
-    pos, neg = table["positive"], table["negative"]
-    plus = {t: pos["sm_plus"][t]["mean"] for t in fv.POSITIVE_TECHNIQUES}
-    minus = {t: neg["sm_minus"][t]["mean"] for t in fv.NEGATIVE_TECHNIQUES}
+    """One sentence per decision: does OIM lead by mean SM (the paper's criterion), by
+    median, and by the share of pairs where it is selected?"""
 
-    def verdict(side, values, paper, metric):
-        f = finding[side]
-        by_mean = "wins" if f["oim_wins_by_mean"] else (
-            f"does not win ({TECHNIQUE_LABELS[f['best_by_mean']]} does)" if f["best_by_mean"]
-            else "cannot be compared")
-        numbers = ", ".join(f"{TECHNIQUE_LABELS[t]} {_fmt(v)}" for t, v in values.items())
+    def name(tech):
+        return TECHNIQUE_LABELS[tech] if tech else "none"
+
+    def verdict(side, metric, label, paper):
+        f, entry = finding[side], table[side]
+        means = ", ".join(f"{TECHNIQUE_LABELS[t]} {_fmt(s['mean'])}"
+                          for t, s in entry[metric].items())
         paper_numbers = ", ".join(f"{TECHNIQUE_LABELS[t]} {v:.2f}" for t, v in paper.items())
-        best = f["best_by_wins"]
-        share_of = table[side]["wins"]
-        share = (f"and is the technique selected most often ({_pct(share_of['oim'])} of pairs)"
+        if f["oim_wins_by_mean"]:
+            head = f"OIM wins by mean {label} ({means}; paper: {paper_numbers})"
+        else:
+            head = (f"OIM does not win by mean {label}: {name(f['best_by_mean'])} does "
+                    f"({means}; paper: {paper_numbers})")
+        medians = ", ".join(f"{TECHNIQUE_LABELS[t]} {_fmt(s['median'])}"
+                            for t, s in entry[metric].items())
+        median = (f"by median {name(f['best_by_median'])} leads ({medians})")
+        wins = entry["wins"]
+        share = (f"OIM is selected for the most pairs ({_pct(wins['oim'])})"
                  if f["oim_wins_by_share"] else
-                 f"while {TECHNIQUE_LABELS[best]} is selected most often "
-                 f"({_pct(share_of[best])} of pairs; OIM {_pct(share_of['oim'])})")
-        return (f"for {side} decisions OIM {by_mean} by mean {metric} ({numbers}; paper: "
-                f"{paper_numbers}) {share}")
+                 f"{name(f['best_by_wins'])} is selected for the most pairs "
+                 f"({_pct(wins[f['best_by_wins']])}; OIM {_pct(wins['oim'])})")
+        return f"{head}; {median}; {share}"
 
-    return ("Here " + verdict("positive", plus, PAPER_TABLE1["sm_plus"], "SM+") + "; "
-            + verdict("negative", minus, PAPER_TABLE1["sm_minus"], "SM-") + ".")
+    positive = verdict("positive", "sm_plus", "SM+", PAPER_TABLE1["sm_plus"])
+    negative = verdict("negative", "sm_minus", "SM-", PAPER_TABLE1["sm_minus"])
+    return f"Here, for positive decisions {positive}. For negative decisions {negative}."
 
 
 def summary_markdown(setup: Mapping, protocol: Mapping, table: Mapping, finding: Mapping,
@@ -798,6 +746,10 @@ def summary_markdown(setup: Mapping, protocol: Mapping, table: Mapping, finding:
         table1_markdown(table, setup["main_method_label"]).rstrip(),
         "",
         _finding_sentence(table, finding),
+        f"SM divides by the removed area RA, and OIM removes the least (mean RA "
+        f"{_fmt(table['positive']['ra']['oim'], '.3f')} on true-positive, "
+        f"{_fmt(table['negative']['ra']['oim'], '.3f')} on true-negative pairs), so small "
+        "distance changes give it large, noisy SM values.",
         "",
     ]
     pos_auc = ", ".join(f"{CURVE_LABELS[n]} {curves['positive'][n]['auc']:.3f}"
@@ -816,6 +768,34 @@ def summary_markdown(setup: Mapping, protocol: Mapping, table: Mapping, finding:
         f"[table1.md]({prefix}table1.md), numbers in [results.json]({prefix}results.json).",
     ]
     return "\n".join(lines) + "\n"
+
+
+def write_reports(workdir, results: Mapping) -> None:
+    """table1.md and summary.md from the results dict (as ``run`` returns or results.json holds).
+
+    ``rewrite_reports`` calls it on a finished run's results.json, so wording
+    changes need no recomputation; JSON nulls (NaN) print as "n/a".
+    """
+    out = Path(workdir)
+    main_method = results["main_method"]
+    tables = results["table1"]
+    method_label = METHOD_LABELS.get(main_method, main_method)
+    main_table_md = table1_markdown(tables[main_method], method_label)
+    (out / "table1.md").write_text(
+        f"# ViT face-verification heatmaps: Table 1 analogue\n\n"
+        f"## {method_label} (main method)\n\n{main_table_md}"
+        f"\n## All attention methods\n\n{methods_markdown(tables)}")
+    (out / "summary.md").write_text(summary_markdown(
+        results["setup"], results["verification"], tables[main_method],
+        oim_finding(tables[main_method]), results["curves"], _link_prefix(out)))
+
+
+def rewrite_reports(workdir) -> None:
+    """Regenerate table1.md and summary.md from ``<workdir>/results.json``."""
+    path = Path(workdir) / "results.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist; run the experiment first")
+    write_reports(workdir, json.loads(path.read_text()))
 
 
 def _link_prefix(workdir: Path) -> str:
@@ -838,6 +818,10 @@ def _check_methods(config) -> tuple[tuple[str, ...], str]:
                          f"{attention_lib.METHODS}")
     if main not in methods:
         raise ValueError(f"explain.main_method={main!r} is not in explain.methods={methods}")
+    fill = config.explain.fill
+    if isinstance(fill, bool) or not isinstance(fill, (int, float)) or not np.isfinite(fill):
+        # The curves' deletion baseline and the occluder need one number as well.
+        raise ValueError(f"explain.fill={fill!r}; expected a finite number (0.0 = black)")
     return methods, main
 
 
@@ -912,7 +896,8 @@ def run(config, workdir: str) -> dict:
         sub_probes, sub_galleries = to_float(probes[subset]), to_float(galleries[subset])
         saliencies = curve_saliencies(bound, sub_probes, sub_galleries, sub_main,
                                       positive[subset], config.curves,
-                                      jax.random.PRNGKey(int(config.seed) + 1))
+                                      jax.random.PRNGKey(int(config.seed) + 1),
+                                      float(config.explain.fill))
         lap("baseline_maps")
         curves = {}
         for side, rows, is_positive in (("positive", np.arange(n_pos), True),
@@ -994,10 +979,7 @@ def run(config, workdir: str) -> dict:
         **{k: main[k] for k in ("d", "d_pg", "d_pp", "d_npg", "ra", "sm_plus", "sm_minus",
                                 "selected")}})
 
-    table_md = (f"# ViT face-verification heatmaps: Table 1 analogue\n\n"
-                f"## {method_label} (main method)\n\n{table1_markdown(tables[main_method], method_label)}"
-                f"\n## All attention methods\n\n{methods_markdown(tables)}")
-    (out / "table1.md").write_text(table_md)
+    write_reports(out, results)
     curves_figure(out / "perturbation_curves.png", curves, n_pos, n_neg)
     num_examples = int(config.explain.num_examples)
     examples_figure(out / "examples_positive.png", probes, galleries, main,
@@ -1006,7 +988,5 @@ def run(config, workdir: str) -> dict:
     examples_figure(out / "examples_negative.png", probes, galleries, main,
                     list(tp.size + np.arange(min(num_examples, tn.size))), False, method_label,
                     float(config.explain.fill))
-    (out / "summary.md").write_text(summary_markdown(
-        setup, protocol_json, tables[main_method], finding, curves, _link_prefix(out)))
     lap("write")
     return results

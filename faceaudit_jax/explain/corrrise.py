@@ -22,7 +22,9 @@ How it runs (the shape DESIGN.md asks for):
   squares and the centred co-moment per pixel), merged chunk by chunk with
   Chan et al.'s parallel update. Memory is flat in N and the result equals
   `pearson_map` on the materialised masks (up to float rounding). Within a
-  chunk the statistics are one centred matmul [S, C] @ [C, H*W].
+  chunk the statistics are one centred matmul [S, C] @ [C, H*W]. Scores are
+  streamed relative to the unmasked pair's score and masks relative to 1,
+  so float32 keeps its precision when scores sit near 1 and vary little.
 - Masks are sharded over devices with `jax.shard_map` on a 1-D mesh: device d
   takes a contiguous range of mask indices, and the per-device statistics are
   merged with `psum` (the multi-group variance formula). One device and many
@@ -33,7 +35,11 @@ How it runs (the shape DESIGN.md asks for):
 
 Black box: `embed_fn(images [B, H, W, C]) -> [B, D]` is traced into one
 jitted function. A non-JAX model (numpy, another framework) goes through
-`numpy_embed_fn`, a `jax.pure_callback` adapter that gives the same results.
+`numpy_embed_fn`, a `jax.pure_callback` adapter that gives the same results;
+it runs on one device (host callbacks inside a multi-device program can
+deadlock XLA's CPU runtime, and the model runs on the host anyway).
+Constant scores (a model that ignores the masks) give all-zero maps and a
+RuntimeWarning; zero-norm embeddings score 0 (never NaN).
 Keep the same `embed_fn` object across calls: it is a static argument of the
 jitted function, so a new closure each call means a new compilation.
 """

@@ -1,0 +1,382 @@
+"""CorrRISE reproduction (Lu, Xu and Ebrahimi): Table 1 analogue, sanity check, figures.
+
+Protocol (issue 5, item 5):
+1. Train a `models.embedder` face embedder (small_resnet backbone) with the
+   CosFace loss on ``train.num_identities`` synthetic identities at
+   ``data.resolution`` px (identity = image index // images_per_identity).
+2. Verification on disjoint test identities (from ``data.test_offset``):
+   LFW-style identity-disjoint folds (`data.sampling.verification_pairs`),
+   10-fold accuracy (`metrics.verification.kfold_verification_accuracy`);
+   the fixed threshold used afterwards is the mean of the folds' thresholds.
+3. Saliency for ``explain.num_pairs`` matching test pairs with five methods:
+   similarity Grad-CAM and Grad-CAM++ (`explain.corrrise.similarity_cam`),
+   similarity RISE, occlusion (xFace-style) and CorrRISE (signed map; its
+   descending order puts S+ first, as Algorithm 2 sorts it).
+4. Deletion / Insertion (`metrics.perturbation.deletion_insertion`): the
+   probe A is perturbed along its own map, accuracy at the fixed threshold,
+   area under accuracy vs fraction (in %).
+5. Sanity check (Adebayo et al.): CorrRISE maps of the trained model vs a
+   re-initialised model with the same architecture on the same pairs and
+   masks; Spearman rank correlation per map, averaged.
+6. Figures: S+ / S- for both images of a matching and a non-matching pair;
+   deletion and insertion curves. Writes results.json, table1.md, summary.md.
+
+Everything goes under the workdir; checkpoints under workdir/models/ (a
+.gitignore there keeps them out of git). Rerunning reloads the finished model.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import scipy.stats
+
+from faceaudit_jax import train_lib
+from faceaudit_jax.data import pipeline, sampling
+from faceaudit_jax.experiments.registry import write_json
+from faceaudit_jax.explain import corrrise as corrrise_lib
+from faceaudit_jax.explain import occlusion as occlusion_lib
+from faceaudit_jax.explain import rise as rise_lib
+from faceaudit_jax.metrics import perturbation, verification
+from faceaudit_jax.models import embedder as embedder_lib
+
+METHODS = ("grad_cam", "grad_cam_plusplus", "rise", "occlusion", "corrrise")
+METHOD_LABELS = {
+    "grad_cam": "Grad-CAM (similarity)",
+    "grad_cam_plusplus": "Grad-CAM++ (similarity)",
+    "rise": "RISE (similarity)",
+    "occlusion": "Occlusion (xFace-style)",
+    "corrrise": "CorrRISE",
+}
+# The paper's Table 1 on LFW (Deletion / Insertion AUC, %); xFace is its occlusion method.
+PAPER_LFW = {
+    "grad_cam": (50.65, 65.00),
+    "grad_cam_plusplus": (46.40, 68.02),
+    "rise": (34.40, 81.83),
+    "occlusion": (35.21, 79.95),
+    "corrrise": (23.29, 85.70),
+}
+
+
+# ----------------------------------------------------------------------------- data
+
+
+from faceaudit_jax.experiments.verification_data import (  # noqa: F401  (re-exported)
+    build_source, render_uint8, split_indices, to_float)
+from faceaudit_jax.experiments import verification_data
+
+
+def make_batch_fn(images: np.ndarray, labels: np.ndarray, batch_size: int,
+                  seed: int) -> Callable[[int], dict]:
+    """``batch_fn(step)`` for `train_lib.fit` (no flips: CorrRISE's embedder trains on plain faces)."""
+    return verification_data.make_batch_fn(images, labels, batch_size, seed, flip=False)
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def _ignore_models_folder(models_dir: Path) -> None:
+    models_dir.mkdir(parents=True, exist_ok=True)
+    gitignore = models_dir / ".gitignore"
+    if not gitignore.exists():
+        gitignore.write_text("# Orbax checkpoints and training logs: not for git.\n*\n")
+
+
+def _build(config, num_classes: int):
+    return embedder_lib.build_embedder_with_margin(
+        num_classes, name=str(config.model.name), embedding_dim=int(config.model.embedding_dim))
+
+
+def train_embedder(config, workdir: str, images: np.ndarray, identity: np.ndarray):
+    """Train (or resume / reload) the embedder with CosFace. Returns (FaceEmbedder, variables, info)."""
+    classes, labels = np.unique(identity, return_inverse=True)
+    model = _build(config, int(classes.size))
+    models_dir = Path(workdir) / "models"
+    _ignore_models_folder(models_dir)
+    run_dir = models_dir / "embedder"
+    batch_size = int(config.train.batch_size)
+    num_steps = pipeline.steps_per_epoch(images.shape[0], batch_size) * int(config.train.num_epochs)
+    tx = train_lib.make_optimizer(config.train, num_steps)
+    state = train_lib.create_train_state(model, jax.random.PRNGKey(int(config.seed)),
+                                         int(config.data.resolution), tx)
+    loss_fn = embedder_lib.margin_loss_fn(str(config.train.loss), scale=float(config.train.scale),
+                                          margin=float(config.train.margin))
+    state = train_lib.fit(model, state, make_batch_fn(images, labels, batch_size, int(config.seed)),
+                          num_steps, str(run_dir), loss_fn=loss_fn,
+                          ckpt_every=int(config.train.ckpt_every),
+                          log_every=int(config.train.log_every), desc="train embedder (CosFace)")
+    variables = embedder_lib.embedder_variables(train_lib.state_variables(state))
+    last = {}
+    metrics_path = run_dir / "metrics.jsonl"
+    if metrics_path.exists():
+        records = [json.loads(l) for l in metrics_path.read_text().splitlines() if l.strip()]
+        records = [r for r in records if r.get("kind") == "train"]
+        last = records[-1] if records else {}
+    return model.embedder, variables, {"num_steps": num_steps, "last_train_record": last}
+
+
+def random_variables(model, config) -> dict:
+    """Re-initialised variables of the same architecture (the sanity check's model)."""
+    size = int(config.data.resolution)
+    key = jax.random.PRNGKey(int(config.sanity.seed))
+    return model.init(key, jnp.zeros((1, size, size, 3), jnp.float32), train=False)
+
+
+def embed_all(embed_fn, images_uint8: np.ndarray, batch_size: int) -> np.ndarray:
+    out = [np.asarray(embed_fn(to_float(images_uint8[i:i + batch_size])))
+           for i in range(0, images_uint8.shape[0], batch_size)]
+    return np.concatenate(out)
+
+
+# ----------------------------------------------------------------------------- saliency
+
+
+def explain_pairs(method: str, fns, images_a, images_b, key, ecfg) -> tuple[np.ndarray, np.ndarray]:
+    """Saliency (sal_a, sal_b) [P, H, W] of one method, in groups of ecfg.pairs_per_call pairs."""
+    features_fn, head_fn, embed_fn = fns
+    group = int(ecfg.pairs_per_call)
+    maps_a, maps_b = [], []
+    for start in range(0, images_a.shape[0], group):
+        a = to_float(images_a[start:start + group])
+        b = to_float(images_b[start:start + group])
+        if method in ("grad_cam", "grad_cam_plusplus"):
+            sa, sb = corrrise_lib.similarity_cam(features_fn, head_fn, a, b, method=method)
+        elif method == "rise":
+            sa, sb = rise_lib.rise_batch(embed_fn, a, b, key, num_masks=int(ecfg.rise_masks),
+                                         grid_size=int(ecfg.rise_grid),
+                                         chunk_size=int(ecfg.chunk_size))
+        elif method == "occlusion":
+            sa, sb = occlusion_lib.occlusion_batch(embed_fn, a, b,
+                                                   patch_size=int(ecfg.occlusion_patch),
+                                                   stride=int(ecfg.occlusion_stride),
+                                                   chunk_size=int(ecfg.chunk_size))
+        elif method == "corrrise":
+            sa, sb = corrrise_lib.corrrise_batch(
+                embed_fn, a, b, key, num_masks=int(ecfg.num_masks),
+                num_patches=int(ecfg.num_patches), patch_size=int(ecfg.patch_size),
+                correlation=str(ecfg.correlation), chunk_size=int(ecfg.chunk_size))
+        else:
+            raise ValueError(f"method={method!r}; expected one of {METHODS}")
+        maps_a.append(np.asarray(sa))
+        maps_b.append(np.asarray(sb))
+    return np.concatenate(maps_a), np.concatenate(maps_b)
+
+
+def map_rank_correlation(maps_x: np.ndarray, maps_y: np.ndarray) -> np.ndarray:
+    """Spearman correlation between corresponding maps [M, H, W] -> [M] (0 for a constant map)."""
+    out = np.zeros(maps_x.shape[0])
+    for i, (x, y) in enumerate(zip(maps_x, maps_y)):
+        if np.ptp(x) > 0 and np.ptp(y) > 0:
+            out[i] = scipy.stats.spearmanr(x.ravel(), y.ravel()).statistic
+    return out
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def saliency_figure(path: Path, rows: list) -> str:
+    """rows: [(title, image_a, image_b, s_a, s_b)] -> A, S+_A, S-_A, B, S+_B, S-_B per row."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(12, 2.3 * len(rows)))
+    axes = fig.subplots(len(rows), 6, squeeze=False)
+    for r, (title, img_a, img_b, s_a, s_b) in enumerate(rows):
+        panels = []
+        for name, img, s in (("A", img_a, s_a), ("B", img_b, s_b)):
+            pos, neg = np.maximum(s, 0.0), np.minimum(s, 0.0)
+            panels += [(f"{title}: {name}", img, None),
+                       (f"S+ {name} (max {pos.max():.2f})", img, pos),
+                       (f"S- {name} (min {neg.min():.2f})", img, -neg)]
+        for ax, (label, img, heat) in zip(axes[r], panels):
+            ax.imshow(img)
+            if heat is not None:
+                ax.imshow(heat, cmap="jet", alpha=0.5, vmin=0.0, vmax=max(float(heat.max()), 1e-6))
+            ax.set_title(label, fontsize=8)
+            ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return str(path)
+
+
+def curves_figure(path: Path, results: Mapping) -> str:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 4))
+    axes = fig.subplots(1, 2)
+    for ax, mode in zip(axes, ("deletion", "insertion")):
+        for method, res in results.items():
+            fractions, accuracy = res[mode]
+            ax.plot(fractions, accuracy,
+                    label=f"{METHOD_LABELS[method]} ({100 * res[mode + '_auc']:.1f})")
+        ax.set_title(f"{mode.capitalize()} (AUC %)")
+        ax.set_xlabel("fraction of pixels")
+        ax.set_ylabel("verification accuracy")
+        ax.set_xlim(0, 1)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return str(path)
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def table_markdown(table: Mapping) -> str:
+    lines = ["| method | Deletion AUC (%) ↓ | Insertion AUC (%) ↑ | paper LFW Del / Ins |",
+             "|---|---:|---:|---:|"]
+    for method in METHODS:
+        row = table[method]
+        paper = PAPER_LFW[method]
+        lines.append(f"| {METHOD_LABELS[method]} | {row['deletion_auc']:.2f} | "
+                     f"{row['insertion_auc']:.2f} | {paper[0]:.2f} / {paper[1]:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def summary_markdown(results: Mapping, prefix: str) -> str:
+    s = results["setup"]
+    v = results["verification"]
+    sc = results["sanity_check"]
+    best_del = min(METHODS, key=lambda m: results["table"][m]["deletion_auc"])
+    best_ins = max(METHODS, key=lambda m: results["table"][m]["insertion_auc"])
+    return (
+        "### CorrRISE\n\n"
+        f"A {s['model']} face embedder trained with CosFace on {s['train_identities']} synthetic "
+        f"identities ({s['train_images']} images, {s['resolution']} px, {s['train_steps']} updates) "
+        f"reaches {100 * v['mean_accuracy']:.2f}% ± {100 * v['std_accuracy']:.2f} 10-fold "
+        f"verification accuracy on {v['num_pairs']} pairs of {s['test_identities']} unseen "
+        f"identities; Deletion / Insertion (Algorithm 2, {s['num_steps']} steps, fixed threshold "
+        f"{v['threshold']:.3f}) on {s['num_explained_pairs']} matching pairs, CorrRISE with "
+        f"{s['num_masks']} masks of {s['num_patches']} patches of {s['patch_size']} px, RISE with "
+        f"{s['rise_masks']} masks.\n\n"
+        + table_markdown(results["table"])
+        + f"\nLowest deletion: {METHOD_LABELS[best_del]}; highest insertion: "
+        f"{METHOD_LABELS[best_ins]}. Sanity check: Spearman rank correlation between CorrRISE "
+        f"maps of the trained and a re-initialised model = {sc['mean_spearman']:.3f} "
+        f"(over {sc['num_maps']} maps; near 0 means the maps depend on the learned weights).\n\n"
+        f"Figures: [saliency, matching and non-matching pair]({prefix}figure_saliency.png), "
+        f"[deletion / insertion curves]({prefix}figure_curves.png).\n"
+    )
+
+
+# ----------------------------------------------------------------------------- run
+
+
+def run(config, workdir: str) -> dict:
+    t0 = time.perf_counter()
+    out = Path(workdir)
+    out.mkdir(parents=True, exist_ok=True)
+    source = build_source(config.data)
+    train_idx, test_idx = split_indices(config)
+    render_batch = int(config.data.render_batch)
+    print(f"[corrrise] rendering {train_idx.size} training and {test_idx.size} test faces", flush=True)
+    train_images, train_identity = render_uint8(source, train_idx, render_batch)
+    test_images, test_identity = render_uint8(source, test_idx, render_batch)
+
+    model, variables, train_info = train_embedder(config, workdir, train_images, train_identity)
+    fns = embedder_lib.embedder_fns(model, variables)
+    embed_fn = fns[2]
+    print(f"[corrrise] trained ({time.perf_counter() - t0:.0f}s); verification", flush=True)
+
+    embeddings = embed_all(embed_fn, test_images, int(config.test.batch_size))
+    pairs = sampling.verification_pairs(test_identity, int(config.test.pair_seed),
+                                        num_folds=int(config.test.num_folds),
+                                        pairs_per_fold=int(config.test.pairs_per_fold))
+    scores = verification.pair_scores(embeddings[pairs["a"]], embeddings[pairs["b"]])
+    kfold = verification.kfold_verification_accuracy(scores, pairs["same"],
+                                                     num_folds=int(config.test.num_folds),
+                                                     folds=pairs["fold"])
+    threshold = float(kfold["mean_threshold"])
+
+    ecfg = config.explain
+    matched = np.flatnonzero(pairs["same"])[: int(ecfg.num_pairs)]
+    images_a, images_b = test_images[pairs["a"][matched]], test_images[pairs["b"][matched]]
+    key = jax.random.PRNGKey(int(ecfg.seed))
+    saliency, table, curves, timings = {}, {}, {}, {}
+    for method in METHODS:
+        start = time.perf_counter()
+        sal_a, sal_b = explain_pairs(method, fns, images_a, images_b, key, ecfg)
+        timings[method] = time.perf_counter() - start
+        saliency[method] = (sal_a, sal_b)
+        res = perturbation.deletion_insertion(
+            embed_fn, to_float(images_a), to_float(images_b), jnp.asarray(sal_a), threshold,
+            num_steps=int(ecfg.num_steps), chunk_size=int(ecfg.curve_chunk))
+        curves[method] = res
+        table[method] = {"deletion_auc": 100.0 * res["deletion_auc"],
+                         "insertion_auc": 100.0 * res["insertion_auc"],
+                         "deletion_curve": np.asarray(res["deletion"][1]),
+                         "insertion_curve": np.asarray(res["insertion"][1]),
+                         "fractions": np.asarray(res["deletion"][0]),
+                         "explain_seconds": timings[method]}
+        print(f"[corrrise] {method}: del {table[method]['deletion_auc']:.2f} "
+              f"ins {table[method]['insertion_auc']:.2f} ({timings[method]:.0f}s)", flush=True)
+
+    # Sanity check: same pairs, same masks, re-initialised weights.
+    num_sanity = int(config.sanity.num_pairs)
+    random_fns = embedder_lib.embedder_fns(model, random_variables(model, config))
+    rand_a, rand_b = explain_pairs("corrrise", random_fns, images_a[:num_sanity],
+                                   images_b[:num_sanity], key, ecfg)
+    trained_a, trained_b = (m[:num_sanity] for m in saliency["corrrise"])
+    rho = map_rank_correlation(np.concatenate([trained_a, trained_b]),
+                               np.concatenate([rand_a, rand_b]))
+
+    # Figure: one matching and one non-matching pair (CorrRISE S+ / S-).
+    mismatched = np.flatnonzero(~pairs["same"])[0]
+    non_a, non_b = test_images[pairs["a"][[mismatched]]], test_images[pairs["b"][[mismatched]]]
+    ns_a, ns_b = explain_pairs("corrrise", fns, non_a, non_b, key, ecfg)
+    match_score = float(scores[matched[0]])
+    non_score = float(scores[mismatched])
+    fig_rows = [(f"match ({match_score:.2f})", images_a[0], images_b[0],
+                 saliency["corrrise"][0][0], saliency["corrrise"][1][0]),
+                (f"non-match ({non_score:.2f})", non_a[0], non_b[0], ns_a[0], ns_b[0])]
+    saliency_figure(out / "figure_saliency.png", fig_rows)
+    curves_figure(out / "figure_curves.png", curves)
+
+    results = {
+        "setup": {
+            "model": str(config.model.name), "resolution": int(config.data.resolution),
+            "train_identities": int(config.train.num_identities),
+            "train_images": int(train_idx.size), "train_steps": int(train_info["num_steps"]),
+            "loss": str(config.train.loss), "scale": float(config.train.scale),
+            "margin": float(config.train.margin),
+            "test_identities": int(config.test.num_identities),
+            "num_explained_pairs": int(matched.size), "num_steps": int(ecfg.num_steps),
+            "num_masks": int(ecfg.num_masks), "num_patches": int(ecfg.num_patches),
+            "patch_size": int(ecfg.patch_size), "correlation": str(ecfg.correlation),
+            "rise_masks": int(ecfg.rise_masks), "occlusion_patch": int(ecfg.occlusion_patch),
+            "occlusion_stride": int(ecfg.occlusion_stride),
+            "last_train_record": train_info["last_train_record"],
+        },
+        "verification": {
+            "mean_accuracy": kfold["mean_accuracy"], "std_accuracy": kfold["std_accuracy"],
+            "threshold": threshold, "fold_accuracies": kfold["fold_accuracies"],
+            "num_pairs": int(scores.size),
+        },
+        "table": table,
+        "paper_lfw": {m: {"deletion_auc": d, "insertion_auc": i} for m, (d, i) in PAPER_LFW.items()},
+        "sanity_check": {"mean_spearman": float(rho.mean()), "per_map": rho,
+                         "num_maps": int(rho.size)},
+        "figures": {"saliency": "figure_saliency.png", "curves": "figure_curves.png"},
+        "occlusion_scenario": "not run (optional; left out to fit the time budget)",
+        "seconds": time.perf_counter() - t0,
+    }
+    write_json(out / "results.json", results)
+    (out / "table1.md").write_text(table_markdown(table))
+    (out / "summary.md").write_text(summary_markdown(results, f"{_link_prefix(out)}"))
+    print(f"[corrrise] done in {results['seconds']:.0f}s -> {out}", flush=True)
+    return results
+
+
+def _link_prefix(out: Path) -> str:
+    """Figure links relative to the repository root when the workdir is inside it."""
+    try:
+        rel = out.resolve().relative_to(Path(__file__).resolve().parents[2])
+        return f"{rel.as_posix()}/"
+    except ValueError:
+        return ""

@@ -1,0 +1,91 @@
+"""Data plumbing shared by the face-verification experiments (CorrRISE, ViT heatmaps).
+
+Identity-disjoint train/test index ranges, rendering to compact uint8 arrays
+held in memory, and step-indexed identity batches for ``train_lib.fit``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from faceaudit_jax.data import pipeline
+
+
+def split_indices(config) -> tuple[np.ndarray, np.ndarray]:
+    """(training image indices, test image indices) with disjoint identities.
+
+    Training: 0 .. train.num_identities * images_per_identity - 1; test: the
+    same count of test.num_identities identities from ``data.test_offset``.
+    """
+    per_identity = int(config.data.images_per_identity)
+    if per_identity < 2:
+        raise ValueError(f"data.images_per_identity={per_identity}; expected >= 2 (matched "
+                         "pairs need two images of a person)")
+    num_train = int(config.train.num_identities)
+    num_test = int(config.test.num_identities)
+    if num_train < 2:
+        raise ValueError(f"train.num_identities={num_train}; expected >= 2")
+    num_folds = int(config.test.num_folds)
+    if num_test < 2 * num_folds:
+        raise ValueError(f"test.num_identities={num_test} cannot make {num_folds} "
+                         f"identity-disjoint folds; expected >= {2 * num_folds}")
+    offset = int(config.data.test_offset)
+    train_size = num_train * per_identity
+    if offset < train_size or offset % per_identity:
+        raise ValueError(
+            f"data.test_offset={offset}; expected a multiple of images_per_identity="
+            f"{per_identity} that is >= the {train_size} training images (disjoint identities)")
+    return (np.arange(train_size, dtype=np.int64),
+            np.arange(offset, offset + num_test * per_identity, dtype=np.int64))
+
+
+def build_source(data_cfg) -> pipeline.SyntheticSource:
+    if data_cfg.source != "synthetic":
+        raise ValueError(f"data.source={data_cfg.source!r}; this experiment renders its faces, "
+                         "expected 'synthetic'")
+    return pipeline.SyntheticSource(
+        seed=int(data_cfg.seed), resolution=int(data_cfg.resolution),
+        independent=bool(data_cfg.independent),
+        images_per_identity=int(data_cfg.images_per_identity))
+
+
+def render_uint8(source, indices: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Render faces in fixed-size batches: (images uint8 [N, H, W, 3], identity int64 [N])."""
+    images, identity = [], []
+    for batch, valid in pipeline.iterate_batches(source, indices, int(batch_size)):
+        pixels = np.asarray(batch["image"])[valid]
+        images.append(np.round(np.clip(pixels, 0.0, 1.0) * 255.0).astype(np.uint8))
+        identity.append(np.asarray(batch["identity"])[valid].astype(np.int64))
+    return np.concatenate(images), np.concatenate(identity)
+
+
+def to_float(images_uint8) -> jax.Array:
+    """uint8 [..., H, W, 3] -> float32 in [0, 1]."""
+    return jnp.asarray(images_uint8, jnp.float32) / 255.0
+
+
+def make_batch_fn(images: np.ndarray, labels: np.ndarray, batch_size: int, seed: int,
+                  flip: bool) -> Callable[[int], dict]:
+    """``batch_fn(step)`` for ``train_lib.fit``: a pure function of the step.
+
+    Epoch-wise shuffles (``pipeline.step_indices``) and, with ``flip``, a
+    horizontal flip of each image with probability 1/2 drawn from (seed, step).
+    Returns {"image" float32 [B, H, W, 3], "identity" int32 [B]}.
+    """
+    positions = np.arange(images.shape[0])
+
+    def batch_fn(step: int) -> dict:
+        chosen = pipeline.step_indices(positions, batch_size, seed, step)
+        batch_images = images[chosen]
+        if flip:
+            mirror = np.random.default_rng([int(seed), int(step), 1]).random(chosen.size) < 0.5
+            batch_images = np.where(mirror[:, None, None, None], batch_images[:, :, ::-1],
+                                    batch_images)
+        return {"image": to_float(batch_images),
+                "identity": jnp.asarray(labels[chosen], jnp.int32)}
+
+    return batch_fn

@@ -1,0 +1,293 @@
+"""The noise-debiasing experiment: smoke run end to end, resume, and its pieces against references."""
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from faceaudit_jax import regions
+from faceaudit_jax.data import synthetic
+from faceaudit_jax.experiments import debias_noise as dn
+from faceaudit_jax.experiments import registry
+from faceaudit_jax.mitigation import noise
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def get_config(variant=""):
+    spec = importlib.util.spec_from_file_location("debias_noise_config",
+                                                  ROOT / "configs" / "debias_noise.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(variant)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("debias_noise_smoke")
+    config = get_config("smoke")
+    results = registry.run_experiment(config, str(workdir))
+    return config, workdir, results
+
+
+def _runs(config):
+    return {c: dn.planned_runs(config, c) for c in config.confounders}
+
+
+def test_smoke_writes_every_output(smoke_run):
+    config, workdir, _ = smoke_run
+    for name in ("results.json", "table1.md", "summary.md", "config.json"):
+        assert (workdir / name).stat().st_size > 0, name
+    figures = ["figure7_gaps.png", "figure8_quantiles.png", "figure_maps.png"]
+    figures += [f"reliability_{c}.png" for c in config.confounders]
+    for name in figures:
+        assert (workdir / name).read_bytes()[:8] == PNG_MAGIC, name
+    assert "*" in (workdir / "models" / ".gitignore").read_text().splitlines()
+    for confounder, names in _runs(config).items():
+        for name in names + ["patch_net"]:
+            assert (workdir / "runs" / confounder / f"{name}.json").stat().st_size > 0
+            assert (workdir / "models" / confounder / f"{name}.msgpack").stat().st_size > 0
+        assert (workdir / "models" / confounder / "attribution.npz").exists()
+    summary = (workdir / "summary.md").read_text()
+    assert summary.startswith("### Patch attribution and noise debiasing\n")
+    for confounder in config.confounders:
+        assert f"| {confounder.replace('_', ' ')} |" in summary
+    assert "0.28 -> 0.05 -> 0.09" in summary
+    for name in figures + ["table1.md"]:
+        assert f"({name})" in summary  # workdir outside the repository: plain relative links
+    table = (workdir / "table1.md").read_text()
+    assert table.count("\n| ") == 1 + len(config.confounders) * 6  # header + rows
+
+
+def test_planned_runs_cover_table_and_sweep():
+    config = get_config("smoke")
+    runs = dn.planned_runs(config, "Blond_Hair")
+    assert runs[:2] == ["original", "balanced"]
+    assert set(runs) == {"original", "balanced", "general_noise_q0.7", "general_mask_q0.7",
+                         "specific_noise_q0.7", "specific_mask_q0.7", "general_noise_q0.95"}
+    # The sweep's q = 0.7 is the main table's run, not a second one.
+    assert len(runs) == len(set(runs)) == 7
+    assert len(dn.planned_runs(config, "Wearing_Hat")) == 6
+    for name in runs:
+        method, q = dn.parse_run_name(name)
+        assert dn.run_name(method, q) == name
+    # Quantiles round-trip exactly through the file names.
+    for q in (0.6, 0.975, 1.0, 0.123456789):
+        assert dn.parse_run_name(dn.run_name("specific_mask", q)) == ("specific_mask", q)
+    with pytest.raises(ValueError, match="takes no quantile"):
+        dn.run_name("original", 0.7)
+    with pytest.raises(ValueError, match="unknown debiasing method"):
+        dn.parse_run_name("blur_q0.7")
+
+
+def test_smoke_results_are_consistent(smoke_run):
+    config, workdir, returned = smoke_run
+    results = json.loads((workdir / "results.json").read_text())
+    assert set(results) >= {"setup", "table1", "sweep", "comparison", "results", "figures"}
+    test_size = config.test.size
+    for confounder, names in _runs(config).items():
+        runs = results["results"][confounder]["runs"]
+        assert sorted(runs) == sorted(names)
+        for name, r in runs.items():
+            on_disk = json.loads((workdir / "runs" / confounder / f"{name}.json").read_text())
+            assert on_disk == r
+            # The test set is balanced over gender x confounder.
+            assert set(r["cell_counts"].values()) == {test_size // 4}
+            cells = r["cells"]
+            assert r["men"] == pytest.approx((cells["men_with"] + cells["men_without"]) / 2)
+            assert r["women"] == pytest.approx((cells["women_with"] + cells["women_without"]) / 2)
+            assert r["accuracy"] == pytest.approx(np.mean(list(cells.values())))
+            assert r["gap"] == pytest.approx(abs(r["men"] - r["women"]))
+            assert r["train_set"] == ("balanced" if name == "balanced" else "biased")
+            per_epoch = (config.train_set.n_target + config.train_set.n_other_with
+                         + config.train_set.n_other_without) // config.classifier.batch_size
+            assert r["steps"] == r["epochs"] * per_epoch
+        patch = results["results"][confounder]["patch_net"]
+        rel = patch["reliability"]
+        assert sum(rel["counts"]) == patch["num_predictions"] == \
+            config.calibration.num_images * config.patch_net.grid ** 2
+        assert 0.0 <= patch["ece"] <= 1.0 and 0.0 <= patch["patch_accuracy"] <= 1.0
+    rows = results["table1"]
+    assert len(rows) == 6 * len(config.confounders)
+    for row in rows:
+        assert row["gap"] == results["results"][row["confounder"]]["runs"][row["run"]]["gap"]
+    sweep = results["sweep"]
+    assert [r["quantile"] for r in sweep] == sorted(config.sweep.quantiles)
+    main = results["results"]["Blond_Hair"]["runs"][dn.run_name("general_noise", 0.7)]
+    assert next(r for r in sweep if r["quantile"] == 0.7)["gap"] == main["gap"]
+    comp = results["comparison"]["per_method"]["general_noise"]
+    for confounder in config.confounders:
+        runs = results["results"][confounder]["runs"]
+        assert comp["gap_change"][confounder] == pytest.approx(
+            runs[dn.run_name("general_noise", 0.7)]["gap"] - runs["original"]["gap"])
+    assert results["setup"]["patch_net"]["label"] == "confounder"
+    assert returned["table1"] == rows
+
+
+def test_attribution_cache_is_a_normalised_map(smoke_run):
+    config, workdir, _ = smoke_run
+    with np.load(workdir / "models" / "Blond_Hair" / "attribution.npz") as cache:
+        general = cache["general_map"]
+        specific = cache["specific_map"]
+        image = cache["image"]
+    size = config.data.resolution
+    assert general.shape == specific.shape == (size, size)
+    assert image.shape == (size, size, 3) and image.dtype == np.uint8
+    for m in (general, specific):
+        assert m.min() == pytest.approx(0.0) and m.max() == pytest.approx(1.0)
+
+
+def test_rerun_resumes_without_training(smoke_run):
+    config, workdir, first = smoke_run
+    run_dir = workdir / "runs" / "Wearing_Hat"
+    # A killed sweep: one finished model whose result JSON was never written.
+    (run_dir / "balanced.json").unlink()
+    stamps = {p: p.stat().st_mtime_ns for p in (workdir / "models").rglob("*.msgpack")}
+    kept = run_dir / "original.json"
+    kept_stamp = kept.stat().st_mtime_ns
+    second = registry.run_experiment(config, str(workdir))
+    # No model was retrained or rewritten; the missing result came from the saved model.
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert kept.stat().st_mtime_ns == kept_stamp
+    redone = json.loads((run_dir / "balanced.json").read_text())
+    assert redone["reloaded_model"] is True
+    for key in ("accuracy", "men", "women", "gap", "cells"):
+        assert redone[key] == first["results"]["Wearing_Hat"]["runs"]["balanced"][key]
+    assert second["table1"] == first["table1"]
+
+
+def test_subsets_follow_the_paper_recipe():
+    config = get_config("smoke")
+    attrs = synthetic.sample_attributes(0, np.arange(20_000), independent=False)["attrs"]
+    test_attrs = synthetic.sample_attributes(
+        0, np.arange(config.data.test_offset, config.data.test_offset + 20_000))["attrs"]
+    subsets = dn.select_subsets(config, "Eyeglasses", attrs, test_attrs)
+    male, glasses = regions.attribute_id("Male"), regions.attribute_id("Eyeglasses")
+    biased = attrs[subsets["biased"]]
+    men = biased[:, male] == 1
+    assert men.sum() == config.train_set.n_target
+    assert np.all(biased[men, glasses] == 0)
+    assert np.sum(biased[~men, glasses] == 1) == config.train_set.n_other_with
+    assert np.sum(biased[~men, glasses] == 0) == config.train_set.n_other_without
+    balanced = attrs[subsets["balanced"]]
+    assert balanced.shape[0] == biased.shape[0]
+    cells = np.bincount(2 * balanced[:, male] + balanced[:, glasses], minlength=4)
+    assert np.all(cells == biased.shape[0] // 4)
+    test = subsets["test"]
+    assert test.min() >= config.data.test_offset and test.size == config.test.size
+    t = test_attrs[test - config.data.test_offset]
+    assert np.all(np.bincount(2 * t[:, male] + t[:, glasses], minlength=4) == test.size // 4)
+    # Deterministic in the seed.
+    again = dn.select_subsets(config, "Eyeglasses", attrs, test_attrs)
+    assert all(np.array_equal(subsets[k], again[k]) for k in subsets)
+
+
+def test_subgroup_metrics_against_numpy():
+    rng = np.random.default_rng(0)
+    target = rng.integers(0, 2, 200)
+    confounder = rng.integers(0, 2, 200)
+    correct = rng.random(200) < 0.7
+    m = dn.subgroup_metrics(correct, target, confounder)
+    men = np.mean([c for c, t in zip(correct, target) if t == 1])
+    women = np.mean([c for c, t in zip(correct, target) if t == 0])
+    assert m["men"] == pytest.approx(men) and m["women"] == pytest.approx(women)
+    assert m["gap"] == pytest.approx(abs(men - women))
+    n_men, n_women = np.sum(target == 1), np.sum(target == 0)
+    assert m["gap_se"] == pytest.approx(np.sqrt(men * (1 - men) / n_men
+                                                + women * (1 - women) / n_women))
+    assert m["accuracy"] == pytest.approx(correct.mean())
+    for name, (t, a) in {"women_without": (0, 0), "women_with": (0, 1),
+                         "men_without": (1, 0), "men_with": (1, 1)}.items():
+        sel = (target == t) & (confounder == a)
+        assert m["cells"][name] == pytest.approx(correct[sel].mean())
+        assert m["cell_counts"][name] == sel.sum()
+    values = list(m["cells"].values())
+    assert m["cell_gap"] == pytest.approx(max(values) - min(values))
+    assert m["cells"][m["worst_cell"]] == min(values)
+    with pytest.raises(ValueError, match="both men and women"):
+        dn.subgroup_metrics(correct, np.ones(200, int), confounder)
+    with pytest.raises(ValueError, match="must all be"):
+        dn.subgroup_metrics(correct[:10], target, confounder)
+
+
+@pytest.mark.parametrize("method", dn.METHODS)
+def test_switch_augmentation_equals_the_library(method):
+    key = jax.random.key(3)
+    images = jax.random.uniform(jax.random.key(1), (3, 12, 10, 3))
+    specific = jax.random.uniform(jax.random.key(2), (3, 12, 10))
+    general = specific[0]
+    scope, mode = dn.method_spec(method)
+    q = 0.7
+    augment_fn = jax.jit(dn.make_switch_augment_fn(q, fill=0.5, std=0.5))
+    att = jnp.broadcast_to(general, specific.shape) if scope == "general" else specific
+    ours = augment_fn(key, images, {"map": att, "mode": jnp.int32(dn.augment_code(method))})
+    reference = noise.augment(key, images, general if scope == "general" else specific, q,
+                              mode, scope, fill=0.5, std=0.5)
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(reference), atol=1e-6)
+    changed = np.any(np.asarray(ours) != np.asarray(images), axis=-1)
+    # Exactly the top 30% of each map is altered (noise may leave a clipped pixel as is).
+    expected = round(0.3 * 12 * 10)
+    assert changed.sum(axis=(1, 2)).max() <= expected
+    if mode == "mask":
+        assert np.all(changed.sum(axis=(1, 2)) == expected)
+    unchanged = augment_fn(key, images, {"map": att, "mode": jnp.int32(dn.AUGMENT_NONE)})
+    np.testing.assert_array_equal(np.asarray(unchanged), np.asarray(images))
+
+
+def test_train_classifier_rejects_bad_maps():
+    images = np.zeros((8, 16, 16, 3), np.uint8)
+    labels = np.zeros(8, np.int32)
+    with pytest.raises(ValueError, match="needs an attribution map"):
+        dn.train_classifier(None, None, images, labels, dn.AUGMENT_NOISE, None, batch_size=4,
+                            epochs=1, seed=0, key=jax.random.key(0))
+    with pytest.raises(ValueError, match=r"\[H, W\] or \[N, H, W\]"):
+        dn.train_classifier(None, None, images, labels, dn.AUGMENT_MASK, np.zeros((8, 16)),
+                            batch_size=4, epochs=1, seed=0, key=jax.random.key(0))
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("debias.methods", ("general_noise", "blur"), "unknown debiasing method"),
+    ("debias.quantile", 0.0, r"quantile q must lie in \(0, 1\]"),
+    ("debias.quantile", 1.5, r"quantile q must lie in \(0, 1\]"),
+    ("sweep.quantiles", (0.7, -0.1), r"quantile q must lie in \(0, 1\]"),
+    ("sweep.confounder", "Smiling", "is not one of the confounders"),
+    ("confounders", ("Male", "Smiling"), "also listed as a confounder"),
+    ("confounders", ("Blond_Hair", "Blond_Hair"), "repeat an attribute"),
+    ("confounders", ("Blond_Hare",), "Blond_Hare"),
+    ("classifier.input_pool", 3, "positive divisor of the resolution"),
+    ("patch_net.patch_size", 80, "larger than the image"),
+    ("patch_net.grid", 60, "does not fit"),
+    ("patch_net.confidence", "entropy", "patch_net.confidence"),
+    ("data.source", "celeba", "synthetic renderer"),
+])
+def test_bad_config_raises(field, value, match):
+    config = get_config("smoke")
+    section, _, name = field.rpartition(".")
+    target = config[section] if section else config
+    target[name] = value
+    with pytest.raises(ValueError, match=match):
+        dn.validate_config(config)
+
+
+def test_config_variants():
+    default = get_config()
+    assert default.experiment == "debias_noise"
+    assert tuple(default.confounders) == ("Blond_Hair", "Eyeglasses", "Smiling", "Wearing_Hat")
+    # The paper's proportions at 1/5.
+    ts = default.train_set
+    assert (ts.n_target, ts.n_other_with, ts.n_other_without) == (600, 400, 200)
+    assert default.debias.quantile == 0.7
+    assert tuple(default.sweep.quantiles) == (0.6, 0.7, 0.8, 0.95)
+    paper = get_config("paper")
+    assert (paper.train_set.n_target, paper.patch_net.grid, paper.classifier.learning_rate,
+            paper.classifier.epochs, paper.classifier.epochs_mask) == (3000, 49, 1e-5, 20, 10)
+    for variant in ("", "smoke", "paper"):
+        dn.validate_config(get_config(variant))
+    with pytest.raises(ValueError, match="unknown config variant"):
+        get_config("huge")
