@@ -4,7 +4,7 @@
 # results.json and the README fragment summary.md).
 #
 # About 7-8 minutes on a free 2-core CPU (two small ResNets x 1,000 updates at
-# 96 px, then ~530 frontal test faces explained with 4 CAM methods). Rerunning
+# 96 px, then ~500 frontal test faces explained with 4 CAM methods). Rerunning
 # reloads the finished models from results/attribute_cams/models/ (kept out of
 # git by the .gitignore there) and only re-explains. Extra arguments are
 # passed to explain.py, e.g. --config.train.unbalanced_loss=bce.

@@ -217,38 +217,91 @@ def test_subgroup_metrics_against_numpy():
 
 
 @pytest.mark.parametrize("method", dn.METHODS)
-def test_switch_augmentation_equals_the_library(method):
+def test_selection_augmentation_equals_the_library(method):
     key = jax.random.key(3)
     images = jax.random.uniform(jax.random.key(1), (3, 12, 10, 3))
-    specific = jax.random.uniform(jax.random.key(2), (3, 12, 10))
+    specific = np.asarray(jax.random.uniform(jax.random.key(2), (3, 12, 10)))
     general = specific[0]
     scope, mode = dn.method_spec(method)
     q = 0.7
-    augment_fn = jax.jit(dn.make_switch_augment_fn(q, fill=0.5, std=0.5))
-    att = jnp.broadcast_to(general, specific.shape) if scope == "general" else specific
-    ours = augment_fn(key, images, {"map": att, "mode": jnp.int32(dn.augment_code(method))})
+    augment_fn = jax.jit(dn.make_selection_augment_fn(fill=0.5, std=0.5))
+    if scope == "general":
+        selection = np.broadcast_to(dn.quantile_selections(general, q), specific.shape)
+    else:
+        selection = dn.quantile_selections(specific, q, batch_size=2)  # padded last batch
+    spec = {"selection": jnp.asarray(selection), "mode": jnp.int32(dn.augment_code(method))}
+    ours = augment_fn(key, images, spec)
     reference = noise.augment(key, images, general if scope == "general" else specific, q,
                               mode, scope, fill=0.5, std=0.5)
     np.testing.assert_allclose(np.asarray(ours), np.asarray(reference), atol=1e-6)
-    changed = np.any(np.asarray(ours) != np.asarray(images), axis=-1)
-    # Exactly the top 30% of each map is altered (noise may leave a clipped pixel as is).
+    # Exactly the top 30% of each map is selected: the highest values of the map.
     expected = round(0.3 * 12 * 10)
-    assert changed.sum(axis=(1, 2)).max() <= expected
+    assert np.all(selection.sum(axis=(1, 2)) == expected)
+    maps = np.broadcast_to(general, specific.shape) if scope == "general" else specific
+    for m, sel in zip(maps, selection):
+        assert m[sel].min() >= m[~sel].max()
+    changed = np.any(np.asarray(ours) != np.asarray(images), axis=-1)
+    assert not np.any(changed & ~selection)
     if mode == "mask":
-        assert np.all(changed.sum(axis=(1, 2)) == expected)
-    unchanged = augment_fn(key, images, {"map": att, "mode": jnp.int32(dn.AUGMENT_NONE)})
+        assert np.array_equal(changed, selection)  # random images are never exactly grey
+    unchanged = augment_fn(key, images, {"selection": spec["selection"],
+                                         "mode": jnp.int32(dn.AUGMENT_NONE)})
     np.testing.assert_array_equal(np.asarray(unchanged), np.asarray(images))
 
 
-def test_train_classifier_rejects_bad_maps():
+def test_batches_reject_bad_selections():
     images = np.zeros((8, 16, 16, 3), np.uint8)
     labels = np.zeros(8, np.int32)
-    with pytest.raises(ValueError, match="needs an attribution map"):
+    with pytest.raises(ValueError, match="needs a pixel selection"):
         dn.train_classifier(None, None, images, labels, dn.AUGMENT_NOISE, None, batch_size=4,
                             epochs=1, seed=0, key=jax.random.key(0))
     with pytest.raises(ValueError, match=r"\[H, W\] or \[N, H, W\]"):
-        dn.train_classifier(None, None, images, labels, dn.AUGMENT_MASK, np.zeros((8, 16)),
-                            batch_size=4, epochs=1, seed=0, key=jax.random.key(0))
+        dn.train_classifier(None, None, images, labels, dn.AUGMENT_MASK,
+                            np.zeros((8, 16), bool), batch_size=4, epochs=1, seed=0,
+                            key=jax.random.key(0))
+    with pytest.raises(ValueError, match="must be bool"):
+        dn.train_classifier(None, None, images, labels, dn.AUGMENT_MASK,
+                            np.zeros((16, 16), np.float32), batch_size=4, epochs=1, seed=0,
+                            key=jax.random.key(0))
+    with pytest.raises(ValueError, match="mode=7"):
+        dn.train_classifier(None, None, images, labels, 7, None, batch_size=4, epochs=1,
+                            seed=0, key=jax.random.key(0))
+
+
+def test_batches_follow_the_step_order():
+    images = np.random.default_rng(0).integers(0, 255, (8, 16, 16, 3), dtype=np.uint8)
+    selection = np.zeros((8, 16, 16), bool)
+    selection[:, :4] = True
+    batches = dn._AugmentedBatches(images, np.arange(8), dn.AUGMENT_MASK, selection, 4, seed=5)
+    from faceaudit_jax.data import pipeline
+    for step in range(4):
+        x, y, spec = batches(step)
+        idx = pipeline.step_indices(np.arange(8), 4, 5, step)
+        np.testing.assert_array_equal(np.asarray(y), idx)
+        np.testing.assert_allclose(np.asarray(x), images[idx] / 255.0, atol=1e-7)
+        assert spec["selection"].shape == (4, 16, 16) and int(spec["mode"]) == dn.AUGMENT_MASK
+
+
+def test_every_augmentation_shares_one_compiled_step():
+    from faceaudit_jax.models import patch_net as pn
+    model = dn.PooledSmallConvNet(widths=(2, 2, 2), input_pool=2)
+    optimizer = pn.confounded_classifier_optimizer(2, 1e-2)
+    state0 = pn.create_train_state(jax.random.key(0), model, (jnp.zeros((1, 16, 16, 3)),),
+                                   optimizer)
+    step = pn.make_classifier_train_step(dn.make_selection_augment_fn())
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (8, 16, 16, 3), dtype=np.uint8)
+    labels = rng.integers(0, 2, 8).astype(np.int32)
+    maps = rng.random((8, 16, 16)).astype(np.float32)
+    runs = [(dn.AUGMENT_NONE, None, 0.7), (dn.AUGMENT_NOISE, maps[0], 0.7),
+            (dn.AUGMENT_MASK, maps, 0.7), (dn.AUGMENT_NOISE, maps[0], 0.95)]
+    for mode, m, q in runs:
+        selection = None if m is None else dn.quantile_selections(m, q)
+        state, history = dn.train_classifier(step, state0, images, labels, mode, selection,
+                                             batch_size=4, epochs=2, seed=0,
+                                             key=jax.random.key(1))
+        assert len(history) == 2 and int(state.step) == 4
+    assert step._cache_size() == 1
 
 
 @pytest.mark.parametrize("field, value, match", [

@@ -625,13 +625,37 @@ def majority_class_finding(p_train, reports: dict, key: str, defined, names: Seq
     p_value = majority["wilcoxon_p_b_greater"]
     testable = majority["num_attributes"] >= MIN_ATTRIBUTES_FOR_TEST and p_value is not None
     shows = bool(testable and majority["mean_b"] > majority["mean_u"] and p_value < alpha)
-    return {
+    finding = {
         "pair": key, "min_imbalance": float(min_imbalance), "alpha": float(alpha),
         "rows": rows, "majority": majority, "minority": minority,
         "minority_error_u": mean_of("minority_error_u"),
         "minority_error_b": mean_of("minority_error_b"),
         "testable": bool(testable), "shows": shows,
     }
+    finding["verdict"] = finding_verdict(finding)
+    return finding
+
+
+VERDICTS = ("shows", "trend", "does_not_show", "inconclusive")
+
+
+def finding_verdict(finding: dict) -> str:
+    """One of ``VERDICTS`` for a ``majority_class_finding`` result (or its JSON).
+
+    "shows": significant (see ``majority_class_finding``); "trend": AFFACT-b's
+    majority-class energy higher on average and for most attributes, but not
+    significant; "does_not_show": otherwise; "inconclusive": too few
+    attributes to test.
+    """
+    majority = finding["majority"]
+    n = majority["num_attributes"]
+    if finding["shows"]:
+        return "shows"
+    if not finding["testable"]:
+        return "inconclusive"
+    if majority["mean_b"] > majority["mean_u"] and majority["num_b_higher"] > n / 2:
+        return "trend"
+    return "does_not_show"
 
 
 # ----------------------------------------------------------------------------- tables
@@ -723,7 +747,9 @@ def table2_markdown(rows: Sequence[dict], methods: Sequence[str]) -> str:
             for row in rows]
     note = ("Table 2 analogue: mean proportional energy inside the attribute mask per CAM "
             "method (predicted-class target |z|), over the positively (E+) and negatively (E-) "
-            "predicted frontal test faces.\n\n")
+            "predicted frontal test faces. With a head of global average pooling and one dense "
+            "layer the gradient is constant over the feature map, so HiResCAM equals "
+            "Grad-CAM.\n\n")
     return note + markdown_table(headers, body)
 
 
@@ -793,17 +819,19 @@ def summary_markdown(setup: dict, rows1: Sequence[dict], finding: dict,
             f"{mino['num_attributes']} of these attributes that both models predict at least "
             f"once; mean minority-class error rate {_fmt(finding['minority_error_u'])} (u) vs "
             f"{_fmt(finding['minority_error_b'])} (b). ")
-        if finding["shows"]:
-            verdict += ("**The paper's finding shows**: the unbalanced model's majority-class "
-                        "CAMs carry less energy in the attribute region than the balanced "
-                        "model's.")
-        elif not finding["testable"]:
-            verdict += (f"**Inconclusive**: fewer than {MIN_ATTRIBUTES_FOR_TEST} attributes to "
-                        "compare.")
-        else:
-            verdict += ("**The paper's finding does not show** here: the balanced model's "
-                        "majority-class CAMs do not carry significantly more energy in the "
-                        f"attribute region (p >= {finding['alpha']}) than the unbalanced model's.")
+        verdict += {
+            "shows": "**The paper's finding shows**: the unbalanced model's majority-class CAMs "
+                     "carry less energy in the attribute region than the balanced model's.",
+            "trend": "**The paper's finding shows only as a trend** here: the balanced model's "
+                     "majority-class CAMs carry more energy in the attribute region on average "
+                     "and for most attributes, but not significantly (p >= "
+                     f"{finding['alpha']}).",
+            "does_not_show": "**The paper's finding does not show** here: the balanced model's "
+                             "majority-class CAMs do not carry more energy in the attribute "
+                             "region than the unbalanced model's.",
+            "inconclusive": f"**Inconclusive**: fewer than {MIN_ATTRIBUTES_FOR_TEST} attributes "
+                            "to compare.",
+        }[finding_verdict(finding)]
     loss_u = ("plain Euclidean loss on +-1 targets" if setup["unbalanced_loss"] == "euclidean"
               else "sigmoid cross-entropy")
     files = ", ".join(f"[{f}]({link_prefix}{f})" for f in (
@@ -1014,6 +1042,44 @@ def _source_label(config) -> str:
     return f"{kind} synthetic faces"
 
 
+def markdown_outputs(results: dict, link_prefix: str = "") -> dict[str, str]:
+    """{file name: Markdown} for table1.md, table2.md, table_targets.md and summary.md.
+
+    ``results`` is the run's results dict, or the same read back from
+    results.json (NaN written as null; both print as "n/a").
+    """
+    setup = results["setup"]
+    method_label = setup["main_method_label"]
+    # The summary's key rows: the figure attributes (those of the Figure 4 table).
+    key_attributes = setup.get("figure_attributes") or list(
+        dict.fromkeys(row["attribute"] for row in results["targets"]))
+    return {
+        "table1.md": table1_markdown(results["table1"], method_label),
+        "table2.md": table2_markdown(results["table2"], setup["methods"]),
+        "table_targets.md": target_markdown(results["targets"], method_label),
+        "summary.md": summary_markdown(setup, results["table1"], results["finding"],
+                                       key_attributes, link_prefix),
+    }
+
+
+def write_markdown(workdir: str) -> str:
+    """Rewrite the Markdown tables and summary.md from ``workdir/results.json``.
+
+    For rewording the reports without re-running anything (the finding's
+    verdict is recomputed and stored too); returns the new summary.
+    """
+    out = Path(workdir)
+    path = out / "results.json"
+    if not path.exists():
+        raise ValueError(f"{path} does not exist; run the experiment first")
+    results = json.loads(path.read_text())
+    results["finding"]["verdict"] = finding_verdict(results["finding"])
+    write_json(path, results)
+    for filename, text in markdown_outputs(results, _link_prefix(out)).items():
+        (out / filename).write_text(text)
+    return (out / "summary.md").read_text()
+
+
 def train(config, workdir: str) -> dict[str, TrainedModel]:
     """Train (or reload) AFFACT-u and AFFACT-b; returns {name: TrainedModel}."""
     source = build_source(config.data)
@@ -1084,19 +1150,14 @@ def run(config, workdir: str) -> dict:
         "balanced_loss": "balanced_euclidean (eq. 5), weights eq. 6 from the training p_m",
         "methods": list(methods), "main_method": main_method, "main_method_label": method_label,
         "pairs": [f"{m}/{t}" for m, t in pairs], "mask_source": mask_source,
+        "table2_attributes": list(table2_attributes),
+        "figure_attributes": list(figure_attributes),
         "mask_defined": {n: bool(d) for n, d in zip(names, defined)},
         "test": {**frontal_counts, "rendered": int(test_idx.size),
                  "frontal_max_ratio": float(config.test.frontal_max_ratio)},
         "seconds": {"train": round(trained_at - started, 1),
                     "explain": round(explained_at - trained_at, 1)},
     }
-    table1_md = table1_markdown(rows1, method_label)
-    table2_md = table2_markdown(rows2, methods)
-    targets_md = target_markdown(rows_targets, method_label)
-    (out / "table1.md").write_text(table1_md)
-    (out / "table2.md").write_text(table2_md)
-    (out / "table_targets.md").write_text(targets_md)
-
     figures = [
         figure2(out / "figure2_mean_cams.png", evaluations, reports, pairs, main_method,
                 figure_attributes, names),
@@ -1106,8 +1167,6 @@ def run(config, workdir: str) -> dict:
                 figure_attributes, names),
         figure_energy(out / "figure_energy.png", rows1, method_label),
     ]
-    summary = summary_markdown(setup, rows1, finding, figure_attributes, _link_prefix(out))
-    (out / "summary.md").write_text(summary)
 
     def report_json(report: dict) -> dict:
         per_attribute = {}
@@ -1140,6 +1199,9 @@ def run(config, workdir: str) -> dict:
         "finding": finding, "figures": figures, "warnings": caught,
     }
     write_json(out / "results.json", results)
+    for filename, text in markdown_outputs(results, _link_prefix(out)).items():
+        (out / filename).write_text(text)
+    summary = (out / "summary.md").read_text()
     for name in MODELS:
         print(f"[{MODEL_LABELS[name]}] mean accuracy {results['models'][name]['mean_accuracy']:.3f}"
               f", mean balanced accuracy "
