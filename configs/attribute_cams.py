@@ -43,7 +43,7 @@ Estimated total on a free machine: training 2 x ~3 min, explaining
 2 x 560 images with 4 CAM methods (target |z|) + Grad-CAM (target z) for
 every attribute ~1 min.
 
-Variants: ``smoke`` (64 px, 2 updates per model, 32 test faces; ~30 s),
+Variants: ``smoke`` (64 px, 2 updates per model, 32 test faces; ~40 s),
 ``paper`` (AFFACT's ResNet-50 at 224 px for accelerators) and ``celeba``
 (real CelebA from ``data.root``: the published layout with
 img_align_celeba/, list_attr_celeba.txt, list_landmarks_align_celeba.txt and

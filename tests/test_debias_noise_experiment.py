@@ -61,8 +61,9 @@ def test_smoke_writes_every_output(smoke_run):
     assert "0.28 -> 0.05 -> 0.09" in summary
     for name in figures + ["table1.md"]:
         assert f"({name})" in summary  # workdir outside the repository: plain relative links
-    table = (workdir / "table1.md").read_text()
+    table, sweep = (workdir / "table1.md").read_text().split("Quantile sweep")
     assert table.count("\n| ") == 1 + len(config.confounders) * 6  # header + rows
+    assert sweep.count("\n| ") == 1 + len(config.sweep.quantiles)
 
 
 def test_planned_runs_cover_table_and_sweep():
@@ -286,8 +287,8 @@ def test_every_augmentation_shares_one_compiled_step():
     from faceaudit_jax.models import patch_net as pn
     model = dn.PooledSmallConvNet(widths=(2, 2, 2), input_pool=2)
     optimizer = pn.confounded_classifier_optimizer(2, 1e-2)
-    state0 = pn.create_train_state(jax.random.key(0), model, (jnp.zeros((1, 16, 16, 3)),),
-                                   optimizer)
+    state0 = dn._with_array_step(pn.create_train_state(
+        jax.random.key(0), model, (jnp.zeros((1, 16, 16, 3)),), optimizer))
     step = pn.make_classifier_train_step(dn.make_selection_augment_fn())
     rng = np.random.default_rng(0)
     images = rng.integers(0, 255, (8, 16, 16, 3), dtype=np.uint8)
@@ -344,3 +345,50 @@ def test_config_variants():
         dn.validate_config(get_config(variant))
     with pytest.raises(ValueError, match="unknown config variant"):
         get_config("huge")
+
+
+def test_pooled_classifier_and_batch_stat_recalibration():
+    """PooledSmallConvNet = SmallConvNet on 2 x 2 block means; and with the whole data set
+    in one batch, re-estimated running statistics equal the batch statistics, so
+    eval-mode logits equal train-mode ones (no dropout)."""
+    from faceaudit_jax.models import patch_net as pn
+    model = dn.PooledSmallConvNet(widths=(3, 4, 5), conv_dropout=0.0, head_dropout=0.0,
+                                  input_pool=2)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (8, 16, 16, 3), dtype=np.uint8)
+    x = dn.to_float(images)
+    # Random weights from the variables' shapes (eval_shape: no initialiser to compile),
+    # running statistics at their initial values (mean 0, variance 1).
+    shapes = jax.eval_shape(model.init, jax.random.key(1), x)
+    variables = {
+        "params": jax.tree_util.tree_map(
+            lambda s: jnp.asarray(rng.normal(0.0, 0.5, s.shape), jnp.float32), shapes["params"]),
+        "batch_stats": jax.tree_util.tree_map(
+            lambda s: jnp.zeros(s.shape) if len(s.shape) else s, shapes["batch_stats"])}
+    variables["batch_stats"] = jax.tree_util.tree_map_with_path(
+        lambda path, v: jnp.ones_like(v) if path[-1].key == "var" else v,
+        variables["batch_stats"])
+    evaluate = jax.jit(model.apply)
+    train_mode = jax.jit(lambda v: model.apply(v, x, train=True, mutable=["batch_stats"])[0])
+
+    pooled = x.reshape(8, 8, 2, 8, 2, 3).mean(axis=(2, 4))
+    reference = jax.jit(pn.SmallConvNet(widths=(3, 4, 5), conv_dropout=0.0,
+                                        head_dropout=0.0).apply)(
+        {"params": variables["params"]["net"], "batch_stats": variables["batch_stats"]["net"]},
+        pooled)
+    before = evaluate(variables, x)
+    np.testing.assert_allclose(np.asarray(before), np.asarray(reference), rtol=1e-5, atol=1e-5)
+
+    assert not np.allclose(np.asarray(before), np.asarray(train_mode(variables)), atol=1e-3)
+    stats_step = dn.make_batch_stats_step(model, dn.make_selection_augment_fn())
+    labels = np.zeros(8, np.int32)
+    recalibrated = dn.recalibrate_batch_stats(
+        stats_step, variables, images, labels, dn.AUGMENT_NONE, None, batch_size=8,
+        passes=150, seed=0, key=jax.random.key(3))
+    np.testing.assert_allclose(np.asarray(evaluate(recalibrated, x)),
+                               np.asarray(train_mode(variables)), rtol=1e-3, atol=1e-3)
+    assert recalibrated["params"] is variables["params"]
+    # passes = 0 leaves the variables alone.
+    assert dn.recalibrate_batch_stats(stats_step, variables, images, labels, dn.AUGMENT_NONE,
+                                      None, batch_size=8, passes=0, seed=0,
+                                      key=jax.random.key(3)) is variables

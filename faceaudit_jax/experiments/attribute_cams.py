@@ -9,8 +9,9 @@ The job (``run(config, workdir)``):
    are indices 0..N-1 (CelebA: the training partition); test images come
    from disjoint identities (CelebA: the test partition) and only frontal
    faces are explained (``data.frontal.frontal_filter``, ratio < 0.1, sec. 3.3).
-2. Two networks, one logit per attribute (all attributes the renderer draws;
-   unknown targets, -1, are masked out of the loss), trained on the same
+2. Two networks, one logit per attribute (every attribute with known
+   training targets: the 35 the renderer draws, or CelebA's 40; unknown
+   targets, -1, are masked out of the loss), trained on the same
    batches in the same order from the same initialisation:
    AFFACT-u with the plain Euclidean loss sum_m (z_m - t_m)^2 on targets
    t in {+1, -1} (``train.unbalanced_loss = "euclidean"``; ``"bce"`` for
@@ -41,7 +42,11 @@ The job (``run(config, workdir)``):
      predicted samples), ``figure_energy.png`` (E+/E- of both models over
      the attributes sorted by p_m);
    - ``summary.md``: the README fragment (setup, key rows, and whether the
-     paper's finding shows, with numbers);
+     paper's finding shows, with numbers: ``majority_class_finding`` compares
+     the majority-class energies of the two models over the imbalanced
+     attributes with a one-sided Wilcoxon signed-rank test, verdict "shows",
+     "trend", "does_not_show" or "inconclusive"); ``write_markdown(workdir)``
+     rewrites the Markdown from results.json without re-running;
    - ``models/affact_{u,b}/``: Orbax checkpoints and metrics.jsonl, kept out
      of git by ``models/.gitignore``.
 
