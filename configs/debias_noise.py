@@ -12,7 +12,7 @@ Run:
   bash scripts/reproduce_debias_noise.sh                 # default -> results/debias_noise
   python explain.py --config configs/debias_noise.py --workdir results/debias_noise
   python explain.py --config configs/debias_noise.py:smoke --workdir /tmp/debias_smoke
-  python explain.py --config configs/debias_noise.py:paper --workdir runs/debias_paper   # accelerator
+  python explain.py --config configs/debias_noise.py:paper --workdir runs/debias_paper  # GPU
 Any field can be overridden, e.g. --config.sweep.method=specific_mask.
 
 The default variant is the paper's recipe scaled for a 2-core CPU (about 15
@@ -133,7 +133,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.patch_net.decay_every_epochs = 1
         c.patch_net.map_batch_size = 16
         c.patch_net.chunk_size = 128
-        c.calibration.num_images = 8
+        c.calibration.num_images = 16  # = map_batch_size: one sliding-window compile
         c.calibration.num_bins = 10
         c.classifier.widths = (4, 8, 8)
         c.classifier.input_pool = 2

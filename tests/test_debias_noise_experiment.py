@@ -1,8 +1,7 @@
-"""The noise-debiasing experiment: smoke run end to end, resume, and its pieces against references."""
+"""Noise-debiasing experiment: smoke run end to end, resume, pieces against references."""
 
 import importlib.util
 import json
-import os
 from pathlib import Path
 
 import jax
@@ -217,6 +216,9 @@ def test_subgroup_metrics_against_numpy():
         dn.subgroup_metrics(correct[:10], target, confounder)
 
 
+_augment_fn = jax.jit(dn.make_selection_augment_fn(fill=0.5, std=0.5))  # compiled once
+
+
 @pytest.mark.parametrize("method", dn.METHODS)
 def test_selection_augmentation_equals_the_library(method):
     key = jax.random.key(3)
@@ -225,7 +227,7 @@ def test_selection_augmentation_equals_the_library(method):
     general = specific[0]
     scope, mode = dn.method_spec(method)
     q = 0.7
-    augment_fn = jax.jit(dn.make_selection_augment_fn(fill=0.5, std=0.5))
+    augment_fn = _augment_fn
     if scope == "general":
         selection = np.broadcast_to(dn.quantile_selections(general, q), specific.shape)
     else:
