@@ -13,11 +13,9 @@ audit uses it.
 
 from __future__ import annotations
 
-import argparse
 import os
 
-import nbformat
-from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+import notebook_builder
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 NOTEBOOK = os.path.join(HERE, "facex_audit.ipynb")
@@ -119,31 +117,9 @@ see `configs/facex_tables.py`."""),
 ]
 
 
-def build_notebook() -> nbformat.NotebookNode:
-    cells = [new_markdown_cell(src) if kind == "md" else new_code_cell(src)
-             for kind, src in CELLS]
-    notebook = new_notebook(cells=cells)
-    notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
-                                       "language": "python"}
-    return notebook
-
-
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--execute", action="store_true",
-                        help="run the notebook (nbclient) and store its outputs")
-    parser.add_argument("--output", default=NOTEBOOK)
-    args = parser.parse_args(argv)
-    notebook = build_notebook()
-    if args.execute:
-        from nbclient import NotebookClient
-
-        NotebookClient(notebook, timeout=600, kernel_name="python3",
-                       resources={"metadata": {"path": HERE}}).execute()
-    nbformat.validate(notebook)
-    nbformat.write(notebook, args.output)
-    print(f"wrote {args.output}")
+def build_notebook():
+    return notebook_builder.build_notebook(CELLS)
 
 
 if __name__ == "__main__":
-    main()
+    notebook_builder.main(CELLS, NOTEBOOK, __doc__.split("\n\n")[0])

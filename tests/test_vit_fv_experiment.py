@@ -255,10 +255,11 @@ def test_batch_fn_is_deterministic_and_flips():
 
 
 def test_fingerprint_mismatch_is_refused(tmp_path):
-    vit_fv._check_fingerprint(tmp_path, {"a": 1})
-    vit_fv._check_fingerprint(tmp_path, {"a": 1})
+    from faceaudit_jax.experiments import registry
+    registry.check_fingerprint(tmp_path, {"a": 1})
+    registry.check_fingerprint(tmp_path, {"a": 1})
     with pytest.raises(ValueError, match="other settings"):
-        vit_fv._check_fingerprint(tmp_path, {"a": 2})
+        registry.check_fingerprint(tmp_path, {"a": 2})
 
 
 def test_config_variants():

@@ -10,7 +10,6 @@ resumed from a checkpoint sees exactly the batches it would have seen.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Callable, Iterator, Optional, Sequence
 
 import jax
@@ -154,21 +153,3 @@ def shard_batch(batch: dict, sharding: NamedSharding) -> dict:
         return jax.device_put(x, sharding)
 
     return jax.tree_util.tree_map(put, batch)
-
-
-@functools.lru_cache(maxsize=None)
-def _finite_check():
-    return jax.jit(lambda x: jnp.all(jnp.isfinite(x)))
-
-
-def check_images(images, name: str = "images") -> None:
-    """Host-side front door: rank-4 [B,H,W,C], finite values; a clear error otherwise."""
-    shape = getattr(images, "shape", None)
-    if shape is None or len(shape) != 4:
-        raise ValueError(f"{name} has shape {shape}; expected [B, H, W, C]")
-    if shape[0] == 0:
-        raise ValueError(f"{name} is empty (batch of 0 images)")
-    if not bool(_finite_check()(jnp.asarray(images))):
-        bad = np.argwhere(~np.isfinite(np.asarray(images)))[0]
-        raise ValueError(f"{name} holds NaN or inf (first at index {tuple(int(i) for i in bad)}); "
-                         "expected finite pixel values")

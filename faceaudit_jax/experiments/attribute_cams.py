@@ -80,6 +80,7 @@ from matplotlib import cm
 from matplotlib import colors as mcolors
 from matplotlib.figure import Figure
 
+from faceaudit_jax.experiments import registry
 from faceaudit_jax import losses, regions, train_lib
 from faceaudit_jax.data import frontal, pipeline
 from faceaudit_jax.experiments.registry import write_json
@@ -96,7 +97,6 @@ METHOD_LABELS = {"grad_cam": "Grad-CAM", "grad_cam_plusplus": "Grad-CAM++",
                  "hires_cam": "HiResCAM", "element_wise_grad_cam": "Element-wise Grad-CAM"}
 UNBALANCED_LOSSES = ("euclidean", "bce")
 DATA_SOURCES = ("synthetic", "celeba")
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 # ----------------------------------------------------------------------------- data
@@ -281,27 +281,8 @@ def _fingerprint(config, names: Sequence[str], loss: str) -> dict:
     return json.loads(json.dumps(fingerprint))
 
 
-def _check_fingerprint(run_dir: Path, expected: dict) -> None:
-    path = run_dir / "fingerprint.json"
-    if path.exists():
-        found = json.loads(path.read_text())
-        differ = sorted(k for k in set(found) | set(expected) if found.get(k) != expected.get(k))
-        if differ:
-            raise ValueError(
-                f"{run_dir} holds a model trained with other settings ({', '.join(differ)} "
-                f"differ: {[(k, found.get(k), expected.get(k)) for k in differ][:3]}); use "
-                "another workdir or delete that folder")
-    else:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(expected, indent=2) + "\n")
 
 
-def _ignore_models_folder(models_dir: Path) -> None:
-    """Checkpoints stay out of git: models/.gitignore ignores everything in models/."""
-    models_dir.mkdir(parents=True, exist_ok=True)
-    gitignore = models_dir / ".gitignore"
-    if not gitignore.exists():
-        gitignore.write_text("# Orbax checkpoints and training logs: not for git.\n*\n")
 
 
 def train_model(config, workdir: str, name: str, source, train_idx: np.ndarray,
@@ -314,9 +295,9 @@ def train_model(config, workdir: str, name: str, source, train_idx: np.ndarray,
     is part of the train state's static structure).
     """
     models_dir = Path(workdir) / "models"
-    _ignore_models_folder(models_dir)
+    registry.ignore_models_folder(models_dir)
     run_dir = models_dir / name
-    _check_fingerprint(run_dir, _fingerprint(config, names, loss))
+    registry.check_fingerprint(run_dir, _fingerprint(config, names, loss))
     model = build_model(str(config.model.name), len(names))
     batch_size = int(config.train.batch_size)
     num_steps = pipeline.steps_per_epoch(train_idx.size, batch_size) * int(config.train.num_epochs)
@@ -1032,12 +1013,6 @@ def figure_energy(path: Path, rows1: Sequence[dict], method_label: str) -> str:
 # ----------------------------------------------------------------------------- the job
 
 
-def _link_prefix(workdir: Path) -> str:
-    """Links in summary.md work from the README when the workdir is inside the repository."""
-    try:
-        return str(workdir.resolve().relative_to(REPO_ROOT)) + "/"
-    except ValueError:
-        return ""
 
 
 def _source_label(config) -> str:
@@ -1080,7 +1055,7 @@ def write_markdown(workdir: str) -> str:
     results = json.loads(path.read_text())
     results["finding"]["verdict"] = finding_verdict(results["finding"])
     write_json(path, results)
-    for filename, text in markdown_outputs(results, _link_prefix(out)).items():
+    for filename, text in markdown_outputs(results, registry.readme_link_prefix(out)).items():
         (out / filename).write_text(text)
     return (out / "summary.md").read_text()
 
@@ -1204,7 +1179,7 @@ def run(config, workdir: str) -> dict:
         "finding": finding, "figures": figures, "warnings": caught,
     }
     write_json(out / "results.json", results)
-    for filename, text in markdown_outputs(results, _link_prefix(out)).items():
+    for filename, text in markdown_outputs(results, registry.readme_link_prefix(out)).items():
         (out / filename).write_text(text)
     summary = (out / "summary.md").read_text()
     for name in MODELS:

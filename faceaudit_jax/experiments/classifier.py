@@ -11,7 +11,6 @@ on bias-aligned and bias-conflicting images.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from pathlib import Path
 from typing import Any, Optional
@@ -80,6 +79,12 @@ def _bce_loss(logits, batch):
     return losses.sigmoid_bce(logits[:, 0], batch["label"], batch["label_mask"])
 
 
+def _weighted_bce_loss(logits, batch):
+    """Group-balanced reweighting: the per-image weight rides along in the batch."""
+    return losses.sigmoid_bce(logits[:, 0], batch["label"], batch["label_mask"],
+                              class_weights=batch["weight"])
+
+
 def train_classifier(config, workdir: str, indices: np.ndarray, source, name: str,
                      sample_weights: Optional[np.ndarray] = None) -> TrainedClassifier:
     """Train (or resume, or load when finished) one classifier under ``workdir/name``."""
@@ -93,21 +98,21 @@ def train_classifier(config, workdir: str, indices: np.ndarray, source, name: st
     state = train_lib.create_train_state(
         model, jax.random.PRNGKey(int(config.seed)), int(source.resolution), tx)
     transform = pipeline.attribute_label_fn(config.bias.target)
-    batch_fn = pipeline.step_batch_fn(source, indices, batch_size, int(config.seed), transform)
-    loss_fn = _bce_loss
-    if sample_weights is not None:
-        # Group-balanced reweighting: the weight rides along in the batch.
-        weight_of = dict(zip(indices.tolist(), np.asarray(sample_weights, np.float32).tolist()))
+    if sample_weights is None:
+        loss_fn = _bce_loss
+        batch_fn = pipeline.step_batch_fn(source, indices, batch_size, int(config.seed), transform)
+    else:
+        loss_fn = _weighted_bce_loss
+        weights = np.asarray(sample_weights, np.float32)
+        positions = np.arange(indices.size)
 
-        def batch_fn(step, _inner=batch_fn):
-            idx = pipeline.step_indices(indices, batch_size, int(config.seed), step)
-            batch = _inner(step)
-            batch["weight"] = jnp.asarray([weight_of[int(i)] for i in idx], jnp.float32)
+        # The step's shuffle depends only on the set size and seed, so rows of
+        # ``positions`` pick the same images as step_batch_fn, with their weights.
+        def batch_fn(step):
+            rows = pipeline.step_indices(positions, batch_size, int(config.seed), step)
+            batch = transform(source.batch(indices[rows]))
+            batch["weight"] = jnp.asarray(weights[rows])
             return batch
-
-        def loss_fn(logits, batch):
-            return losses.sigmoid_bce(logits[:, 0], batch["label"], batch["label_mask"],
-                                      class_weights=batch["weight"])
 
     state = train_lib.fit(
         model, state, batch_fn, num_steps, str(run_dir), loss_fn=loss_fn,

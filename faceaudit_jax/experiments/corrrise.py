@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.stats
 
+from faceaudit_jax.experiments import registry
 from faceaudit_jax import train_lib
 from faceaudit_jax.data import pipeline, sampling
 from faceaudit_jax.experiments.registry import write_json
@@ -81,11 +82,6 @@ def make_batch_fn(images: np.ndarray, labels: np.ndarray, batch_size: int,
 # ----------------------------------------------------------------------------- model
 
 
-def _ignore_models_folder(models_dir: Path) -> None:
-    models_dir.mkdir(parents=True, exist_ok=True)
-    gitignore = models_dir / ".gitignore"
-    if not gitignore.exists():
-        gitignore.write_text("# Orbax checkpoints and training logs: not for git.\n*\n")
 
 
 def _build(config, num_classes: int):
@@ -98,7 +94,7 @@ def train_embedder(config, workdir: str, images: np.ndarray, identity: np.ndarra
     classes, labels = np.unique(identity, return_inverse=True)
     model = _build(config, int(classes.size))
     models_dir = Path(workdir) / "models"
-    _ignore_models_folder(models_dir)
+    registry.ignore_models_folder(models_dir)
     run_dir = models_dir / "embedder"
     batch_size = int(config.train.batch_size)
     num_steps = pipeline.steps_per_epoch(images.shape[0], batch_size) * int(config.train.num_epochs)
@@ -368,15 +364,8 @@ def run(config, workdir: str) -> dict:
     }
     write_json(out / "results.json", results)
     (out / "table1.md").write_text(table_markdown(table))
-    (out / "summary.md").write_text(summary_markdown(results, f"{_link_prefix(out)}"))
+    (out / "summary.md").write_text(summary_markdown(results, f"{registry.readme_link_prefix(out)}"))
     print(f"[corrrise] done in {results['seconds']:.0f}s -> {out}", flush=True)
     return results
 
 
-def _link_prefix(out: Path) -> str:
-    """Figure links relative to the repository root when the workdir is inside it."""
-    try:
-        rel = out.resolve().relative_to(Path(__file__).resolve().parents[2])
-        return f"{rel.as_posix()}/"
-    except ValueError:
-        return ""

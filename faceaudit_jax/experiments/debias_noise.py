@@ -86,6 +86,7 @@ import optax
 from flax import serialization
 from matplotlib.figure import Figure
 
+from faceaudit_jax.experiments import registry
 from faceaudit_jax import regions
 from faceaudit_jax.data import pipeline, sampling
 from faceaudit_jax.experiments.registry import write_json
@@ -110,7 +111,6 @@ PAPER_QUANTILE = 0.7
 # confounder and its maps cannot locate it; the summary says so.
 UNLEARNED_PATCH_ACCURACY = 0.55
 CELLS = ("women_without", "women_with", "men_without", "men_with")  # fairness.group_ids order
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 # ----------------------------------------------------------------------------- names
@@ -801,12 +801,6 @@ def sweep_rows(config, results: dict) -> list[dict]:
             for q in sorted(config.sweep.quantiles)]
 
 
-def _link_prefix(workdir: Path) -> str:
-    """Links in summary.md work from the README when the workdir is inside the repository."""
-    try:
-        return str(workdir.resolve().relative_to(REPO_ROOT)) + "/"
-    except ValueError:
-        return ""
 
 
 def _scale_text(ts) -> str:
@@ -1373,6 +1367,6 @@ def run(config, workdir) -> dict[str, Any]:
     write_json(workdir / "results.json", out)
     (workdir / "table1.md").write_text(table1_markdown(config, rows, sweep))
     (workdir / "summary.md").write_text(
-        summary_markdown(config, setup, results, comp, sweep, _link_prefix(workdir)))
+        summary_markdown(config, setup, results, comp, sweep, registry.readme_link_prefix(workdir)))
     _log(f"done in {time.time() - t_start:.0f} s; results in {workdir}")
     return out

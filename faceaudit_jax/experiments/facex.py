@@ -71,7 +71,9 @@ def audit(clf: classifier.TrainedClassifier, source, indices: np.ndarray, target
     by_pred = ior_lib.IoRAccumulator.init(regions.NUM_REGIONS, 3)
     by_true = ior_lib.IoRAccumulator.init(regions.NUM_REGIONS, 3)
     top = top_lib.TopPatchAccumulator.init(int(explain_cfg.top_k), regions.NUM_REGIONS)
-    correct = total = 0
+    # Counted on device: reading it per batch would stall the loop on a host round trip.
+    correct = jnp.zeros((), jnp.int32)
+    total = 0
     n_over = int(explain_cfg.num_overlays)
     over_img, over_map, over_titles = [], [], []
     start = time.perf_counter()
@@ -93,8 +95,7 @@ def audit(clf: classifier.TrainedClassifier, source, indices: np.ndarray, target
         ids = np.arange(offset, offset + batch_size)
         top = top_lib.TopPatchAccumulator.update(top, maps, batch["parse"], ids,
                                                  int(explain_cfg.patch_size))
-        hits = np.asarray((pred == truth) & valid_j)
-        correct += int(hits.sum())
+        correct = correct + jnp.sum((pred == truth) & valid_j)
         total += int(valid.sum())
         if len(over_img) < n_over:
             take = min(n_over - len(over_img), int(valid.sum()))
@@ -114,7 +115,7 @@ def audit(clf: classifier.TrainedClassifier, source, indices: np.ndarray, target
         ior_by_predicted=pred_summary.ior_by_group[:2],
         ior_by_true=true_summary.ior_by_group[:2],
         counts_by_predicted=pred_summary.counts_by_group[:2],
-        top=top_result, accuracy=correct / max(total, 1), num_images=total,
+        top=top_result, accuracy=int(correct) / max(total, 1), num_images=total,
         overlay_images=np.stack(over_img), overlay_maps=np.stack(over_map),
         overlay_titles=over_titles, seconds=time.perf_counter() - start)
 

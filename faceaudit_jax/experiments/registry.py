@@ -11,6 +11,8 @@ import json
 import os
 from pathlib import Path
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
 EXPERIMENTS = {
     "facex": "faceaudit_jax.experiments.facex",
     "facex_tables": "faceaudit_jax.experiments.facex",
@@ -84,3 +86,39 @@ def write_json(path, obj) -> None:
         json.dump(clean(obj), f, indent=2)
         f.write("\n")
     os.replace(tmp, path)
+
+
+def ignore_models_folder(models_dir) -> None:
+    """Checkpoints stay out of git: models/.gitignore ignores everything in models/."""
+    models_dir = Path(models_dir)
+    models_dir.mkdir(parents=True, exist_ok=True)
+    gitignore = models_dir / ".gitignore"
+    if not gitignore.exists():
+        gitignore.write_text("# Orbax checkpoints and training logs: not for git.\n*\n")
+
+
+def check_fingerprint(run_dir, expected: dict) -> None:
+    """Record a model's settings in run_dir, or refuse a run_dir trained with other ones.
+
+    A resumed run must never mix checkpoints of two configurations.
+    """
+    path = Path(run_dir) / "fingerprint.json"
+    if path.exists():
+        found = json.loads(path.read_text())
+        differ = sorted(k for k in set(found) | set(expected) if found.get(k) != expected.get(k))
+        if differ:
+            raise ValueError(
+                f"{run_dir} holds a model trained with other settings ({', '.join(differ)} "
+                f"differ: {[(k, found.get(k), expected.get(k)) for k in differ][:3]}); use "
+                "another workdir or delete that folder")
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(expected, indent=2) + "\n")
+
+
+def readme_link_prefix(workdir) -> str:
+    """Prefix that makes links in a summary.md work from the README (workdir inside the repo)."""
+    try:
+        return Path(workdir).resolve().relative_to(REPO_ROOT).as_posix() + "/"
+    except ValueError:
+        return ""

@@ -78,6 +78,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from faceaudit_jax.experiments import registry
 from faceaudit_jax import train_lib
 from faceaudit_jax.data import pipeline, sampling
 from faceaudit_jax.experiments.registry import write_json
@@ -91,7 +92,6 @@ from faceaudit_jax.metrics import verification as verification_lib
 from faceaudit_jax.metrics.verification import cosine_similarity
 from faceaudit_jax.models import vit
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 TECHNIQUE_LABELS = {"oim": "OIM", "um": "UM", "n_ium": "N-IUM"}
 METHOD_LABELS = {
@@ -183,27 +183,8 @@ def _fingerprint(config, num_identities: int) -> dict:
     }
 
 
-def _check_fingerprint(run_dir: Path, expected: dict) -> None:
-    path = run_dir / "fingerprint.json"
-    if path.exists():
-        found = json.loads(path.read_text())
-        differ = sorted(k for k in set(found) | set(expected) if found.get(k) != expected.get(k))
-        if differ:
-            raise ValueError(
-                f"{run_dir} holds a model trained with other settings ("
-                f"{[(k, found.get(k), expected.get(k)) for k in differ][:3]}); use another "
-                "workdir or delete that folder")
-    else:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(expected, indent=2) + "\n")
 
 
-def _ignore_models_folder(models_dir: Path) -> None:
-    """Checkpoints stay out of git: models/.gitignore ignores everything in models/."""
-    models_dir.mkdir(parents=True, exist_ok=True)
-    gitignore = models_dir / ".gitignore"
-    if not gitignore.exists():
-        gitignore.write_text("# Orbax checkpoints and training logs: not for git.\n*\n")
 
 
 def _last_train_record(run_dir: Path) -> dict:
@@ -229,9 +210,9 @@ def train_embedder(config, workdir: str, images: np.ndarray, identity: np.ndarra
             f"{config.data.resolution}; set model.overrides.image_size or data.resolution")
     model = vit.ViTMarginClassifier(embedder.config, int(classes.size))
     models_dir = Path(workdir) / "models"
-    _ignore_models_folder(models_dir)
+    registry.ignore_models_folder(models_dir)
     run_dir = models_dir / "vit_embedder"
-    _check_fingerprint(run_dir, _fingerprint(config, classes.size))
+    registry.check_fingerprint(run_dir, _fingerprint(config, classes.size))
     batch_size = int(config.train.batch_size)
     num_steps = pipeline.steps_per_epoch(images.shape[0], batch_size) * int(config.train.num_epochs)
     if num_steps < 1:
@@ -787,7 +768,7 @@ def write_reports(workdir, results: Mapping) -> None:
         f"\n## All attention methods\n\n{methods_markdown(tables)}")
     (out / "summary.md").write_text(summary_markdown(
         results["setup"], results["verification"], tables[main_method],
-        oim_finding(tables[main_method]), results["curves"], _link_prefix(out)))
+        oim_finding(tables[main_method]), results["curves"], registry.readme_link_prefix(out)))
 
 
 def rewrite_reports(workdir) -> None:
@@ -798,12 +779,6 @@ def rewrite_reports(workdir) -> None:
     write_reports(workdir, json.loads(path.read_text()))
 
 
-def _link_prefix(workdir: Path) -> str:
-    """Links in summary.md work from the README when the workdir is inside the repository."""
-    try:
-        return str(workdir.resolve().relative_to(REPO_ROOT)) + "/"
-    except ValueError:
-        return ""
 
 
 # ----------------------------------------------------------------------------- the job

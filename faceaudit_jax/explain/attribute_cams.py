@@ -192,15 +192,6 @@ _attribute_cams_jit = jax.jit(
                      "upsample", "normalize", "chunk_size"))
 
 
-def _check_images(images) -> None:
-    shape = getattr(images, "shape", None)
-    if shape is None or len(shape) != 4:
-        raise ValueError(
-            f"images must be a batch [B, H, W, C]; got shape {None if shape is None else tuple(shape)}")
-    if shape[0] == 0:
-        raise ValueError("images is an empty batch (B = 0); expected at least one image")
-
-
 def _check_options(mode: str, chunk_size: int | None) -> None:
     if mode not in cams_lib.BINARY_TARGET_MODES:
         raise ValueError(
@@ -243,7 +234,7 @@ def make_attribute_cam_fn(features_fn: Callable[[Array], Array],
     indices = resolve_attribute_indices(attributes, output_names)
 
     def cam_fn(images):
-        _check_images(images)
+        cams_lib._check_images_static(images)
         maps, logits, finite = _attribute_cams_jit(
             jnp.asarray(images), features_fn=features_fn, head_fn=head_fn, formula=formula,
             mode=mode, attributes=indices, upsample=upsample, normalize=normalize,
