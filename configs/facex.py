@@ -72,6 +72,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.explain.patch_size = 16
     c.explain.top_k = 20
     c.explain.num_overlays = 8
+    # Parse maps: "" = the data set's own masks; a configs/face_parser.py
+    # workdir = that trained parser (for images without masks).
+    c.explain.parser = ""
 
     variant = arg.strip()
     if variant == "smoke":

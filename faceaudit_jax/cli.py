@@ -17,7 +17,8 @@ from typing import Sequence
 _PREFIX = "--config."
 
 
-def _load_config(spec: str):
+def load_config(spec: str):
+    """The ConfigDict of "path/to/config.py[:variant]" (its get_config(variant))."""
     path, _, variant = spec.partition(":")
     module_spec = importlib.util.spec_from_file_location("_faceaudit_config", path)
     if module_spec is None:
@@ -38,7 +39,7 @@ def unknown_override(argv: Sequence[str]) -> str | None:
     if spec is None:
         return None
     try:
-        config = _load_config(spec)
+        config = load_config(spec)
     except Exception:  # a broken config file: absl's own parse reports it in full
         return None
     for arg in argv:

@@ -8,7 +8,8 @@
 #   bash scripts/reproduce_corrrise.sh smoke      # tiny budgets -> runs/corrrise_smoke
 #   bash scripts/reproduce_corrrise.sh "" --config.explain.correlation=spearman
 #
-# The default variant takes about 10 minutes on a free 2-core CPU. Checkpoints go
+# The default variant takes about 15 minutes on a free 2-core CPU (plain and
+# occluded scenarios). Checkpoints go
 # to <workdir>/models/ (ignored by git via the .gitignore written there);
 # rerunning reloads the finished model and only re-explains.
 set -euo pipefail

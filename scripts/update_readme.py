@@ -15,7 +15,8 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ORDER = ["main", "facex", "attribute_cams", "corrrise", "vit_fv", "debias_noise"]
+ORDER = ["main", "facex", "attribute_cams", "corrrise", "vit_fv", "debias_noise", "face_parser",
+         "dlib_corrrise"]
 
 
 def _replace(text: str, tag: str, body: str) -> str:
@@ -54,7 +55,7 @@ def main() -> None:
     own = ROOT / "docs" / "use_your_own_data.md"
     if own.exists():
         body = own.read_text().strip()
-        body = re.sub(r"^# .*\n+", "", body)  # the README supplies the heading
+        body = re.sub(r"^#+ .*\n+", "", body)  # the README supplies the heading
         text = _replace(text, "OWNDATA", body)
     readme.write_text(text)
     print(f"updated {readme}")

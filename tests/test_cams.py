@@ -322,3 +322,29 @@ def test_bad_inputs():
     cam_fn = cams.make_cam_fn(_pool_features, head, target)
     with pytest.raises(ValueError, match="NaN or inf"):
         cam_fn(jnp.asarray(bad).at[0, 0, 0, 0].set(jnp.inf))
+
+
+@pytest.mark.parametrize("small, size", [((4, 4), (128, 128)), ((7, 5), (224, 97)), ((3, 3), (3, 3)),
+                                         ((6, 6), (4, 4))])
+def test_upsample_normalize_equals_normalize_of_upsample(small, size):
+    rng = np.random.default_rng(0)
+    maps = rng.normal(size=(5, *small)).astype(np.float32)
+    maps[1] = 0.7                       # constant map -> all zeros
+    maps[2] = 0.0                       # no activation -> all zeros
+    maps[3] = np.maximum(maps[3], 0.0)  # ReLU'd, as CAMs are
+    fused = np.asarray(cams.upsample_normalize_maps(jnp.asarray(maps), size))
+    two_step = np.asarray(cams.normalize_maps(cams.upsample_maps(jnp.asarray(maps), size)))
+    np.testing.assert_allclose(fused, two_step, atol=1e-6)
+    assert fused.shape == (5, *size)
+    assert not fused[1].any() and not fused[2].any()
+    assert fused.min() > -1e-6 and fused.max() < 1 + 1e-6
+
+
+def test_bilinear_matrix_is_jax_resize_of_the_identity():
+    for n_in, n_out in ((4, 128), (7, 224), (5, 23), (3, 3)):
+        weights = cams.bilinear_matrix(n_in, n_out)
+        reference = np.asarray(jax.image.resize(jnp.eye(n_in), (n_out, n_in), "bilinear"))
+        np.testing.assert_allclose(weights, reference, atol=1e-6)
+        np.testing.assert_allclose(weights.sum(1), 1.0, atol=1e-6)
+    with pytest.raises(ValueError, match="enlarges only"):
+        cams.bilinear_matrix(8, 4)

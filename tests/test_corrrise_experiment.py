@@ -81,6 +81,43 @@ def test_summary_contents(smoke_run):
     assert f"{results['sanity_check']['mean_spearman']:.3f}" in text
 
 
+def test_occluded_scenario_outputs(smoke_run):
+    workdir, results = smoke_run
+    occ = results["occluded"]
+    if occ is None:
+        pytest.skip("this smoke draw has no occluded probe with a plain partner")
+    assert set(occ["table"]) == set(corrrise.METHODS)
+    assert 1 <= occ["num_pairs"] <= tiny_config().occluded.num_pairs
+    assert 0.0 <= occ["occluder_area_share"] <= 1.0
+    for name in ("figure_saliency_occluded.png", "figure_curves_occluded.png"):
+        assert (workdir / name).is_file()
+    assert "Occluded probes" in (workdir / "summary.md").read_text()
+
+
+def test_occluded_pairs_pick_an_occluded_probe_and_a_plain_partner():
+    from faceaudit_jax import regions
+    attrs = np.zeros((6, 40), np.int8)
+    glasses, hat = regions.attribute_id("Eyeglasses"), regions.attribute_id("Wearing_Hat")
+    identity = np.array([0, 0, 1, 1, 2, 2])
+    attrs[0, glasses] = 1          # person 0: occluded probe 0, plain partner 1
+    attrs[2, hat] = 1              # person 1: both occluded -> no pair
+    attrs[3, glasses] = 1
+    attrs[5, hat] = 1              # person 2: occluded probe 5, plain partner 4
+    a, b = corrrise.occluded_pairs(attrs, identity, count=10)
+    np.testing.assert_array_equal(a, [0, 5])
+    np.testing.assert_array_equal(b, [1, 4])
+    a, _ = corrrise.occluded_pairs(attrs, identity, count=1)
+    np.testing.assert_array_equal(a, [0])
+
+
+def test_negative_mass_share_against_hand_values():
+    s = np.array([[[-1.0, -3.0], [0.5, 0.0]], [[0.2, 0.1], [0.3, 0.4]]])
+    mask = np.array([[[True, False], [True, True]]] * 2)
+    share = corrrise.negative_mass_share(s, mask)
+    assert share[0] == pytest.approx(0.25)       # 1 of the 4 units of S- mass is inside
+    assert np.isnan(share[1])                   # no S- at all
+
+
 def test_map_rank_correlation_matches_scipy():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(3, 5, 5))

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -38,7 +39,7 @@ import numpy as np
 import scipy.stats
 
 from faceaudit_jax.experiments import registry
-from faceaudit_jax import train_lib
+from faceaudit_jax import regions, train_lib
 from faceaudit_jax.data import pipeline, sampling
 from faceaudit_jax.experiments.registry import write_json
 from faceaudit_jax.explain import corrrise as corrrise_lib
@@ -98,6 +99,12 @@ def train_embedder(config, workdir: str, images: np.ndarray, identity: np.ndarra
     run_dir = models_dir / "embedder"
     batch_size = int(config.train.batch_size)
     num_steps = pipeline.steps_per_epoch(images.shape[0], batch_size) * int(config.train.num_epochs)
+    # A resumed run must not restore a checkpoint of other settings.
+    registry.check_fingerprint(run_dir, {
+        "model": str(config.model.name), "embedding_dim": int(config.model.embedding_dim),
+        "resolution": int(config.data.resolution), "num_images": int(images.shape[0]),
+        "num_classes": int(classes.size), "batch_size": batch_size, "num_steps": int(num_steps),
+        "loss": str(config.train.loss), "lr": float(config.train.lr), "seed": int(config.seed)})
     tx = train_lib.make_optimizer(config.train, num_steps)
     state = train_lib.create_train_state(model, jax.random.PRNGKey(int(config.seed)),
                                          int(config.data.resolution), tx)
@@ -176,8 +183,11 @@ def map_rank_correlation(maps_x: np.ndarray, maps_y: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------- figures
 
 
-def saliency_figure(path: Path, rows: list) -> str:
-    """rows: [(title, image_a, image_b, s_a, s_b)] -> A, S+_A, S-_A, B, S+_B, S-_B per row."""
+def saliency_figure(path: Path, rows: list, outlines=None) -> str:
+    """rows: [(title, image_a, image_b, s_a, s_b)] -> A, S+_A, S-_A, B, S+_B, S-_B per row.
+
+    ``outlines``: optional bool [H, W] mask per row, drawn as a contour on A's panels.
+    """
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(12, 2.3 * len(rows)))
@@ -189,10 +199,12 @@ def saliency_figure(path: Path, rows: list) -> str:
             panels += [(f"{title}: {name}", img, None),
                        (f"S+ {name} (max {pos.max():.2f})", img, pos),
                        (f"S- {name} (min {neg.min():.2f})", img, -neg)]
-        for ax, (label, img, heat) in zip(axes[r], panels):
+        for c, (ax, (label, img, heat)) in enumerate(zip(axes[r], panels)):
             ax.imshow(img)
             if heat is not None:
                 ax.imshow(heat, cmap="jet", alpha=0.5, vmin=0.0, vmax=max(float(heat.max()), 1e-6))
+            if outlines is not None and c < 3 and outlines[r].any():
+                ax.contour(outlines[r].astype(float), levels=[0.5], colors="white", linewidths=0.8)
             ax.set_title(label, fontsize=8)
             ax.axis("off")
     fig.tight_layout()
@@ -258,7 +270,129 @@ def summary_markdown(results: Mapping, prefix: str) -> str:
         f"(over {sc['num_maps']} maps; near 0 means the maps depend on the learned weights).\n\n"
         f"Figures: [saliency, matching and non-matching pair]({prefix}figure_saliency.png), "
         f"[deletion / insertion curves]({prefix}figure_curves.png).\n"
+        + occluded_markdown(results.get("occluded"), prefix)
     )
+
+
+def occluded_markdown(occ, prefix: str) -> str:
+    if not occ:
+        return ""
+    return (
+        "\n#### Occluded probes (the Webface-Occ analogue)\n\n"
+        f"{occ['num_pairs']} matching pairs whose probe wears glasses or a hat and whose partner "
+        f"wears neither; {100 * occ['accuracy_at_threshold']:.1f}% of them pass the fixed threshold.\n\n"
+        + table_markdown(occ["table"])
+        + f"\nCorrRISE's dissimilar (S-) mass on the probe: {100 * occ['corrrise_negative_mass_on_occluder']:.1f}% "
+        f"falls on the occluder, which covers {100 * occ['occluder_area_share']:.1f}% of the image "
+        f"(more than its area in {occ['pairs_with_more_negative_mass_than_area']} of "
+        f"{occ['num_pairs']} pairs). Figures: [occluded pair]({prefix}figure_saliency_occluded.png), "
+        f"[curves]({prefix}figure_curves_occluded.png).\n"
+    )
+
+
+# ----------------------------------------------------------------------------- scenarios
+
+
+def method_table(fns, images_a, images_b, threshold: float, key, ecfg, scenario: str):
+    """Saliency of every method on matching pairs, scored by Deletion / Insertion.
+
+    Returns (table {method: AUCs and curves}, curves {method: raw result},
+    saliency {method: (sal_a, sal_b)}).
+    """
+    embed_fn = fns[2]
+    table, curves, saliency = {}, {}, {}
+    for method in METHODS:
+        start = time.perf_counter()
+        sal_a, sal_b = explain_pairs(method, fns, images_a, images_b, key, ecfg)
+        seconds = time.perf_counter() - start
+        saliency[method] = (sal_a, sal_b)
+        res = perturbation.deletion_insertion(
+            embed_fn, to_float(images_a), to_float(images_b), jnp.asarray(sal_a), threshold,
+            num_steps=int(ecfg.num_steps), chunk_size=int(ecfg.curve_chunk))
+        curves[method] = res
+        table[method] = {"deletion_auc": 100.0 * res["deletion_auc"],
+                         "insertion_auc": 100.0 * res["insertion_auc"],
+                         "deletion_curve": np.asarray(res["deletion"][1]),
+                         "insertion_curve": np.asarray(res["insertion"][1]),
+                         "fractions": np.asarray(res["deletion"][0]),
+                         "explain_seconds": seconds}
+        print(f"[corrrise:{scenario}] {method}: del {table[method]['deletion_auc']:.2f} "
+              f"ins {table[method]['insertion_auc']:.2f} ({seconds:.0f}s)", flush=True)
+    return table, curves, saliency
+
+
+def occluder_mask(parse: np.ndarray) -> np.ndarray:
+    """bool [..., H, W]: pixels of the occluders of this scenario (glasses, hat)."""
+    ids = [regions.region_id("eye_g"), regions.region_id("hat")]
+    return np.isin(parse, ids)
+
+
+def negative_mass_share(saliency: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Per map: share of the S- mass (|min(s, 0)|) that falls inside ``mask``; NaN without S-."""
+    neg = np.maximum(-saliency, 0.0)
+    total = neg.sum(axis=(-2, -1))
+    inside = (neg * mask).sum(axis=(-2, -1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, inside / np.where(total > 0, total, 1.0), np.nan)
+
+
+def occluded_pairs(attrs: np.ndarray, identity: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """(a, b) positions of matching pairs whose probe A wears glasses or a hat and whose B wears
+    neither: the occluder is the one thing that differs. At most one pair per probe, in order."""
+    occluded = (attrs[:, regions.attribute_id("Eyeglasses")] == 1) | (
+        attrs[:, regions.attribute_id("Wearing_Hat")] == 1)
+    a_list, b_list = [], []
+    for a in np.flatnonzero(occluded):
+        partners = np.flatnonzero((identity == identity[a]) & ~occluded)
+        if partners.size:
+            a_list.append(a)
+            b_list.append(partners[0])
+        if len(a_list) == count:
+            break
+    return np.asarray(a_list, np.int64), np.asarray(b_list, np.int64)
+
+
+def occluded_scenario(config, source, fns, test_idx, test_images, test_identity, embeddings,
+                      threshold: float, key) -> dict:
+    """The Webface-Occ analogue: matching pairs whose probe wears glasses or a hat.
+
+    Same model and threshold as the plain scenario; every method scored by
+    Deletion / Insertion, plus where CorrRISE puts its dissimilar (S-) mass:
+    the share inside the occluder against the occluder's share of the image.
+    """
+    ecfg = config.explain
+    attrs = source.attributes(test_idx)["attrs"]
+    pos_a, pos_b = occluded_pairs(attrs, test_identity, int(config.occluded.num_pairs))
+    if pos_a.size == 0:
+        # The plain scenario's results are kept; only this one is left out.
+        warnings.warn("occluded scenario skipped: no test image wears glasses or a hat with a plain "
+                      "image of the same person; raise test.num_identities")
+        return None
+    images_a, images_b = test_images[pos_a], test_images[pos_b]
+    same_scores = verification.pair_scores(embeddings[pos_a], embeddings[pos_b])
+    table, curves, saliency = method_table(fns, images_a, images_b, threshold, key, ecfg, "occluded")
+    parse_a = np.asarray(source.batch(test_idx[pos_a])["parse"])
+    mask = occluder_mask(parse_a)
+    s_a = saliency["corrrise"][0]
+    share = negative_mass_share(s_a, mask)
+    area = mask.mean(axis=(-2, -1))
+    shown = int(np.argmax(area))
+    rows = [(f"occluded match ({float(same_scores[shown]):.2f})", images_a[shown], images_b[shown],
+             s_a[shown], saliency["corrrise"][1][shown], mask[shown])]
+    return {
+        "num_pairs": int(pos_a.size),
+        "accuracy_at_threshold": float(np.mean(same_scores >= threshold)),
+        "table": table, "curves": curves, "figure_rows": rows,
+        "corrrise_negative_mass_on_occluder": float(np.nanmean(share)),
+        "occluder_area_share": float(np.mean(area)),
+        "pairs_with_more_negative_mass_than_area": int(np.sum(share > area)),
+    }
+
+
+def occluded_figure(path: Path, rows: list) -> str:
+    """The occluded pair's CorrRISE maps with the occluder outlined on A."""
+    saliency_figure(path, [r[:5] for r in rows], outlines=[r[5] for r in rows])
+    return str(path)
 
 
 # ----------------------------------------------------------------------------- run
@@ -294,24 +428,15 @@ def run(config, workdir: str) -> dict:
     matched = np.flatnonzero(pairs["same"])[: int(ecfg.num_pairs)]
     images_a, images_b = test_images[pairs["a"][matched]], test_images[pairs["b"][matched]]
     key = jax.random.PRNGKey(int(ecfg.seed))
-    saliency, table, curves, timings = {}, {}, {}, {}
-    for method in METHODS:
-        start = time.perf_counter()
-        sal_a, sal_b = explain_pairs(method, fns, images_a, images_b, key, ecfg)
-        timings[method] = time.perf_counter() - start
-        saliency[method] = (sal_a, sal_b)
-        res = perturbation.deletion_insertion(
-            embed_fn, to_float(images_a), to_float(images_b), jnp.asarray(sal_a), threshold,
-            num_steps=int(ecfg.num_steps), chunk_size=int(ecfg.curve_chunk))
-        curves[method] = res
-        table[method] = {"deletion_auc": 100.0 * res["deletion_auc"],
-                         "insertion_auc": 100.0 * res["insertion_auc"],
-                         "deletion_curve": np.asarray(res["deletion"][1]),
-                         "insertion_curve": np.asarray(res["insertion"][1]),
-                         "fractions": np.asarray(res["deletion"][0]),
-                         "explain_seconds": timings[method]}
-        print(f"[corrrise] {method}: del {table[method]['deletion_auc']:.2f} "
-              f"ins {table[method]['insertion_auc']:.2f} ({timings[method]:.0f}s)", flush=True)
+    table, curves, saliency = method_table(fns, images_a, images_b, threshold, key, ecfg, "plain")
+
+    occluded = None
+    if bool(config.occluded.enabled):
+        occluded = occluded_scenario(config, source, fns, test_idx, test_images, test_identity,
+                                     embeddings, threshold, key)
+    if occluded:
+        curves_figure(out / "figure_curves_occluded.png", occluded.pop("curves"))
+        occluded_figure(out / "figure_saliency_occluded.png", occluded.pop("figure_rows"))
 
     # Sanity check: same pairs, same masks, re-initialised weights.
     num_sanity = int(config.sanity.num_pairs)
@@ -358,8 +483,10 @@ def run(config, workdir: str) -> dict:
         "paper_lfw": {m: {"deletion_auc": d, "insertion_auc": i} for m, (d, i) in PAPER_LFW.items()},
         "sanity_check": {"mean_spearman": float(rho.mean()), "per_map": rho,
                          "num_maps": int(rho.size)},
-        "figures": {"saliency": "figure_saliency.png", "curves": "figure_curves.png"},
-        "occlusion_scenario": "not run (optional; left out to fit the time budget)",
+        "figures": {"saliency": "figure_saliency.png", "curves": "figure_curves.png",
+                    **({"saliency_occluded": "figure_saliency_occluded.png",
+                        "curves_occluded": "figure_curves_occluded.png"} if occluded else {})},
+        "occluded": occluded,
         "seconds": time.perf_counter() - t0,
     }
     write_json(out / "results.json", results)

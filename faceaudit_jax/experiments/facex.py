@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
@@ -60,9 +62,26 @@ def _combine(summary, groups=(0, 1)):
         return np.where(total > 0, sums.sum(0) / np.maximum(total, 1), np.nan), total
 
 
+def build_parser(explain_cfg):
+    """The parser named by ``explain.parser``: None (the data set's own masks) or a trained one.
+
+    "" or "ground_truth": ``batch["parse"]``; any other value is the workdir of
+    a ``configs/face_parser.py`` run, whose network parses every test image.
+    """
+    name = str(explain_cfg.get("parser", "") or "")
+    if name in ("", "ground_truth"):
+        return None
+    from faceaudit_jax.experiments import face_parser
+    return face_parser.load_parser(name)
+
+
 def audit(clf: classifier.TrainedClassifier, source, indices: np.ndarray, target: str,
-          explain_cfg, batch_size: int, *, desc: str = "explain") -> AuditResult:
-    """Explain ``clf`` on ``indices`` and reduce to IoR and top patches, streaming."""
+          explain_cfg, batch_size: int, *, desc: str = "explain", parser=None) -> AuditResult:
+    """Explain ``clf`` on ``indices`` and reduce to IoR and top patches, streaming.
+
+    ``parser`` (a ``parsing.Parser``) supplies the parse maps; None reads the
+    batch's own (ground-truth) masks.
+    """
     features_fn, head_fn = clf.fns()
     cam_fn = cams.make_cam_fn(features_fn, head_fn,
                               cams.make_binary_target(explain_cfg.target_mode),
@@ -82,18 +101,19 @@ def audit(clf: classifier.TrainedClassifier, source, indices: np.ndarray, target
     for batch, valid in tqdm(pipeline.iterate_batches(source, indices, batch_size),
                              total=num_batches, desc=desc, leave=False):
         maps, logits = cam_fn(batch["image"])
+        parse = batch["parse"] if parser is None else parser.parse(batch["image"], batch)
         valid_j = jnp.asarray(valid)
         maps = maps * valid_j[:, None, None]       # padded rows add nothing to top-k
         pred = (logits[:, 0] > 0).astype(jnp.int32)
         truth = (batch["attrs"][:, target_col] == 1).astype(jnp.int32)
         by_pred = ior_lib.IoRAccumulator.update(
-            by_pred, maps, batch["parse"], jnp.where(valid_j, pred, _PAD_GROUP),
+            by_pred, maps, parse, jnp.where(valid_j, pred, _PAD_GROUP),
             explain_cfg.ior_mode)
         by_true = ior_lib.IoRAccumulator.update(
-            by_true, maps, batch["parse"], jnp.where(valid_j, truth, _PAD_GROUP),
+            by_true, maps, parse, jnp.where(valid_j, truth, _PAD_GROUP),
             explain_cfg.ior_mode)
         ids = np.arange(offset, offset + batch_size)
-        top = top_lib.TopPatchAccumulator.update(top, maps, batch["parse"], ids,
+        top = top_lib.TopPatchAccumulator.update(top, maps, parse, ids,
                                                  int(explain_cfg.patch_size))
         correct = correct + jnp.sum((pred == truth) & valid_j)
         total += int(valid.sum())
@@ -181,9 +201,10 @@ def run(config, workdir: str) -> dict:
     confs = classifier.confounder_list(config.bias)
     xsource = explain_source(config, source)
     summary = {"classifier": trained["results"]}
+    parser = build_parser(config.explain)
     for name, clf in trained["models"].items():
         result = audit(clf, xsource, subsets["test"], config.bias.target, config.explain,
-                       int(config.test.batch_size), desc=f"explain {name}")
+                       int(config.test.batch_size), desc=f"explain {name}", parser=parser)
         train_acc = trained["results"][name]["accuracy"]
         if result.accuracy < train_acc - 0.05:
             warnings.warn(
@@ -216,7 +237,8 @@ def summary_markdown(config, summary: dict, elapsed: float) -> str:
         f"{config.bias.corr} {config.bias.target} x {confs} link, vs the same architecture on a "
         f"same-size subset balanced over {config.bias.target} x {confs}; test set balanced over "
         f"the four cells ({config.test.size} images, disjoint identities). "
-        f"Whole run: {elapsed / 60:.1f} min.",
+        f"Whole run (training both models, testing, explaining, reports): {elapsed / 60:.1f} min "
+        f"wall on {os.cpu_count()} CPU cores ({jax.default_backend()}).",
         "",
         "| model | accuracy | bias-aligned | bias-conflicting | gap | RP of confounder | top-3 regions |",
         "|---|---:|---:|---:|---:|---:|---|",

@@ -222,6 +222,8 @@ class TablesContext:
         self.audits_dir.mkdir(parents=True, exist_ok=True)
         self._pools: dict = {}
         self.records: dict[str, dict] = {}
+        from faceaudit_jax.experiments import facex  # facex imports this module: import late
+        self.parser = facex.build_parser(config.explain)
 
     def source(self, independent: bool):
         data = ml_collections.ConfigDict(self.config.data.to_dict())
@@ -385,7 +387,7 @@ def evaluate_model(ctx: TablesContext, spec: ModelSpec, corr: float = 0.0) -> di
         groups = _target_accuracy(logits, spec.test_attrs, spec.target)
     xsource = facex.explain_source(config, test_source)
     result = facex.audit(clf, xsource, spec.test_indices, spec.target, config.explain,
-                         batch_size, desc=f"explain {spec.name}")
+                         batch_size, desc=f"explain {spec.name}", parser=ctx.parser)
     ranking = result.ranking()
     confounder_rp = dict(zip(spec.confounders,
                              facex.confounder_rp(result.ior, list(spec.confounders))))

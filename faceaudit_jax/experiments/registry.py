@@ -21,6 +21,7 @@ EXPERIMENTS = {
     "corrrise": "faceaudit_jax.experiments.corrrise",
     "vit_fv": "faceaudit_jax.experiments.vit_fv",
     "debias_noise": "faceaudit_jax.experiments.debias_noise",
+    "face_parser": "faceaudit_jax.experiments.face_parser",
 }
 
 

@@ -177,9 +177,11 @@ def _attribute_cams_impl(images, features_fn, head_fn, formula, mode, attributes
     batch, num_attrs, h, w = raw.shape
     # Resize and normalise all B * A maps as one batch of maps.
     maps = raw.astype(jnp.float32).reshape(batch * num_attrs, h, w)
-    if upsample:
+    if upsample and normalize:
+        maps = cams_lib.upsample_normalize_maps(maps, images.shape[1:3])
+    elif upsample:
         maps = cams_lib.upsample_maps(maps, images.shape[1:3])
-    if normalize:
+    elif normalize:
         maps = cams_lib.normalize_maps(maps)
     maps = maps.reshape(batch, num_attrs, *maps.shape[1:])
     selected = logits[:, np.asarray(indices)] if attributes is not None else logits

@@ -36,6 +36,7 @@ once and call ``cam_fn(images)`` per batch. Creating a new lambda or
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Union
 
 import jax
@@ -348,6 +349,70 @@ def upsample_maps(maps: Array, size: tuple[int, int]) -> Array:
     return jax.image.resize(maps, (maps.shape[0], *size), method="bilinear")
 
 
+@functools.lru_cache(maxsize=64)
+def bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """float32 [n_out, n_in]: the weights of a bilinear upsampling along one axis.
+
+    Half-pixel centres, edge samples clamped to the border (what
+    ``jax.image.resize(..., "bilinear")`` and cv2.resize do when enlarging):
+    ``W @ v`` resizes a vector ``v`` of length n_in to n_out. Rows sum to 1.
+    """
+    if n_out < n_in:
+        raise ValueError(f"bilinear_matrix enlarges only; got {n_in} -> {n_out}")
+    x = np.clip((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0.0, n_in - 1)
+    j0 = np.floor(x).astype(np.int64)
+    j1 = np.minimum(j0 + 1, n_in - 1)
+    t = x - j0
+    weights = np.zeros((n_out, n_in), np.float64)
+    np.add.at(weights, (np.arange(n_out), j0), 1.0 - t)
+    np.add.at(weights, (np.arange(n_out), j1), t)
+    return weights.astype(np.float32)
+
+
+@functools.lru_cache(maxsize=64)
+def _extreme_rows(n_in: int, n_out: int) -> np.ndarray:
+    """Rows of ``bilinear_matrix`` where an upsampled map can take its min or max.
+
+    Consecutive rows that mix the same two inputs form a run along which the
+    weights change monotonically, so a bilinear map is linear in the row within
+    a run and its extremes sit on the first or last row of some run.
+    """
+    support = bilinear_matrix(n_in, n_out) > 0
+    change = np.any(support[1:] != support[:-1], axis=1)
+    first = np.concatenate([[True], change])
+    last = np.concatenate([change, [True]])
+    return np.flatnonzero(first | last)
+
+
+def upsample_normalize_maps(maps: Array, size: tuple[int, int], rel_tol: float = 1e-6) -> Array:
+    """``normalize_maps(upsample_maps(maps, size))``, writing the large maps once.
+
+    Upsampling is linear with rows of weights summing to 1, so normalising
+    commutes with it: normalise the small maps with the min and max the
+    upsampled ones would have, then upsample. Those extremes are read off the
+    few rows and columns where a bilinear map can peak (``_extreme_rows``), so
+    the [B, H, W] output is produced by one pass and never re-read (for A
+    attributes x B images this is most of the cost after the forward pass).
+    Shrinking falls back to the two-step path (antialiased weights span more
+    than two inputs).
+    """
+    _, h, w = maps.shape
+    height, width = int(size[0]), int(size[1])
+    if height < h or width < w:
+        return normalize_maps(upsample_maps(maps, (height, width)), rel_tol)
+    wy, wx = bilinear_matrix(h, height), bilinear_matrix(w, width)
+    ry, rx = _extreme_rows(h, height), _extreme_rows(w, width)
+    maps = maps.astype(jnp.float32)
+    extremes = jnp.einsum("oh,bhw,pw->bop", wy[ry], maps, wx[rx])
+    lo = jnp.min(extremes, axis=(1, 2), keepdims=True)
+    hi = jnp.max(extremes, axis=(1, 2), keepdims=True)
+    span = hi - lo
+    scale = jnp.maximum(jnp.abs(hi), jnp.abs(lo))
+    has_range = span > rel_tol * scale
+    small = jnp.where(has_range, (maps - lo) / jnp.where(has_range, span, 1.0), 0.0)
+    return jnp.einsum("oh,bhw,pw->bop", wy, small, wx)
+
+
 def _cams_and_logits_impl(images, features_fn, head_fn, target_fn, formula, upsample):
     fmap = features_fn(images)
     if fmap.ndim != 4 or fmap.shape[0] != images.shape[0]:
@@ -356,9 +421,9 @@ def _cams_and_logits_impl(images, features_fn, head_fn, target_fn, formula, upsa
             f"got {fmap.shape}")
     raw, logits = cams_from_features(fmap, head_fn, target_fn, formula)
     raw = raw.astype(jnp.float32)
-    if upsample:
-        raw = upsample_maps(raw, images.shape[1:3])
     finite = jnp.all(jnp.isfinite(images))
+    if upsample:
+        return upsample_normalize_maps(raw, images.shape[1:3]), logits, finite
     return normalize_maps(raw), logits, finite
 
 
@@ -470,5 +535,6 @@ __all__ = [
     "register_cam_method", "resolve_cam_method",
     "class_target", "predicted_class_target", "binary_target", "make_binary_target",
     "cosine_target", "cams_from_features", "normalize_maps", "upsample_maps",
+    "upsample_normalize_maps", "bilinear_matrix",
     "make_cam_fn", "compute_cams", "compute_cams_and_logits",
 ]

@@ -1,0 +1,122 @@
+"""The face-parser experiment (train, evaluate, reload) and parsers inside FaceX's audit."""
+
+import json
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from faceaudit_jax import cli, parsing, regions
+from faceaudit_jax.data import pipeline
+from faceaudit_jax.experiments import classifier, face_parser, facex, registry
+from faceaudit_jax.models import build_model, init_variables
+from faceaudit_jax.models import parser_net
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def load_config(name, variant=""):
+    return cli.load_config(f"{ROOT / 'configs' / name}.py:{variant}")
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("face_parser")
+    config = load_config("face_parser", "smoke")
+    result = registry.run_experiment(config, str(workdir))
+    return config, workdir, result
+
+
+def test_smoke_writes_results_and_figures(smoke_run):
+    config, workdir, result = smoke_run
+    saved = json.loads((workdir / "results.json").read_text())
+    assert list(saved["per_region_iou"]) == list(regions.REGIONS)
+    assert 0.0 <= saved["mean_iou"] <= 1.0 and 0.0 <= saved["pixel_accuracy"] <= 1.0
+    assert saved["num_train"] == config.train.size and saved["num_test"] == config.test.size
+    assert abs(sum(saved["pixel_share"]) - 1.0) < 1e-6
+    for name in ("figure_examples.png", "figure_iou.png", "table.md", "summary.md"):
+        assert (workdir / name).stat().st_size > 0
+    assert "mean over present regions" in (workdir / "table.md").read_text()
+    assert (workdir / "models" / ".gitignore").exists()
+
+
+def test_loaded_parser_reproduces_the_reported_iou(smoke_run):
+    config, workdir, result = smoke_run
+    parser = face_parser.load_parser(workdir)
+    assert isinstance(parser, parsing.Parser)
+    source, _, test_idx = face_parser.build_data(config)
+    batch = source.batch(test_idx)
+    pred = parser.parse(batch["image"])
+    iou = np.asarray(parser_net.per_region_iou(pred, batch["parse"]))
+    np.testing.assert_allclose(np.nanmean(iou), result["mean_iou"], atol=1e-6)
+
+
+def test_rerun_resumes_without_training(smoke_run):
+    config, workdir, result = smoke_run
+    metrics = (workdir / face_parser._MODEL_DIR / "metrics.jsonl").read_text()
+    again = registry.run_experiment(config, str(workdir))
+    assert (workdir / face_parser._MODEL_DIR / "metrics.jsonl").read_text() == metrics
+    assert again["mean_iou"] == pytest.approx(result["mean_iou"])
+
+
+def test_changed_settings_refuse_the_old_checkpoint(smoke_run):
+    config, workdir, _ = smoke_run
+    changed = ml_collections.ConfigDict(config.to_dict())
+    changed.model.widths = (8, 8)
+    with pytest.raises(ValueError, match="other settings"):
+        registry.run_experiment(changed, str(workdir))
+
+
+def test_load_parser_names_the_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="parser_config.json"):
+        face_parser.load_parser(tmp_path)
+    with pytest.raises(FileNotFoundError, match="parser_config.json"):
+        facex.build_parser(ml_collections.ConfigDict({"parser": str(tmp_path)}))
+    assert facex.build_parser(ml_collections.ConfigDict({"parser": ""})) is None
+    assert facex.build_parser(ml_collections.ConfigDict({"method": "grad_cam"})) is None
+
+
+def test_bad_data_settings_are_named():
+    config = load_config("face_parser", "smoke")
+    config.data.source = "lfw"
+    with pytest.raises(ValueError, match="'lfw'"):
+        face_parser.build_data(config)
+    config = load_config("face_parser", "smoke")
+    config.data.source = "celebamask_hq"
+    with pytest.raises(ValueError, match="data.root"):
+        face_parser.build_data(config)
+    config = load_config("face_parser", "smoke")
+    config.data.test_offset = 3
+    with pytest.raises(ValueError, match="test_offset=3"):
+        face_parser.build_data(config)
+
+
+class _AllSkinParser:
+    """Every pixel is skin: the audit must then see one region only."""
+
+    visible_regions = np.arange(regions.NUM_REGIONS) == regions.region_id("skin")
+
+    def parse(self, images, batch=None):
+        return jax.numpy.full(images.shape[:3], regions.region_id("skin"), jax.numpy.int32)
+
+
+def test_audit_takes_its_parse_maps_from_the_parser():
+    model = build_model("small_resnet", 1)
+    variables = init_variables(model, jax.random.key(0), 64)
+    clf = classifier.TrainedClassifier(model, variables, "random", "")
+    source = pipeline.SyntheticSource(seed=0, resolution=64)
+    indices = np.arange(12)
+    cfg = ml_collections.ConfigDict(dict(method="grad_cam", target_mode="predicted", ior_mode="soft",
+                                         patch_size=8, top_k=2, num_overlays=1))
+    own = facex.audit(clf, source, indices, "Male", cfg, 8)
+    truth = facex.audit(clf, source, indices, "Male", cfg, 8, parser=parsing.GroundTruthParser())
+    np.testing.assert_array_equal(own.ior, truth.ior)
+    np.testing.assert_array_equal(own.counts, truth.counts)
+
+    skin_only = facex.audit(clf, source, indices, "Male", cfg, 8, parser=_AllSkinParser())
+    skin = regions.region_id("skin")
+    assert skin_only.counts[skin] == 12 and skin_only.counts.sum() == 12
+    assert np.isnan(np.delete(skin_only.ior, skin)).all()
+    # IoR of a region covering the whole image is the mean of the (min-max normalised) map.
+    assert 0.0 <= skin_only.ior[skin] <= 1.0
