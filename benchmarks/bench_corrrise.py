@@ -204,17 +204,9 @@ def torch_comparison(model_name: str, num_masks: int, jax_time: float,
             model(a * chunk[:, None])
             model(b * chunk[:, None])
 
-    def best_of(fn, repeats=3):
-        fn()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return min(times)
-
-    torch_time = best_of(torch_corrrise)
-    torch_forward_time = best_of(torch_forwards)
+    # torch returns tensors that are ready when the call returns (block_until_ready is a no-op).
+    times = interleaved_best_times({"corrrise": torch_corrrise, "forwards": torch_forwards}, repeats=3)
+    torch_time, torch_forward_time = times["corrrise"], times["forwards"]
     print(f"torch corrrise ({torch.__version__}, {torch.get_num_threads()} threads): "
           f"{torch_time:.3f} s; its 2N forwards alone {torch_forward_time:.3f} s")
     print(f"RATIO torch_over_jax = {torch_time / jax_time:.3f}")

@@ -131,13 +131,15 @@ def main(argv=None) -> int:
                   for i, (k, a, b) in enumerate(pairs)],
         "num_masks": args.num_masks, "corrrise_seconds": seconds,
         "model_evaluations": evaluations, "evaluations_per_s": evaluations / seconds,
+        "load_average_1min": os.getloadavg()[0],
     }
     write_json(out / "results.json", results)
     prefix = readme_link_prefix(out)
     lines = ["### A real model on real photos: dlib + CorrRISE (`scripts/demo_dlib_corrrise.py`)", "",
              f"dlib's ResNet face descriptor explained by CorrRISE through the numpy-callable path "
              f"({args.num_masks} masks per image, {evaluations} model evaluations in {seconds:.0f} s, "
-             f"{evaluations / seconds:.0f} chips/s on {os.cpu_count()} CPU cores):", "",
+             f"{evaluations / seconds:.0f} chips/s on {os.cpu_count()} CPU cores, 1-min load average "
+             f"{os.getloadavg()[0]:.1f} at the end):", "",
              "| pair | dlib distance (same < 0.6) | cosine |", "|---|---:|---:|"]
     lines += [f"| {p['kind']}: {p['a']} / {p['b']} | {p['dlib_distance']:.3f} | {p['cosine']:.3f} |"
               for p in results["pairs"]]

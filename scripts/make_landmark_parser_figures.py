@@ -1,4 +1,4 @@
-"""Landmark-parser figures for docs/ (README). Needs ai-edge-litert and a mediapipe 0.10.21 wheel file:
+"""Landmark-parser figures for docs/ (README). Needs ai-edge-litert, scikit-image and a mediapipe 0.10.21 wheel file:
   python scripts/make_landmark_parser_figures.py path/to/mediapipe-0.10.21-*.whl
 """
 import os, sys, warnings
@@ -19,17 +19,20 @@ cmap = plt.get_cmap("tab20", 20)
 visible = [regions.region_id(n) for n in parsing.LANDMARK_VISIBLE_REGIONS]
 legend = [Patch(color=cmap(r), label=regions.REGION_LABELS[regions.REGIONS[r]]) for r in visible]
 
-photo = np.asarray(Image.open(os.path.join(matplotlib.get_data_path(), "sample_data", "grace_hopper.jpg")).convert("RGB"), np.float32) / 255
-mesh, found, _ = landmarker(photo[None])
-maps = np.asarray(parser.parse(photo[None]))[0]
-crop, _ = align.align_photo(photo, np.asarray(parsing.mesh_five_points(mesh))[0])
-fig, ax = plt.subplots(1, 3, figsize=(12, 4.6))
-ax[0].imshow(photo); ax[0].plot(mesh[0, :, 0], mesh[0, :, 1], ".", color="cyan", ms=1.5); ax[0].set_title("MediaPipe face mesh (468 points)")
-ax[1].imshow(photo); ax[1].imshow(np.ma.masked_equal(maps, 0), cmap=cmap, vmin=0, vmax=19, alpha=0.55, interpolation="nearest"); ax[1].set_title("LandmarkParser regions")
-ax[2].imshow(crop); ax[2].set_title("aligned 112x112 (ArcFace template)")
-for a in ax: a.axis("off")
+from skimage import data as skimage_data  # the astronaut photo (NASA, public domain); extra [dlib]
+photos = {"astronaut (scikit-image)": skimage_data.astronaut().astype(np.float32) / 255,
+          "grace_hopper (matplotlib)": np.asarray(Image.open(os.path.join(matplotlib.get_data_path(), "sample_data", "grace_hopper.jpg")).convert("RGB"), np.float32) / 255}
+fig, axes = plt.subplots(len(photos), 3, figsize=(12, 4.4 * len(photos)))
+for row, (name, photo) in zip(axes, photos.items()):
+    mesh, found, _ = landmarker(photo[None])
+    maps = np.asarray(parser.parse(photo[None]))[0]
+    crop, _ = align.align_photo(photo, np.asarray(parsing.mesh_five_points(mesh))[0])
+    row[0].imshow(photo); row[0].plot(mesh[0, :, 0], mesh[0, :, 1], ".", color="cyan", ms=1.0); row[0].set_title(f"{name}: MediaPipe face mesh")
+    row[1].imshow(photo); row[1].imshow(np.ma.masked_equal(maps, 0), cmap=cmap, vmin=0, vmax=19, alpha=0.55, interpolation="nearest"); row[1].set_title("LandmarkParser regions")
+    row[2].imshow(crop); row[2].set_title("aligned 112x112 (ArcFace template)")
+    for a in row: a.axis("off")
 fig.legend(handles=legend, loc="lower center", ncol=9, fontsize=8)
-fig.tight_layout(rect=(0, 0.06, 1, 1)); fig.savefig(os.path.join(out, "landmark_parser_grace_hopper.png"), dpi=90)
+fig.tight_layout(rect=(0, 0.04, 1, 1)); fig.savefig(os.path.join(out, "landmark_parser_photos.png"), dpi=80)
 
 data = synthetic.render(0, np.arange(40), resolution=256)
 with warnings.catch_warnings():

@@ -120,3 +120,25 @@ def test_audit_takes_its_parse_maps_from_the_parser():
     assert np.isnan(np.delete(skin_only.ior, skin)).all()
     # IoR of a region covering the whole image is the mean of the (min-max normalised) map.
     assert 0.0 <= skin_only.ior[skin] <= 1.0
+
+
+def test_median_frequency_weights_against_hand_values():
+    # Two 2x2 maps: region 0 covers 6 of 8 pixels; region 1 one pixel in image 0
+    # (share 1/4 there); region 2 one pixel in image 1; region 3 never occurs.
+    maps = np.array([[[0, 0], [0, 1]], [[0, 0], [0, 2]]])
+    freq = np.array([6 / 8, 1 / 4, 1 / 4])
+    median = np.median(freq)
+    weights = parser_net.median_frequency_weights(maps, num_regions=4)
+    np.testing.assert_allclose(weights, [median / freq[0], 1.0, 1.0, 0.0], rtol=1e-6)
+    soft = parser_net.median_frequency_weights(maps, num_regions=4, power=0.5)
+    np.testing.assert_allclose(soft, np.sqrt(weights), rtol=1e-6)
+    with pytest.raises(ValueError, match="labelled pixel"):
+        parser_net.median_frequency_weights(np.full((1, 2, 2), -1), num_regions=4)
+
+
+def test_weighted_loss_counts_small_regions_more():
+    logits = jax.numpy.zeros((1, 2, 2, 3)).at[0, 0, 0, 2].set(5.0)   # pixel (0, 0) confidently region 2
+    batch = {"parse": jax.numpy.array([[[1, 0], [0, 0]]])}             # but it is region 1
+    plain, _ = parser_net.make_parser_loss(None)(logits, batch)
+    weighted, _ = parser_net.make_parser_loss(np.array([0.1, 10.0, 1.0]))(logits, batch)
+    assert float(weighted) > float(plain)

@@ -85,12 +85,27 @@ def _fingerprint(config, num_train: int) -> dict:
             "resolution": int(config.data.resolution), "seed": int(config.seed),
             "widths": [int(w) for w in config.model.widths], "norm_groups": int(config.model.norm_groups),
             "num_train": int(num_train), "batch_size": int(config.train.batch_size),
-            "num_epochs": int(config.train.num_epochs), "lr": float(config.train.lr)}
+            "num_epochs": int(config.train.num_epochs), "lr": float(config.train.lr),
+            "class_weighting": str(config.train.class_weighting),
+            "weight_power": float(config.train.weight_power)}
 
 
 def _image_and_parse(batch: Mapping) -> dict:
     # The train step moves every key to the device; the parser needs two.
     return {"image": batch["image"], "parse": batch["parse"]}
+
+
+def class_weights(config, source, train_idx: np.ndarray):
+    """Median-frequency weights from the first ``train.weight_sample`` training maps, or None."""
+    kind = str(config.train.class_weighting)
+    if kind == "none":
+        return None
+    if kind != "median_frequency":
+        raise ValueError(f"train.class_weighting={kind!r}; expected 'median_frequency' or 'none'")
+    sample = train_idx[: int(config.train.weight_sample)]
+    maps = np.concatenate([np.asarray(source.batch(sample[i:i + 64])["parse"])
+                           for i in range(0, sample.size, 64)])
+    return parser_net.median_frequency_weights(maps, power=float(config.train.weight_power))
 
 
 def train_parser(config, workdir: str, source, train_idx: np.ndarray):
@@ -111,7 +126,12 @@ def train_parser(config, workdir: str, source, train_idx: np.ndarray):
     state = train_lib.create_train_state(model, jax.random.PRNGKey(int(config.seed)),
                                          int(config.data.resolution), tx)
     batch_fn = pipeline.step_batch_fn(source, train_idx, batch_size, int(config.seed), _image_and_parse)
-    state = train_lib.fit(model, state, batch_fn, num_steps, str(run_dir), loss_fn=parser_net.parser_loss,
+    weights = class_weights(config, source, train_idx)
+    if weights is not None:
+        (run_dir / "class_weights.json").write_text(json.dumps(
+            {n: float(w) for n, w in zip(regions.REGIONS, weights)}, indent=2) + "\n")
+    state = train_lib.fit(model, state, batch_fn, num_steps, str(run_dir),
+                          loss_fn=parser_net.make_parser_loss(weights),
                           ckpt_every=int(config.train.ckpt_every), log_every=int(config.train.log_every),
                           desc="train parser")
     return model, train_lib.state_variables(state), num_steps

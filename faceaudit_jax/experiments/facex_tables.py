@@ -718,6 +718,9 @@ def run_tables(config, workdir: str) -> dict:
     # The README fragment (scripts/update_readme.py): same text, one heading level down.
     body = "\n".join(texts[p] for p in parts).replace("\n## ", "\n#### ")
     body = body[3:] if body.startswith("## ") else body
+    # Links relative to the workdir, made to work from the README as well.
+    from faceaudit_jax.experiments.registry import readme_link_prefix
+    body = body.replace("](figure5.png)", f"]({readme_link_prefix(ctx.workdir)}figure5.png)")
     (ctx.workdir / "summary.md").write_text(
         "### FaceX reproduction (`configs/facex_tables.py`)\n\n" + header.split("\n\n", 1)[1]
         + ("#### " + body if not body.startswith("#### ") else body))

@@ -103,11 +103,21 @@ class DlibFaceModel:
         image = to_uint8(photo)
         if image.ndim != 3 or image.shape[-1] != 3:
             raise ValueError(f"expected one photo [H, W, 3], got shape {image.shape}")
-        faces = self.detector(image, self.upsample)
-        if len(faces) == 0:
+        # Seen here (dlib-bin 20.0.1, numpy 2.4, JAX in the same process): the
+        # HOG detector intermittently returns nothing for a photo it otherwise
+        # finds at score > 1 (tests/test_dlib_face.py); trying again, once with
+        # one more upsampling step, usually finds it.
+        for upsample in (self.upsample, self.upsample + 1, self.upsample):
+            faces, scores, _ = self.detector.run(image, upsample, 0.0)
+            if len(faces):
+                break
+        else:
             raise ValueError(f"no face found in the {image.shape[1]}x{image.shape[0]} photo "
-                             f"(dlib HOG detector, upsample={self.upsample}); expected a frontal face")
-        face = max(faces, key=lambda r: r.width() * r.height())
+                             f"(dlib HOG detector, upsample={self.upsample} and "
+                             f"{self.upsample + 1}); expected a frontal face")
+        # The most confident detection, not the largest: a badge or a patch can
+        # be detected at a similar size with a low score.
+        face = faces[int(np.argmax(scores))]
         shape = self.predictor(image, face)
         return np.array([[shape.part(i).x, shape.part(i).y] for i in range(68)], np.float32)
 
