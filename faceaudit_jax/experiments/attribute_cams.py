@@ -394,17 +394,13 @@ def make_explain_step(model, names: Sequence[str], pairs: Sequence[tuple[str, st
             return model.apply(variables, fmap, method="head")
 
         fmap = model.apply(variables, images, train=False, method="features")
-        batch, height, width = images.shape[:3]
+        height, width = images.shape[1:3]
         masks = masks_lib.attribute_masks(parse, names, mask_source)  # bool [B, A, H, W]
         energies, new_cams, logits = [], [], None
         for (formula, mode), cam_sums in zip(pairs, sums.cams):
             raw, logits = attribute_cams_lib.attribute_cams_from_features(fmap, head_fn, formula,
                                                                           mode)
-            num_attrs, h, w = raw.shape[1:]
-            # All B * A maps resized and normalised as one batch of maps.
-            maps = cams_lib.normalize_maps(cams_lib.upsample_maps(
-                raw.astype(jnp.float32).reshape(batch * num_attrs, h, w), (height, width)))
-            maps = maps.reshape(batch, num_attrs, height, width)
+            maps = attribute_cams_lib.postprocess_maps(raw, (height, width))
             energies.append(energy_lib.proportional_energy(maps, masks))
             new_cams.append(attribute_cams_lib.accumulate_cam_sums(cam_sums, maps, logits, valid))
         weight = valid.astype(jnp.float32)

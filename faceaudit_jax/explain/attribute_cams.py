@@ -164,6 +164,20 @@ def attribute_cams_from_features(fmap: Array, head_fn: Callable[[Array], Array],
     return jnp.swapaxes(raw, 0, 1), logits
 
 
+def postprocess_maps(raw: Array, size: tuple[int, int] | None, normalize: bool = True) -> Array:
+    """Raw CAMs [B, A, h, w] -> float32 [B, A, H, W]: bilinear resize to ``size`` (None: keep
+    h x w) and min-max normalise each map, all B * A maps as one batch."""
+    batch, num_attrs, h, w = raw.shape
+    maps = raw.astype(jnp.float32).reshape(batch * num_attrs, h, w)
+    if size is not None and normalize:
+        maps = cams_lib.upsample_normalize_maps(maps, size)
+    elif size is not None:
+        maps = cams_lib.upsample_maps(maps, size)
+    elif normalize:
+        maps = cams_lib.normalize_maps(maps)
+    return maps.reshape(batch, num_attrs, *maps.shape[1:])
+
+
 def _attribute_cams_impl(images, features_fn, head_fn, formula, mode, attributes,
                          upsample, normalize, chunk_size):
     fmap = features_fn(images)
@@ -174,16 +188,7 @@ def _attribute_cams_impl(images, features_fn, head_fn, formula, mode, attributes
     raw, logits = attribute_cams_from_features(fmap, head_fn, formula, mode, attributes,
                                                chunk_size)
     indices = _indices_for(logits, attributes)
-    batch, num_attrs, h, w = raw.shape
-    # Resize and normalise all B * A maps as one batch of maps.
-    maps = raw.astype(jnp.float32).reshape(batch * num_attrs, h, w)
-    if upsample and normalize:
-        maps = cams_lib.upsample_normalize_maps(maps, images.shape[1:3])
-    elif upsample:
-        maps = cams_lib.upsample_maps(maps, images.shape[1:3])
-    elif normalize:
-        maps = cams_lib.normalize_maps(maps)
-    maps = maps.reshape(batch, num_attrs, *maps.shape[1:])
+    maps = postprocess_maps(raw, images.shape[1:3] if upsample else None, normalize)
     selected = logits[:, np.asarray(indices)] if attributes is not None else logits
     return maps, selected, jnp.all(jnp.isfinite(images))
 

@@ -337,6 +337,11 @@ def normalize_maps(maps: Array, rel_tol: float = 1e-6) -> Array:
     """
     lo = jnp.min(maps, axis=(1, 2), keepdims=True)
     hi = jnp.max(maps, axis=(1, 2), keepdims=True)
+    return _rescale_to_unit(maps, lo, hi, rel_tol)
+
+
+def _rescale_to_unit(maps: Array, lo: Array, hi: Array, rel_tol: float) -> Array:
+    """(maps - lo) / (hi - lo), or 0 where the range is below ``rel_tol`` x the magnitude."""
     span = hi - lo
     scale = jnp.maximum(jnp.abs(hi), jnp.abs(lo))
     has_range = span > rel_tol * scale
@@ -406,11 +411,7 @@ def upsample_normalize_maps(maps: Array, size: tuple[int, int], rel_tol: float =
     extremes = jnp.einsum("oh,bhw,pw->bop", wy[ry], maps, wx[rx])
     lo = jnp.min(extremes, axis=(1, 2), keepdims=True)
     hi = jnp.max(extremes, axis=(1, 2), keepdims=True)
-    span = hi - lo
-    scale = jnp.maximum(jnp.abs(hi), jnp.abs(lo))
-    has_range = span > rel_tol * scale
-    small = jnp.where(has_range, (maps - lo) / jnp.where(has_range, span, 1.0), 0.0)
-    return jnp.einsum("oh,bhw,pw->bop", wy, small, wx)
+    return jnp.einsum("oh,bhw,pw->bop", wy, _rescale_to_unit(maps, lo, hi, rel_tol), wx)
 
 
 def _cams_and_logits_impl(images, features_fn, head_fn, target_fn, formula, upsample):
