@@ -17,8 +17,11 @@ block_until_ready, best of `--repeats` runs:
    Both produce the same map (checked, up to float32 round-off).
 3. RATIO patches_to_pixels_over_loop(_batched): Algorithm 1 as a Python loop
    over patches (NumPy slice-adds, the fastest host transcription) over the
-   jitted summed-area `patches_to_pixels`, one map per call and a batch of
-   maps per call. Goal >= 50x.
+   jitted `patches_to_pixels` on the grid positions (its separable path), one
+   map per call and a batch of maps per call. Goal >= 50x.
+   RATIO patches_to_pixels_scattered_over_loop: the same patches in shuffled
+   order, which are no longer a row-major grid and take the general
+   summed-area scatter path, one map per call.
 
 Defaults (small CNN, 128 px images, k = 32, 49 x 49 grid) finish in about two
 minutes on a 2-core CPU: `python benchmarks/bench_patches.py`.
@@ -192,17 +195,29 @@ def main() -> None:
     def ours_batched():
         P.patches_to_pixels_batched(conf_device, locations, k, size).block_until_ready()
 
+    order = rng.permutation(num_positions)
+    shuffled_map, shuffled_locations = conf_device[0][order], locations[order]
+
+    def ours_scattered():
+        P.patches_to_pixels(shuffled_map, shuffled_locations, k, size).block_until_ready()
+
+    reference = algorithm1_loop(conf[0], positions, k, size, size)
     np.testing.assert_allclose(np.asarray(P.patches_to_pixels(conf_device[0], locations, k, size)),
-                               algorithm1_loop(conf[0], positions, k, size, size), atol=1e-5)
-    ours_one(); ours_batched()
+                               reference, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(P.patches_to_pixels(shuffled_map, shuffled_locations,
+                                                              k, size)), reference, atol=1e-5)
+    ours_one(); ours_batched(); ours_scattered()
     # Cheap calls: more repeats, so the best time is not one a neighbour's load spoiled.
     t_loop = best_time(loop_one, max(args.repeats, 5))
     t_one = best_time(ours_one, max(args.repeats, 50))
     t_batched = best_time(ours_batched, max(args.repeats, 10)) / batch
-    print(f"patches_to_pixels per map: loop {t_loop * 1e3:.2f} ms   jitted {t_one * 1e3:.3f} ms   "
-          f"jitted batched ({batch} maps/call) {t_batched * 1e3:.3f} ms")
+    t_scattered = best_time(ours_scattered, max(args.repeats, 50))
+    print(f"patches_to_pixels per map: loop {t_loop * 1e3:.2f} ms   jitted grid {t_one * 1e3:.3f} ms   "
+          f"jitted batched ({batch} maps/call) {t_batched * 1e3:.3f} ms   "
+          f"jitted scatter (shuffled locations) {t_scattered * 1e3:.3f} ms")
     print(f"RATIO patches_to_pixels_over_loop = {t_loop / t_one:.1f}")
     print(f"RATIO patches_to_pixels_batched_over_loop = {t_loop / t_batched:.1f}")
+    print(f"RATIO patches_to_pixels_scattered_over_loop = {t_loop / t_scattered:.1f}")
 
 
 if __name__ == "__main__":

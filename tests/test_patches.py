@@ -74,6 +74,55 @@ def test_patches_to_pixels_full_grid_and_batched():
     np.testing.assert_allclose(per_image, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("size,k,grid", [((20, 16), 6, 5), (13, 4, 7), ((9, 30), 9, 1), (128, 32, 49)])
+def test_grid_path_equals_scatter_path_and_algorithm1(size, k, grid):
+    """Product-grid locations take the separable matmul path, any other order
+    the summed-area scatter; both must be Algorithm 1."""
+    height, width = (size, size) if isinstance(size, int) else size
+    positions = pn.grid_positions((height, width), k, grid)
+    assert P._grid_axes(positions) is not None
+    rng = np.random.default_rng(grid)
+    conf = rng.uniform(0, 1, positions.shape[0]).astype(np.float32)
+    want = algorithm1(conf, positions, k, height, width)
+    on_grid = np.asarray(P.patches_to_pixels(conf, positions, k, (height, width)))
+    np.testing.assert_allclose(on_grid, want, rtol=1e-5, atol=1e-6)
+    order = rng.permutation(positions.shape[0])
+    if grid > 1:
+        assert P._grid_axes(positions[order]) is None
+    scattered = np.asarray(P.patches_to_pixels(conf[order], positions[order], k, (height, width)))
+    np.testing.assert_allclose(scattered, want, rtol=1e-5, atol=1e-6)
+
+
+def test_grid_axes_detection():
+    positions = pn.grid_positions((20, 16), 6, 5)
+    xs, ys = P._grid_axes(positions)
+    assert xs == tuple(np.unique(positions[:, 0]).tolist())
+    assert ys == tuple(np.unique(positions[:, 1]).tolist())
+    # One row, one column, and a grid missing its last corner.
+    assert P._grid_axes(np.array([[0, 3], [2, 3], [5, 3]])) == ((0, 2, 5), (3,))
+    assert P._grid_axes(np.array([[4, 0], [4, 1], [4, 7]])) == ((4,), (0, 1, 7))
+    assert P._grid_axes(positions[:-1]) is None
+    # Column-major order is not the row-major layout the reshape assumes.
+    column_major = positions.reshape(5, 5, 2).transpose(1, 0, 2).reshape(-1, 2)
+    assert P._grid_axes(column_major) is None
+    # Per-image locations and traced locations use the scatter path.
+    assert P._grid_axes(np.stack([positions, positions])) is None
+    seen = []
+    jax.jit(lambda l: seen.append(P._grid_axes(l)) or l)(positions)
+    assert seen == [None]
+
+
+def test_grid_path_compiles_once_per_grid():
+    positions = pn.grid_positions(24, 8, 6)
+    conf = np.linspace(0, 1, positions.shape[0], dtype=np.float32)
+    P.patches_to_pixels(conf, positions, 8, 24)
+    before = P._pixel_mean_maps_jit._cache_size()
+    for scale in (0.5, 2.0):
+        # Fresh but equal arrays and corner tuples hit the same executable.
+        P.patches_to_pixels(conf * scale, positions.copy(), 8, 24).block_until_ready()
+    assert P._pixel_mean_maps_jit._cache_size() == before
+
+
 def test_patches_to_pixels_is_jittable():
     conf = jnp.linspace(0, 1, 6)
     locs = jnp.array([[0, 0], [2, 1], [4, 4], [1, 3], [0, 4], [4, 0]])

@@ -17,9 +17,13 @@ that region carries. This module:
   min-max normalises maps afterwards anyway; this fixed normalisation makes
   patch confidences comparable across images and models.)
 - maps patch confidences to pixels (paper Algorithm 1: each pixel gets the
-  mean confidence of all patches that contain it, 0 where none does) with a
-  summed-area scatter: 4 scatter-adds per patch and two cumulative sums,
-  O(Q + H W) instead of O(Q k^2);
+  mean confidence of all patches that contain it, 0 where none does). Patches
+  on a product grid (what `patch_net.grid_positions` makes, the usual case)
+  take a separable path: the covering sums are R^T C X, two small matmuls of
+  the [rows, cols] confidence grid with 0/1 interval-membership matrices, and
+  the counts an outer product, O(g H (g + W)) with no scatter. Any other set
+  of locations takes a summed-area scatter: 4 scatter-adds per patch and two
+  prefix sums, O(Q + H W) instead of O(Q k^2). Both equal Algorithm 1;
 - min-max normalises maps and averages them over a data set with a streaming
   accumulator.
 
@@ -245,8 +249,96 @@ def _patches_to_pixels(confidences: Array, locations: Array, k: int,
     diff = jnp.zeros((2, height, width), jnp.float32).at[:, rows, cols].add(weights, mode="drop")
     summed = jax.lax.associative_scan(jnp.add, diff, axis=1)
     sums, counts = jax.lax.associative_scan(jnp.add, summed, axis=2)
+    return _mean_where_covered(sums, counts)
+
+
+def _mean_where_covered(sums: Array, counts: Array) -> Array:
+    # counts are exact small integers, so "0 where no patch covers" does not
+    # depend on round-off.
     covered = counts > 0.5
     return jnp.where(covered, sums / jnp.where(covered, counts, 1.0), 0.0)
+
+
+def _interval_membership(starts: np.ndarray, k: int, length: int) -> np.ndarray:
+    """[n, length] float32: 1 where start <= i < start + k."""
+    index = np.arange(length)
+    starts = starts[:, None]
+    return ((index >= starts) & (index < starts + k)).astype(np.float32)
+
+
+def _grid_patches_to_pixels(confidences: Array, xs: Sequence[int], ys: Sequence[int], k: int,
+                            height: int, width: int) -> Array:
+    """Algorithm 1 for patches on a product grid, separably.
+
+    confidences [..., R * C] in row-major order (position id = row * C + col)
+    at corners (xs[col], ys[row]). A pixel's covering sum is
+    sum_{r, c} conf[r, c] [y in patch row r] [x in patch col c] = (Y^T conf X)
+    with Y [R, H] and X [C, W] 0/1 membership matrices, and its covering count
+    the outer product of Y's and X's column sums. Two small matmuls (done at
+    full float32 precision, also on TPU) replace the scatter and the two
+    prefix sums, which on CPU cost a dozen small kernels each. The corners
+    are static (tuples of ints), so the membership matrices and counts are
+    compile-time constants.
+    """
+    rows_member = _interval_membership(np.asarray(ys), k, height)             # [R, H]
+    cols_member = _interval_membership(np.asarray(xs), k, width)              # [C, W]
+    grid = confidences.astype(jnp.float32).reshape(
+        confidences.shape[:-1] + (len(ys), len(xs)))
+    highest = jax.lax.Precision.HIGHEST
+    sums = jnp.einsum("...rc,cw->...rw", grid, cols_member, precision=highest)
+    sums = jnp.einsum("rh,...rw->...hw", rows_member, sums, precision=highest)
+    counts = np.sum(rows_member, axis=0)[:, None] * np.sum(cols_member, axis=0)[None, :]
+    return _mean_where_covered(sums, counts)
+
+
+def _grid_axes(locations: Any) -> Optional[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """(xs [C], ys [R]) as tuples when concrete `locations` [Q, 2] are a row-major
+    product grid (position id = row * C + col, every row with the same x's and
+    one y), as `patch_net.grid_positions` makes; None otherwise (traced, per
+    image, or scattered locations), which selects the summed-area path."""
+    if not _is_concrete(locations) or np.ndim(locations) != 2 or np.shape(locations)[0] == 0:
+        return None
+    loc = np.asarray(locations)
+    num = loc.shape[0]
+    cols = int(np.argmax(loc[:, 1] != loc[0, 1])) or num    # length of the first row
+    if num % cols:
+        return None
+    grid = loc.reshape(num // cols, cols, 2)
+    xs, ys = grid[:1, :, 0], grid[:, :1, 1]
+    if not ((grid[..., 0] == xs).all() and (grid[..., 1] == ys).all()):
+        return None
+    return tuple(xs[0].tolist()), tuple(ys[:, 0].tolist())
+
+
+def _pixel_mean_maps(confidences: Array, locations: Array, k: int, height: int, width: int,
+                     grid_axes: Optional[tuple] = None) -> Array:
+    """confidences [..., Q] -> [..., H, W], jittable: the separable path when
+    `grid_axes` (static (xs, ys), from `_grid_axes`) is given, else the
+    summed-area scatter with locations [Q, 2] or, for [B, Q], [B, Q, 2]."""
+    if grid_axes is not None:
+        return _grid_patches_to_pixels(confidences, *grid_axes, k, height, width)
+    return _scatter_pixel_mean_maps(confidences, locations, k, height, width)
+
+
+# A grid's corners are static: a new grid compiles once, like a new k or size.
+_pixel_mean_maps_jit = jax.jit(_pixel_mean_maps, static_argnums=(2, 3, 4, 5))
+
+
+def _pixel_mean_maps_front(confidences: Any, locations: Any, k: int, height: int,
+                           width: int) -> Array:
+    grid_axes = _grid_axes(locations)
+    # The grid path does not read locations: do not ship them to the device.
+    return _pixel_mean_maps_jit(confidences, None if grid_axes else locations, k, height, width,
+                                grid_axes)
+
+
+def _scatter_pixel_mean_maps(confidences, locations, k, height, width):
+    locations = locations.astype(jnp.int32)
+    if confidences.ndim == 1:
+        return _patches_to_pixels(confidences, locations, k, height, width)
+    if locations.ndim == 2:
+        return jax.vmap(lambda c: _patches_to_pixels(c, locations, k, height, width))(confidences)
+    return jax.vmap(lambda c, l: _patches_to_pixels(c, l, k, height, width))(confidences, locations)
 
 
 def _check_pixel_inputs(confidences: Any, locations: Any, k: int, height: int, width: int) -> None:
@@ -298,18 +390,7 @@ def patches_to_pixels(confidences: Array, locations: Array, k: int,
         raise ValueError(f"confidences must be [Q], got shape {np.shape(confidences)}; "
                          "use patches_to_pixels_batched for [B, Q]")
     _check_pixel_inputs(confidences, locations, k, height, width)
-    return _patches_to_pixels_jit(jnp.asarray(confidences), jnp.asarray(locations, jnp.int32),
-                                  k, height, width)
-
-
-_patches_to_pixels_jit = jax.jit(_patches_to_pixels, static_argnums=(2, 3, 4))
-
-
-@functools.partial(jax.jit, static_argnums=(2, 3, 4))
-def _patches_to_pixels_batched(confidences, locations, k, height, width):
-    if locations.ndim == 2:
-        return jax.vmap(lambda c: _patches_to_pixels(c, locations, k, height, width))(confidences)
-    return jax.vmap(lambda c, l: _patches_to_pixels(c, l, k, height, width))(confidences, locations)
+    return _pixel_mean_maps_front(confidences, locations, k, height, width)
 
 
 def patches_to_pixels_batched(confidences: Array, locations: Array, k: int,
@@ -321,8 +402,7 @@ def patches_to_pixels_batched(confidences: Array, locations: Array, k: int,
     if np.ndim(confidences) != 2:
         raise ValueError(f"confidences must be [B, Q], got shape {np.shape(confidences)}")
     _check_pixel_inputs(confidences, locations, k, height, width)
-    return _patches_to_pixels_batched(jnp.asarray(confidences), jnp.asarray(locations, jnp.int32),
-                                      k, height, width)
+    return _pixel_mean_maps_front(confidences, locations, k, height, width)
 
 
 def normalise_map(maps: Array) -> Array:
@@ -352,14 +432,15 @@ def confidence_pixel_maps(apply_fn: Callable, images: Array, k: int, positions: 
         raise ValueError(f"unknown confidence kind {kind!r}; expected one of {CONFIDENCE_KINDS}")
     logits = sliding_window_logits(apply_fn, images, k, positions, variables, chunk_size)
     height, width = images.shape[1:3]
-    return _pixel_maps_from_logits(logits, jnp.asarray(positions, jnp.int32), int(k),
-                                   height, width, kind, normalise)
+    grid_axes = _grid_axes(positions)
+    return _pixel_maps_from_logits(logits, None if grid_axes else positions, int(k),
+                                   height, width, kind, normalise, grid_axes)
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5, 6))
-def _pixel_maps_from_logits(logits, positions, k, height, width, kind, normalise):
-    confidence = confidence_from_logits(logits, kind)
-    maps = jax.vmap(lambda c: _patches_to_pixels(c, positions, k, height, width))(confidence)
+@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5, 6, 7))
+def _pixel_maps_from_logits(logits, positions, k, height, width, kind, normalise, grid_axes):
+    maps = _pixel_mean_maps(confidence_from_logits(logits, kind), positions, k, height, width,
+                            grid_axes)
     return normalise_map(maps) if normalise else maps
 
 
