@@ -4,7 +4,7 @@
 # analogues, mean attribution maps, reliability diagrams, results.json and the
 # README fragment summary.md).
 #
-#   bash scripts/reproduce_debias_noise.sh            # default (~15 min on a free 2-core CPU)
+#   bash scripts/reproduce_debias_noise.sh            # default (~45 min on a free 2-core CPU: 3 trainings per cell)
 #   bash scripts/reproduce_debias_noise.sh smoke      # every part on tiny budgets (~1 min)
 #   bash scripts/reproduce_debias_noise.sh paper      # the paper's scale (accelerator)
 #   bash scripts/reproduce_debias_noise.sh "" --config.sweep.method=specific_mask   # overrides

@@ -39,6 +39,11 @@ def _runs(config):
     return {c: dn.planned_runs(config, c) for c in config.confounders}
 
 
+def _stems(config, confounder):
+    return [dn.repeat_stem(name, r) for r in range(config.classifier.repeats)
+            for name in dn.planned_runs(config, confounder)]
+
+
 def test_smoke_writes_every_output(smoke_run):
     config, workdir, _ = smoke_run
     for name in ("results.json", "table1.md", "summary.md", "config.json"):
@@ -48,8 +53,9 @@ def test_smoke_writes_every_output(smoke_run):
     for name in figures:
         assert (workdir / name).read_bytes()[:8] == PNG_MAGIC, name
     assert "*" in (workdir / "models" / ".gitignore").read_text().splitlines()
-    for confounder, names in _runs(config).items():
-        for name in names + ["patch_net"]:
+    assert config.classifier.repeats == 2
+    for confounder in config.confounders:
+        for name in _stems(config, confounder) + ["patch_net"]:
             assert (workdir / "runs" / confounder / f"{name}.json").stat().st_size > 0
             assert (workdir / "models" / confounder / f"{name}.msgpack").stat().st_size > 0
         assert (workdir / "models" / confounder / "attribution.npz").exists()
@@ -58,6 +64,13 @@ def test_smoke_writes_every_output(smoke_run):
     for confounder in config.confounders:
         assert f"| {confounder.replace('_', ' ')} |" in summary
     assert "0.28 -> 0.05 -> 0.09" in summary
+    assert "mean ± standard deviation over 2 trainings" in summary
+    blond_row = next(line for line in summary.splitlines() if line.startswith("| Blond Hair |"))
+    assert blond_row.count(" ± ") == 6  # every column of the gap table
+    # Repeats are different trainings (initialisation, batch order, keys), not copies.
+    models = workdir / "models" / "Blond_Hair"
+    assert (models / "original.msgpack").read_bytes() != \
+        (models / "original.rep1.msgpack").read_bytes()
     for name in figures + ["table1.md"]:
         assert f"({name})" in summary  # workdir outside the repository: plain relative links
     table, sweep = (workdir / "table1.md").read_text().split("Quantile sweep")
@@ -94,20 +107,34 @@ def test_smoke_results_are_consistent(smoke_run):
     for confounder, names in _runs(config).items():
         runs = results["results"][confounder]["runs"]
         assert sorted(runs) == sorted(names)
-        for name, r in runs.items():
-            on_disk = json.loads((workdir / "runs" / confounder / f"{name}.json").read_text())
-            assert on_disk == r
-            # The test set is balanced over gender x confounder.
-            assert set(r["cell_counts"].values()) == {test_size // 4}
-            cells = r["cells"]
-            assert r["men"] == pytest.approx((cells["men_with"] + cells["men_without"]) / 2)
-            assert r["women"] == pytest.approx((cells["women_with"] + cells["women_without"]) / 2)
-            assert r["accuracy"] == pytest.approx(np.mean(list(cells.values())))
-            assert r["gap"] == pytest.approx(abs(r["men"] - r["women"]))
-            assert r["train_set"] == ("balanced" if name == "balanced" else "biased")
-            per_epoch = (config.train_set.n_target + config.train_set.n_other_with
-                         + config.train_set.n_other_without) // config.classifier.batch_size
-            assert r["steps"] == r["epochs"] * per_epoch
+        for name, agg in runs.items():
+            trainings = [json.loads((workdir / "runs" / confounder /
+                                     f"{dn.repeat_stem(name, rep)}.json").read_text())
+                         for rep in range(config.classifier.repeats)]
+            assert [t["repeat"] for t in trainings] == [0, 1]
+            for r in trainings:
+                # The test set is balanced over gender x confounder.
+                assert set(r["cell_counts"].values()) == {test_size // 4}
+                cells = r["cells"]
+                assert r["men"] == pytest.approx((cells["men_with"] + cells["men_without"]) / 2)
+                assert r["women"] == pytest.approx(
+                    (cells["women_with"] + cells["women_without"]) / 2)
+                assert r["accuracy"] == pytest.approx(np.mean(list(cells.values())))
+                assert r["gap"] == pytest.approx(abs(r["men"] - r["women"]))
+                assert r["train_set"] == ("balanced" if name == "balanced" else "biased")
+                per_epoch = (config.train_set.n_target + config.train_set.n_other_with
+                             + config.train_set.n_other_without) // config.classifier.batch_size
+                assert r["steps"] == r["epochs"] * per_epoch
+            # The cell is the mean over its trainings, the s.d. their spread.
+            gaps = [t["gap"] for t in trainings]
+            assert agg["num_repeats"] == 2
+            assert agg["gap"] == pytest.approx(np.mean(gaps))
+            assert agg["gap_std"] == pytest.approx(np.std(gaps, ddof=1))
+            assert agg["accuracy"] == pytest.approx(np.mean([t["accuracy"] for t in trainings]))
+            assert agg["cells"]["men_with"] == pytest.approx(
+                np.mean([t["cells"]["men_with"] for t in trainings]))
+            assert agg["repeats"] == [{k: t[k] for k in ("accuracy", "men", "women", "gap")}
+                                      for t in trainings]
         patch = results["results"][confounder]["patch_net"]
         rel = patch["reliability"]
         assert sum(rel["counts"]) == patch["num_predictions"] == \
@@ -124,8 +151,12 @@ def test_smoke_results_are_consistent(smoke_run):
     comp = results["comparison"]["per_method"]["general_noise"]
     for confounder in config.confounders:
         runs = results["results"][confounder]["runs"]
+        noise_runs, original = runs[dn.run_name("general_noise", 0.7)], runs["original"]
         assert comp["gap_change"][confounder] == pytest.approx(
-            runs[dn.run_name("general_noise", 0.7)]["gap"] - runs["original"]["gap"])
+            noise_runs["gap"] - original["gap"])
+        assert comp["repeats_gap_reduced"][confounder] == sum(
+            n["gap"] < o["gap"] for n, o in zip(noise_runs["repeats"], original["repeats"]))
+    assert comp["num_paired"] == 2 * len(config.confounders)
     assert results["setup"]["patch_net"]["label"] == "confounder"
     assert returned["table1"] == rows
 
@@ -157,8 +188,8 @@ def test_rerun_resumes_without_training(smoke_run):
     assert kept.stat().st_mtime_ns == kept_stamp
     redone = json.loads((run_dir / "balanced.json").read_text())
     assert redone["reloaded_model"] is True
-    for key in ("accuracy", "men", "women", "gap", "cells"):
-        assert redone[key] == first["results"]["Wearing_Hat"]["runs"]["balanced"][key]
+    for key in ("accuracy", "men", "women", "gap"):
+        assert redone[key] == first["results"]["Wearing_Hat"]["runs"]["balanced"]["repeats"][0][key]
     assert second["table1"] == first["table1"]
 
 
@@ -321,6 +352,7 @@ def test_every_augmentation_shares_one_compiled_step():
     ("patch_net.grid", 60, "does not fit"),
     ("patch_net.confidence", "entropy", "patch_net.confidence"),
     ("data.source", "celeba", "synthetic renderer"),
+    ("classifier.repeats", 0, r"classifier.repeats=0; expected an int >= 1"),
 ])
 def test_bad_config_raises(field, value, match):
     config = get_config("smoke")
@@ -394,3 +426,46 @@ def test_pooled_classifier_and_batch_stat_recalibration():
     assert dn.recalibrate_batch_stats(stats_step, variables, images, labels, dn.AUGMENT_NONE,
                                       None, batch_size=8, passes=0, seed=0,
                                       key=jax.random.key(3)) is variables
+
+
+def test_aggregate_repeats_against_numpy():
+    rng = np.random.default_rng(3)
+    correct = rng.random((3, 40)) < 0.7
+    target = np.tile(np.repeat([0, 1], 20), 1)
+    confounder = np.tile([0, 1], 20)
+    records = [{**dn.subgroup_metrics(c, target, confounder), "method": "original",
+                "repeat": i, "train_seconds": 2.0, "fingerprint": str(i)}
+               for i, c in enumerate(correct)]
+    agg = dn.aggregate_repeats(records)
+    gaps = [abs(c[target == 1].mean() - c[target == 0].mean()) for c in correct]
+    assert agg["gap"] == pytest.approx(np.mean(gaps))
+    assert agg["gap_std"] == pytest.approx(np.std(gaps, ddof=1))
+    assert agg["accuracy"] == pytest.approx(correct.mean())
+    assert agg["accuracy_std"] == pytest.approx(np.std(correct.mean(axis=1), ddof=1))
+    assert agg["cells"]["men_with"] == pytest.approx(
+        correct[:, (target == 1) & (confounder == 1)].mean())
+    assert agg["worst_cell"] == min(agg["cells"], key=agg["cells"].get)
+    assert agg["num_repeats"] == 3 and agg["train_seconds"] == 6.0
+    assert "fingerprint" not in agg
+    one = dn.aggregate_repeats(records[:1])
+    assert one["gap"] == records[0]["gap"] and one["gap_std"] == 0.0
+    with pytest.raises(ValueError, match="at least one"):
+        dn.aggregate_repeats([])
+    assert dn.repeat_stem("general_noise_q0.7", 0) == "general_noise_q0.7"
+    assert dn.repeat_stem("general_noise_q0.7", 2) == "general_noise_q0.7.rep2"
+
+
+def test_paired_gap_change():
+    def runs(original, other):
+        return {"original": {"repeats": [{"gap": g} for g in original]},
+                "x": {"repeats": [{"gap": g} for g in other]}}
+    change = dn.paired_gap_change(runs([0.3, 0.32, 0.28], [0.1, 0.13, 0.1]), "x")
+    diffs = np.array([-0.2, -0.19, -0.18])
+    assert change["mean"] == pytest.approx(diffs.mean())
+    assert change["se"] == pytest.approx(diffs.std(ddof=1) / np.sqrt(3))
+    assert change["resolved"]
+    # Same mean change, but the repeats disagree in sign: not resolved.
+    noisy = dn.paired_gap_change(runs([0.3, 0.3, 0.3], [0.0, 0.5, -0.07 + 0.3 - 0.2]), "x")
+    assert not noisy["resolved"]
+    single = dn.paired_gap_change(runs([0.3], [0.1]), "x")
+    assert single["se"] is None and not single["resolved"]

@@ -155,6 +155,20 @@ def parse_run_name(name: str) -> tuple[str, Optional[float]]:
     return method, check_quantile(q)
 
 
+def repeat_stem(name: str, repeat: int) -> str:
+    """File stem of one training of a run: the run id for repeat 0 (so a job
+    that gains repeats keeps its finished first runs), '<run>.rep<r>' after."""
+    if repeat < 0:
+        raise ValueError(f"repeat={repeat}; expected >= 0")
+    return name if repeat == 0 else f"{name}.rep{repeat}"
+
+
+def repeat_parts(repeat: int) -> tuple:
+    """Extra key / seed parts of a repeat: none for repeat 0 (its keys predate
+    repeats), the repeat index after."""
+    return () if repeat == 0 else ("repeat", int(repeat))
+
+
 def planned_runs(config, confounder: str) -> list[str]:
     """Run ids for one confounder: the baselines, every method at the main
     quantile, and the sweep's quantiles where this is the sweep's confounder."""
@@ -204,6 +218,10 @@ def validate_config(config) -> None:
     if config.patch_net.confidence not in patches_lib.CONFIDENCE_KINDS:
         raise ValueError(f"patch_net.confidence={config.patch_net.confidence!r}; expected one "
                          f"of {patches_lib.CONFIDENCE_KINDS}")
+    repeats = config.classifier.get("repeats", 1)
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"classifier.repeats={repeats!r}; expected an int >= 1 (trainings "
+                         "per Table 1 cell)")
     if int(config.test.size) < 4:
         raise ValueError(f"test.size={config.test.size}; expected at least 4 (one per "
                          "gender x confounder cell)")
@@ -695,6 +713,36 @@ def subgroup_metrics(correct, target, confounder) -> dict[str, Any]:
     }
 
 
+MEAN_METRICS = ("accuracy", "men", "women", "gap", "men_minus_women", "gap_se", "cell_gap")
+
+
+def aggregate_repeats(records: Sequence[dict]) -> dict[str, Any]:
+    """One Table 1 cell from its repeated trainings (same data and augmentation,
+    different initialisation, batch order and noise keys).
+
+    Returns the first record's settings with every metric replaced by its mean
+    over the trainings (the gap is the mean of per-training gaps: the expected
+    gap of one trained model), `gap_std` / `accuracy_std` (ddof 1; 0 for one
+    training), `num_repeats`, `repeats` (per-training accuracy, men, women,
+    gap) and the summed `train_seconds`.
+    """
+    if not records:
+        raise ValueError("aggregate_repeats needs at least one record")
+    out = {k: v for k, v in records[0].items() if k not in ("fingerprint", "train_history")}
+    for key in MEAN_METRICS:
+        out[key] = float(np.mean([r[key] for r in records]))
+    out["cells"] = {c: float(np.mean([r["cells"][c] for r in records])) for c in CELLS}
+    out["worst_cell"] = min(CELLS, key=lambda c: out["cells"][c])
+    for key in ("gap", "accuracy"):
+        values = [r[key] for r in records]
+        out[f"{key}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+    out["num_repeats"] = len(records)
+    out["repeats"] = [{k: r[k] for k in ("accuracy", "men", "women", "gap")} for r in records]
+    out["train_seconds"] = round(sum((r.get("train_seconds") or 0.0) for r in records), 1)
+    out["reloaded_model"] = all(r.get("reloaded_model") for r in records)
+    return out
+
+
 # ----------------------------------------------------------------------------- tables, summary
 
 
@@ -720,37 +768,55 @@ def main_run(config, method: str) -> str:
     return run_name(method, None if method in BASELINES else config.debias.quantile)
 
 
+ROW_KEYS = ("accuracy", "men", "women", "gap", "gap_std", "accuracy_std", "num_repeats")
+
+
+def num_repeats(config) -> int:
+    return int(config.classifier.get("repeats", 1))
+
+
 def table1_rows(config, results: dict) -> list[dict]:
-    """One row per confounder x training set (main quantile)."""
+    """One row per confounder x training set (main quantile); metrics are means
+    over the repeats."""
     rows = []
     for confounder in config.confounders:
         for method in table_methods(config):
             name = main_run(config, method)
             r = results[confounder]["runs"][name]
             rows.append({"confounder": confounder, "method": method, "run": name,
-                         **{k: r[k] for k in ("accuracy", "men", "women", "gap")},
-                         "cells": r["cells"]})
+                         **{k: r[k] for k in ROW_KEYS}, "cells": r["cells"]})
     return rows
 
 
+def _gap_text(r: dict, digits: int = 2) -> str:
+    """'0.05' for one training, '0.05 ± 0.03' (mean ± s.d.) for several."""
+    text = f"{r['gap']:.{digits}f}"
+    return text + (f" ± {r['gap_std']:.{digits}f}" if r.get("num_repeats", 1) > 1 else "")
+
+
 def table1_markdown(config, rows: Sequence[dict], sweep: Sequence[dict] = ()) -> str:
+    repeats = num_repeats(config)
     headers = ["Confounder", "Training set", "Accuracy", "Men", "Women", "Gap",
                "Men w/", "Women w/o"]
     body = [[r["confounder"].replace("_", " "), LABELS[r["method"]], r["accuracy"], r["men"],
-             r["women"], r["gap"], r["cells"]["men_with"], r["cells"]["women_without"]]
+             r["women"], _gap_text(r, 3), r["cells"]["men_with"], r["cells"]["women_without"]]
             for r in rows]
     q = config.debias.quantile
     note = (f"Table 1 analogue: gender accuracy on a test set balanced over gender x "
             f"confounder; gap = |men - women|; augmentations at q = {q} (the top "
             f"{round((1 - q) * 100)}% of pixels by attribution). 'Men w/' and 'Women w/o' are "
-            "the bias-conflicting cells (men with the confounder, women without it).\n\n")
-    text = note + markdown_table(headers, body)
+            "the bias-conflicting cells (men with the confounder, women without it).")
+    if repeats > 1:
+        note += (f" Every value is the mean over {repeats} trainings that differ in "
+                 "initialisation, batch order and noise keys; gaps are mean ± standard "
+                 "deviation across them.")
+    text = note + "\n\n" + markdown_table(headers, body)
     if sweep:
         text += (f"\nQuantile sweep (Figure 8 analogue): {LABELS[config.sweep.method].lower()} "
                  f"on {config.sweep.confounder.replace('_', ' ')}.\n\n")
         text += markdown_table(["q", "Accuracy", "Men", "Women", "Gap"],
                                [[f"{r['quantile']:g}", r["accuracy"], r["men"], r["women"],
-                                 r["gap"]] for r in sweep])
+                                 _gap_text(r, 3)] for r in sweep])
     return text
 
 
@@ -761,9 +827,21 @@ def gap_table_markdown(config, results: dict) -> str:
     for confounder in config.confounders:
         runs = results[confounder]["runs"]
         body.append([confounder.replace("_", " ")] + [
-            f"{runs[main_run(config, m)]['gap']:.2f} ({runs[main_run(config, m)]['accuracy']:.2f})"
+            f"{_gap_text(runs[main_run(config, m)])} ({runs[main_run(config, m)]['accuracy']:.2f})"
             for m in methods])
     return markdown_table(headers, body)
+
+
+def paired_gap_change(runs: dict, name: str) -> dict[str, Any]:
+    """How run `name` moved the gap from the original model, paired by repeat
+    (a repeat's runs share initialisation and batch order): the mean of the
+    per-repeat differences, its standard error (None for one training) and
+    whether it is resolved, |mean| > 2 standard errors."""
+    diffs = np.array([m["gap"] - o["gap"] for m, o in zip(runs[name]["repeats"],
+                                                          runs["original"]["repeats"])])
+    mean = float(diffs.mean())
+    se = float(np.std(diffs, ddof=1) / math.sqrt(diffs.size)) if diffs.size > 1 else None
+    return {"mean": mean, "se": se, "resolved": se is not None and abs(mean) > 2 * se}
 
 
 def comparison(config, results: dict) -> dict[str, Any]:
@@ -775,10 +853,25 @@ def comparison(config, results: dict) -> dict[str, Any]:
                   - results[c]["runs"]["original"]["gap"] for c in config.confounders}
         acc = {c: results[c]["runs"][run_name(method, q)]["accuracy"]
                - results[c]["runs"]["original"]["accuracy"] for c in config.confounders}
+        # Paired by repeat: a repeat's runs share initialisation and batch order.
+        paired = {c: int(sum(m["gap"] < o["gap"] for m, o in zip(
+                      results[c]["runs"][run_name(method, q)]["repeats"],
+                      results[c]["runs"]["original"]["repeats"])))
+                  for c in config.confounders}
+        change = {c: paired_gap_change(results[c]["runs"], run_name(method, q))
+                  for c in config.confounders}
         per_method[method] = {
+            "paired_change": change,
+            "num_resolved_reduced": int(sum(v["resolved"] and v["mean"] < 0
+                                            for v in change.values())),
+            "num_resolved_increased": int(sum(v["resolved"] and v["mean"] > 0
+                                              for v in change.values())),
             "gap_change": deltas, "accuracy_change": acc,
             "num_gap_reduced": int(sum(d < 0 for d in deltas.values())),
             "mean_gap_change": float(np.mean(list(deltas.values()))),
+            "repeats_gap_reduced": paired,
+            "num_paired_gap_reduced": int(sum(paired.values())),
+            "num_paired": len(config.confounders) * num_repeats(config),
         }
     balanced = {c: results[c]["runs"]["balanced"]["gap"] - results[c]["runs"]["original"]["gap"]
                 for c in config.confounders}
@@ -796,8 +889,7 @@ def comparison(config, results: dict) -> dict[str, Any]:
 def sweep_rows(config, results: dict) -> list[dict]:
     runs = results[config.sweep.confounder]["runs"]
     return [{"quantile": float(q), "run": run_name(config.sweep.method, q),
-             **{k: runs[run_name(config.sweep.method, q)][k]
-                for k in ("accuracy", "men", "women", "gap")}}
+             **{k: runs[run_name(config.sweep.method, q)][k] for k in ROW_KEYS}}
             for q in sorted(config.sweep.quantiles)]
 
 
@@ -850,15 +942,38 @@ def summary_markdown(config, setup: dict, results: dict, comp: dict, sweep: Sequ
     per_cell = int(config.test.size) // 4
     verdict = [f"With {per_cell} test faces per cell a gap has a standard error of about "
                f"{np.mean(ses):.2f}, so differences below ~{2 * np.mean(ses):.2f} are noise."]
+    repeats = num_repeats(config)
     if "blond_hair" in comp:
         b = comp["blond_hair"]["ours"]
+        runs_b = results["Blond_Hair"]["runs"]
         verdict.append(
-            f"Blond_Hair: gap {b['original']:.2f} (original) -> {b['balanced']:.2f} (balanced) "
-            f"-> {b['general_noise']:.2f} (general noise, q = {q}); the paper reports 0.28 -> "
-            f"0.05 -> 0.09.")
+            f"Blond_Hair: gap {_gap_text(runs_b['original'])} (original) -> "
+            f"{_gap_text(runs_b['balanced'])} (balanced) -> "
+            f"{_gap_text(runs_b[run_name('general_noise', q)])} (general noise, q = {q}); "
+            f"the paper reports 0.28 -> 0.05 -> 0.09.")
         reduced_b = b["balanced"] < b["original"]
         reduced_n = b["general_noise"] < b["original"]
-        if reduced_b and reduced_n:
+        if repeats > 1:
+            pb = paired_gap_change(runs_b, "balanced")
+            pg = paired_gap_change(runs_b, run_name("general_noise", q))
+            text_b = f"{pb['mean']:+.2f} ± {pb['se']:.2f}"
+            text_g = f"{pg['mean']:+.2f} ± {pg['se']:.2f}"
+            narrows_b = pb["resolved"] and pb["mean"] < 0
+            narrows_g = pg["resolved"] and pg["mean"] < 0
+            if narrows_b and narrows_g:
+                outcome = "both narrowings are resolved (beyond 2 standard errors), as in the paper."
+            elif narrows_g:
+                outcome = "the narrowing by general noise is resolved, that by balancing is not."
+            elif narrows_b:
+                outcome = "the narrowing by balancing is resolved, that by general noise is not."
+            else:
+                outcome = ("at this budget neither change is resolved from training noise "
+                           "(within 2 standard errors), so the paper's ordering is neither "
+                           "confirmed nor refuted here.")
+            verdict.append(f"Paired by repeat, the Blond_Hair gap moves by {text_b} with "
+                           f"balancing and {text_g} with general noise (mean ± standard "
+                           f"error of {repeats} paired differences): " + outcome)
+        elif reduced_b and reduced_n:
             verdict.append("The ordering of the paper (noise closes most of the gap that "
                            "balancing closes) " + (
                                "shows." if b["general_noise"] <= b["original"] - 0.5 *
@@ -880,19 +995,34 @@ def summary_markdown(config, setup: dict, results: dict, comp: dict, sweep: Sequ
             f"augmentations alter the wrong pixels: {rows} not test the method.")
     parts = []
     for method, m in comp["per_method"].items():
+        paired = (f"; narrower in {m['num_paired_gap_reduced']}/{m['num_paired']} paired "
+                  f"trainings; resolved narrowing for {m['num_resolved_reduced']}, widening "
+                  f"for {m['num_resolved_increased']} confounders" if repeats > 1 else "")
         parts.append(f"{LABELS[method].lower()} {m['num_gap_reduced']}/{len(config.confounders)}"
-                     f" (mean change {m['mean_gap_change']:+.2f})")
+                     f" (mean change {m['mean_gap_change']:+.2f}{paired})")
     verdict.append("Gap narrowed relative to the original model, per augmentation (of "
-                   f"{len(config.confounders)} confounders): " + "; ".join(parts) + ".")
+                   f"{len(config.confounders)} confounders" +
+                   (", by the mean over repeats" if repeats > 1 else "") + "): "
+                   + "; ".join(parts) + ".")
     if sweep:
-        sweep_text = ", ".join(f"q = {r['quantile']:g}: {r['gap']:.2f} ({r['accuracy']:.2f})"
+        sweep_text = ", ".join(f"q = {r['quantile']:g}: {_gap_text(r)} ({r['accuracy']:.2f})"
                                for r in sweep)
         verdict.append(f"Quantile sweep ({LABELS[config.sweep.method].lower()}, "
                        f"{config.sweep.confounder.replace('_', ' ')}), gap (accuracy): "
                        f"{sweep_text}.")
-    verdict.append("Each cell is one training run; at this budget, runs that differ only "
-                   "in their random keys (batch noise, dropout) move a gap by more than the "
-                   "test-set standard error, so single cells are indicative, not conclusive.")
+    if repeats > 1:
+        stds = [results[c]["runs"][main_run(config, m)]["gap_std"]
+                for c in config.confounders for m in table_methods(config)]
+        verdict.append(
+            f"Each cell is the mean ± standard deviation over {repeats} trainings that differ "
+            f"in initialisation, batch order and noise keys (within a repeat every column "
+            f"shares them); the median standard deviation of a gap across trainings is "
+            f"{np.median(stds):.2f}.")
+    else:
+        verdict.append("Each cell is one training run; at this budget, runs that differ only "
+                       "in their random keys (batch noise, dropout) move a gap by more than "
+                       "the test-set standard error, so single cells are indicative, not "
+                       "conclusive (set classifier.repeats to average several).")
     text.append(" ".join(verdict) + "\n")
     files = ["table1.md", "figure7_gaps.png", "figure8_quantiles.png", "figure_maps.png"]
     files += [f"reliability_{c}.png" for c in config.confounders]
@@ -915,9 +1045,12 @@ def plot_gaps(config, results: dict, path: Path) -> str:
     colours = ["tab:gray", "tab:green", "tab:blue", "tab:cyan", "tab:red", "tab:orange"]
     for j, method in enumerate(methods):
         for ax, key in zip(axes, ("gap", "accuracy")):
-            values = [results[c]["runs"][main_run(config, method)][key] for c in confounders]
-            ax.bar(x + (j - (len(methods) - 1) / 2) * width, values, width,
-                   label=LABELS[method], color=colours[j % len(colours)])
+            runs = [results[c]["runs"][main_run(config, method)] for c in confounders]
+            # Error bars: the standard deviation over repeated trainings (0 for one).
+            ax.bar(x + (j - (len(methods) - 1) / 2) * width, [r[key] for r in runs], width,
+                   yerr=[r.get(f"{key}_std", 0.0) for r in runs], capsize=2,
+                   error_kw={"elinewidth": 0.8}, label=LABELS[method],
+                   color=colours[j % len(colours)])
     axes[0].set_ylabel("gap |men - women|")
     axes[0].set_ylim(0.0, 1.35)  # headroom for the legend
     axes[1].set_ylabel("accuracy")
@@ -939,7 +1072,9 @@ def plot_sweep(config, results: dict, sweep: Sequence[dict], path: Path) -> str:
     fig = Figure(figsize=(5.5, 4.0))
     ax = fig.add_subplot(1, 1, 1)
     for key, style in (("gap", "o-"), ("accuracy", "s-"), ("men", "^--"), ("women", "v--")):
-        ax.plot(qs, [r[key] for r in sweep], style, label=key)
+        std = [r.get(f"{key}_std", 0.0) for r in sweep]
+        ax.errorbar(qs, [r[key] for r in sweep], yerr=std if any(std) else None, fmt=style,
+                    capsize=3, label=key)
     runs = results[config.sweep.confounder]["runs"]
     ax.axhline(runs["original"]["gap"], color="tab:gray", linestyle=":",
                label="gap, original")
@@ -1008,8 +1143,8 @@ class _Toolkit:
     """Models, jitted functions and initial variables shared by every confounder and run.
 
     Built once per job, so each jitted function compiles once and every gender
-    classifier starts from the same initialisation (runs differ only in their
-    training data / augmentation), as does every patch net.
+    classifier of a repeat starts from that repeat's initialisation (runs differ
+    only in their training data / augmentation), as does every patch net.
     Initial variables are computed on first use (a compile); reloading saved models
     only needs their shapes (`jax.eval_shape`, no compile).
     """
@@ -1032,12 +1167,15 @@ class _Toolkit:
         self._augment_fn = make_selection_augment_fn(fill=float(config.debias.mask_fill),
                                                      std=float(config.debias.noise_std))
         self._optimizers: dict[tuple, optax.GradientTransformation] = {}
+        self._classifier_inits: dict[int, dict] = {}
 
-    @functools.cached_property
-    def classifier_init(self) -> dict:
-        return pn.state_variables(pn.create_train_state(
-            run_key(self.config.seed, "classifier_init"), self.classifier,
-            self._classifier_inputs, optax.identity()))
+    def classifier_init(self, repeat: int = 0) -> dict:
+        """Initial variables of the gender classifiers of one repeat (cached)."""
+        if repeat not in self._classifier_inits:
+            self._classifier_inits[repeat] = pn.state_variables(pn.create_train_state(
+                run_key(self.config.seed, "classifier_init", *repeat_parts(repeat)),
+                self.classifier, self._classifier_inputs, optax.identity()))
+        return self._classifier_inits[repeat]
 
     @functools.cached_property
     def patch_init(self) -> dict:
@@ -1083,8 +1221,8 @@ class _Toolkit:
                 int(pc.decay_every_epochs), float(pc.decay_factor), int(pc.epochs))
         return self._optimizers[key]
 
-    def classifier_state(self, optimizer) -> pn.TrainState:
-        init = self.classifier_init
+    def classifier_state(self, optimizer, repeat: int = 0) -> pn.TrainState:
+        init = self.classifier_init(repeat)
         return _with_array_step(pn.TrainState.create(
             apply_fn=self.classifier.apply, params=init["params"], tx=optimizer,
             batch_stats=init.get("batch_stats", {})))
@@ -1132,24 +1270,27 @@ def run_confounder(config, confounder: str, workdir: Path, pools: dict,
     test_fp = fingerprint(config.test, subsets["test"].tolist())
     classifier_fp = fingerprint({f: cc[f] for f in CLASSIFIER_TRAIN_FIELDS})
 
-    def train_fp(name):
+    def train_fp(name, repeat):
         method, q = parse_run_name(name)
-        parts = [data_fp, classifier_fp, method, q]
+        parts = [data_fp, classifier_fp, method, q, *repeat_parts(repeat)]
         if method in METHODS:
             parts += [attribution_fp, config.debias.noise_std, config.debias.mask_fill]
         return fingerprint(*parts)
 
-    def result_fp(name):
-        return fingerprint(train_fp(name), test_fp)
+    def result_fp(name, repeat):
+        return fingerprint(train_fp(name, repeat), test_fp)
 
     names = planned_runs(config, confounder)
+    repeats = int(cc.get("repeats", 1))
+    # Repeat-major: a job stopped part-way holds whole repeats of the table.
+    jobs = [(name, r) for r in range(repeats) for name in names]
     done = {}
-    for name in names:
-        path = run_dir / f"{name}.json"
+    for job in jobs:
+        path = run_dir / f"{repeat_stem(*job)}.json"
         if path.exists():
             saved = json.loads(path.read_text())
-            if saved.get("fingerprint") == result_fp(name):
-                done[name] = saved
+            if saved.get("fingerprint") == result_fp(*job):
+                done[job] = saved
     patch_json = run_dir / "patch_net.json"
     patch_result_fp = fingerprint(patch_fp, test_fp, config.calibration)
     patch_result = json.loads(patch_json.read_text()) if patch_json.exists() else None
@@ -1161,11 +1302,15 @@ def run_confounder(config, confounder: str, workdir: Path, pools: dict,
         with np.load(cache_path) as loaded:
             if str(loaded["fingerprint"]) == attribution_fp:
                 cache = {k: loaded[k] for k in loaded.files}
-    pending = [n for n in names if n not in done]
+    pending = [job for job in jobs if job not in done]
     summary = {"subsets": {k: int(v.size) for k, v in subsets.items()}}
+
+    def aggregated():
+        return {n: aggregate_repeats([done[(n, r)] for r in range(repeats)]) for n in names}
+
     if not pending and patch_result is not None and cache is not None:
-        _log(f"{confounder}: all {len(names)} runs done, nothing to train")
-        return {"runs": done, "patch_net": patch_result, "examples": cache, **summary}
+        _log(f"{confounder}: all {len(jobs)} runs done, nothing to train")
+        return {"runs": aggregated(), "patch_net": patch_result, "examples": cache, **summary}
 
     source = pools["source"]
     t0 = time.time()
@@ -1175,7 +1320,8 @@ def run_confounder(config, confounder: str, workdir: Path, pools: dict,
     gender = {name: attribute_column(a, config.target) for name, a in attrs.items()}
     present = {name: attribute_column(a, confounder) for name, a in attrs.items()}
     _log(f"{confounder}: rendered {sum(v.shape[0] for v in images.values())} images "
-         f"in {time.time() - t0:.0f} s; pending runs: {', '.join(pending) or 'none'}")
+         f"in {time.time() - t0:.0f} s; pending runs: "
+         f"{', '.join(repeat_stem(*job) for job in pending) or 'none'}")
 
     # --- patch region classifier (predicts the confounder) ------------------------------
     k, positions = tools.k, tools.positions
@@ -1225,7 +1371,7 @@ def run_confounder(config, confounder: str, workdir: Path, pools: dict,
 
     # --- attribution maps of the biased training set ------------------------------------
     needs_specific = any(n not in BASELINES and method_spec(parse_run_name(n)[0])[0] ==
-                         "specific" for n in pending)
+                         "specific" for n, _ in pending)
     specific = None
     if cache is None or needs_specific:
         t0 = time.time()
@@ -1246,16 +1392,21 @@ def run_confounder(config, confounder: str, workdir: Path, pools: dict,
     batch_size = int(cc.batch_size)
     per_epoch = pipeline.steps_per_epoch(images["biased"].shape[0], batch_size)
     optimizer = tools.classifier_optimizer(per_epoch)
-    for name in pending:
+    for name, repeat in pending:
         method, q = parse_run_name(name)
         train_set = "balanced" if method == "balanced" else "biased"
         epochs = _epochs_for(config, method)
-        model_path = model_dir / f"{name}.msgpack"
-        variables, meta = load_variables(model_path, tools.classifier_template, train_fp(name))
+        stem = repeat_stem(name, repeat)
+        extra = repeat_parts(repeat)
+        model_path = model_dir / f"{stem}.msgpack"
+        variables, meta = load_variables(model_path, tools.classifier_template,
+                                         train_fp(name, repeat))
         t0 = time.time()
         reloaded = variables is not None
         if not reloaded:
-            state = tools.classifier_state(optimizer)
+            # Within a repeat every run shares the initialisation and batch order,
+            # so the table's columns differ only in training data / augmentation.
+            state = tools.classifier_state(optimizer, repeat)
             if method in BASELINES:
                 selection = None
             elif method_spec(method)[0] == "general":
@@ -1265,31 +1416,31 @@ def run_confounder(config, confounder: str, workdir: Path, pools: dict,
             state, history = train_classifier(
                 tools.classifier_step, state, images[train_set], gender[train_set],
                 augment_code(method), selection, batch_size=batch_size, epochs=epochs,
-                seed=_name_seed(config.seed, confounder, "classifier_order"),
-                key=run_key(config.seed, confounder, name, "train"))
+                seed=_name_seed(config.seed, confounder, "classifier_order", *extra),
+                key=run_key(config.seed, confounder, name, "train", *extra))
             variables = recalibrate_batch_stats(
                 tools.stats_step, pn.state_variables(state), images[train_set],
                 gender[train_set], augment_code(method), selection, batch_size=batch_size,
                 passes=int(cc.bn_recalibration_passes),
-                seed=_name_seed(config.seed, confounder, "bn_order"),
-                key=run_key(config.seed, confounder, name, "bn"))
+                seed=_name_seed(config.seed, confounder, "bn_order", *extra),
+                key=run_key(config.seed, confounder, name, "bn", *extra))
             meta = {"train_history": history, "train_seconds": round(time.time() - t0, 1)}
-            save_variables(model_path, variables, train_fp(name), meta)
+            save_variables(model_path, variables, train_fp(name, repeat), meta)
         predicted = predict_labels(tools.predict, variables, images["test"],
                                    int(config.test.batch_size))
         metrics = subgroup_metrics(predicted == gender["test"], gender["test"], present["test"])
-        record = {"fingerprint": result_fp(name), "confounder": confounder, "method": method,
-                  "quantile": q, "train_set": train_set, "epochs": epochs,
+        record = {"fingerprint": result_fp(name, repeat), "confounder": confounder,
+                  "method": method, "quantile": q, "repeat": repeat,
+                  "train_set": train_set, "epochs": epochs,
                   "steps": epochs * per_epoch, "reloaded_model": reloaded,
                   "train_seconds": meta.get("train_seconds"),
                   "train_history": meta.get("train_history"), **metrics}
-        write_json(run_dir / f"{name}.json", record)
-        done[name] = record
-        _log(f"{confounder} / {name}: accuracy {metrics['accuracy']:.3f} men "
+        write_json(run_dir / f"{stem}.json", record)
+        done[(name, repeat)] = record
+        _log(f"{confounder} / {stem}: accuracy {metrics['accuracy']:.3f} men "
              f"{metrics['men']:.3f} women {metrics['women']:.3f} gap {metrics['gap']:.3f} "
              f"({time.time() - t0:.0f} s)")
-    return {"runs": {n: done[n] for n in names}, "patch_net": patch_result, "examples": cache,
-            **summary}
+    return {"runs": aggregated(), "patch_net": patch_result, "examples": cache, **summary}
 
 
 def run(config, workdir) -> dict[str, Any]:
