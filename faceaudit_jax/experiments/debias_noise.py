@@ -1017,7 +1017,8 @@ def summary_markdown(config, setup: dict, results: dict, comp: dict, sweep: Sequ
             f"Each cell is the mean ± standard deviation over {repeats} trainings that differ "
             f"in initialisation, batch order and noise keys (within a repeat every column "
             f"shares them); the median standard deviation of a gap across trainings is "
-            f"{np.median(stds):.2f}.")
+            f"{np.median(stds):.2f}. 'Resolved' means a paired change beyond 2 standard "
+            f"errors: with {repeats} repeats a loose screen, not a significance test.")
     else:
         verdict.append("Each cell is one training run; at this budget, runs that differ only "
                        "in their random keys (batch noise, dropout) move a gap by more than "

@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from faceaudit_jax.models.patch_net import crop_patches
+from faceaudit_jax.models.patch_net import crop_patches, image_hw
 
 Array = jax.Array
 
@@ -53,15 +53,6 @@ CONFIDENCE_KINDS = ("top_softmax", "margin", "negative_entropy")
 
 def _is_concrete(x: Any) -> bool:
     return not isinstance(x, jax.core.Tracer)
-
-
-def _as_hw(image_size: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(image_size, (int, np.integer)):
-        return int(image_size), int(image_size)
-    size = tuple(int(s) for s in image_size)
-    if len(size) != 2:
-        raise ValueError(f"image_size must be an int or (H, W), got {image_size!r}")
-    return size  # type: ignore[return-value]
 
 
 # ---------------------------------------------------------------------------
@@ -384,7 +375,7 @@ def patches_to_pixels(confidences: Array, locations: Array, k: int,
       ValueError: NaN confidences, mismatched shapes, k larger than the image,
         or a patch outside the image (checked when the inputs are concrete).
     """
-    height, width = _as_hw(image_size)
+    height, width = image_hw(image_size)
     k = int(k)
     if np.ndim(confidences) != 1:
         raise ValueError(f"confidences must be [Q], got shape {np.shape(confidences)}; "
@@ -397,7 +388,7 @@ def patches_to_pixels_batched(confidences: Array, locations: Array, k: int,
                               image_size: int | Sequence[int]) -> Array:
     """`patches_to_pixels` for a batch: confidences [B, Q], locations [Q, 2]
     (shared) or [B, Q, 2] -> [B, H, W]."""
-    height, width = _as_hw(image_size)
+    height, width = image_hw(image_size)
     k = int(k)
     if np.ndim(confidences) != 2:
         raise ValueError(f"confidences must be [B, Q], got shape {np.shape(confidences)}")

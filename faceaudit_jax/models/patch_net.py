@@ -74,7 +74,8 @@ CONFOUNDED_CLASSIFIER_PAPER: dict[str, Any] = {
 # Grid positions and patch extraction (pure, jit-friendly)
 # ---------------------------------------------------------------------------
 
-def _as_hw(image_size: int | Sequence[int]) -> tuple[int, int]:
+def image_hw(image_size: int | Sequence[int]) -> tuple[int, int]:
+    """(H, W) from H (square) or (H, W); ValueError for anything else."""
     if isinstance(image_size, (int, np.integer)):
         return int(image_size), int(image_size)
     size = tuple(int(s) for s in image_size)
@@ -104,7 +105,7 @@ def grid_positions(image_size: int | Sequence[int], k: int, grid: int) -> np.nda
         more positions per side than there are distinct pixel offsets
         (H - k + 1 or W - k + 1), which would repeat positions.
     """
-    height, width = _as_hw(image_size)
+    height, width = image_hw(image_size)
     k = int(k)
     grid = int(grid)
     if k < 1:
