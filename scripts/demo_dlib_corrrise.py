@@ -139,7 +139,7 @@ def main(argv=None) -> int:
              f"dlib's ResNet face descriptor explained by CorrRISE through the numpy-callable path "
              f"({args.num_masks} masks per image, {evaluations} model evaluations in {seconds:.0f} s, "
              f"{evaluations / seconds:.0f} chips/s on {os.cpu_count()} CPU cores, 1-min load average "
-             f"{os.getloadavg()[0]:.1f} at the end):", "",
+             f"{results['load_average_1min']:.1f} at the end):", "",
              "| pair | dlib distance (same < 0.6) | cosine |", "|---|---:|---:|"]
     lines += [f"| {p['kind']}: {p['a']} / {p['b']} | {p['dlib_distance']:.3f} | {p['cosine']:.3f} |"
               for p in results["pairs"]]

@@ -218,7 +218,7 @@ def validate_config(config) -> None:
     if config.patch_net.confidence not in patches_lib.CONFIDENCE_KINDS:
         raise ValueError(f"patch_net.confidence={config.patch_net.confidence!r}; expected one "
                          f"of {patches_lib.CONFIDENCE_KINDS}")
-    repeats = config.classifier.get("repeats", 1)
+    repeats = config.classifier.get("repeats", 1)  # raw value: num_repeats() would cast it
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"classifier.repeats={repeats!r}; expected an int >= 1 (trainings "
                          "per Table 1 cell)")
@@ -835,13 +835,15 @@ def gap_table_markdown(config, results: dict) -> str:
 def paired_gap_change(runs: dict, name: str) -> dict[str, Any]:
     """How run `name` moved the gap from the original model, paired by repeat
     (a repeat's runs share initialisation and batch order): the mean of the
-    per-repeat differences, its standard error (None for one training) and
-    whether it is resolved, |mean| > 2 standard errors."""
+    per-repeat differences, its standard error (None for one training),
+    whether it is resolved, |mean| > 2 standard errors, and in how many
+    repeats the gap narrowed."""
     diffs = np.array([m["gap"] - o["gap"] for m, o in zip(runs[name]["repeats"],
                                                           runs["original"]["repeats"])])
     mean = float(diffs.mean())
     se = float(np.std(diffs, ddof=1) / math.sqrt(diffs.size)) if diffs.size > 1 else None
-    return {"mean": mean, "se": se, "resolved": se is not None and abs(mean) > 2 * se}
+    return {"mean": mean, "se": se, "resolved": se is not None and abs(mean) > 2 * se,
+            "num_narrower": int(np.sum(diffs < 0))}
 
 
 def comparison(config, results: dict) -> dict[str, Any]:
@@ -853,13 +855,9 @@ def comparison(config, results: dict) -> dict[str, Any]:
                   - results[c]["runs"]["original"]["gap"] for c in config.confounders}
         acc = {c: results[c]["runs"][run_name(method, q)]["accuracy"]
                - results[c]["runs"]["original"]["accuracy"] for c in config.confounders}
-        # Paired by repeat: a repeat's runs share initialisation and batch order.
-        paired = {c: int(sum(m["gap"] < o["gap"] for m, o in zip(
-                      results[c]["runs"][run_name(method, q)]["repeats"],
-                      results[c]["runs"]["original"]["repeats"])))
-                  for c in config.confounders}
         change = {c: paired_gap_change(results[c]["runs"], run_name(method, q))
                   for c in config.confounders}
+        paired = {c: v["num_narrower"] for c, v in change.items()}
         per_method[method] = {
             "paired_change": change,
             "num_resolved_reduced": int(sum(v["resolved"] and v["mean"] < 0
@@ -882,6 +880,9 @@ def comparison(config, results: dict) -> dict[str, Any]:
             "ours": {"original": runs["original"]["gap"], "balanced": runs["balanced"]["gap"],
                      "general_noise": runs[run_name("general_noise", q)]["gap"]},
             "paper": dict(PAPER_BLOND_HAIR_GAP), "quantile": q,
+            "paired_change": {"balanced": paired_gap_change(runs, "balanced"),
+                              "general_noise": paired_gap_change(runs, run_name("general_noise",
+                                                                                 q))},
         }
     return out
 
@@ -954,8 +955,7 @@ def summary_markdown(config, setup: dict, results: dict, comp: dict, sweep: Sequ
         reduced_b = b["balanced"] < b["original"]
         reduced_n = b["general_noise"] < b["original"]
         if repeats > 1:
-            pb = paired_gap_change(runs_b, "balanced")
-            pg = paired_gap_change(runs_b, run_name("general_noise", q))
+            pb, pg = (comp["blond_hair"]["paired_change"][k] for k in ("balanced", "general_noise"))
             text_b = f"{pb['mean']:+.2f} ± {pb['se']:.2f}"
             text_g = f"{pg['mean']:+.2f} ± {pg['se']:.2f}"
             narrows_b = pb["resolved"] and pb["mean"] < 0
@@ -1282,7 +1282,7 @@ def run_confounder(config, confounder: str, workdir: Path, pools: dict,
         return fingerprint(train_fp(name, repeat), test_fp)
 
     names = planned_runs(config, confounder)
-    repeats = int(cc.get("repeats", 1))
+    repeats = num_repeats(config)
     # Repeat-major: a job stopped part-way holds whole repeats of the table.
     jobs = [(name, r) for r in range(repeats) for name in names]
     done = {}

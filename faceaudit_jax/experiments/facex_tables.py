@@ -56,7 +56,7 @@ from tqdm import tqdm
 from faceaudit_jax import regions
 from faceaudit_jax.data import pipeline, sampling
 from faceaudit_jax.experiments import classifier
-from faceaudit_jax.experiments.registry import write_json
+from faceaudit_jax.experiments.registry import readme_link_prefix, write_json
 from faceaudit_jax.summary import ior as ior_lib
 
 PARTS = ("table1", "table3", "table4", "figure5")
@@ -666,7 +666,8 @@ def figure5(ctx: TablesContext) -> dict:
     return result
 
 
-def figure5_markdown(result: dict) -> str:
+def figure5_markdown(result: dict, link_prefix: str = "") -> str:
+    """link_prefix goes before the figure's file name (see `registry.readme_link_prefix`)."""
     acc = result["group_accuracy"]
     summary = markdown_table(
         ["Model", f"RP of {result['confounder']}", "Acc.", "Aligned acc.", "Conflicting acc.",
@@ -679,7 +680,7 @@ def figure5_markdown(result: dict) -> str:
         [[n, result["ior"]["vanilla"][n], result["ior"]["reweighted"][n], result["ior_change"][n]]
          for n in regions.REGIONS])
     return (f"## Figure 5: {result['target']} x {result['confounder']} at {result['corr']}, "
-            f"before and after group-balanced reweighting\n\n![figure 5]({result['figure']})\n\n"
+            f"before and after group-balanced reweighting\n\n![figure 5]({link_prefix}{result['figure']})\n\n"
             f"{summary}\n{per_region}")
 
 
@@ -715,12 +716,14 @@ def run_tables(config, workdir: str) -> dict:
               f"{config.explain.method} with the {config.explain.target_mode}-class target, "
               f"{config.explain.ior_mode} IoR.\n\n")
     (ctx.workdir / "tables.md").write_text(header + "\n".join(texts[p] for p in parts))
-    # The README fragment (scripts/update_readme.py): same text, one heading level down.
-    body = "\n".join(texts[p] for p in parts).replace("\n## ", "\n#### ")
+    # The README fragment (scripts/update_readme.py): same text, one heading level down,
+    # the figure linked so that the link works from the README as well.
+    readme_texts = dict(texts)
+    if "figure5" in results:
+        readme_texts["figure5"] = figure5_markdown(results["figure5"],
+                                                   readme_link_prefix(ctx.workdir))
+    body = "\n".join(readme_texts[p] for p in parts).replace("\n## ", "\n#### ")
     body = body[3:] if body.startswith("## ") else body
-    # Links relative to the workdir, made to work from the README as well.
-    from faceaudit_jax.experiments.registry import readme_link_prefix
-    body = body.replace("](figure5.png)", f"]({readme_link_prefix(ctx.workdir)}figure5.png)")
     (ctx.workdir / "summary.md").write_text(
         "### FaceX reproduction (`configs/facex_tables.py`)\n\n" + header.split("\n\n", 1)[1]
         + ("#### " + body if not body.startswith("#### ") else body))

@@ -315,12 +315,17 @@ def _pixel_mean_maps(confidences: Array, locations: Array, k: int, height: int, 
 _pixel_mean_maps_jit = jax.jit(_pixel_mean_maps, static_argnums=(2, 3, 4, 5))
 
 
+def _pixel_layout(locations: Any) -> tuple[Any, Optional[tuple]]:
+    """(locations for the jitted call, static grid axes or None). The grid path
+    does not read the locations, so they are not shipped to the device then."""
+    grid_axes = _grid_axes(locations)
+    return (None if grid_axes else locations), grid_axes
+
+
 def _pixel_mean_maps_front(confidences: Any, locations: Any, k: int, height: int,
                            width: int) -> Array:
-    grid_axes = _grid_axes(locations)
-    # The grid path does not read locations: do not ship them to the device.
-    return _pixel_mean_maps_jit(confidences, None if grid_axes else locations, k, height, width,
-                                grid_axes)
+    locations, grid_axes = _pixel_layout(locations)
+    return _pixel_mean_maps_jit(confidences, locations, k, height, width, grid_axes)
 
 
 def _scatter_pixel_mean_maps(confidences, locations, k, height, width):
@@ -423,9 +428,9 @@ def confidence_pixel_maps(apply_fn: Callable, images: Array, k: int, positions: 
         raise ValueError(f"unknown confidence kind {kind!r}; expected one of {CONFIDENCE_KINDS}")
     logits = sliding_window_logits(apply_fn, images, k, positions, variables, chunk_size)
     height, width = images.shape[1:3]
-    grid_axes = _grid_axes(positions)
-    return _pixel_maps_from_logits(logits, None if grid_axes else positions, int(k),
-                                   height, width, kind, normalise, grid_axes)
+    positions, grid_axes = _pixel_layout(positions)
+    return _pixel_maps_from_logits(logits, positions, int(k), height, width, kind, normalise,
+                                   grid_axes)
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3, 4, 5, 6, 7))
