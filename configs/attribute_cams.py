@@ -28,7 +28,7 @@ Why the default sizes (2-core CPU, about 7-8 min on a free machine):
   covers about the same share of the face as in the paper. Training renders
   faces on the fly at about 200 images/s at 96 px (vs ~100 at 128 px).
 * 4,000 training images x 8 epochs at batch 32 = 1,000 updates per model,
-  Adam with a cosine decay from 1e-3: DESIGN.md found that the number of
+  Adam with a cosine decay from 1e-3: docs/design.md found that the number of
   steps, not epochs, decides what a small network learns. Measured here
   (AFFACT-u): with FaceX's step schedule (x0.1 at 1/3 and 2/3) over 625
   updates the 35-output network stopped learning after the ~200 full-rate

@@ -44,7 +44,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.train = ml_collections.ConfigDict()
     c.train.size = 4000
     c.train.batch_size = 32
-    # 625 updates at batch 32: the shortcut is learned within ~250 (DESIGN.md).
+    # 625 updates at batch 32: the shortcut is learned within ~250 (docs/design.md).
     c.train.num_epochs = 5
     # FaceX's recipe: Adam, lr 1e-3 x0.1 at 1/3 and 2/3, weight decay 1e-4.
     c.train.optimizer = "adam"

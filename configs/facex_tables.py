@@ -18,14 +18,14 @@ model, reused): 20 small_resnet classifiers.
 Why the default sizes (2-core CPU, about 45 min on a free machine):
 * 96 px, not 128. Training with on-the-fly rendering ran at about 80
   images/s at 96 px and 36 images/s at 128 px side by side on this CPU while
-  it was shared (~4x slower than free; DESIGN.md measured 200 and 50 on a free
+  it was shared (~4x slower than free; docs/design.md measured 200 and 50 on a free
   machine): 128 px costs 2.2-4x more per image. 20 models x 24,000 training
   images = 480,000 images: ~30-40 min at 96 px, but 55-160 min at 128 px.
   96 px gives the small ResNet a 6 x 6 final feature map (stride 16): finer
-  than the 4 x 4 at 64 px that DESIGN.md found to miss small regions, coarser
+  than the 4 x 4 at 64 px that docs/design.md found to miss small regions, coarser
   than the 8 x 8 at 128 px. For 8 x 8 maps with a longer run, pass
   --config.data.resolution=128.
-* 4,000 images x 6 epochs at batch 32 = 750 steps per model. DESIGN.md found
+* 4,000 images x 6 epochs at batch 32 = 750 steps per model. docs/design.md found
   that steps, not epochs, decide whether a 0.99 shortcut is learned: 250
   steps at batch 128 never learned it, batch 32 learned it within 2 epochs
   of 4,000 images (250 steps; its run had 1,000). 750 steps leave a 3x margin

@@ -2,7 +2,7 @@
 
 Every reader loads its small text tables up front and decodes images per
 batch (``iter_batches`` / ``load_batch``), producing the batch format of
-DESIGN.md. Keys a source does not have are omitted, never invented; the one
+docs/design.md. Keys a source does not have are omitted, never invented; the one
 exception is ``attrs``, which is always [B, 40] with -1 where an attribute is
 not annotated, so ``data.sampling`` works on every reader's ``attrs`` table.
 Streaming, resizing, landmark geometry and the ``SkipReport`` for undecodable

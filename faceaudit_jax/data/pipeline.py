@@ -1,7 +1,7 @@
 """Batching, labels and device placement for every data source.
 
 A *source* is anything with ``attributes(indices) -> dict`` (cheap table
-look-up) and ``batch(indices) -> batch dict`` (the DESIGN.md batch format).
+look-up) and ``batch(indices) -> batch dict`` (the batch format of docs/design.md).
 The synthetic renderer and the real-data readers both fit. Training batches
 come from ``step_batch_fn``: a pure function of the step number, so a run
 resumed from a checkpoint sees exactly the batches it would have seen.

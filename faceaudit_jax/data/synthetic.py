@@ -2,7 +2,7 @@
 
 Every image is a pure function of ``(seed, index)``: nothing is stored, any
 image can be re-rendered from its index, and a data set of a million faces is a
-range of integers. Each image comes with the batch format of DESIGN.md,
+range of integers. Each image comes with the batch format of docs/design.md,
 including an exact parse map in the CelebAMask-HQ region order of
 :mod:`faceaudit_jax.regions`.
 
@@ -1258,7 +1258,7 @@ def render_parameters(params: dict, resolution: int = DEFAULT_RESOLUTION) -> dic
 
 def render(seed: int, indices, resolution: int = DEFAULT_RESOLUTION, *,
            independent: bool = False, images_per_identity: int = 10) -> dict[str, jax.Array]:
-    """Render images by index: the batch format of DESIGN.md, as jax arrays.
+    """Render images by index: the batch format of docs/design.md, as jax arrays.
 
     Args:
       seed: data-set seed, 0..2**31-1.

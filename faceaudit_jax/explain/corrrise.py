@@ -12,7 +12,7 @@ pair (I_A, I_B):
   released scripts), likewise S_B. S+ = max(S, 0) marks the regions that make
   the pair similar, S- = min(S, 0) the ones that make it dissimilar.
 
-How it runs (the shape DESIGN.md asks for):
+How it runs (the shape docs/design.md asks for):
 - Mask k is a pure function of (key, k): `jax.random.fold_in(key, k)`. So the
   masks do not depend on the chunk size or on the number of devices, and the
   full [N, H, W] stack never has to exist.
