@@ -29,11 +29,12 @@ an uninterrupted run.
 from __future__ import annotations
 
 import functools
-import json
+import hashlib
 import os
-import tempfile
+import shutil
 import time
-from typing import Any, Callable, Iterable, Mapping
+import warnings
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import flax
 import jax
@@ -43,6 +44,8 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
+
+from faceaudit_jax import workdir as workdir_lib
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("step", "cosine", "exponential", "constant")
@@ -406,27 +409,75 @@ def group_accuracy(preds: Any, labels: Any, groups: Any) -> dict[str, float]:
 def check_workdir(workdir: str) -> str:
     """Create ``workdir`` if needed and prove it is writable; returns its absolute path.
 
-    Raises ValueError naming the path otherwise, before any training starts.
+    Raises ValueError (workdir.WorkdirError) naming the path otherwise, before
+    any training starts.
     """
-    path = os.path.abspath(os.fspath(workdir))
-    try:
-        os.makedirs(path, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write_test_"):
-            pass
-    except OSError as error:
-        raise ValueError(f"workdir {path!r} is not writable ({error.strerror or error}); "
-                         "pass a directory you can write to") from error
-    return path
+    return str(workdir_lib.prepare_workdir(workdir))
+
+
+class CheckpointError(workdir_lib.WorkdirError):
+    """No checkpoint step in a folder can be restored intact."""
+
+
+# The step's Orbax custom metadata (written atomically with the step) holds
+# this key: sha256 of the saved arrays, see ``tree_checksum``.
+CHECKSUM_KEY = "arrays_sha256"
+# Outside this magnitude a float in an unverified checkpoint is taken for damage
+# (flipped exponent bits give values near 3e38), not for a trained weight.
+_ABSURD = 1e30
+DAMAGED_DIR = "damaged_checkpoints"
+
+
+def tree_checksum(tree: Any) -> str | None:
+    """sha256 (hex) over every leaf's key path, dtype, shape and bytes, in tree order.
+
+    None when a leaf is not fully addressable from this process (an array
+    sharded over hosts): such checkpoints are saved without a checksum.
+    """
+    h = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+            return None
+        a = np.ascontiguousarray(np.asarray(jax.device_get(leaf)))
+        h.update(f"{jax.tree_util.keystr(path)}|{a.dtype.str}|{a.shape};".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def _bad_values(tree: Any, limit: float) -> list[str]:
+    """Key paths of float leaves holding NaN/Inf, or magnitudes above ``limit``."""
+    bad = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        a = np.asarray(leaf)
+        if np.issubdtype(a.dtype, np.floating) and a.size:
+            finite = np.isfinite(a)
+            if not finite.all() or np.abs(a[finite]).max(initial=0.0) > limit:
+                bad.append(jax.tree_util.keystr(path))
+    return bad
 
 
 def _checkpoint_manager(workdir: str, max_to_keep: int) -> ocp.CheckpointManager:
+    # cleanup_tmp_directories: Orbax removes the *.orbax-checkpoint-tmp* folders a
+    # killed save left behind when the manager opens the folder.
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                           enable_async_checkpointing=False)
+                                           enable_async_checkpointing=False,
+                                           cleanup_tmp_directories=True)
     return ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), options=options)
 
 
+def save_checkpoint(manager: ocp.CheckpointManager, state: TrainState) -> None:
+    """Save ``state`` at its step with the checksum of its arrays in the step's metadata."""
+    tree = state.checkpoint_tree()
+    checksum = tree_checksum(tree)
+    manager.save(int(state.step), args=ocp.args.StandardSave(tree), force=True,
+                 custom_metadata=None if checksum is None else {CHECKSUM_KEY: checksum})
+
+
 def restore_latest(state: TrainState, workdir: str) -> TrainState:
-    """``state`` with the arrays of the latest checkpoint under workdir/checkpoints (unchanged if none)."""
+    """``state`` with the arrays of the newest intact checkpoint under workdir/checkpoints.
+
+    Unchanged if there is none; see ``fit`` for what is verified.
+    """
     path = os.path.join(os.path.abspath(workdir), "checkpoints")
     if not os.path.isdir(path):
         return state
@@ -434,25 +485,83 @@ def restore_latest(state: TrainState, workdir: str) -> TrainState:
         return _restore(manager, state)
 
 
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0][:300] if text else ''}"
+
+
+def _restore_step(manager: ocp.CheckpointManager, step: int, target: Any) -> tuple[Any, str | None]:
+    """(tree, None) for an intact step, (None, what is wrong) for a damaged one."""
+    try:
+        tree = manager.restore(step, args=ocp.args.StandardRestore(target))
+        custom = manager.metadata(step).custom_metadata or {}
+    except Exception as err:  # noqa: BLE001  any failure to read a step makes it unusable
+        return None, _first_line(err)
+    expected = custom.get(CHECKSUM_KEY)
+    if expected is None:
+        bad = _bad_values(tree, _ABSURD)
+        if bad:
+            return None, (f"no checksum, and NaN/Inf or |value| > {_ABSURD:g} in "
+                          f"{', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}")
+        warnings.warn(f"checkpoint step {step} in {manager.directory} has no checksum (saved before "
+                      "checksums were recorded): its values are finite but unverified", stacklevel=4)
+        return tree, None
+    found = tree_checksum(tree)
+    if found != expected:
+        return None, f"checksum mismatch: the arrays read back differ from those saved"
+    bad = _bad_values(tree, np.inf)
+    if bad:  # saved this way: training diverged, the storage is fine
+        warnings.warn(f"checkpoint step {step} in {manager.directory} holds NaN/Inf as saved "
+                      f"(training diverged?) in {', '.join(bad[:4])}", stacklevel=4)
+    return tree, None
+
+
 def _restore(manager: ocp.CheckpointManager, state: TrainState) -> TrainState:
-    latest = manager.latest_step()
-    if latest is None:
+    """``state`` from the newest intact step; damaged newer steps are moved aside with a warning.
+
+    Raises CheckpointError naming the folder when steps exist but none is intact.
+    """
+    steps = sorted(manager.all_steps(), reverse=True)
+    if not steps:
         return state
     target = jax.tree.map(ocp.utils.to_shape_dtype_struct, state.checkpoint_tree())
-    tree = manager.restore(latest, args=ocp.args.StandardRestore(target))
-    return state.replace_from_tree(tree)
+    folder = str(manager.directory)
+    damaged = []
+    for step in steps:
+        tree, problem = _restore_step(manager, step, target)
+        if problem is None:
+            if damaged:
+                moved_to = _move_aside(manager, [s for s, _ in damaged])
+                warnings.warn(
+                    f"checkpoint folder {folder}: "
+                    + "; ".join(f"step {s} is damaged ({p})" for s, p in damaged)
+                    + f". Resuming from step {step}, the newest intact one; the damaged step(s) "
+                    f"were moved to {moved_to}", stacklevel=3)
+            return state.replace_from_tree(tree)
+        damaged.append((step, problem))
+    raise CheckpointError(
+        f"no intact checkpoint in {folder}: "
+        + "; ".join(f"step {s}: {p}" for s, p in damaged)
+        + f". Delete that folder to train from scratch, or {workdir_lib.OVERWRITE_HINT}")
+
+
+def _move_aside(manager: ocp.CheckpointManager, steps: Sequence[int]) -> str:
+    """Move damaged step folders out of the manager's sight (kept for inspection)."""
+    root = os.path.join(os.path.dirname(str(manager.directory)), DAMAGED_DIR)
+    os.makedirs(root, exist_ok=True)
+    for step in steps:
+        dest = os.path.join(root, f"{step}-{int(time.time())}")
+        shutil.move(os.path.join(str(manager.directory), str(step)), dest)
+    manager.reload()
+    return root
 
 
 def _truncate_metrics(metrics_path: str, last_step: int) -> None:
-    """Drop records past ``last_step`` (written by a run killed after its last checkpoint)."""
-    if not os.path.exists(metrics_path):
-        return
-    with open(metrics_path) as f:
-        lines = [line for line in f if line.strip()]
-    kept = [line for line in lines if json.loads(line).get("step", 0) <= last_step]
-    if len(kept) != len(lines):
-        with open(metrics_path, "w") as f:
-            f.writelines(kept)
+    """Drop records past ``last_step`` (written by a run killed after its last checkpoint).
+
+    An incomplete last line (a run killed mid-write) is dropped with a warning.
+    """
+    workdir_lib.keep_jsonl(metrics_path, lambda record: record.get("step", 0) <= last_step)
 
 
 def _to_python(metrics: Mapping) -> dict:
@@ -499,6 +608,17 @@ def fit(
     Returns:
       the final state. Raises ValueError for an unwritable workdir before any
       work is done.
+
+    Checkpoints are verified on restore: each step is saved with the sha256
+    of its arrays in its Orbax metadata (``tree_checksum``), and a step that
+    cannot be read, whose arrays differ from the checksum, or (saved before
+    checksums) holds NaN/Inf or absurd magnitudes, is damaged. Damaged newer
+    steps are moved to workdir/damaged_checkpoints with a warning naming them,
+    and training resumes from the newest intact step (replaying the same
+    updates, see the module docstring); if no step is intact, CheckpointError
+    names the folder. Stale Orbax tmp folders are removed when the folder
+    is opened; an incomplete last line of metrics.jsonl is dropped with a
+    warning.
     """
     workdir = check_workdir(workdir)
     for name, value in (("num_steps", num_steps), ("ckpt_every", ckpt_every), ("log_every", log_every)):
@@ -525,8 +645,7 @@ def fit(
         with open(metrics_path, "a") as metrics_file:
 
             def write(record):
-                metrics_file.write(json.dumps(record) + "\n")
-                metrics_file.flush()
+                workdir_lib.append_jsonl(metrics_file, record)
 
             for step in range(start, num_steps):
                 batch = batch_fn(step)
@@ -551,7 +670,7 @@ def fit(
 
                 paused_from = time.perf_counter()
                 if done % ckpt_every == 0 or done == num_steps:
-                    manager.save(done, args=ocp.args.StandardSave(state.checkpoint_tree()), force=True)
+                    save_checkpoint(manager, state)
                 if eval_fn is not None and ((eval_every and done % eval_every == 0) or done == num_steps):
                     write({"kind": "eval", "step": done, **_to_python(eval_fn(state))})
                 window_paused += time.perf_counter() - paused_from
