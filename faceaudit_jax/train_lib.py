@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import os
 import shutil
 import time
@@ -490,11 +491,34 @@ def _first_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[0][:300] if text else ''}"
 
 
-def _restore_step(manager: ocp.CheckpointManager, step: int, target: Any) -> tuple[Any, str | None]:
-    """(tree, None) for an intact step, (None, what is wrong) for a damaged one."""
+# Orbax's step metadata file. Read here, not through the manager, because
+# Orbax reads a garbled one as "no custom metadata", which would pass a
+# damaged step off as one saved before checksums.
+_STEP_METADATA_FILE = "_CHECKPOINT_METADATA"
+
+
+def _custom_metadata(step_dir: str) -> dict:
+    """The custom metadata saved with a step ({} if the step has no metadata file)."""
+    path = os.path.join(step_dir, _STEP_METADATA_FILE)
+    if not os.path.exists(path):
+        return {}
     try:
-        tree = manager.restore(step, args=ocp.args.StandardRestore(target))
-        custom = manager.metadata(step).custom_metadata or {}
+        with open(path) as f:
+            metadata = json.load(f)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{_STEP_METADATA_FILE} is not valid JSON ({err})") from None
+    return metadata.get("custom_metadata") or {}
+
+
+def _restore_step(directory: str, step: int, target: Any) -> tuple[Any, str | None]:
+    """(tree, None) for an intact step, (None, what is wrong) for a damaged one."""
+    # A manager of its own per step: one that met a damaged step (e.g. without
+    # default/) changes its idea of the folder's layout and fails on intact ones.
+    options = ocp.CheckpointManagerOptions(read_only=True, enable_async_checkpointing=False)
+    try:
+        with ocp.CheckpointManager(directory, options=options) as manager:
+            tree = manager.restore(step, args=ocp.args.StandardRestore(target))
+        custom = _custom_metadata(os.path.join(directory, str(step)))
     except Exception as err:  # noqa: BLE001  any failure to read a step makes it unusable
         return None, _first_line(err)
     expected = custom.get(CHECKSUM_KEY)
@@ -503,15 +527,15 @@ def _restore_step(manager: ocp.CheckpointManager, step: int, target: Any) -> tup
         if bad:
             return None, (f"no checksum, and NaN/Inf or |value| > {_ABSURD:g} in "
                           f"{', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}")
-        warnings.warn(f"checkpoint step {step} in {manager.directory} has no checksum (saved before "
+        warnings.warn(f"checkpoint step {step} in {directory} has no checksum (saved before "
                       "checksums were recorded): its values are finite but unverified", stacklevel=4)
         return tree, None
     found = tree_checksum(tree)
     if found != expected:
-        return None, f"checksum mismatch: the arrays read back differ from those saved"
+        return None, "checksum mismatch: the arrays read back differ from those saved"
     bad = _bad_values(tree, np.inf)
     if bad:  # saved this way: training diverged, the storage is fine
-        warnings.warn(f"checkpoint step {step} in {manager.directory} holds NaN/Inf as saved "
+        warnings.warn(f"checkpoint step {step} in {directory} holds NaN/Inf as saved "
                       f"(training diverged?) in {', '.join(bad[:4])}", stacklevel=4)
     return tree, None
 
@@ -528,7 +552,7 @@ def _restore(manager: ocp.CheckpointManager, state: TrainState) -> TrainState:
     folder = str(manager.directory)
     damaged = []
     for step in steps:
-        tree, problem = _restore_step(manager, step, target)
+        tree, problem = _restore_step(folder, step, target)
         if problem is None:
             if damaged:
                 moved_to = _move_aside(manager, [s for s, _ in damaged])
