@@ -1,11 +1,22 @@
-"""The shared shell of train.py and explain.py: flags, config overrides, logging.
+"""The shared shell of train.py and explain.py: flags, config overrides, one-line errors.
 
   python explain.py --config configs/X.py[:variant] --workdir DIR [--config.field=value]
+                    [--config.overwrite=True] [--debug]
 
 ml_collections applies ``--config.a.b=v`` overrides while absl parses flags;
 a key that does not exist surfaces there as a bare ``AttributeError``. The
 overrides are checked first, so a typo gets an error naming the key and the
 keys that do exist at that level.
+
+``--config.overwrite=True`` works for every config (the CLI adds the field
+when a config lacks it): a run directory made with other settings is emptied
+and retrained instead of stopping the run (see faceaudit_jax.workdir).
+
+User errors (a missing config file, an unknown variant, an unwritable
+workdir, a fingerprint mismatch, a damaged checkpoint folder, and any other
+ValueError or missing-file error a run raises) end the process with one line
+on stderr and exit status 1; ``--debug`` shows the full traceback instead.
+Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -15,37 +26,67 @@ import sys
 from typing import Sequence
 
 _PREFIX = "--config."
+_OVERWRITE = "--config.overwrite"
+_TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
+# Exceptions that mean "the request cannot be done as asked", not "the code is wrong".
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
+class UsageError(ValueError):
+    """A command line that cannot run: bad config spec, bad override, bad flag value."""
 
 
 def load_config(spec: str):
-    """The ConfigDict of "path/to/config.py[:variant]" (its get_config(variant))."""
+    """The ConfigDict of "path/to/config.py[:variant]" (its get_config(variant)).
+
+    Raises FileNotFoundError naming the path when there is no such file, and
+    whatever the config's get_config raises (ValueError for an unknown variant).
+    """
+    import os
+
     path, _, variant = spec.partition(":")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--config={spec!r}: no config file at {path!r}")
     module_spec = importlib.util.spec_from_file_location("_faceaudit_config", path)
     if module_spec is None:
-        raise SystemExit(f"error: --config={spec!r}: no config file at {path!r}")
+        raise FileNotFoundError(f"--config={spec!r}: {path!r} is not a Python config file")
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     return module.get_config(variant)
 
 
-def unknown_override(argv: Sequence[str]) -> str | None:
-    """The first ``--config.a.b`` override naming a missing key, as an error message."""
+def config_spec(argv: Sequence[str]) -> str | None:
+    """The value of ``--config`` in argv (either ``--config=X`` or ``--config X``), or None."""
     spec = None
     for i, arg in enumerate(argv):
         if arg.startswith("--config="):
             spec = arg.split("=", 1)[1]
         elif arg == "--config" and i + 1 < len(argv):
             spec = argv[i + 1]
-    if spec is None:
-        return None
-    try:
-        config = load_config(spec)
-    except Exception:  # a broken config file: absl's own parse reports it in full
-        return None
+    return spec
+
+
+def unknown_override(argv: Sequence[str], config=None) -> str | None:
+    """The first ``--config.a.b`` override naming a missing key, as an error message.
+
+    ``config``: the loaded config (loaded from argv's ``--config`` if None;
+    a config that cannot be loaded is reported elsewhere, so None is returned).
+    ``--config.overwrite`` is always known.
+    """
+    if config is None:
+        spec = config_spec(argv)
+        if spec is None:
+            return None
+        try:
+            config = load_config(spec)
+        except Exception:  # reported by main with its own message
+            return None
     for arg in argv:
         if not arg.startswith(_PREFIX):
             continue
         dotted = arg[len(_PREFIX):].split("=", 1)[0]
+        if dotted == "overwrite":
+            continue
         node, walked = config, []
         for key in dotted.split("."):
             if not hasattr(node, "keys") or key not in node.keys():
@@ -57,12 +98,57 @@ def unknown_override(argv: Sequence[str]) -> str | None:
     return None
 
 
+def split_overwrite(argv: Sequence[str]) -> tuple[list[str], bool | None]:
+    """(argv without ``--config.overwrite[=v]``, its value or None if absent).
+
+    Accepts ``--config.overwrite=v``, ``--config.overwrite v`` and a bare
+    ``--config.overwrite`` (True); v is true/false, 1/0 or yes/no.
+    """
+    rest, value, i = [], None, 0
+    argv = list(argv)
+    while i < len(argv):
+        arg = argv[i]
+        if arg == _OVERWRITE or arg.startswith(_OVERWRITE + "="):
+            if "=" in arg:
+                text = arg.split("=", 1)[1]
+            elif i + 1 < len(argv) and not argv[i + 1].startswith("-"):
+                text, i = argv[i + 1], i + 1
+            else:
+                text = "true"
+            if text.lower() not in _TRUE + _FALSE:
+                raise UsageError(f"{_OVERWRITE}={text!r}; expected True or False")
+            value = text.lower() in _TRUE
+        else:
+            rest.append(arg)
+        i += 1
+    return rest, value
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def _exit_with(err: BaseException, debug: bool):
+    if debug:
+        raise err
+    raise SystemExit(f"error: {_one_line(err)} (rerun with --debug for the traceback)")
+
+
 def main(entry: str, argv: Sequence[str] | None = None) -> None:
     """Run ``registry.run_experiment`` (entry="explain") or ``run_training`` ("train")."""
     argv = list(sys.argv if argv is None else argv)
-    message = unknown_override(argv[1:])
+    debug = any(arg in ("--debug", "--debug=true", "--debug=True") for arg in argv[1:])
+    try:
+        argv, overwrite = split_overwrite(argv)
+        spec = config_spec(argv[1:])
+        loaded = load_config(spec) if spec is not None else None
+    except Exception as err:  # noqa: BLE001  a config that cannot load is the user's to fix
+        _exit_with(err, debug)
+    message = unknown_override(argv[1:], loaded) if loaded is not None else None
     if message:
         raise SystemExit(message)
+    # config_flags reads its overrides from sys.argv, so it must not see --config.overwrite.
+    sys.argv = list(argv)
 
     from absl import app, flags, logging
     from ml_collections import config_flags
@@ -73,12 +159,20 @@ def main(entry: str, argv: Sequence[str] | None = None) -> None:
                                                   "Experiment config file[:variant].")
     workdir_flag = flags.DEFINE_string("workdir", None,
                                        "Directory for everything the run writes.")
+    flags.DEFINE_bool("debug", False, "Show the full traceback of user errors.")
     flags.mark_flags_as_required(["config", "workdir"])
     run = {"explain": registry.run_experiment, "train": registry.run_training}[entry]
 
     def _main(unused_argv):
         # Orbax logs every checkpoint write at INFO; keep the console for progress.
         logging.set_verbosity(logging.WARNING)
-        run(config_flag.value, workdir_flag.value)
+        config = config_flag.value
+        if overwrite is not None or "overwrite" not in config:
+            with config.unlocked():
+                config.overwrite = bool(overwrite)
+        try:
+            run(config, workdir_flag.value)
+        except USER_ERRORS as err:
+            _exit_with(err, debug)
 
     app.run(_main, argv=argv)

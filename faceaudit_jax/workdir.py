@@ -242,6 +242,11 @@ def _flatten(prefix: str, value: Any) -> dict:
     return {prefix: value}
 
 
+def overwrite_requested(config) -> bool:
+    """``config.overwrite`` (False when the config has no such field; the CLI adds it)."""
+    return bool(config.get("overwrite", False)) if hasattr(config, "get") else False
+
+
 def fingerprint_difference(found: Mapping, expected: Mapping) -> list[str]:
     """"field: old -> new" for every field whose value differs (absent fields shown as <absent>)."""
     absent = "<absent>"

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from faceaudit_jax import losses, regions, train_lib
+from faceaudit_jax import losses, regions, train_lib, workdir as workdir_lib
 from faceaudit_jax.data import pipeline, sampling
 from faceaudit_jax.experiments.registry import write_json
 from faceaudit_jax.models import build_model, classifier_fns
@@ -85,11 +85,46 @@ def _weighted_bce_loss(logits, batch):
                               class_weights=batch["weight"])
 
 
+# Data fields that only bound which images can be drawn: the drawn indices are
+# fingerprinted themselves. Bookkeeping fields of train do not change the weights.
+_UNFINGERPRINTED = ("data.pool_size", "data.test_offset", "data.test_pool_size",
+                    "train.ckpt_every", "train.log_every", "train.baseline")
+
+
+def model_fingerprint(config, indices: np.ndarray, sample_weights: Optional[np.ndarray],
+                      source) -> dict:
+    """The fields that determine a trained classifier, flat ("train.lr": 0.001, ...).
+
+    seed, model, train, data and bias.target from the config; the source's own
+    settings (a dataclass source's fields, which may differ from config.data,
+    e.g. facex_tables' per-model ``independent``); digests of the training
+    image indices and sample weights.
+    """
+    fields = workdir_lib.config_fields(config, ["seed", "model", "train", "data", "bias.target"])
+    fields = {k: v for k, v in fields.items() if k not in _UNFINGERPRINTED}
+    if dataclasses.is_dataclass(source):
+        fields.update(workdir_lib.config_fields({"source": dataclasses.asdict(source)}, ["source"]))
+    else:
+        fields["source.type"] = type(source).__qualname__
+    fields["train.images_sha256"] = workdir_lib.array_digest(np.asarray(indices, np.int64))
+    if sample_weights is not None:
+        fields["train.sample_weights_sha256"] = workdir_lib.array_digest(
+            np.asarray(sample_weights, np.float32))
+    return fields
+
+
 def train_classifier(config, workdir: str, indices: np.ndarray, source, name: str,
                      sample_weights: Optional[np.ndarray] = None) -> TrainedClassifier:
-    """Train (or resume, or load when finished) one classifier under ``workdir/name``."""
+    """Train (or resume, or load when finished) one classifier under ``workdir/name``.
+
+    The run directory's fingerprint (``model_fingerprint``) is checked first: a
+    directory trained with other settings stops the run with the differing
+    fields named, unless ``config.overwrite`` (then it is emptied and retrained).
+    """
     run_dir = Path(workdir) / name
-    run_dir.mkdir(parents=True, exist_ok=True)
+    workdir_lib.check_fingerprint(
+        run_dir, model_fingerprint(config, indices, sample_weights, source),
+        overwrite=workdir_lib.overwrite_requested(config))
     model = build_model(config.model.name, 1)
     batch_size = int(config.train.batch_size)
     per_epoch = pipeline.steps_per_epoch(indices.size, batch_size)

@@ -14,7 +14,7 @@ import importlib
 from pathlib import Path
 
 from faceaudit_jax.workdir import (  # noqa: F401  (re-exported for experiment modules)
-    check_fingerprint, prepare_workdir, write_json, write_text_atomic)
+    check_fingerprint, overwrite_requested, prepare_workdir, write_json, write_text_atomic)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -35,11 +35,6 @@ def _module(config):
     if name not in EXPERIMENTS:
         raise ValueError(f"unknown experiment {name!r}; expected one of: {', '.join(EXPERIMENTS)}")
     return importlib.import_module(EXPERIMENTS[name])
-
-
-def overwrite_requested(config) -> bool:
-    """``config.overwrite`` (False if the config has no such field)."""
-    return bool(config.get("overwrite", False))
 
 
 def _save_config(config, path: Path) -> None:
