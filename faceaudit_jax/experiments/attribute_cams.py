@@ -297,7 +297,8 @@ def train_model(config, workdir: str, name: str, source, train_idx: np.ndarray,
     models_dir = Path(workdir) / "models"
     registry.ignore_models_folder(models_dir)
     run_dir = models_dir / name
-    registry.check_fingerprint(run_dir, _fingerprint(config, names, loss))
+    registry.check_fingerprint(run_dir, _fingerprint(config, names, loss),
+                               overwrite=registry.overwrite_requested(config))
     model = build_model(str(config.model.name), len(names))
     batch_size = int(config.train.batch_size)
     num_steps = pipeline.steps_per_epoch(train_idx.size, batch_size) * int(config.train.num_epochs)

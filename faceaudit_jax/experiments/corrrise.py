@@ -104,7 +104,8 @@ def train_embedder(config, workdir: str, images: np.ndarray, identity: np.ndarra
         "model": str(config.model.name), "embedding_dim": int(config.model.embedding_dim),
         "resolution": int(config.data.resolution), "num_images": int(images.shape[0]),
         "num_classes": int(classes.size), "batch_size": batch_size, "num_steps": int(num_steps),
-        "loss": str(config.train.loss), "lr": float(config.train.lr), "seed": int(config.seed)})
+        "loss": str(config.train.loss), "lr": float(config.train.lr), "seed": int(config.seed)},
+        overwrite=registry.overwrite_requested(config))
     tx = train_lib.make_optimizer(config.train, num_steps)
     state = train_lib.create_train_state(model, jax.random.PRNGKey(int(config.seed)),
                                          int(config.data.resolution), tx)

@@ -113,7 +113,8 @@ def train_parser(config, workdir: str, source, train_idx: np.ndarray):
     models_dir = Path(workdir) / "models"
     registry.ignore_models_folder(models_dir)
     run_dir = Path(workdir) / _MODEL_DIR
-    registry.check_fingerprint(run_dir, _fingerprint(config, train_idx.size))
+    registry.check_fingerprint(run_dir, _fingerprint(config, train_idx.size),
+                               overwrite=registry.overwrite_requested(config))
     model = build_model(config)
     batch_size = int(config.train.batch_size)
     num_steps = pipeline.steps_per_epoch(train_idx.size, batch_size) * int(config.train.num_epochs)

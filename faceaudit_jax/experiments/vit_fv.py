@@ -212,7 +212,8 @@ def train_embedder(config, workdir: str, images: np.ndarray, identity: np.ndarra
     models_dir = Path(workdir) / "models"
     registry.ignore_models_folder(models_dir)
     run_dir = models_dir / "vit_embedder"
-    registry.check_fingerprint(run_dir, _fingerprint(config, classes.size))
+    registry.check_fingerprint(run_dir, _fingerprint(config, classes.size),
+                               overwrite=registry.overwrite_requested(config))
     batch_size = int(config.train.batch_size)
     num_steps = pipeline.steps_per_epoch(images.shape[0], batch_size) * int(config.train.num_epochs)
     if num_steps < 1:

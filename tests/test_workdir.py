@@ -1,0 +1,202 @@
+"""Workdirs that never lie: fingerprints, atomic JSON, JSON lines cut by a kill, and the
+classifier's run directories checked against real trainings (tiny, 64 px)."""
+
+import json
+import math
+import os
+import warnings
+
+import numpy as np
+import pytest
+
+from faceaudit_jax import cli, workdir
+from faceaudit_jax.experiments import classifier
+
+# ----------------------------------------------------------------------------- fingerprints
+
+
+def test_mismatch_names_every_differing_field_old_and_new(tmp_path):
+    workdir.check_fingerprint(tmp_path, {"train.lr": 0.001, "model.name": "small_resnet", "seed": 0})
+    with pytest.raises(workdir.FingerprintMismatch) as info:
+        workdir.check_fingerprint(tmp_path, {"train.lr": 0.01, "model.name": "resnet18", "seed": 0,
+                                             "train.size": 8})
+    message = str(info.value)
+    assert "3 field(s) differ" in message
+    assert "train.lr: 0.001 -> 0.01" in message
+    assert "model.name: 'small_resnet' -> 'resnet18'" in message
+    assert "train.size: '<absent>' -> 8" in message
+    assert "seed" not in message.split("differ:")[1]  # unchanged fields are not listed
+    assert "--config.overwrite=True" in message and "--workdir" in message
+    assert isinstance(info.value, ValueError)  # a user error for the CLI
+
+
+def test_tuples_and_arrays_match_their_json_form(tmp_path):
+    settings = {"train.decay_boundaries": (1 / 3, 2 / 3), "shape": np.asarray([2, 3])}
+    workdir.check_fingerprint(tmp_path, settings)
+    workdir.check_fingerprint(tmp_path, settings)  # no mismatch after the JSON round trip
+
+
+def test_overwrite_empties_the_run_dir_and_records_the_new_settings(tmp_path):
+    workdir.check_fingerprint(tmp_path, {"lr": 1})
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "metrics.jsonl").write_text("{}\n")
+    with pytest.warns(UserWarning, match=r"overwrite: removing .*lr: 1 -> 2"):
+        workdir.check_fingerprint(tmp_path, {"lr": 2}, overwrite=True)
+    assert sorted(os.listdir(tmp_path)) == ["fingerprint.json"]
+    assert json.loads((tmp_path / "fingerprint.json").read_text()) == {"lr": 2}
+    # Same settings with overwrite: nothing is removed.
+    (tmp_path / "keep").write_text("x")
+    workdir.check_fingerprint(tmp_path, {"lr": 2}, overwrite=True)
+    assert (tmp_path / "keep").exists()
+
+
+def test_run_dir_made_before_fingerprints_is_adopted_with_a_warning(tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    with pytest.warns(UserWarning, match="cannot be verified"):
+        workdir.check_fingerprint(tmp_path, {"lr": 1})
+    assert json.loads((tmp_path / "fingerprint.json").read_text()) == {"lr": 1}
+
+
+def test_config_fields_flatten_sub_configs():
+    config = cli.load_config("configs/facex.py:smoke")
+    fields = workdir.config_fields(config, ["seed", "model", "train.lr", "nope.x"])
+    assert fields == {"seed": 0, "model.name": "small_resnet", "train.lr": 0.001, "nope.x": None}
+
+
+def test_array_digest_sees_values_dtypes_and_absence():
+    a = np.arange(4)
+    assert workdir.array_digest(a) == workdir.array_digest(a.copy())
+    assert workdir.array_digest(a) != workdir.array_digest(a[::-1])
+    assert workdir.array_digest(a) != workdir.array_digest(a.astype(np.int32))
+    assert workdir.array_digest(a, None) != workdir.array_digest(a)
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def test_write_json_is_atomic_and_writes_nan_as_null(tmp_path, monkeypatch):
+    path = tmp_path / "r.json"
+    workdir.write_json(path, {"a": math.nan, "b": np.float32(1.5), "c": (1, 2)})
+    assert json.loads(path.read_text()) == {"a": None, "b": 1.5, "c": [1, 2]}
+
+    def killed(*args):
+        raise KeyboardInterrupt  # the process dies between writing and renaming
+
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        workdir.write_json(path, {"a": 2})
+    monkeypatch.undo()
+    assert json.loads(path.read_text())["b"] == 1.5  # the old file, whole
+    assert os.listdir(tmp_path) == ["r.json"]
+
+
+def test_prepare_workdir_removes_stale_tmp_files_and_refuses_unwritable(tmp_path):
+    (tmp_path / "sub").mkdir()
+    stale = tmp_path / "sub" / "summary.json.tmp-123-0"
+    stale.write_text("{half")
+    (tmp_path / "notes.tmp").write_text("not ours")
+    with pytest.warns(UserWarning, match="removed 1 temporary file"):
+        workdir.prepare_workdir(tmp_path)
+    assert not stale.exists() and (tmp_path / "notes.tmp").exists()
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(workdir.WorkdirError, match="a_file/run' is not writable"):
+        workdir.prepare_workdir(blocker / "run")
+
+
+def test_read_jsonl_drops_a_half_written_last_line(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "lo')
+    with pytest.warns(UserWarning, match=r"m.jsonl: dropped its last line 3"):
+        assert workdir.read_jsonl(path) == [{"step": 1}, {"step": 2}]
+    path.write_bytes(b'{"step": 1}\n{"st\xe9p": 2}\n')  # a bad byte in the last line
+    with pytest.warns(UserWarning, match="dropped its last line 2"):
+        assert workdir.read_jsonl(path) == [{"step": 1}]
+    assert workdir.read_jsonl(tmp_path / "missing.jsonl") == []
+
+
+def test_read_jsonl_refuses_a_bad_line_before_the_last(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"step": 1}\nnot json\n{"step": 3}\n')
+    with pytest.raises(workdir.WorkdirError, match=r"m.jsonl: line 2 is not valid JSON"):
+        workdir.read_jsonl(path)
+
+
+def test_keep_jsonl_rewrites_only_when_something_is_dropped(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n')
+    before = os.stat(path).st_mtime_ns
+    workdir.keep_jsonl(path, lambda r: r["step"] <= 2)
+    assert os.stat(path).st_mtime_ns == before
+    workdir.keep_jsonl(path, lambda r: r["step"] <= 1)
+    assert path.read_text() == '{"step": 1}\n'
+
+
+# ----------------------------------------------------------------------------- classifier run dirs
+
+
+def _tiny_config(**train):
+    config = cli.load_config("configs/facex.py:smoke")
+    config.data.resolution = 64
+    config.train.batch_size = 4
+    config.train.num_epochs = 1
+    config.train.ckpt_every = 1
+    config.train.log_every = 1
+    config.train.update(train)
+    return config
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One classifier trained for 2 updates on 8 images: (config, workdir, indices, source)."""
+    config = _tiny_config()
+    source = classifier.build_source(config.data)
+    indices = np.arange(8)
+    work = tmp_path_factory.mktemp("clf")
+    classifier.train_classifier(config, str(work), indices, source, "biased")
+    return config, work, indices, source
+
+
+def _copy_run(tiny_run, tmp_path):
+    import shutil
+    config, work, indices, source = tiny_run
+    shutil.copytree(work, tmp_path / "w")
+    return str(tmp_path / "w"), indices, source
+
+
+@pytest.mark.parametrize("field, value, shown", [
+    ("train.lr", 0.01, "train.lr: 0.001 -> 0.01"),
+    ("model.name", "resnet18", "model.name: 'small_resnet' -> 'resnet18'"),
+])
+def test_changed_config_stops_before_reusing_the_model(tiny_run, tmp_path, field, value, shown):
+    work, indices, source = _copy_run(tiny_run, tmp_path)
+    config = _tiny_config()
+    section, key = field.split(".")
+    config[section][key] = value
+    metrics = (tmp_path / "w" / "biased" / "metrics.jsonl").read_text()
+    with pytest.raises(workdir.FingerprintMismatch, match=f"1 field\\(s\\) differ: {shown}"):
+        classifier.train_classifier(config, work, indices, source, "biased")
+    assert (tmp_path / "w" / "biased" / "metrics.jsonl").read_text() == metrics
+
+
+def test_other_training_images_are_a_mismatch_too(tiny_run, tmp_path):
+    work, indices, source = _copy_run(tiny_run, tmp_path)
+    with pytest.raises(workdir.FingerprintMismatch, match="train.images_sha256"):
+        classifier.train_classifier(_tiny_config(), work, indices + 1, source, "biased")
+
+
+def test_overwrite_retrains_with_the_new_settings(tiny_run, tmp_path):
+    work, indices, source = _copy_run(tiny_run, tmp_path)
+    first = (tmp_path / "w" / "biased" / "metrics.jsonl").read_text()
+    config = _tiny_config(lr=0.01)
+    config.overwrite = True
+    with pytest.warns(UserWarning, match="train.lr: 0.001 -> 0.01"):
+        classifier.train_classifier(config, work, indices, source, "biased")
+    run_dir = tmp_path / "w" / "biased"
+    assert json.loads((run_dir / "fingerprint.json").read_text())["train.lr"] == 0.01
+    records = workdir.read_jsonl(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2]  # trained anew, not appended
+    assert (run_dir / "metrics.jsonl").read_text() != first
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # same settings again: resumes silently, trains nothing
+        classifier.train_classifier(config, work, indices, source, "biased")
