@@ -53,12 +53,6 @@ def _cell_pools(table: np.ndarray, names: Sequence[str]) -> dict[tuple[int, ...]
     return pools
 
 
-def cell_counts(attrs, names: Sequence[str]) -> dict[tuple[int, ...], int]:
-    """Images per cell of the given attributes (rows where any of them is unknown not counted)."""
-    regions.attribute_ids(list(names))
-    return {combo: int(rows.size) for combo, rows in _cell_pools(_as_table(attrs), list(names)).items()}
-
-
 def _split_evenly(total: int, parts: int) -> list[int]:
     base, extra = divmod(total, parts)
     return [base + (1 if i < extra else 0) for i in range(parts)]
@@ -162,21 +156,29 @@ def biased_subset(attrs, target: str, confounders, corr: float, size: int, seed:
     return np.sort(np.concatenate(chosen))
 
 
-def balanced_subset(attrs, target: str, confounders, size: int, seed: int) -> np.ndarray:
+def balanced_subset(attrs, target: str, confounders, size, seed: int) -> np.ndarray:
     """A subset with equal counts in every (target, confounders...) cell.
 
     The test sets of the bias experiments: aligned and conflicting groups are
     equally represented, so accuracy per group is measured on equal footing.
-    With an empty confounder list it balances the target alone.
+    With an empty confounder list it balances the target alone. ``size`` 0
+    or None takes the largest such subset: every cell as large as the
+    smallest (an empty cell raises, naming it).
     """
     table = _as_table(attrs)
     confounders = [] if confounders in (None, (), []) else _confounder_list(confounders)
     names = [target] + confounders
     regions.attribute_ids(names)
+    pools = _cell_pools(table, names)
+    if not size:
+        empty = [key for key in sorted(pools) if pools[key].size == 0]
+        if empty:
+            raise ValueError(f"no image in cell {_cell_name(names, empty[0])}; a balanced subset "
+                             "needs every cell")
+        size = len(pools) * min(p.size for p in pools.values())
     size = int(size)
     if size < 2 ** len(names):
         raise ValueError(f"size={size}; expected at least {2 ** len(names)} (one per cell)")
-    pools = _cell_pools(table, names)
     rng = np.random.default_rng(seed)
     counts = _split_evenly(size, len(pools))
     chosen = [_draw(rng, pools[key], n, _cell_name(names, key))

@@ -180,7 +180,7 @@ class FileSource:
         loaded = list(pool.map(self.load_row, rows.tolist()) if pool is not None
                       else map(self.load_row, rows.tolist()))
         batch = celeba.stack_examples([ex for ex, _ in loaded], [p for _, p in loaded])
-        batch["index"] = rows
+        batch.pop("index", None)  # the readers' own numbering; callers hold the rows they asked for
         return batch
 
     def with_resolution(self, resolution: int):
@@ -518,6 +518,19 @@ def _require_root(data_cfg, root_field: str) -> str:
         raise FileNotFoundError(f"data.{root_field}={root!r} does not exist or is not a folder "
                                 f"(data.source={kind!r})")
     return root
+
+
+def check_data_config(data_cfg) -> None:
+    """Cheap checks of ``data.source`` and its roots, for config validation before any work
+    (``build_source`` repeats them and reads the tables)."""
+    kind = str(data_cfg.source)
+    if kind not in SOURCE_KINDS:
+        raise ValueError(f"data.source={kind!r}; expected one of {SOURCE_KINDS}")
+    if kind == "synthetic":
+        return
+    _require_root(data_cfg, "root")
+    if _cfg(data_cfg, "test_root", ""):
+        _require_root(test_data_cfg(data_cfg), "root")
 
 
 def _synthetic(data_cfg):

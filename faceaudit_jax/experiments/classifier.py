@@ -90,18 +90,8 @@ def make_subsets(config, source=None) -> dict:
         balanced = sampling.balanced_subset(train_attrs, target, confs, int(config.train.size), seed + 1)
     except ValueError as err:
         raise ValueError(f"training set ({where}): {err}") from None
-    test_size = int(config.test.size)
-    if test_size <= 0:  # the largest balanced subset: every cell as large as the smallest
-        cells = sampling.cell_counts(test_attrs, [target] + confs)
-        empty = [combo for combo, n in cells.items() if n == 0]
-        if empty:
-            names = [target] + confs
-            raise ValueError(f"test set ({sources.describe(test_source)}): no image in cell ("
-                             + ", ".join(f"{n}={v}" for n, v in zip(names, empty[0]))
-                             + "); a balanced test set needs every cell")
-        test_size = len(cells) * min(cells.values())
     try:
-        test = sampling.balanced_subset(test_attrs, target, confs, test_size, seed + 2)
+        test = sampling.balanced_subset(test_attrs, target, confs, int(config.test.size), seed + 2)
     except ValueError as err:
         raise ValueError(f"test set ({sources.describe(test_source)}): {err}") from None
     return {"biased": train_idx[biased], "balanced": train_idx[balanced], "test": test_idx[test],
