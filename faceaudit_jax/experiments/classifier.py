@@ -87,7 +87,10 @@ def make_subsets(config, source=None) -> dict:
     try:
         biased = sampling.biased_subset(train_attrs, target, confs, float(config.bias.corr),
                                         int(config.train.size), seed, confounder_values=values)
-        balanced = sampling.balanced_subset(train_attrs, target, confs, int(config.train.size), seed + 1)
+        # The baseline's set only when it is trained: a real data set's rare cell (men
+        # wearing lipstick) often cannot fill a balanced set of the biased set's size.
+        balanced = (sampling.balanced_subset(train_attrs, target, confs, int(config.train.size), seed + 1)
+                    if config.train.get("baseline", True) else np.zeros(0, np.int64))
     except ValueError as err:
         raise ValueError(f"training set ({where}): {err}") from None
     try:
