@@ -120,6 +120,7 @@ class FileSource:
 
     name = "files"
     has_parse = False
+    prefetch = 2  # batches pipeline.iterate_batches / step_batch_fn decode ahead of the model
     identity: Optional[np.ndarray] = None
     group: Optional[np.ndarray] = None
 
