@@ -133,6 +133,19 @@ def test_celebamask_hq_and_folder_parse_maps_are_the_written_ones(folders_root):
     np.testing.assert_array_equal(small, faces["parse"][rows][:, 1::2, 1::2])
 
 
+def test_reduced_scale_jpeg_decoding_stays_close_to_a_full_decode(tmp_path):
+    # A smooth 128 px image (noise would differ by the filters' response, not their error).
+    ramp = np.linspace(0, 255, 128)
+    image = np.stack([ramp[None, :].repeat(128, 0), ramp[:, None].repeat(128, 1),
+                      np.full((128, 128), 90.0)], -1).astype(np.uint8)
+    path = str(tmp_path / "face.jpg")
+    Image.fromarray(image).save(path, quality=95)
+    fast = sources.decode_square(path, 32)  # decoded at 1/4 scale
+    np.testing.assert_allclose(fast, pil_square(path, 32), atol=6 / 255)
+    assert np.abs(fast - pil_square(path, 32)).mean() < 1.5 / 255
+    np.testing.assert_allclose(sources.decode_square(path, 128), pil_square(path), atol=1e-6)
+
+
 def test_attribute_tables_keep_unknowns_and_labels(folders_root):
     root, faces, _ = folders_root
     folder = sources.build_source(data_cfg("folder", root / "folder"))
