@@ -895,7 +895,11 @@ def bias_direction(bias_cfg, source, rows) -> tuple[int, ...]:
     explicit = _cfg(bias_cfg, "confounder_values", None)
     if explicit is not None:
         return sampling.check_confounder_values(explicit, confounders)
-    return sampling.linked_values(link_reference(source, rows), bias_cfg.target, confounders)
+    try:
+        return sampling.linked_values(link_reference(source, rows), bias_cfg.target, confounders)
+    except ValueError as err:
+        raise ValueError(f"{describe(source)}: {err}; set bias.confounder_values, e.g. "
+                         f"--config.bias.confounder_values='({', '.join('0' for _ in confounders)},)'") from None
 
 
 # ---------------------------------------------------------------------------
