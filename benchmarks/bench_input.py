@@ -102,9 +102,9 @@ def main() -> None:
             file_times.append(timed_audit(clf, files, rows, explain_cfg, args.batch_size))
             memory_times.append(timed_audit(clf, memory, rows, explain_cfg, args.batch_size))
         t_files, t_memory = statistics.median(file_times), statistics.median(memory_times)
-        print(f"audit from files:     {args.images / t_files:7.1f} images/s "
-              f"(median of {args.repeats}, {files.num_workers} decoding threads, prefetch {files.prefetch})")
-        print(f"audit from memory:    {args.images / t_memory:7.1f} images/s")
+        print(f"audit images/s from files = {args.images / t_files:.1f} (median of {args.repeats}; "
+              f"{files.num_workers} decoding threads, {files.prefetch} batches prefetched)")
+        print(f"audit images/s from memory = {args.images / t_memory:.1f}")
         print(f"RATIO audit_files_over_preloaded res={args.resolution} = {t_memory / t_files:.2f}")
 
         rates = {}
@@ -119,7 +119,7 @@ def main() -> None:
                     source.batch(rows[begin:begin + args.batch_size])
                 times.append(time.perf_counter() - start)
             rates[workers] = args.images / statistics.median(times)
-            print(f"decode workers={workers}: {rates[workers]:7.1f} images/s "
+            print(f"decode images/s workers={workers} = {rates[workers]:.1f} "
                   f"(512 px JPEG + label PNG -> {args.resolution} px)")
         base = rates[args.workers[0]]
         for workers, rate in rates.items():

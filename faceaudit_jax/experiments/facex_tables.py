@@ -272,11 +272,14 @@ class TablesContext:
         None follows the sign of the link (``sources.bias_direction``: the
         data set's own, CelebA's for the independent renderer).
         """
+        train_source = self.source(False, "train")
+        for split in ("train", "test"):  # a real data set may not annotate them: say so now
+            sources.require_attributes(self.source(False, split), [target, *confounders])
         fixed = self.config.tables.get("confounder_value", None)
         if fixed is not None:
             return sampling.check_confounder_values((fixed,) * len(confounders), list(confounders))
         bias = ml_collections.ConfigDict({"target": target, "confounders": tuple(confounders)})
-        return sources.bias_direction(bias, self.source(False), train_indices)
+        return sources.bias_direction(bias, train_source, train_indices)
 
 
 def case_config(config, target: str, confounders: Sequence[str], corr: float):
