@@ -33,8 +33,10 @@ reader; layouts are those of docs/use_your_own_data.md:
   optional ``ROOT/masks/`` and ``ROOT/pairs.csv`` (``GENERIC_LAYOUT``).
 
 Splits (``build_split``): the synthetic renderer uses disjoint index ranges;
-a real data set uses, in this order, ``data.test_root`` (a second folder of
-the same layout: all its images are the test set), its published split
+a real data set uses, in this order, ``data.test_root`` (a second folder,
+of kind ``data.test_source``, default the same: all its images are the test
+set, or with ``data.test_split="published"`` its published test split),
+its published split
 (CelebA's partition file, CelebAMask-HQ's via its CelebA mapping, FairFace's
 train / val CSVs, tfds' train / test), else a seeded identity-disjoint split
 (``data.split_seed``, ``data.test_fraction``; images without identities are
