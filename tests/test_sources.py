@@ -383,3 +383,21 @@ def test_tfds_source_without_the_extra_names_it(tmp_path):
         pass
     with pytest.raises(ImportError, match=r"faceaudit_jax\[tfds\]"):
         sources.build_source(data_cfg("celeba_tfds", tmp_path))
+
+
+def test_a_pool_without_a_link_follows_celebas_sign(tmp_path, capsys):
+    faces = make_faces(n=16)
+    faces["attrs"][:, LIPSTICK] = (np.arange(16) // 2) % 2  # every Male x Lipstick cell has 4 faces
+    faces["attrs"][:, regions.attribute_id("Smiling")] = (np.arange(16) // 2) % 2
+    fixtures.write_layout("folder", tmp_path / "flat", faces, pairs=False)
+    source = sources.build_source(data_cfg("folder", tmp_path / "flat"))
+    rows = np.arange(16)
+    bias = ml_collections.ConfigDict({"target": "Male", "confounders": ("Wearing_Lipstick",),
+                                      "confounder_values": None})
+    assert sources.bias_direction(bias, source, rows) == (0,)  # CelebA: women wear lipstick
+    assert "no Male x Wearing_Lipstick link; following CelebA's sign" in capsys.readouterr().out
+    bias.confounders = ("Smiling",)  # linked neither here nor in CelebA-like faces
+    with pytest.raises(ValueError, match="Smiling.*neither the data nor CelebA.*bias.confounder_values"):
+        sources.bias_direction(bias, source, rows)
+    bias.confounder_values = (1,)
+    assert sources.bias_direction(bias, source, rows) == (1,)

@@ -52,6 +52,7 @@ import concurrent.futures
 import copy
 import csv
 import dataclasses
+import functools
 import math
 import os
 import re
@@ -876,32 +877,42 @@ def load_pair_images(pairs: folders.VerificationPairs, resolution: int, *, num_w
 # ---------------------------------------------------------------------------
 
 
-def link_reference(source, rows) -> np.ndarray:
-    """The attribute table whose link gives a bias its direction (``sampling.linked_values``).
-
-    A real data set's own table of these rows. The synthetic renderer with
-    ``independent=True`` draws attributes without any link, so there the
-    same images' attributes under the renderer's CelebA-like links stand in:
-    the direction is CelebA's (women wear lipstick, men wear hats), FaceX's
-    setting.
-    """
-    if getattr(source, "name", "") == "synthetic" and source.independent:
-        source = dataclasses.replace(source, independent=False)
-    return source.attributes(rows)["attrs"]
+@functools.lru_cache(maxsize=1)
+def celeba_like_attributes(num_images: int = 200_000) -> np.ndarray:
+    """Attributes of the renderer's correlated mode (its CelebA-like links), int8 [N, 40]."""
+    from faceaudit_jax.data import synthetic
+    return synthetic.sample_attributes(0, np.arange(num_images), independent=False)["attrs"]
 
 
 def bias_direction(bias_cfg, source, rows) -> tuple[int, ...]:
-    """Per confounder, the value that goes with target = 1: ``bias.confounder_values`` when
-    set, else the sign of the link in ``link_reference(source, rows)``."""
+    """Per confounder, the value that goes with target = 1 in the biased training set.
+
+    ``bias.confounder_values`` when set; else the sign of the link in the
+    training pool (``sampling.linked_values`` on ``source``'s rows). A pool
+    without a link (the renderer's independent attributes, or a folder
+    balanced over the attributes) gives no sign, so CelebA's sign is used,
+    as the renderer's correlated (CelebA-like) attributes draw it: women wear
+    lipstick and earrings, men wear hats: FaceX's setting. A note says so.
+    """
+    target = bias_cfg.target
     confounders = [bias_cfg.confounders] if isinstance(bias_cfg.confounders, str) else list(bias_cfg.confounders)
     explicit = _cfg(bias_cfg, "confounder_values", None)
     if explicit is not None:
         return sampling.check_confounder_values(explicit, confounders)
-    try:
-        return sampling.linked_values(link_reference(source, rows), bias_cfg.target, confounders)
-    except ValueError as err:
-        raise ValueError(f"{describe(source)}: {err}; set bias.confounder_values, e.g. "
-                         f"--config.bias.confounder_values='({', '.join('0' for _ in confounders)},)'") from None
+    values = []
+    for name in confounders:
+        try:
+            values.extend(sampling.linked_values(source.attributes(rows)["attrs"], target, [name]))
+        except sampling.NoLinkError:
+            try:
+                value, = sampling.linked_values(celeba_like_attributes(), target, [name])
+            except sampling.NoLinkError as err:
+                raise ValueError(f"{describe(source)}: {err}; neither the data nor CelebA links them; set "
+                                 "bias.confounder_values, e.g. --config.bias.confounder_values='(0,)'") from None
+            print(f"[bias] {describe(source)} has no {target} x {name} link; following CelebA's sign "
+                  f"({name}={value} goes with {target}=1; set bias.confounder_values to choose)", flush=True)
+            values.append(value)
+    return tuple(values)
 
 
 # ---------------------------------------------------------------------------
