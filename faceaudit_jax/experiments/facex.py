@@ -151,10 +151,10 @@ def explain_source(config, source):
 
 
 def _write_audit_report(workdir: Path, name: str, result: AuditResult, source,
-                        indices: np.ndarray, config, extra: dict) -> dict:
+                        indices: np.ndarray, config, extra: dict, out_dir=None) -> dict:
     from faceaudit_jax.viz import figures, prototype
 
-    out = workdir / f"report_{name}"
+    out = workdir / f"report_{name}" if out_dir is None else Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
     paths["prototype"] = str(out / "prototype_heatmap.png")
@@ -196,6 +196,7 @@ def run(config, workdir: str) -> dict:
     """The main job: biased (and baseline) classifier, FaceX audit, report."""
     work = Path(workdir)
     t0 = time.perf_counter()
+    # classifier.train refuses model.source != "train" with a pointer to configs/audit.py.
     trained = classifier.train(config, workdir)
     source, subsets = trained["source"], trained["subsets"]
     confs = classifier.confounder_list(config.bias)

@@ -1,0 +1,140 @@
+"""models.sources: loading an existing classifier (train.py run dir, torchvision state_dict).
+
+References: the variables ``train_classifier`` returns in memory (checkpoint
+source) and PyTorch's own forward pass of a torchvision-layout ResNet-18
+(torchvision source); plus every bad-input error, each naming the field/file.
+"""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import jax
+import ml_collections
+
+from faceaudit_jax import cli
+from faceaudit_jax.experiments import classifier
+from faceaudit_jax.models import sources as model_sources
+
+ROOT = Path(__file__).resolve().parents[1]
+_IMAGES = np.random.default_rng(0).random((3, 32, 32, 3)).astype(np.float32)
+
+
+def _model_cfg(**fields):
+    base = dict(source="checkpoint", path="", arch="", num_outputs=0, output_index=0,
+                mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    base.update(fields)
+    return ml_collections.ConfigDict(base)
+
+
+def _logits(clf, images):
+    features_fn, head_fn = clf.fns()
+    return np.asarray(head_fn(features_fn(images)))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One small_resnet trained for 2 steps by classifier.train_classifier (what train.py runs)."""
+    config = cli.load_config(str(ROOT / "configs" / "facex.py") + ":smoke")
+    config.train.num_epochs = 1
+    workdir = tmp_path_factory.mktemp("train")
+    source = classifier.build_source(config.data)
+    clf = classifier.train_classifier(config, str(workdir), np.arange(64), source, "biased")
+    return clf, workdir / "biased"
+
+
+def test_checkpoint_reloads_the_trained_model(trained):
+    clf, run_dir = trained
+    loaded = model_sources.load_classifier(_model_cfg(path=str(run_dir)))
+    assert loaded.arch == "small_resnet" and loaded.model.num_outputs == 1
+    np.testing.assert_allclose(_logits(loaded, _IMAGES), _logits(clf, _IMAGES), atol=1e-5, rtol=0)
+    record = model_sources.read_record(run_dir)
+    assert record["outputs"] == ["Male"] and record["resolution"] == 64
+
+
+def test_checkpoint_errors_name_the_field(trained, tmp_path):
+    _, run_dir = trained
+    with pytest.raises(ValueError, match=r"holds a small_resnet model; model.arch='resnet18'"):
+        model_sources.load_classifier(_model_cfg(path=str(run_dir), arch="resnet18"))
+    with pytest.raises(ValueError, match=r"model.output_index=1, but .* has 1 output"):
+        model_sources.load_classifier(_model_cfg(path=str(run_dir), output_index=1))
+    with pytest.raises(ValueError, match=r"has 1 output\(s\) \(fc\); model.num_outputs=2"):
+        model_sources.load_classifier(_model_cfg(path=str(run_dir), num_outputs=2))
+    with pytest.raises(ValueError, match=r"needs --config.model.path"):
+        model_sources.load_classifier(_model_cfg())
+    with pytest.raises(ValueError, match=r"does not exist"):
+        model_sources.load_classifier(_model_cfg(path=str(tmp_path / "nowhere")))
+    with pytest.raises(ValueError, match=r"has no model.json"):
+        model_sources.load_classifier(_model_cfg(path=str(tmp_path)))
+    with pytest.raises(ValueError, match=r"model.source='hub'"):
+        model_sources.load_classifier(_model_cfg(source="hub"))
+
+
+def test_train_refuses_a_model_source_other_than_train():
+    config = ml_collections.ConfigDict({"model": {"source": "checkpoint", "name": "small_resnet"}})
+    with pytest.raises(ValueError, match="configs/audit.py"):
+        classifier.train(config, "/nonexistent")
+
+
+@pytest.fixture(scope="module")
+def torch_resnet18(tmp_path_factory):
+    torch = pytest.importorskip("torch")
+    from test_torch_import import _torchvision_like  # noqa: PLC0415 (plain-torch torchvision layout)
+    torch.manual_seed(0)
+    reference = _torchvision_like("basic", (2, 2, 2, 2), num_classes=3)
+    path = tmp_path_factory.mktemp("torch") / "clf.pt"
+    torch.save(reference.state_dict(), path)
+    return reference, path
+
+
+def test_torchvision_file_with_output_index_and_normalisation(torch_resnet18):
+    import torch
+    reference, path = torch_resnet18
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    cfg = _model_cfg(source="torchvision", path=str(path), arch="resnet18", output_index=2,
+                     mean=mean, std=std)
+    clf = model_sources.load_classifier(cfg)
+    images = np.random.default_rng(1).random((2, 64, 64, 3)).astype(np.float32)
+    normalised = (images - np.array(mean, np.float32)) / np.array(std, np.float32)
+    with torch.no_grad():
+        expected = reference(torch.from_numpy(normalised.transpose(0, 3, 1, 2).copy())).numpy()
+    got = _logits(clf, images)
+    assert got.shape == (2, 1)
+    np.testing.assert_allclose(got[:, 0], expected[:, 2], atol=1e-4, rtol=0)
+    assert abs(expected[:, 2] - expected[:, 0]).max() > 1e-3  # output 2 is not output 0
+    np.testing.assert_allclose(
+        classifier.predict_logits(clf, _ArraySource(images), np.arange(2), 2), expected[:, 2],
+        atol=1e-4, rtol=0)
+
+
+def test_torchvision_errors_name_the_file(torch_resnet18, tmp_path):
+    _, path = torch_resnet18
+    with pytest.raises(ValueError, match=r"clf.pt holds a resnet18 model; model.arch='resnet50'"):
+        model_sources.load_classifier(_model_cfg(source="torchvision", path=str(path), arch="resnet50"))
+    with pytest.raises(ValueError, match=r"clf.pt has 3 output\(s\) \(fc\); model.num_outputs=1"):
+        model_sources.load_classifier(_model_cfg(source="torchvision", path=str(path), num_outputs=1))
+    with pytest.raises(ValueError, match=r"is a directory"):
+        model_sources.load_classifier(_model_cfg(source="torchvision", path=str(tmp_path)))
+
+
+class _ArraySource:
+    """Images held in memory, in the batch format predict_logits reads."""
+
+    def __init__(self, images):
+        self.images = images
+        self.resolution = images.shape[1]
+
+    def batch(self, indices):
+        return {"image": jax.numpy.asarray(self.images[np.asarray(indices)])}
+
+
+def test_embedder_spec():
+    fn = model_sources.load_embedder("numpy:mean")
+    assert fn is np.mean
+    for bad, message in [("numpy.mean", "expected 'module:function'"),
+                         ("no_such_module_xyz:f", "cannot import"),
+                         ("numpy:no_such_fn", "has no 'no_such_fn'"),
+                         ("numpy:pi", "expected a callable")]:
+        with pytest.raises(ValueError, match=message):
+            model_sources.load_embedder(bad)
