@@ -22,12 +22,27 @@ from faceaudit_jax import regions
 
 @dataclasses.dataclass(frozen=True)
 class SyntheticSource:
-    """The embedded default: faces rendered on demand from (seed, index)."""
+    """The embedded default: faces rendered on demand from (seed, index).
+
+    Implements ``data.sources.Source``: rows are image indices 0 .. 2**31 - 1,
+    every drawn attribute is annotated, batches carry exact parse maps.
+    """
 
     seed: int = 0
     resolution: int = 128
     independent: bool = False
     images_per_identity: int = 10
+
+    name = "synthetic"
+    has_parse = True
+
+    @property
+    def annotated(self) -> frozenset:
+        from faceaudit_jax.data import synthetic
+        return frozenset(synthetic.DRAWN_ATTRIBUTES)
+
+    def __len__(self) -> int:
+        return 2 ** 31
 
     def attributes(self, indices) -> dict[str, np.ndarray]:
         from faceaudit_jax.data import synthetic

@@ -1,0 +1,769 @@
+"""One data-source interface for every experiment: ``build_source``, ``build_split``, ``build_pairs``.
+
+A *source* is one table of images: ``len(source)`` rows, ``attributes(rows)``
+(a cheap table look-up: ``attrs`` int8 [N, 40] in CelebA order, 1 / 0 / -1
+unknown, plus ``identity`` and ``group`` where the data set has them) and
+``batch(rows)`` (the batch format of docs/design.md: ``image`` float32
+[B, R, R, 3] in [0, 1], ``parse`` int32 [B, R, R] where the source has masks,
+``attrs``, ``identity``, ``landmarks``, ``group`` where known; keys a source
+lacks are absent, never invented). ``resolution`` is the side R of the square
+images ``batch`` returns (``with_resolution(r)`` gives the same source at r),
+``annotated`` the attribute names that are not all -1, ``has_parse`` whether
+batches carry parse maps.
+
+Rows are 0 .. len - 1 in the order of the data set's own table (for the
+synthetic renderer they are its image indices; its pool is 2**31 images).
+Real images are decoded and resized in a pool of ``data.num_workers`` threads
+(PIL releases the GIL while it decodes and resizes), and
+``pipeline.iterate_batches`` / ``pipeline.step_batch_fn`` prefetch the next
+batches while the model runs.
+
+``data.source`` (kinds in ``SOURCE_KINDS``) and ``data.root`` choose the
+reader; layouts are those of docs/use_your_own_data.md:
+
+* ``synthetic``: the embedded renderer (``data.seed``, ``independent``,
+  ``images_per_identity``).
+* ``celeba``: the published CelebA folder (``data.celeba``).
+* ``celeba_tfds``: tensorflow-datasets' ``celeb_a`` prepared under
+  ``data.root`` (extra ``[tfds]``).
+* ``celebamask_hq``: the published CelebAMask-HQ folder, with parse maps.
+* ``fairface``: FairFace's label CSVs (``train`` and ``val``) and images.
+* ``folder``: anything else: ``ROOT/attributes.csv`` (a ``file`` column,
+  CelebA attribute names as columns, optional ``identity`` / ``group``),
+  optional ``ROOT/masks/`` and ``ROOT/pairs.csv`` (``GENERIC_LAYOUT``).
+
+Splits (``build_split``): the synthetic renderer uses disjoint index ranges;
+a real data set uses, in this order, ``data.test_root`` (a second folder of
+the same layout: all its images are the test set), its published split
+(CelebA's partition file, CelebAMask-HQ's via its CelebA mapping, FairFace's
+train / val CSVs, tfds' train / test), else a seeded identity-disjoint split
+(``data.split_seed``, ``data.test_fraction``; images without identities are
+split image by image).
+
+Every check on a root, a layout, a field or an attribute name runs when the
+source is built, so a bad setting fails before any training or explaining.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import copy
+import csv
+import dataclasses
+import math
+import os
+import re
+import threading
+from typing import Callable, Optional, Protocol, Sequence
+
+import numpy as np
+from PIL import Image
+
+from faceaudit_jax import regions
+from faceaudit_jax.data import celeba, folders
+
+SOURCE_KINDS = ("synthetic", "celeba", "celeba_tfds", "celebamask_hq", "fairface", "folder")
+PAIR_KINDS = ("synthetic", "lfw", "rfw", "folder")
+SYNTHETIC_POOL = 2 ** 31  # the renderer's index range (0 .. 2**31 - 1)
+
+GENERIC_ATTR_FILE = "attributes.csv"
+GENERIC_MASK_DIR = "masks"
+GENERIC_PAIRS_FILE = "pairs.csv"
+GENERIC_LAYOUT = f"""\
+ROOT/{GENERIC_ATTR_FILE}   header: file,<CelebA attribute names...>[,identity][,group]
+                    file: image path relative to ROOT (any size; centre-cropped to a square)
+                    attribute values: 1 present, 0 absent, empty = unknown
+                    identity / group: any label (ints or names); identities make the seeded split
+                    identity-disjoint
+ROOT/{GENERIC_MASK_DIR}/           optional parse maps, one of:
+                    <stem>.png           one label PNG per image, pixel = region id 0..18
+                                         (regions.REGIONS order)
+                    <stem>_<region>.png  one binary PNG per region (CelebAMask-HQ naming,
+                                         merged as its g_mask.py does)
+ROOT/{GENERIC_PAIRS_FILE}       optional verification pairs: file_a,file_b,same[,fold]
+                    (same: 1 matched, 0 mismatched)"""
+
+
+class Source(Protocol):
+    name: str
+    resolution: int
+    annotated: frozenset
+    has_parse: bool
+
+    def __len__(self) -> int: ...
+    def attributes(self, indices) -> dict: ...
+    def batch(self, indices) -> dict: ...
+    def with_resolution(self, resolution: int) -> "Source": ...
+
+
+def _cfg(data_cfg, field: str, default=None):
+    value = data_cfg.get(field, default) if hasattr(data_cfg, "get") else getattr(data_cfg, field, default)
+    return default if value is None else value
+
+
+def _default_workers() -> int:
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+# ---------------------------------------------------------------------------
+# Real-file sources: one shell around a per-row loader
+# ---------------------------------------------------------------------------
+
+
+class FileSource:
+    """A table of image files with a per-row loader, decoded in a thread pool.
+
+    Subclasses set ``name``, ``root``, ``attrs`` (int8 [N, 40]), optionally
+    ``identity`` / ``group`` (int32 [N]) and implement ``load_row(row) ->
+    (example dict of unbatched numpy arrays, path)`` at ``self.resolution``.
+    """
+
+    name = "files"
+    has_parse = False
+    identity: Optional[np.ndarray] = None
+    group: Optional[np.ndarray] = None
+
+    def __init__(self, root: str, resolution: int, num_workers: int):
+        self.root = root
+        self.resolution = _check_resolution(resolution)
+        self.num_workers = int(num_workers)
+        self._pool: Optional[concurrent.futures.ThreadPoolExecutor] = None
+        self._pool_lock = threading.Lock()
+
+    # The table --------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return int(self.attrs.shape[0])
+
+    @property
+    def annotated(self) -> frozenset:
+        known = np.any(self.attrs >= 0, axis=0)
+        return frozenset(n for n, k in zip(regions.ATTRIBUTES, known) if k)
+
+    def rows(self, indices) -> np.ndarray:
+        rows = np.asarray(indices, np.int64).reshape(-1)
+        bad = (rows < 0) | (rows >= len(self))
+        if bad.any():
+            raise IndexError(f"{self.name} ({self.root}): row {int(rows[bad][0])} out of range "
+                             f"0..{len(self) - 1}")
+        return rows
+
+    def attributes(self, indices) -> dict:
+        rows = self.rows(indices)
+        out = {"attrs": self.attrs[rows]}
+        if self.identity is not None:
+            out["identity"] = self.identity[rows]
+        if self.group is not None:
+            out["group"] = self.group[rows]
+        return out
+
+    def published_split(self, split: str) -> Optional[np.ndarray]:
+        """Rows of the data set's own train / test split, or None when it publishes none."""
+        return None
+
+    # Pixels -----------------------------------------------------------------
+
+    def load_row(self, row: int) -> tuple[dict, str]:
+        raise NotImplementedError
+
+    def _executor(self):
+        with self._pool_lock:
+            if self._pool is None and self.num_workers > 1:
+                self._pool = concurrent.futures.ThreadPoolExecutor(
+                    self.num_workers, thread_name_prefix=f"decode-{self.name}")
+            return self._pool
+
+    def batch(self, indices) -> dict:
+        """Decode these rows (in ``num_workers`` threads); an unreadable image raises, naming it."""
+        rows = self.rows(indices)
+        pool = self._executor()
+        loaded = list(pool.map(self.load_row, rows.tolist()) if pool is not None
+                      else map(self.load_row, rows.tolist()))
+        batch = celeba.stack_examples([ex for ex, _ in loaded], [p for _, p in loaded])
+        batch["index"] = rows
+        return batch
+
+    def with_resolution(self, resolution: int):
+        other = copy.copy(self)
+        other.resolution = _check_resolution(resolution)
+        return other
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_pool"], state["_pool_lock"] = None, None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._pool_lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(root={self.root!r}, {len(self)} images, resolution={self.resolution})"
+
+
+def _check_resolution(resolution) -> int:
+    if isinstance(resolution, bool) or int(resolution) != resolution or int(resolution) < 8:
+        raise ValueError(f"data.resolution={resolution!r}; expected an int >= 8 (the side of the "
+                         "square images, px)")
+    return int(resolution)
+
+
+class CelebASource(FileSource):
+    """CelebA's published folder: centre-cropped squares, landmarks and identities when present."""
+
+    name = "celeba"
+
+    def __init__(self, root: str, resolution: int, num_workers: int):
+        super().__init__(root, resolution, num_workers)
+        self.reader = celeba.CelebA(root)
+        self.attrs = self.reader.attrs
+        self.identity = self.reader.identity
+        self.filenames = self.reader.filenames
+
+    def load_row(self, row: int):
+        return self.reader.load_example(row, self.resolution)
+
+    def published_split(self, split: str) -> Optional[np.ndarray]:
+        if self.reader.partition is None:
+            return None
+        return self.reader.split_indices(split)
+
+
+class CelebAMaskHQSource(FileSource):
+    """CelebAMask-HQ's published folder: images resized whole, parse maps merged from region masks.
+
+    ``hq_indices`` [N] is the HQ image number of each row (``<idx>.jpg``).
+    """
+
+    name = "celebamask_hq"
+    has_parse = True
+
+    def __init__(self, root: str, resolution: int, num_workers: int):
+        super().__init__(root, resolution, num_workers)
+        self.reader = folders.CelebAMaskHQ(root, mask_size=_celebamask_hq_mask_size(root))
+        self.attrs = self.reader.attrs
+        self.hq_indices = self.reader.hq_indices
+
+    def load_row(self, row: int):
+        return self.reader.load_example(int(self.hq_indices[row]), self.resolution)
+
+    def rows_of(self, hq_indices) -> np.ndarray:
+        position = {int(h): r for r, h in enumerate(self.hq_indices)}
+        return np.array([position[int(h)] for h in hq_indices if int(h) in position], np.int64)
+
+    def published_split(self, split: str) -> Optional[np.ndarray]:
+        if self.reader.mapping is None:
+            return None
+        return self.rows_of(self.reader.split_indices(split))
+
+
+def _celebamask_hq_mask_size(root: str) -> int:
+    """The side of the first mask PNG found (the published masks are 512; fixtures are smaller)."""
+    mask_dir = celeba.require_dir(os.path.join(root, folders.CELEBAMASK_HQ_MASK_DIR),
+                                  "CelebAMask-HQ mask folder")
+    for sub in sorted(os.listdir(mask_dir), key=lambda s: (len(s), s)):
+        folder = os.path.join(mask_dir, sub)
+        if os.path.isdir(folder):
+            for name in sorted(os.listdir(folder)):
+                if name.endswith(".png"):
+                    with Image.open(os.path.join(folder, name)) as img:
+                        return int(img.size[0])
+    raise FileNotFoundError(f"missing masks: no <idx>_<region>.png under {mask_dir}/<k>/")
+
+
+class FairFaceSource(FileSource):
+    """One FairFace label CSV (``train`` or ``val``): Male, Young and the race ``group``."""
+
+    name = "fairface"
+
+    def __init__(self, root: str, resolution: int, num_workers: int, split: str = "train"):
+        super().__init__(root, resolution, num_workers)
+        self.split = split
+        self.reader = folders.FairFace(root, split)
+        self.attrs = self.reader.attrs
+        self.group = self.reader.group
+
+    def load_row(self, row: int):
+        example, path = self.reader.load_example(row, self.resolution)
+        return example, path
+
+
+def _label_ids(values: Sequence[str]) -> np.ndarray:
+    """Identity / group labels (ints or names) -> int32 ids: ints kept, names numbered in sorted order."""
+    if all(re.fullmatch(r"-?\d+", v) for v in values):
+        return np.asarray([int(v) for v in values], np.int32)
+    names = {n: i for i, n in enumerate(sorted(set(values)))}
+    return np.asarray([names[v] for v in values], np.int32)
+
+
+def read_generic_table(path: str) -> dict:
+    """``attributes.csv`` of the generic layout -> {"files", "attrs", "identity", "group"}.
+
+    Raises ValueError naming the file, line and column for an unknown column,
+    a missing ``file`` column, a value other than 1 / 0 / empty, or an empty
+    identity / group cell.
+    """
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.reader(f)
+        try:
+            header = [h.strip() for h in next(reader)]
+        except StopIteration:
+            raise ValueError(f"{path}: empty file; expected a header line "
+                             "'file,<CelebA attribute names...>'") from None
+        lines = [(n, row) for n, row in enumerate(reader, start=2) if any(c.strip() for c in row)]
+    extra = ("file", "identity", "group")
+    unknown = [h for h in header if h not in regions.ATTRIBUTE_ID and h not in extra]
+    if unknown:
+        raise ValueError(f"{path}: unknown column(s) {unknown}; expected 'file', CelebA attribute "
+                         f"names ({', '.join(regions.ATTRIBUTES)}) and optionally 'identity', 'group'")
+    if "file" not in header:
+        raise ValueError(f"{path}: no 'file' column; expected a header like 'file,Male,Wearing_Lipstick'")
+    if len(set(header)) != len(header):
+        raise ValueError(f"{path}: a column is named twice: {header}")
+    if not lines:
+        raise ValueError(f"{path}: no image rows after the header")
+    col = {h: i for i, h in enumerate(header)}
+    attr_cols = [h for h in header if h in regions.ATTRIBUTE_ID]
+    attrs = np.full((len(lines), regions.NUM_ATTRIBUTES), -1, np.int8)
+    files, labels = [], {"identity": [], "group": []}
+    for r, (number, row) in enumerate(lines):
+        if len(row) != len(header):
+            raise ValueError(f"{path}: line {number} has {len(row)} fields; expected {len(header)}")
+        cells = [c.strip() for c in row]
+        if not cells[col["file"]]:
+            raise ValueError(f"{path}: line {number} has an empty 'file'")
+        files.append(cells[col["file"]])
+        for name in attr_cols:
+            value = cells[col[name]]
+            if value in ("1", "0"):
+                attrs[r, regions.ATTRIBUTE_ID[name]] = int(value)
+            elif value != "":
+                raise ValueError(f"{path}: line {number} has {name}={value!r}; expected 1 (present), "
+                                 "0 (absent) or an empty cell (unknown)")
+        for name in labels:
+            if name in col:
+                if not cells[col[name]]:
+                    raise ValueError(f"{path}: line {number} has an empty {name!r}; expected a label")
+                labels[name].append(cells[col[name]])
+    return {"files": files, "attrs": attrs,
+            "identity": _label_ids(labels["identity"]) if "identity" in col else None,
+            "group": _label_ids(labels["group"]) if "group" in col else None}
+
+
+def decode_label_map(path: str) -> np.ndarray:
+    """One label PNG (pixel = region id) -> int32 [H, W]; ids outside 0..18 raise, naming the file."""
+    celeba.require_file(path, "parse map")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            array = np.asarray(img)
+    except (OSError, SyntaxError, ValueError) as err:
+        raise celeba.UndecodableImageError(path, f"{type(err).__name__}: {err}") from None
+    if array.ndim == 3:
+        array = array[..., 0]
+    if array.size and int(array.max()) >= regions.NUM_REGIONS:
+        raise ValueError(f"parse map {path} holds region id {int(array.max())}; expected ids "
+                         f"0..{regions.NUM_REGIONS - 1} in the order of regions.REGIONS")
+    return array.astype(np.int32)
+
+
+_REGION_MASK = re.compile(r"^(.+)_(" + "|".join(sorted(regions.REGIONS, key=len, reverse=True)) + r")\.png$")
+
+
+class FolderSource(FileSource):
+    """The generic layout (``GENERIC_LAYOUT``): a CSV of attributes, optional masks and pairs."""
+
+    name = "folder"
+
+    def __init__(self, root: str, resolution: int, num_workers: int):
+        super().__init__(root, resolution, num_workers)
+        self.csv_path = celeba.require_file(os.path.join(root, GENERIC_ATTR_FILE), "attribute CSV")
+        table = read_generic_table(self.csv_path)
+        self.files, self.attrs = table["files"], table["attrs"]
+        self.identity, self.group = table["identity"], table["group"]
+        self.paths = [os.path.join(root, f) for f in self.files]
+        missing = [p for p in self.paths if not os.path.isfile(p)]
+        if missing:
+            raise FileNotFoundError(f"missing image: {missing[0]} (listed in {self.csv_path}; "
+                                    f"{len(missing)} listed images are missing)")
+        self.mask_files = self._scan_masks(os.path.join(root, GENERIC_MASK_DIR))
+        self.has_parse = self.mask_files is not None
+
+    def _scan_masks(self, mask_dir: str):
+        """Per row: a label PNG path (str) or [(region id, path)], or None without a mask folder."""
+        if not os.path.isdir(mask_dir):
+            return None
+        labels, per_region = {}, {}
+        for entry in os.scandir(mask_dir):
+            if not entry.name.endswith(".png"):
+                continue
+            match = _REGION_MASK.match(entry.name)
+            if match:
+                per_region.setdefault(match.group(1), []).append(
+                    (regions.REGION_ID[match.group(2)], entry.path))
+            else:
+                labels[entry.name[:-4]] = entry.path
+        out = []
+        for path in self.files:
+            stem = os.path.splitext(os.path.basename(path))[0]
+            if stem in labels:
+                out.append(labels[stem])
+            elif stem in per_region:
+                out.append(sorted(per_region[stem]))
+            else:
+                raise FileNotFoundError(
+                    f"missing parse map for {path}: neither {os.path.join(mask_dir, stem + '.png')} "
+                    f"(label PNG) nor {os.path.join(mask_dir, stem + '_<region>.png')} (region masks); "
+                    f"a {GENERIC_MASK_DIR}/ folder needs one for every image")
+        return out
+
+    def load_parse(self, row: int) -> np.ndarray:
+        entry = self.mask_files[row]
+        if isinstance(entry, str):
+            return decode_label_map(entry)
+        with Image.open(entry[0][1]) as img:
+            size = img.size[0]
+        masks = np.stack([folders.decode_mask(p, size) for _, p in entry])
+        return folders.merge_region_masks(np.array([r for r, _ in entry]), masks)
+
+    def load_row(self, row: int):
+        path = self.paths[row]
+        image, box, out_hw = celeba.decode_image(path, self.resolution)
+        example = {"image": image, "attrs": self.attrs[row]}
+        if self.identity is not None:
+            example["identity"] = self.identity[row]
+        if self.group is not None:
+            example["group"] = self.group[row]
+        if self.mask_files is not None:
+            parse = self.load_parse(row)
+            with Image.open(path) as img:  # header only: the size, no decode
+                img_w, img_h = img.size
+            if parse.shape[0] * img_w != parse.shape[1] * img_h:
+                raise ValueError(f"parse map of {path} is {parse.shape[1]}x{parse.shape[0]}, image "
+                                 f"{img_w}x{img_h}; expected the same aspect ratio")
+            pbox = celeba.center_square_box(parse.shape[1], parse.shape[0])
+            square = parse[pbox[1]:pbox[3], pbox[0]:pbox[2]]
+            example["parse"] = folders.resize_parse(square, out_hw)
+        return example, path
+
+
+class CelebATfdsSource(FileSource):
+    """tensorflow-datasets' ``celeb_a`` split, prepared under ``root`` in array_record format.
+
+    Random access goes through ``tfds.data_source`` (no tf.data pipeline);
+    prepare the data set beforehand with ``tfds build celeb_a
+    --file_format=array_record --data_dir ROOT`` (nothing downloads at run time).
+    """
+
+    name = "celeba_tfds"
+
+    def __init__(self, root: str, resolution: int, num_workers: int, split: str = "train"):
+        super().__init__(root, resolution, num_workers)
+        tfds = celeba.import_tfds()
+        self.split = split
+        try:
+            self.records = tfds.data_source("celeb_a", split=split, data_dir=root, download=False)
+        except Exception as err:  # tfds raises assorted types for an unprepared data set
+            raise FileNotFoundError(
+                f"data.root={root!r}: tensorflow-datasets' celeb_a split {split!r} is not prepared "
+                "there in array_record format; prepare it with 'tfds build celeb_a "
+                f"--file_format=array_record --data_dir {root}': {err}") from err
+        table = np.full((len(self.records), regions.NUM_ATTRIBUTES), -1, np.int8)
+        for row in range(len(self.records)):
+            for name, value in self.records[row]["attributes"].items():
+                table[row, regions.ATTRIBUTE_ID[name]] = int(bool(value))
+        self.attrs = table
+
+    def load_row(self, row: int):
+        record = self.records[int(row)]
+        example = {"image": record["image"][None], "attributes": {k: np.asarray([v]) for k, v in
+                                                                   record["attributes"].items()},
+                   "landmarks": {k: np.asarray(v)[None] for k, v in record["landmarks"].items()}}
+        batch = celeba.tfds_celeb_a_to_batch(example, self.resolution)
+        return {k: v[0] for k, v in batch.items()}, f"celeb_a[{self.split}][{row}]"
+
+
+# ---------------------------------------------------------------------------
+# build_source / build_split
+# ---------------------------------------------------------------------------
+
+_LAYOUTS = {
+    "celeba": f"{celeba.CELEBA_IMAGE_DIR}/, {celeba.CELEBA_ATTR_FILE} (optional: "
+              f"{celeba.CELEBA_PARTITION_FILE}, {celeba.CELEBA_IDENTITY_FILE}, {celeba.CELEBA_LANDMARK_FILE})",
+    "celebamask_hq": f"{folders.CELEBAMASK_HQ_IMAGE_DIR}/, {folders.CELEBAMASK_HQ_MASK_DIR}/<k>/, "
+                     f"{folders.CELEBAMASK_HQ_ATTR_FILE} (optional: {folders.CELEBAMASK_HQ_MAPPING_FILE})",
+    "fairface": "fairface_label_train.csv, fairface_label_val.csv and the images they list",
+    "folder": GENERIC_LAYOUT,
+    "celeba_tfds": "a tensorflow-datasets data_dir holding celeb_a in array_record format",
+}
+
+
+def _listing(root: str, limit: int = 8) -> str:
+    try:
+        names = sorted(os.listdir(root))
+    except OSError:
+        return "(unreadable)"
+    shown = ", ".join(names[:limit]) + (", ..." if len(names) > limit else "")
+    return shown or "(empty)"
+
+
+def _require_root(data_cfg, root_field: str) -> str:
+    kind = str(data_cfg.source)
+    root = _cfg(data_cfg, root_field, "")
+    if not root:
+        raise ValueError(f"data.source={kind!r} needs data.{root_field}: a folder in the {kind} layout "
+                         f"({_LAYOUTS[kind]}); e.g. --config.data.{root_field}=/path/to/{kind}")
+    root = os.path.expanduser(str(root))
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"data.{root_field}={root!r} does not exist or is not a folder "
+                                f"(data.source={kind!r})")
+    return root
+
+
+def _synthetic(data_cfg):
+    from faceaudit_jax.data.pipeline import SyntheticSource
+    return SyntheticSource(seed=int(_cfg(data_cfg, "seed", 0)), resolution=int(data_cfg.resolution),
+                           independent=bool(_cfg(data_cfg, "independent", False)),
+                           images_per_identity=int(_cfg(data_cfg, "images_per_identity", 10)))
+
+
+_FILE_SOURCES: dict[str, Callable] = {
+    "celeba": CelebASource,
+    "celebamask_hq": CelebAMaskHQSource,
+    "fairface": FairFaceSource,
+    "folder": FolderSource,
+    "celeba_tfds": CelebATfdsSource,
+}
+
+
+def build_source(data_cfg, *, root_field: str = "root", split: Optional[str] = None) -> Source:
+    """The source named by ``data_cfg.source``, reading ``data_cfg.<root_field>``.
+
+    ``split`` matters only for data sets whose splits are separate tables
+    (FairFace: "train" -> fairface_label_train.csv, "test" -> ..._val.csv;
+    tfds: the tfds split name); others ignore it. A missing root, a folder in
+    the wrong layout or a malformed table raises here, naming the field, file
+    and the expected layout.
+    """
+    kind = str(data_cfg.source)
+    if kind not in SOURCE_KINDS:
+        raise ValueError(f"data.source={kind!r}; expected one of {SOURCE_KINDS}")
+    if kind == "synthetic":
+        return _synthetic(data_cfg)
+    root = _require_root(data_cfg, root_field)
+    workers = int(_cfg(data_cfg, "num_workers", 0) or _default_workers())
+    resolution = int(data_cfg.resolution)
+    factory = _FILE_SOURCES[kind]
+    kwargs = {}
+    if kind == "fairface":
+        kwargs["split"] = "val" if split == "test" else "train"
+    elif kind == "celeba_tfds":
+        kwargs["split"] = split or "train"
+    try:
+        return factory(root, resolution, workers, **kwargs)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(
+            f"data.{root_field}={root!r} is not a {kind} folder: {err}. Expected: {_LAYOUTS[kind]}. "
+            f"Found: {_listing(root)}") from None
+
+
+def _synthetic_split(data_cfg, split: str, pool_size: Optional[int]):
+    if split == "train":
+        size = int(pool_size or data_cfg.pool_size)
+        return np.arange(size, dtype=np.int64)
+    offset = int(data_cfg.test_offset)
+    size = int(pool_size or _cfg(data_cfg, "test_pool_size", 0) or max(int(data_cfg.pool_size) // 4, 1))
+    if offset < int(_cfg(data_cfg, "pool_size", 0)):
+        raise ValueError(f"data.test_offset={offset} lies inside the training pool of "
+                         f"data.pool_size={data_cfg.pool_size} images; expected an offset beyond it "
+                         "(disjoint identities)")
+    return np.arange(offset, offset + size, dtype=np.int64)
+
+
+def seeded_split(source, split: str, seed: int, test_fraction: float) -> np.ndarray:
+    """Rows of an identity-disjoint split drawn from ``seed``: a share ``test_fraction`` of the
+    identities (of the images, when the source has no identities) is the test set."""
+    if not 0.0 < float(test_fraction) < 1.0:
+        raise ValueError(f"data.test_fraction={test_fraction!r}; expected a value in (0, 1)")
+    table = source.attributes(np.arange(len(source)))
+    identity = table.get("identity")
+    if identity is None:
+        identity = np.arange(len(source))
+    people = np.random.default_rng(int(seed)).permutation(np.unique(identity))
+    num_test = int(math.ceil(float(test_fraction) * people.size))
+    if num_test >= people.size:
+        raise ValueError(f"{source.name} ({getattr(source, 'root', '')}): {people.size} identities cannot "
+                         f"make a test share of {test_fraction} and a non-empty training set")
+    in_test = np.isin(identity, people[:num_test])
+    return np.flatnonzero(in_test if split == "test" else ~in_test)
+
+
+def build_split(data_cfg, split: str, *, pool_size: Optional[int] = None) -> tuple[Source, np.ndarray]:
+    """(source, rows of that split's images) for ``split`` in {"train", "test"}.
+
+    Synthetic: train = rows 0 .. pool_size - 1 (``pool_size`` or
+    ``data.pool_size``), test = ``data.test_offset`` onwards (``pool_size`` or
+    ``data.test_pool_size`` or a quarter of ``data.pool_size`` images), so the
+    identities are disjoint. Real data (``pool_size`` is ignored: the whole
+    split): ``data.test_root`` if set (train = every image under
+    ``data.root``, test = every image under ``data.test_root``), else the
+    published split, else ``seeded_split`` with ``data.split_seed`` and
+    ``data.test_fraction``.
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"split={split!r}; expected 'train' or 'test'")
+    if str(data_cfg.source) == "synthetic":
+        return _synthetic(data_cfg), _synthetic_split(data_cfg, split, pool_size)
+    if _cfg(data_cfg, "test_root", ""):
+        source = build_source(data_cfg, root_field="test_root" if split == "test" else "root", split=split)
+        return source, np.arange(len(source), dtype=np.int64)
+    if str(data_cfg.source) in ("fairface", "celeba_tfds"):
+        source = build_source(data_cfg, split=split)
+        return source, np.arange(len(source), dtype=np.int64)
+    source = build_source(data_cfg)
+    published = source.published_split(split)
+    if published is not None:
+        rows = published
+    else:
+        rows = seeded_split(source, split, int(_cfg(data_cfg, "split_seed", 0)),
+                            float(_cfg(data_cfg, "test_fraction", 0.2)))
+    if rows.size == 0:
+        raise ValueError(f"data.source={data_cfg.source!r} at {data_cfg.root}: the {split} split is empty; "
+                         "set data.test_root or data.test_fraction")
+    return source, rows
+
+
+# ---------------------------------------------------------------------------
+# Checks before any work starts
+# ---------------------------------------------------------------------------
+
+
+def describe(source) -> str:
+    root = getattr(source, "root", None)
+    return f"data.source={source.name!r}" + (f" at {root}" if root else "")
+
+
+def require_attributes(source, names: Sequence[str], what: str = "attribute") -> None:
+    """Raise ValueError unless every name is a CelebA attribute the source annotates."""
+    for name in ([names] if isinstance(names, str) else list(names)):
+        if name not in regions.ATTRIBUTE_ID:
+            raise ValueError(f"{what} {name!r} is not a CelebA attribute name; expected one of "
+                             f"{', '.join(regions.ATTRIBUTES)}")
+        if name not in source.annotated:
+            raise ValueError(f"{what} {name!r}: {describe(source)} does not annotate it; it annotates "
+                             f"{', '.join(a for a in regions.ATTRIBUTES if a in source.annotated) or 'nothing'}")
+
+
+def require_parse(source, why: str) -> None:
+    if not source.has_parse:
+        raise ValueError(f"{describe(source)} has no parse maps, which {why} needs; use a source with "
+                         "masks (celebamask_hq, synthetic, folder with masks/) or set explain.parser")
+
+
+# ---------------------------------------------------------------------------
+# Verification pairs
+# ---------------------------------------------------------------------------
+
+
+def read_generic_pairs(root: str, *, check_files: bool = True) -> folders.VerificationPairs:
+    """``ROOT/pairs.csv`` (file_a,file_b,same[,fold]) -> ``folders.VerificationPairs``.
+
+    Identities come from ``attributes.csv``'s ``identity`` column when the
+    folder has one, else from each image's parent folder name.
+    """
+    path = celeba.require_file(os.path.join(root, GENERIC_PAIRS_FILE), "pairs CSV")
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.reader(f)
+        try:
+            header = [h.strip() for h in next(reader)]
+        except StopIteration:
+            raise ValueError(f"{path}: empty file; expected the header 'file_a,file_b,same[,fold]'") from None
+        lines = [(n, [c.strip() for c in row]) for n, row in enumerate(reader, start=2) if any(row)]
+    if header[:3] != ["file_a", "file_b", "same"] or len(header) > 4 or header[3:] not in ([], ["fold"]):
+        raise ValueError(f"{path}: header {header}; expected 'file_a,file_b,same' or 'file_a,file_b,same,fold'")
+    ids = {}
+    attr_path = os.path.join(root, GENERIC_ATTR_FILE)
+    if os.path.isfile(attr_path):
+        table = read_generic_table(attr_path)
+        if table["identity"] is not None:
+            ids = {f: str(i) for f, i in zip(table["files"], table["identity"])}
+    path_a, path_b, same, fold, name_a, name_b = [], [], [], [], [], []
+    for number, cells in lines:
+        if len(cells) != len(header):
+            raise ValueError(f"{path}: line {number} has {len(cells)} fields; expected {len(header)}")
+        if cells[2] not in ("0", "1"):
+            raise ValueError(f"{path}: line {number} has same={cells[2]!r}; expected 1 (matched) or 0")
+        if len(cells) == 4 and not cells[3].isdigit():
+            raise ValueError(f"{path}: line {number} has fold={cells[3]!r}; expected an int >= 0")
+        name_a.append(ids.get(cells[0], os.path.basename(os.path.dirname(cells[0])) or cells[0]))
+        name_b.append(ids.get(cells[1], os.path.basename(os.path.dirname(cells[1])) or cells[1]))
+        path_a.append(os.path.join(root, cells[0])); path_b.append(os.path.join(root, cells[1]))
+        same.append(cells[2] == "1"); fold.append(int(cells[3]) if len(cells) == 4 else 0)
+    if not lines:
+        raise ValueError(f"{path}: no pairs after the header")
+    pairs = folders.VerificationPairs(path_a, path_b, np.asarray(same, bool), np.asarray(fold, np.int32),
+                                      name_a, name_b)
+    if check_files:
+        pairs.check_files()
+    return pairs
+
+
+def build_pairs(data_cfg, *, root_field: str = "root") -> folders.VerificationPairs:
+    """Face-verification pairs of a real data set: ``data.pairs`` in {"lfw", "rfw", "folder"}.
+
+    The synthetic renderer has no pairs file: its experiments draw pairs from
+    identity-disjoint index ranges (``experiments.verification_data``).
+    LFW reads ``ROOT/pairs.txt`` (10 folds of 300 + 300), RFW
+    ``ROOT/txts/<Race>/<Race>_pairs.txt`` for ``data.races`` (default all
+    four) in ``data.num_folds`` (default 10) equal folds, folder ``ROOT/pairs.csv``.
+    """
+    kind = str(_cfg(data_cfg, "pairs", "") or data_cfg.source)
+    if kind not in PAIR_KINDS or kind == "synthetic":
+        raise ValueError(f"data.pairs={kind!r}; expected one of {PAIR_KINDS[1:]} (the synthetic renderer "
+                         "draws its pairs from index ranges)")
+    root = _cfg(data_cfg, root_field, "")
+    if not root:
+        raise ValueError(f"pairs {kind!r} need data.{root_field}: the {kind} folder")
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"data.{root_field}={root!r} does not exist or is not a folder")
+    try:
+        if kind == "lfw":
+            return folders.read_lfw_pairs(root)
+        if kind == "rfw":
+            races = tuple(_cfg(data_cfg, "races", folders.RFW_RACES))
+            return folders.read_rfw_pairs(root, races, num_folds=int(_cfg(data_cfg, "num_folds", 10)))
+        return read_generic_pairs(root)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"data.{root_field}={root!r} is not a {kind} pairs folder: {err}. "
+                                f"Found: {_listing(root)}") from None
+
+
+@dataclasses.dataclass
+class PairImages:
+    """Both images of every pair, resized and held as uint8 [P, R, R, 3], with labels."""
+
+    image_a: np.ndarray
+    image_b: np.ndarray
+    same: np.ndarray
+    fold: np.ndarray
+    identity_a: np.ndarray
+    identity_b: np.ndarray
+    group: Optional[np.ndarray]
+
+
+def load_pair_images(pairs: folders.VerificationPairs, resolution: int, *, num_workers: int = 0,
+                     indices=None) -> PairImages:
+    """Decode the pairs' images (centre square, ``resolution``) in a thread pool."""
+    indices = np.arange(len(pairs)) if indices is None else np.asarray(indices, np.int64)
+    workers = num_workers or _default_workers()
+
+    def load(path):
+        image, _, _ = celeba.decode_image(path, int(resolution))
+        return np.round(image * 255.0).astype(np.uint8)
+
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        a = list(pool.map(load, [pairs.path_a[i] for i in indices]))
+        b = list(pool.map(load, [pairs.path_b[i] for i in indices]))
+    return PairImages(np.stack(a), np.stack(b), pairs.same[indices], pairs.fold[indices],
+                      pairs.identity_a[indices], pairs.identity_b[indices],
+                      None if pairs.group is None else pairs.group[indices])
