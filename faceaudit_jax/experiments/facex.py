@@ -192,6 +192,18 @@ def _write_audit_report(workdir: Path, name: str, result: AuditResult, source,
     return payload
 
 
+def train(config, workdir: str) -> dict:
+    """train.py for the main job: the biased classifier (and baseline), tested, not explained.
+
+    Each model's run directory (``workdir/biased``, ``workdir/balanced``) is what
+    ``configs/audit.py`` takes as ``model.path`` (``model.source=checkpoint``).
+    """
+    if config.experiment != "facex":
+        raise ValueError(f"experiment {config.experiment!r} has no separate training step; "
+                         "use explain.py to run it whole")
+    return classifier.train(config, workdir)
+
+
 def run(config, workdir: str) -> dict:
     """The main job: biased (and baseline) classifier, FaceX audit, report."""
     work = Path(workdir)
