@@ -1,11 +1,10 @@
-"""models.sources: loading an existing classifier (train.py run dir, torchvision state_dict).
+"""models.sources: a torchvision state_dict file as the audited model, and the embedder spec.
 
-References: the variables ``train_classifier`` returns in memory (checkpoint
-source) and PyTorch's own forward pass of a torchvision-layout ResNet-18
-(torchvision source); plus every bad-input error, each naming the field/file.
+Reference: PyTorch's own forward pass of a torchvision-layout ResNet-18 with
+the configured normalisation and output index; plus the bad-input errors,
+each naming the field or file. The train.py run-dir source is tested with
+the checkpoint train.py writes, in test_audit_cli.py.
 """
-
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,12 +12,9 @@ import pytest
 import jax
 import ml_collections
 
-from faceaudit_jax import cli
 from faceaudit_jax.experiments import classifier
 from faceaudit_jax.models import sources as model_sources
 
-ROOT = Path(__file__).resolve().parents[1]
-_IMAGES = np.random.default_rng(0).random((3, 32, 32, 3)).astype(np.float32)
 
 
 def _model_cfg(**fields):
@@ -33,34 +29,7 @@ def _logits(clf, images):
     return np.asarray(head_fn(features_fn(images)))
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """One small_resnet trained for 2 steps by classifier.train_classifier (what train.py runs)."""
-    config = cli.load_config(str(ROOT / "configs" / "facex.py") + ":smoke")
-    config.train.num_epochs = 1
-    workdir = tmp_path_factory.mktemp("train")
-    source = classifier.build_source(config.data)
-    clf = classifier.train_classifier(config, str(workdir), np.arange(64), source, "biased")
-    return clf, workdir / "biased"
-
-
-def test_checkpoint_reloads_the_trained_model(trained):
-    clf, run_dir = trained
-    loaded = model_sources.load_classifier(_model_cfg(path=str(run_dir)))
-    assert loaded.arch == "small_resnet" and loaded.model.num_outputs == 1
-    np.testing.assert_allclose(_logits(loaded, _IMAGES), _logits(clf, _IMAGES), atol=1e-5, rtol=0)
-    record = model_sources.read_record(run_dir)
-    assert record["outputs"] == ["Male"] and record["resolution"] == 64
-
-
-def test_checkpoint_errors_name_the_field(trained, tmp_path):
-    _, run_dir = trained
-    with pytest.raises(ValueError, match=r"holds a small_resnet model; model.arch='resnet18'"):
-        model_sources.load_classifier(_model_cfg(path=str(run_dir), arch="resnet18"))
-    with pytest.raises(ValueError, match=r"model.output_index=1, but .* has 1 output"):
-        model_sources.load_classifier(_model_cfg(path=str(run_dir), output_index=1))
-    with pytest.raises(ValueError, match=r"has 1 output\(s\) \(fc\); model.num_outputs=2"):
-        model_sources.load_classifier(_model_cfg(path=str(run_dir), num_outputs=2))
+def test_run_dir_errors_name_the_field(tmp_path):
     with pytest.raises(ValueError, match=r"needs --config.model.path"):
         model_sources.load_classifier(_model_cfg())
     with pytest.raises(ValueError, match=r"does not exist"):
