@@ -53,6 +53,8 @@ fixed rectangles).
 
 import ml_collections
 
+from faceaudit_jax.data import sources
+
 TABLE2_ATTRIBUTES = ("Wearing_Hat", "Eyeglasses", "Wearing_Earrings", "Wearing_Necklace", "Bald")
 FIGURE_ATTRIBUTES = TABLE2_ATTRIBUTES + ("Wearing_Necktie", "No_Beard", "Wearing_Lipstick",
                                          "Smiling")
@@ -65,6 +67,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.seed = 0
 
     c.data = ml_collections.ConfigDict()
+    # Real data: data.root, data.test_root, ... (sources.REAL_DATA_FIELDS).
+    sources.add_data_fields(c.data)
     c.data.source = "synthetic"          # or "celeba" (set data.root)
     c.data.root = ""                     # CelebA folder for source="celeba"
     c.data.seed = 0

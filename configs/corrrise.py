@@ -18,9 +18,21 @@ matching pairs whose probe wears glasses or a hat. Default sizes (2-core CPU,
 about 15 min free): 400 training identities x 10 images, 6 epochs at batch
 32 (750 updates); 100 test identities, 600 pairs; 32 explained pairs (16
 occluded) with the paper's N = 500 masks.
+
+Real data (``celeba`` variant): the embedder trains on CelebA identities of
+the training partition and is tested on identities of the test partition
+(CelebA's partitions are identity-disjoint; identity_CelebA.txt required),
+centre-cropped to 112 px; any folder with an ``identity`` column works the
+same way (data.source=folder, seeded identity-disjoint split):
+  python explain.py --config configs/corrrise.py:celeba --workdir runs/corrrise_celeba \
+    --config.data.root=/data/CelebA
+The paper's own protocol explains a pretrained ArcFace on LFW / Webface-Occ
+pairs; LFW and RFW pairs files are read by ``data.sources.build_pairs``.
 """
 
 import ml_collections
+
+from faceaudit_jax.data import sources
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -29,6 +41,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.seed = 0
 
     c.data = ml_collections.ConfigDict()
+    # Real data: data.root, data.test_root, ... (sources.REAL_DATA_FIELDS).
+    sources.add_data_fields(c.data)
     c.data.source = "synthetic"
     c.data.seed = 0
     c.data.resolution = 112  # the paper's face size
@@ -134,6 +148,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.explain.num_steps = 20
         c.sanity.num_pairs = 50
         c.occluded.num_pairs = 500
+    elif variant == "celeba":
+        c.data.source = "celeba"
     elif variant:
-        raise ValueError(f"unknown config variant {variant!r}; expected '', 'smoke' or 'paper'")
+        raise ValueError(f"unknown config variant {variant!r}; expected '', 'smoke', 'paper' or 'celeba'")
     return c

@@ -23,9 +23,19 @@ and a small gender CNN that sees the 128 px images pooled to 64 px, trained
 6 epochs with lr 1e-2 (at 1e-3 it reached only about 0.6 test accuracy on a
 gender-balanced set after 8 epochs; the paper's 1e-5 is slower still) and its
 batch-norm statistics re-estimated after training.
+
+Real data (``celeba`` variant, the paper's data set): the subsets are drawn
+from CelebA's training partition and the gender-balanced test set from its
+test partition (list_eval_partition.txt), centre-cropped to 128 px:
+  python explain.py --config configs/debias_noise.py:celeba --workdir runs/debias_celeba \
+    --config.data.root=/data/CelebA
+The paper: 3000 men without the confounder, 2000 + 1000 women with and
+without it (train_set.* at the paper's sizes in this variant).
 """
 
 import ml_collections
+
+from faceaudit_jax.data import sources
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -36,6 +46,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.confounders = ("Blond_Hair", "Eyeglasses", "Smiling", "Wearing_Hat")
 
     c.data = ml_collections.ConfigDict()
+    # Real data: data.root, data.test_root, ... (sources.REAL_DATA_FIELDS).
+    sources.add_data_fields(c.data)
     c.data.source = "synthetic"
     c.data.seed = 0
     c.data.resolution = 128
@@ -175,6 +187,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.classifier.epochs = 20
         c.classifier.epochs_mask = 10
         c.classifier.bn_recalibration_passes = 0  # lr 1e-5: the running statistics keep up
+    elif variant == "celeba":
+        c.data.source = "celeba"
+        c.train_set.n_target = 3000
+        c.train_set.n_other_with = 2000
+        c.train_set.n_other_without = 1000
     elif variant:
-        raise ValueError(f"unknown config variant {variant!r}; expected '', 'smoke' or 'paper'")
+        raise ValueError(f"unknown config variant {variant!r}; expected '', 'smoke', 'paper' or 'celeba'")
     return c

@@ -19,6 +19,8 @@ steps), 256 test images from disjoint identities.
 
 import ml_collections
 
+from faceaudit_jax.data import sources
+
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -26,6 +28,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.seed = 0
 
     c.data = ml_collections.ConfigDict()
+    # Real data: data.root, data.test_root, ... (sources.REAL_DATA_FIELDS).
+    sources.add_data_fields(c.data)
     c.data.source = "synthetic"          # or "celebamask_hq" (needs data.root)
     c.data.root = ""
     c.data.seed = 0

@@ -1,7 +1,10 @@
 r"""FaceX audit of a Male classifier with an injected Wearing_Lipstick shortcut (the main job).
 
 Trains (or loads from its Orbax checkpoint) a classifier on synthetic faces in
-which 99% of men wear no lipstick and 99% of women do, plus a baseline trained
+which 99% of men wear no lipstick and 99% of women do (FaceX's direction:
+``bias.confounder_values`` unset follows the sign of the link, which the
+renderer's independent attributes lack, so CelebA's sign as drawn by the
+renderer's correlated mode: lipstick goes with Male = 0), plus a baseline trained
 on a same-size subset balanced over Male x Wearing_Lipstick; then explains the
 biased model with Grad-CAM over a balanced test set and writes the FaceX
 report (prototype heatmap, region ranking, patch galleries, JSON).
@@ -11,9 +14,27 @@ Run:
   python explain.py --config configs/facex.py:smoke --workdir /tmp/facex_smoke
   python explain.py --config configs/facex.py:paper --workdir runs/facex_paper   # accelerator
 Any field can be overridden, e.g. --config.bias.confounders='("Wearing_Hat",)'.
+
+Real data (docs/use_your_own_data.md), every variant reads --config.data.root:
+  :celebamask_hq  your CelebAMask-HQ-layout folders: train on data.root, test and
+      explain on data.test_root (or, without it, the published split via
+      CelebA-HQ-to-CelebA-mapping.txt), with the data set's own masks:
+      python train.py --config configs/facex.py:celebamask_hq --workdir W \
+        --config.data.root=TRAIN --config.data.test_root=TEST
+  :celeba  FaceX's protocol: ResNet-18 trained at 224 px on CelebA's training
+      partition minus the CelebA originals of the CelebAMask-HQ test images,
+      tested and explained on the CelebAMask-HQ test split (published
+      partition) at 512 px:
+      python explain.py --config configs/facex.py:celeba --workdir W \
+        --config.data.root=CELEBA --config.data.test_root=CELEBAMASK_HQ
+  Both default to the sign of the data set's own Male x Wearing_Lipstick link
+  (CelebA: women wear lipstick), and test on the largest subset balanced
+  over Male x Wearing_Lipstick that the test set holds (test.size = 0).
 """
 
 import ml_collections
+
+from faceaudit_jax.data import sources
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -32,11 +53,16 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.data.pool_size = 100_000
     # Test images come from an index range (and so identities) disjoint from training.
     c.data.test_offset = 50_000_000
+    # Real data: data.root, data.test_root, ... (sources.REAL_DATA_FIELDS).
+    sources.add_data_fields(c.data)
 
     c.bias = ml_collections.ConfigDict()
     c.bias.target = "Male"
     c.bias.confounders = ("Wearing_Lipstick",)
     c.bias.corr = 0.99
+    # The value of each confounder that goes with target = 1, e.g. '(0,)': lipstick
+    # with Male = 0. None: the sign of the link in the data (sources.bias_direction).
+    c.bias.confounder_values = ml_collections.FieldReference(None, field_type=tuple)
 
     c.model = ml_collections.ConfigDict()
     # "train": train the models here. To audit an existing model (a train.py
@@ -62,6 +88,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.train.baseline = True
 
     c.test = ml_collections.ConfigDict()
+    # Balanced over target x confounders; 0 = the largest such subset the test set holds.
     c.test.size = 1000
     c.test.batch_size = 100
 
@@ -103,6 +130,25 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.train.num_epochs = 20
         c.test.size = 4000
         c.explain.resolution = 448
+    elif variant == "celebamask_hq":
+        c.data.source = "celebamask_hq"
+        c.data.resolution = 128
+        c.test.size = 0
+    elif variant == "celeba":
+        c.data.source = "celeba"
+        c.data.test_source = "celebamask_hq"
+        c.data.test_split = "published"
+        c.model.name = "resnet18"
+        c.data.resolution = 224
+        c.train.size = 20_000
+        c.train.batch_size = 128
+        c.train.num_epochs = 20
+        # CelebA's training partition has too few men wearing lipstick for a
+        # balanced set of 20,000; FaceX audits the biased model only.
+        c.train.baseline = False
+        c.test.size = 0
+        c.explain.resolution = 512
     elif variant:
-        raise ValueError(f"unknown config variant {variant!r}; expected '', 'smoke' or 'paper'")
+        raise ValueError(f"unknown config variant {variant!r}; expected '', 'smoke', 'paper', "
+                         "'celebamask_hq' or 'celeba'")
     return c

@@ -44,6 +44,28 @@ Estimated total: pools < 1 min, training ~30-40 min, testing and auditing
 20 x 480 images ~3-5 min, compilation ~2 min (the train step recompiles for
 every model: about 3 s each on a free machine).
 
+Bias direction: ``tables.confounder_value = 1`` pairs each confounder's
+presence with target = 1 in Tables 1 and 3 and Figure 5 (e.g. 99% of men
+blond, 99% of men with lipstick), the setting results/facex was produced
+with. ``None`` follows the sign of the link instead (CelebA's: women wear
+lipstick and earrings, men eyeglasses and hats; ``sources.bias_direction``),
+as the ``celeba`` variant does: on CelebA itself the other direction cannot
+be drawn for most confounders (too few men wear lipstick).
+
+FaceX's protocol on the real data sets (``celeba`` variant): train on
+CelebA's training partition minus the CelebA originals of the CelebAMask-HQ
+test images (``folders.drop_celebamask_hq_overlap``), explain on the
+CelebAMask-HQ test split (published partition, via its CelebA mapping) with
+its own masks, at 512 px; ResNet-18 at 224 px, Adam 1e-3 (x0.1 at 1/3 and
+2/3), batch 128, 20 epochs, 0.99 co-occurrence following CelebA's link:
+  python explain.py --config configs/facex_tables.py:celeba --workdir runs/facex_celeba \
+    --config.data.root=/data/CelebA --config.data.test_root=/data/CelebAMask-HQ
+CelebA's folder needs list_eval_partition.txt, CelebAMask-HQ's
+CelebA-HQ-to-CelebA-mapping.txt. Table 4's "independent" model needs an
+attribute-independent pool, which a real data set does not have: leave
+table4 out (the variant's tables.parts) or accept that both of its models
+train on the same CelebA distribution.
+
 The ``smoke`` variant runs every part with tiny budgets (64 px, 4 training
 steps per model, 2 x 2 Table 1 cases: 8 models) in about 2 minutes (8
 minutes on this CPU while it was shared by other jobs); ``paper`` uses the
@@ -51,6 +73,8 @@ paper's ResNet-18 recipe at 224 px for accelerators.
 """
 
 import ml_collections
+
+from faceaudit_jax.data import sources
 
 TABLE1_CONFOUNDERS = ("Blond_Hair", "Eyeglasses", "Smiling", "Wearing_Earrings",
                       "Wearing_Lipstick", "Wearing_Necklace", "Wearing_Hat")
@@ -76,6 +100,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # Test pools start here: identities disjoint from every training pool.
     c.data.test_offset = 50_000_000
     c.data.test_pool_size = 400_000
+    # Real data: data.root, data.test_root, ... (sources.REAL_DATA_FIELDS).
+    sources.add_data_fields(c.data)
 
     c.model = ml_collections.ConfigDict()
     c.model.name = "small_resnet"
@@ -95,7 +121,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.train.log_every = 25
 
     c.test = ml_collections.ConfigDict()
-    c.test.size = 480
+    c.test.size = 480               # 0 = the largest balanced test set
     # Same batch as training: the renderer then compiles once per distribution.
     c.test.batch_size = 32
 
@@ -111,6 +137,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.tables = ml_collections.ConfigDict()
     c.tables.parts = ("table1", "table3", "table4", "figure5")
     c.tables.heatmap_dpi = 80        # per-model prototype heatmaps in <workdir>/audits/
+    # The value of every confounder that goes with target = 1 in the biased
+    # subsets; None = the sign of the link (see the docstring).
+    c.tables.confounder_value = ml_collections.FieldReference(1, field_type=int)
 
     c.table1 = ml_collections.ConfigDict()
     c.table1.targets = ("Male", "Young")
@@ -168,6 +197,25 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.test.batch_size = 100
         c.explain.top_k = 20
         c.table4.pool_size = 400_000
+    elif variant == "celeba":
+        c.data.source = "celeba"
+        c.data.test_source = "celebamask_hq"
+        c.data.test_split = "published"
+        c.data.resolution = 224
+        c.model.name = "resnet18"
+        c.train.size = 20_000
+        c.train.batch_size = 128
+        c.train.num_epochs = 20
+        c.train.ckpt_every = 500
+        # The largest test set balanced over each model's cells (CelebAMask-HQ's
+        # test split has few men wearing lipstick).
+        c.test.size = 0
+        c.test.batch_size = 32
+        c.explain.resolution = 512
+        c.explain.top_k = 20
+        c.tables.confounder_value = None
+        c.tables.parts = ("table1", "table3", "figure5")
     elif variant:
-        raise ValueError(f"unknown config variant {variant!r}; expected '', 'smoke' or 'paper'")
+        raise ValueError(f"unknown config variant {variant!r}; expected '', 'smoke', 'paper' "
+                         "or 'celeba'")
     return c

@@ -30,9 +30,20 @@ Why the default sizes (2-core CPU, about 10-12 min on a free machine):
   per masked image: 8 forwards per pair).
 * Curves on 24 + 24 pairs with 300 CorrRISE and 300 RISE masks (the
   baselines cost 2 x pairs x masks forwards; the papers use 500-4000).
-"""
+
+
+Real data (``celeba`` variant): the ViT trains on CelebA identities of the
+training partition and the 10-fold protocol runs on identities of the test
+partition (identity-disjoint; identity_CelebA.txt required), centre-cropped
+to 112 px; a folder with an ``identity`` column works the same way:
+  python explain.py --config configs/vit_fv.py:celeba --workdir runs/vit_fv_celeba \
+    --config.data.root=/data/CelebA
+The paper trains on VGGFace2 and tests on LFW / RFW pairs; those pairs files
+are read by ``data.sources.build_pairs``."""
 
 import ml_collections
+
+from faceaudit_jax.data import sources
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -41,6 +52,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.seed = 0
 
     c.data = ml_collections.ConfigDict()
+    # Real data: data.root, data.test_root, ... (sources.REAL_DATA_FIELDS).
+    sources.add_data_fields(c.data)
     c.data.source = "synthetic"
     c.data.seed = 0
     c.data.resolution = 112
@@ -168,6 +181,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.curves.corrrise_masks = 1000
         c.curves.rise_masks = 4000
         c.curves.chunk_size = 32
+    elif variant == "celeba":
+        c.data.source = "celeba"
     elif variant:
-        raise ValueError(f"unknown config variant {variant!r}; expected '', 'smoke' or 'paper'")
+        raise ValueError(f"unknown config variant {variant!r}; expected '', 'smoke', 'paper' or 'celeba'")
     return c

@@ -351,7 +351,7 @@ def test_every_augmentation_shares_one_compiled_step():
     ("patch_net.patch_size", 80, "larger than the image"),
     ("patch_net.grid", 60, "does not fit"),
     ("patch_net.confidence", "entropy", "patch_net.confidence"),
-    ("data.source", "celeba", "synthetic renderer"),
+    ("data.source", "celeba", "needs data.root"),
     ("classifier.repeats", 0, r"classifier.repeats=0; expected an int >= 1"),
 ])
 def test_bad_config_raises(field, value, match):

@@ -213,8 +213,9 @@ def test_fairface_attributes_and_groups(tmp_path):
     assert set(batch) == {"image", "attrs", "group", "index"}
     assert batch["image"].shape == (2, 8, 8, 3)
     np.testing.assert_array_equal(batch["group"], data.group[[4, 9]])
-    chosen = sampling.biased_subset(data.attrs, "Male", ["Young"], corr=0.75, size=8, seed=0)
-    y, aligned = sampling.group_labels(data.attrs[chosen], "Male", ["Young"])
+    chosen = sampling.biased_subset(data.attrs, "Male", ["Young"], corr=0.75, size=8, seed=0,
+                                    confounder_values=(1,))
+    y, aligned = sampling.group_labels(data.attrs[chosen], "Male", ["Young"], (1,))
     assert aligned.sum() == 6 and y.sum() == 4
     with pytest.raises(ValueError, match="young_below=35"):
         folders.FairFace(tmp_path, young_below=35)

@@ -16,9 +16,20 @@ def col(name):
     return regions.attribute_id(name)
 
 
+def linked_table(n=40000, seed=0, p_with_men=0.05, p_with_women=0.7):
+    """A CelebA-like Male x Wearing_Lipstick link: few men wear lipstick, most women do."""
+    table = random_table(n, seed)
+    rng = np.random.default_rng(seed + 100)
+    male = table[:, col("Male")]
+    rate = np.where(male == 1, p_with_men, p_with_women)
+    table[:, col("Wearing_Lipstick")] = np.where(male >= 0, rng.random(n) < rate, -1)
+    return table
+
+
 def test_biased_subset_cooccurrence_within_sampling_error():
     table = random_table()
-    idx = sampling.biased_subset(table, "Male", "Wearing_Lipstick", 0.9, 4000, seed=1)
+    idx = sampling.biased_subset(table, "Male", "Wearing_Lipstick", 0.9, 4000, seed=1,
+                                 confounder_values=(1,))
     sub = table[idx]
     assert idx.size == 4000 and np.unique(idx).size == 4000
     y, a = sub[:, col("Male")], sub[:, col("Wearing_Lipstick")]
@@ -33,9 +44,10 @@ def test_biased_subset_cooccurrence_within_sampling_error():
 
 def test_biased_subset_two_confounders_spreads_conflicting_cells():
     table = random_table(80000)
-    idx = sampling.biased_subset(table, "Male", ["Eyeglasses", "Wearing_Hat"], 0.97, 2000, seed=3)
+    idx = sampling.biased_subset(table, "Male", ["Eyeglasses", "Wearing_Hat"], 0.97, 2000, seed=3,
+                                 confounder_values=(1, 1))
     sub = table[idx]
-    y, aligned = sampling.group_labels(sub, "Male", ["Eyeglasses", "Wearing_Hat"])
+    y, aligned = sampling.group_labels(sub, "Male", ["Eyeglasses", "Wearing_Hat"], (1, 1))
     assert np.mean(aligned) == pytest.approx(0.97, abs=2e-3)
     # The 3% conflicting images of each class cover all three other combinations.
     conflicting = sub[~aligned][:, regions.attribute_ids(["Male", "Eyeglasses", "Wearing_Hat"])]
@@ -44,11 +56,44 @@ def test_biased_subset_two_confounders_spreads_conflicting_cells():
 
 def test_biased_subset_is_deterministic_and_seed_dependent():
     table = random_table()
-    a = sampling.biased_subset(table, "Young", "Smiling", 0.99, 1000, seed=5)
-    b = sampling.biased_subset(table, "Young", "Smiling", 0.99, 1000, seed=5)
-    c = sampling.biased_subset(table, "Young", "Smiling", 0.99, 1000, seed=6)
+    a = sampling.biased_subset(table, "Young", "Smiling", 0.99, 1000, seed=5, confounder_values=1)
+    b = sampling.biased_subset(table, "Young", "Smiling", 0.99, 1000, seed=5, confounder_values=1)
+    c = sampling.biased_subset(table, "Young", "Smiling", 0.99, 1000, seed=6, confounder_values=1)
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
+
+
+def test_default_direction_follows_the_link_women_wear_lipstick():
+    table = linked_table()
+    assert sampling.linked_values(table, "Male", ["Wearing_Lipstick"]) == (0,)
+    idx = sampling.biased_subset(table, "Male", "Wearing_Lipstick", 0.99, 2000, seed=0)
+    sub = table[idx]
+    y, a = sub[:, col("Male")], sub[:, col("Wearing_Lipstick")]
+    # FaceX's setting, counted directly: 99% of women wear lipstick, 99% of men do not.
+    assert np.mean(a[y == 0] == 1) == pytest.approx(0.99, abs=1e-3)
+    assert np.mean(a[y == 1] == 0) == pytest.approx(0.99, abs=1e-3)
+    _, aligned = sampling.group_labels(sub, "Male", ["Wearing_Lipstick"], (0,))
+    np.testing.assert_array_equal(aligned, a != y)
+
+
+def test_opposite_direction_is_drawable_only_when_the_pool_has_enough_conflicting_images():
+    # 200 men of whom ~5% wear lipstick: 99% of 1000 men with lipstick cannot be drawn.
+    table = linked_table(n=2000)
+    with pytest.raises(ValueError, match=r"cell \(Male=1, Wearing_Lipstick=1\)"):
+        sampling.biased_subset(table, "Male", "Wearing_Lipstick", 0.99, 2000, seed=0,
+                               confounder_values=(1,))
+    idx = sampling.biased_subset(table, "Male", "Wearing_Lipstick", 0.99, 200, seed=0)
+    assert idx.size == 200
+
+
+def test_no_link_means_no_default_direction():
+    table = random_table()
+    with pytest.raises(ValueError, match="Wearing_Lipstick.*no link.*confounder_values"):
+        sampling.biased_subset(table, "Male", "Wearing_Lipstick", 0.99, 100, seed=0)
+    for bad in ((2,), (1, 0), (True,), ("1",)):
+        with pytest.raises(ValueError, match="confounder_values"):
+            sampling.biased_subset(table, "Male", "Wearing_Lipstick", 0.99, 100, seed=0,
+                                   confounder_values=bad)
 
 
 def test_balanced_subset_has_equal_cells():
@@ -84,7 +129,7 @@ def test_unknown_attribute_names_the_value():
 def test_too_large_subset_names_the_cell():
     table = random_table(2000)
     with pytest.raises(ValueError, match=r"cell \(Male=1, Smiling=1\).*pool has only"):
-        sampling.biased_subset(table, "Male", "Smiling", 0.99, 5000, seed=0)
+        sampling.biased_subset(table, "Male", "Smiling", 0.99, 5000, seed=0, confounder_values=1)
 
 
 def test_unknown_labels_are_never_drawn():

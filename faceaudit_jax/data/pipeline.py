@@ -9,7 +9,10 @@ resumed from a checkpoint sees exactly the batches it would have seen.
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import dataclasses
+import threading
 from typing import Callable, Iterator, Optional, Sequence
 
 import jax
@@ -107,34 +110,73 @@ def step_indices(indices: np.ndarray, batch_size: int, seed: int, step: int) -> 
     return indices[order[within * batch_size:(within + 1) * batch_size]]
 
 
+def _device_put(batch: dict) -> dict:
+    """Start the host-to-device copy of the pixel arrays (images, parse maps: ndim >= 3) now, so
+    it overlaps with the model; labels and indices stay as they are (numpy keeps int64)."""
+    return {k: (jax.device_put(v) if isinstance(v, np.ndarray) and v.ndim >= 3 else v)
+            for k, v in batch.items()}
+
+
 def step_batch_fn(source, indices, batch_size: int, seed: int,
                   transform: Optional[Callable[[dict], dict]] = None,
-                  sharding: Optional[NamedSharding] = None) -> Callable[[int], dict]:
-    """``batch_fn(step) -> batch`` for train_lib.fit: deterministic in (seed, step)."""
+                  sharding: Optional[NamedSharding] = None, *, prefetch: int = 0,
+                  num_steps: Optional[int] = None) -> Callable[[int], dict]:
+    """``batch_fn(step) -> batch`` for train_lib.fit: deterministic in (seed, step).
 
-    def batch_fn(step: int) -> dict:
+    With ``prefetch`` > 0, serving step s starts loading steps s+1 .. s+prefetch
+    in a background thread (file decoding overlaps with the train step); the
+    batches are the same, since each is a pure function of its step. Give
+    ``num_steps`` so nothing is loaded past the last step and the thread ends.
+    """
+
+    def load(step: int) -> dict:
         batch = source.batch(step_indices(indices, batch_size, seed, step))
         if transform is not None:
             batch = transform(batch)
         if sharding is not None:
-            batch = shard_batch(batch, sharding)
+            return shard_batch(batch, sharding)
+        return _device_put(batch) if prefetch else batch
+
+    if not prefetch:
+        return load
+    worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="prefetch-steps")
+    pending: dict[int, concurrent.futures.Future] = {}
+    lock = threading.Lock()
+
+    def batch_fn(step: int) -> dict:
+        step = int(step)
+        with lock:
+            future = pending.pop(step, None)
+            for stale in [s for s in pending if s < step]:
+                pending.pop(stale).cancel()
+            last = step + int(prefetch) if num_steps is None else min(step + int(prefetch), int(num_steps) - 1)
+            for ahead in range(step + 1, last + 1):
+                if ahead not in pending:
+                    pending[ahead] = worker.submit(load, ahead)
+        batch = future.result() if future is not None else load(step)
+        if num_steps is not None and step >= int(num_steps) - 1:
+            worker.shutdown(wait=False)
         return batch
 
     return batch_fn
 
 
 def iterate_batches(source, indices, batch_size: int,
-                    transform: Optional[Callable[[dict], dict]] = None
+                    transform: Optional[Callable[[dict], dict]] = None, *, prefetch: int = 2
                     ) -> Iterator[tuple[dict, np.ndarray]]:
     """Evaluation batches in order, the last one padded to full size.
 
     Yields (batch, valid) where ``valid`` [batch_size] bool marks real rows, so
-    jitted consumers see one shape and compile once.
+    jitted consumers see one shape and compile once. The next ``prefetch``
+    batches are loaded (decoded, transformed, copied to the device) in a
+    background thread while the caller works on the current one; 0 loads
+    each batch when it is asked for.
     """
     indices = np.asarray(indices)
     if indices.size == 0:
         raise ValueError("no images to iterate over (empty index list)")
-    for start in range(0, indices.size, batch_size):
+
+    def load(start: int):
         chunk = indices[start:start + batch_size]
         valid = np.zeros(batch_size, bool)
         valid[:chunk.size] = True
@@ -142,7 +184,26 @@ def iterate_batches(source, indices, batch_size: int,
         batch = source.batch(padded)
         if transform is not None:
             batch = transform(batch)
-        yield batch, valid
+        return (_device_put(batch) if prefetch else batch), valid
+
+    starts = range(0, indices.size, batch_size)
+    if not prefetch:
+        for start in starts:
+            yield load(start)
+        return
+    worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="prefetch-batches")
+    queue: collections.deque = collections.deque()
+    try:
+        for start in starts:
+            queue.append(worker.submit(load, start))
+            if len(queue) > int(prefetch):
+                yield queue.popleft().result()
+        while queue:
+            yield queue.popleft().result()
+    finally:
+        for future in queue:
+            future.cancel()
+        worker.shutdown(wait=True)
 
 
 def data_mesh(devices: Optional[Sequence[jax.Device]] = None) -> Mesh:

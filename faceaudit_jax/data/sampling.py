@@ -62,18 +62,69 @@ def _cell_name(names: Sequence[str], combo: Sequence[int]) -> str:
     return "(" + ", ".join(f"{n}={v}" for n, v in zip(names, combo)) + ")"
 
 
+def linked_values(attrs, target: str, confounders, *, min_link: float = 0.05) -> tuple[int, ...]:
+    """Per confounder, the value that goes with target = 1 in this table: the sign of the link.
+
+    1 when P(a=1 | y=1) > P(a=1 | y=0) (the confounder is more common with
+    the target), else 0. On CelebA, Male x Wearing_Lipstick gives 0 (women
+    wear lipstick) and Male x Eyeglasses 1. Raises ValueError, naming the
+    confounder and both rates, when they differ by less than ``min_link``:
+    a table without a link has no sign to follow, so the caller must say
+    which value goes with target = 1.
+    """
+    table = _as_table(attrs)
+    confounders = _confounder_list(confounders)
+    y = table[:, regions.attribute_id(target)]
+    values = []
+    for name in confounders:
+        a = table[:, regions.attribute_id(name)]
+        known = (y >= 0) & (a >= 0)
+        with_y = a[known & (y == 1)]
+        without_y = a[known & (y == 0)]
+        if with_y.size == 0 or without_y.size == 0:
+            raise ValueError(f"no images with both {target} and {name} known for each {target} value; "
+                             "cannot tell which way the link points (pass confounder_values)")
+        p1, p0 = float(np.mean(with_y == 1)), float(np.mean(without_y == 1))
+        if abs(p1 - p0) < min_link:
+            raise ValueError(
+                f"{target} x {name}: P({name}=1 | {target}=1) = {p1:.3f} and P({name}=1 | {target}=0) = "
+                f"{p0:.3f} differ by less than {min_link}; the table has no link whose sign the bias "
+                f"could follow; pass confounder_values (the value of {name} that goes with {target}=1)")
+        values.append(1 if p1 > p0 else 0)
+    return tuple(values)
+
+
+def check_confounder_values(confounder_values, confounders) -> tuple[int, ...]:
+    """Validate an explicit direction: one 0 / 1 per confounder."""
+    confounders = _confounder_list(confounders)
+    if isinstance(confounder_values, (int, np.integer)) and not isinstance(confounder_values, bool):
+        confounder_values = (confounder_values,)
+    values = tuple(confounder_values)
+    valid = len(values) == len(confounders) and all(
+        isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v in (0, 1) for v in values)
+    if not valid:
+        raise ValueError(f"confounder_values={confounder_values!r}; expected one 0 or 1 per confounder "
+                         f"{confounders} (the value that goes with target = 1)")
+    return tuple(int(v) for v in values)
+
+
 def biased_subset(attrs, target: str, confounders, corr: float, size: int, seed: int,
-                  *, target_rate: float = 0.5) -> np.ndarray:
-    """FaceX's biased subset: the confounder(s) agree with the target in a share ``corr``.
+                  *, target_rate: float = 0.5, confounder_values=None) -> np.ndarray:
+    """FaceX's biased subset: the confounders follow the target in a share ``corr``.
 
-    Of the images with target y, a share ``corr`` has every confounder equal to
-    y (bias-aligned); the rest is spread evenly over the other confounder
-    combinations (bias-conflicting). With one confounder and corr = 0.99: 99%
-    of y=1 have a=1 and 99% of y=0 have a=0. ``target_rate`` is the share of
-    y=1 in the subset (balanced by default, so the only shortcut is the
-    confounder).
+    ``confounder_values`` (one 0 / 1 per confounder) is the value of each
+    confounder that goes with target = 1; target = 0 goes with the opposite
+    values. By default it is the sign of the link in ``attrs``
+    (``linked_values``): with CelebA's table, Male x Wearing_Lipstick gives
+    FaceX's setting, 99% of women (Male = 0) wear lipstick and 99% of men do
+    not. A table without a link (attributes drawn independently) raises
+    unless the values are given.
 
-    Returns sorted indices into ``attrs``.
+    Of the images with target y, a share ``corr`` has every confounder at its
+    aligned value (bias-aligned); the rest is spread evenly over the other
+    confounder combinations (bias-conflicting). ``target_rate`` is the share
+    of y=1 in the subset (balanced by default, so the only shortcut is the
+    confounder). Returns sorted indices into ``attrs``.
     """
     table = _as_table(attrs)
     confounders = _confounder_list(confounders)
@@ -87,13 +138,15 @@ def biased_subset(attrs, target: str, confounders, corr: float, size: int, seed:
     size = int(size)
     if size < 2:
         raise ValueError(f"size={size}; expected at least 2")
+    values = (linked_values(table, target, confounders) if confounder_values is None
+              else check_confounder_values(confounder_values, confounders))
     names = [target] + confounders
     pools = _cell_pools(table, names)
     rng = np.random.default_rng(seed)
     n_pos = int(round(size * target_rate))
     chosen = []
     for y, n_y in ((1, n_pos), (0, size - n_pos)):
-        aligned = tuple([y] * len(confounders))
+        aligned = tuple(v if y == 1 else 1 - v for v in values)
         n_aligned = int(round(corr * n_y))
         others = [c for c in itertools.product((0, 1), repeat=len(confounders)) if c != aligned]
         counts = [n_aligned] + _split_evenly(n_y - n_aligned, len(others))
@@ -103,21 +156,29 @@ def biased_subset(attrs, target: str, confounders, corr: float, size: int, seed:
     return np.sort(np.concatenate(chosen))
 
 
-def balanced_subset(attrs, target: str, confounders, size: int, seed: int) -> np.ndarray:
+def balanced_subset(attrs, target: str, confounders, size, seed: int) -> np.ndarray:
     """A subset with equal counts in every (target, confounders...) cell.
 
     The test sets of the bias experiments: aligned and conflicting groups are
     equally represented, so accuracy per group is measured on equal footing.
-    With an empty confounder list it balances the target alone.
+    With an empty confounder list it balances the target alone. ``size`` 0
+    or None takes the largest such subset: every cell as large as the
+    smallest (an empty cell raises, naming it).
     """
     table = _as_table(attrs)
     confounders = [] if confounders in (None, (), []) else _confounder_list(confounders)
     names = [target] + confounders
     regions.attribute_ids(names)
+    pools = _cell_pools(table, names)
+    if not size:
+        empty = [key for key in sorted(pools) if pools[key].size == 0]
+        if empty:
+            raise ValueError(f"no image in cell {_cell_name(names, empty[0])}; a balanced subset "
+                             "needs every cell")
+        size = len(pools) * min(p.size for p in pools.values())
     size = int(size)
     if size < 2 ** len(names):
         raise ValueError(f"size={size}; expected at least {2 ** len(names)} (one per cell)")
-    pools = _cell_pools(table, names)
     rng = np.random.default_rng(seed)
     counts = _split_evenly(size, len(pools))
     chosen = [_draw(rng, pools[key], n, _cell_name(names, key))
@@ -143,13 +204,17 @@ def deconinck_subset(attrs, confounder: str, seed: int, *, target: str = "Male",
     return np.sort(np.concatenate(parts))
 
 
-def group_labels(attrs, target: str, confounders) -> tuple[np.ndarray, np.ndarray]:
-    """(y [N] int32, aligned [N] bool): the target and whether every confounder equals it."""
+def group_labels(attrs, target: str, confounders, confounder_values) -> tuple[np.ndarray, np.ndarray]:
+    """(y [N] int32, aligned [N] bool): the target, and whether every confounder takes the value
+    that goes with y (``confounder_values`` for y = 1, the opposite for y = 0), i.e. the
+    direction the biased subset was drawn with."""
     table = _as_table(attrs)
     confounders = _confounder_list(confounders)
+    values = np.asarray(check_confounder_values(confounder_values, confounders), np.int32)
     y = table[:, regions.attribute_id(target)].astype(np.int32)
     conf = table[:, regions.attribute_ids(confounders)]
-    aligned = np.all(conf == y[:, None], axis=1)
+    expected = np.where(y[:, None] == 1, values[None, :], 1 - values[None, :])
+    aligned = np.all(conf == expected, axis=1)
     return y, aligned
 
 

@@ -60,7 +60,7 @@ import numpy as np
 from PIL import Image
 
 from faceaudit_jax import regions
-from faceaudit_jax.data import celeba, folders
+from faceaudit_jax.data import celeba, folders, sampling
 
 SOURCE_KINDS = ("synthetic", "celeba", "celeba_tfds", "celebamask_hq", "fairface", "folder")
 PAIR_KINDS = ("synthetic", "lfw", "rfw", "folder")
@@ -180,7 +180,7 @@ class FileSource:
         loaded = list(pool.map(self.load_row, rows.tolist()) if pool is not None
                       else map(self.load_row, rows.tolist()))
         batch = celeba.stack_examples([ex for ex, _ in loaded], [p for _, p in loaded])
-        batch["index"] = rows
+        batch.pop("index", None)  # the readers' own numbering; callers hold the rows they asked for
         return batch
 
     def with_resolution(self, resolution: int):
@@ -520,6 +520,19 @@ def _require_root(data_cfg, root_field: str) -> str:
     return root
 
 
+def check_data_config(data_cfg) -> None:
+    """Cheap checks of ``data.source`` and its roots, for config validation before any work
+    (``build_source`` repeats them and reads the tables)."""
+    kind = str(data_cfg.source)
+    if kind not in SOURCE_KINDS:
+        raise ValueError(f"data.source={kind!r}; expected one of {SOURCE_KINDS}")
+    if kind == "synthetic":
+        return
+    _require_root(data_cfg, "root")
+    if _cfg(data_cfg, "test_root", ""):
+        _require_root(test_data_cfg(data_cfg), "root")
+
+
 def _synthetic(data_cfg):
     from faceaudit_jax.data.pipeline import SyntheticSource
     return SyntheticSource(seed=int(_cfg(data_cfg, "seed", 0)), resolution=int(data_cfg.resolution),
@@ -598,6 +611,34 @@ def seeded_split(source, split: str, seed: int, test_fraction: float) -> np.ndar
     return np.flatnonzero(in_test if split == "test" else ~in_test)
 
 
+def test_data_cfg(data_cfg):
+    """``data_cfg`` pointing at the test data set: ``test_root``, of kind ``test_source``
+    (default: the same kind as ``source``)."""
+    test_cfg = copy.deepcopy(data_cfg)
+    if hasattr(test_cfg, "unlocked"):
+        with test_cfg.unlocked():
+            test_cfg.source = _cfg(data_cfg, "test_source", "") or data_cfg.source
+            test_cfg.root = data_cfg.test_root
+    else:
+        test_cfg = dict(test_cfg, source=_cfg(data_cfg, "test_source", "") or data_cfg.source,
+                        root=data_cfg["test_root"])
+    return test_cfg
+
+
+def _drop_test_overlap(train_source, train_rows, test_source, test_rows) -> np.ndarray:
+    """CelebA training rows without the originals of CelebAMask-HQ test images (FaceX)."""
+    if not (isinstance(train_source, CelebASource) and isinstance(test_source, CelebAMaskHQSource)):
+        return train_rows
+    mapping = test_source.reader.mapping
+    if mapping is None:
+        raise FileNotFoundError(
+            f"missing file: {os.path.join(test_source.root, folders.CELEBAMASK_HQ_MAPPING_FILE)}; "
+            "training on CelebA and testing on CelebAMask-HQ needs it to drop the test images' "
+            "CelebA originals from training")
+    return folders.drop_celebamask_hq_overlap(train_source.filenames, train_rows, mapping,
+                                              test_source.hq_indices[test_rows])
+
+
 def build_split(data_cfg, split: str, *, pool_size: Optional[int] = None) -> tuple[Source, np.ndarray]:
     """(source, rows of that split's images) for ``split`` in {"train", "test"}.
 
@@ -605,31 +646,57 @@ def build_split(data_cfg, split: str, *, pool_size: Optional[int] = None) -> tup
     ``data.pool_size``), test = ``data.test_offset`` onwards (``pool_size`` or
     ``data.test_pool_size`` or a quarter of ``data.pool_size`` images), so the
     identities are disjoint. Real data (``pool_size`` is ignored: the whole
-    split): ``data.test_root`` if set (train = every image under
-    ``data.root``, test = every image under ``data.test_root``), else the
-    published split, else ``seeded_split`` with ``data.split_seed`` and
-    ``data.test_fraction``.
+    split):
+
+    * ``data.test_root`` set: the test set is the data set at ``test_root``
+      (of kind ``data.test_source``, default ``data.source``). With
+      ``data.test_split = ""`` train is every image under ``root`` and test
+      every image under ``test_root``; with ``"published"`` they are the
+      published train split of ``root`` (all of it when it has none) and
+      the published test split of ``test_root``. CelebA training images
+      whose CelebAMask-HQ versions are in the test set are dropped (FaceX's
+      protocol).
+    * otherwise the published split (CelebA's partition file, CelebAMask-HQ's
+      mapping, FairFace's train / val CSVs, tfds' train / test), else
+      ``seeded_split`` with ``data.split_seed`` and ``data.test_fraction``.
     """
     if split not in ("train", "test"):
         raise ValueError(f"split={split!r}; expected 'train' or 'test'")
     if str(data_cfg.source) == "synthetic":
         return _synthetic(data_cfg), _synthetic_split(data_cfg, split, pool_size)
+    test_split = str(_cfg(data_cfg, "test_split", "") or "")
+    if test_split not in ("", "published"):
+        raise ValueError(f"data.test_split={test_split!r}; expected '' (every image of data.test_root) "
+                         "or 'published' (its published test split)")
     if _cfg(data_cfg, "test_root", ""):
-        source = build_source(data_cfg, root_field="test_root" if split == "test" else "root", split=split)
-        return source, np.arange(len(source), dtype=np.int64)
-    if str(data_cfg.source) in ("fairface", "celeba_tfds"):
+        test_cfg = test_data_cfg(data_cfg)
+        test_source = build_source(test_cfg, split="test")
+        test_rows = np.arange(len(test_source), dtype=np.int64)
+        if test_split == "published":
+            test_rows = test_source.published_split("test")
+            if test_rows is None:
+                raise ValueError(f"data.test_split='published' but {describe(test_source)} has no published "
+                                 "split (CelebA: list_eval_partition.txt; CelebAMask-HQ: "
+                                 f"{folders.CELEBAMASK_HQ_MAPPING_FILE})")
+        if split == "test":
+            source, rows = test_source, test_rows
+        else:
+            source = build_source(data_cfg, split="train")
+            published = source.published_split("train") if test_split == "published" else None
+            rows = np.arange(len(source), dtype=np.int64) if published is None else published
+            rows = _drop_test_overlap(source, rows, test_source, test_rows)
+    elif str(data_cfg.source) in ("fairface", "celeba_tfds"):
         source = build_source(data_cfg, split=split)
-        return source, np.arange(len(source), dtype=np.int64)
-    source = build_source(data_cfg)
-    published = source.published_split(split)
-    if published is not None:
-        rows = published
+        rows = np.arange(len(source), dtype=np.int64)
     else:
-        rows = seeded_split(source, split, int(_cfg(data_cfg, "split_seed", 0)),
-                            float(_cfg(data_cfg, "test_fraction", 0.2)))
+        source = build_source(data_cfg)
+        rows = source.published_split(split)
+        if rows is None:
+            rows = seeded_split(source, split, int(_cfg(data_cfg, "split_seed", 0)),
+                                float(_cfg(data_cfg, "test_fraction", 0.2)))
     if rows.size == 0:
-        raise ValueError(f"data.source={data_cfg.source!r} at {data_cfg.root}: the {split} split is empty; "
-                         "set data.test_root or data.test_fraction")
+        raise ValueError(f"{describe(source)}: the {split} split is empty; expected images in it "
+                         "(set data.test_root, or data.test_fraction for a seeded split)")
     return source, rows
 
 
@@ -767,3 +834,70 @@ def load_pair_images(pairs: folders.VerificationPairs, resolution: int, *, num_w
     return PairImages(np.stack(a), np.stack(b), pairs.same[indices], pairs.fold[indices],
                       pairs.identity_a[indices], pairs.identity_b[indices],
                       None if pairs.group is None else pairs.group[indices])
+
+
+# ---------------------------------------------------------------------------
+# Bias direction
+# ---------------------------------------------------------------------------
+
+
+def link_reference(source, rows) -> np.ndarray:
+    """The attribute table whose link gives a bias its direction (``sampling.linked_values``).
+
+    A real data set's own table of these rows. The synthetic renderer with
+    ``independent=True`` draws attributes without any link, so there the
+    same images' attributes under the renderer's CelebA-like links stand in:
+    the direction is CelebA's (women wear lipstick, men wear hats), FaceX's
+    setting.
+    """
+    if getattr(source, "name", "") == "synthetic" and source.independent:
+        source = dataclasses.replace(source, independent=False)
+    return source.attributes(rows)["attrs"]
+
+
+def bias_direction(bias_cfg, source, rows) -> tuple[int, ...]:
+    """Per confounder, the value that goes with target = 1: ``bias.confounder_values`` when
+    set, else the sign of the link in ``link_reference(source, rows)``."""
+    confounders = [bias_cfg.confounders] if isinstance(bias_cfg.confounders, str) else list(bias_cfg.confounders)
+    explicit = _cfg(bias_cfg, "confounder_values", None)
+    if explicit is not None:
+        return sampling.check_confounder_values(explicit, confounders)
+    return sampling.linked_values(link_reference(source, rows), bias_cfg.target, confounders)
+
+
+# ---------------------------------------------------------------------------
+# Config fields
+# ---------------------------------------------------------------------------
+
+# The data fields every experiment config carries for real data, with their
+# defaults (configs call ``add_data_fields``). Synthetic runs ignore them.
+REAL_DATA_FIELDS = {
+    "root": "",            # the data set's folder (data.source != "synthetic")
+    "test_root": "",       # optional second folder: the test set (every image in it, see test_split)
+    "test_source": "",     # the kind of test_root when it differs from source (e.g. celebamask_hq)
+    "test_split": "",      # "published": the published splits of root / test_root instead of all images
+    "split_seed": 0,       # seeded identity-disjoint split (no test_root, no published split)
+    "test_fraction": 0.2,  # share of identities in that split's test set
+    "num_workers": 0,      # decoding threads; 0 = min(8, CPU count)
+}
+
+
+def add_data_fields(data_cfg, **overrides) -> None:
+    """Give a config's ``data`` block every real-data field (``REAL_DATA_FIELDS``), in place."""
+    for name, default in REAL_DATA_FIELDS.items():
+        if name not in data_cfg:
+            setattr(data_cfg, name, overrides.get(name, default))
+    for name, value in overrides.items():
+        setattr(data_cfg, name, value)
+
+
+def fingerprint_fields(data_cfg) -> dict:
+    """The data settings that decide which images a run sees: for the synthetic renderer the
+    real-data fields (and the decoding threads, always) are left out, so adding them to a
+    config does not invalidate runs made before they existed."""
+    fields = dict(data_cfg.to_dict() if hasattr(data_cfg, "to_dict") else data_cfg)
+    fields.pop("num_workers", None)
+    if str(fields.get("source")) == "synthetic":
+        for name in REAL_DATA_FIELDS:
+            fields.pop(name, None)
+    return fields

@@ -82,7 +82,7 @@ from matplotlib.figure import Figure
 
 from faceaudit_jax.experiments import registry
 from faceaudit_jax import losses, regions, train_lib
-from faceaudit_jax.data import frontal, pipeline
+from faceaudit_jax.data import celeba, frontal, pipeline, sources
 from faceaudit_jax.experiments.registry import write_json
 from faceaudit_jax.explain import attribute_cams as attribute_cams_lib
 from faceaudit_jax.explain import attribute_masks as masks_lib
@@ -102,47 +102,21 @@ DATA_SOURCES = ("synthetic", "celeba")
 # ----------------------------------------------------------------------------- data
 
 
-class CelebASource:
-    """``data.celeba.CelebA`` as a pipeline source (``attributes`` / ``batch``).
-
-    Batches hold ``image`` [B, r, r, 3] (centre-cropped square, resized),
-    ``attrs`` [B, 40] and ``landmarks`` [B, 5, 2] moved with the resize.
-    """
-
-    def __init__(self, root: str, resolution: int):
-        from faceaudit_jax.data import celeba  # PIL readers; only needed here
-
-        if not root or not os.path.isdir(root):
-            raise FileNotFoundError(
-                f"data.source='celeba' needs data.root to be a CelebA folder (with "
-                f"{celeba.CELEBA_IMAGE_DIR}/, {celeba.CELEBA_ATTR_FILE}, "
-                f"{celeba.CELEBA_LANDMARK_FILE} and {celeba.CELEBA_PARTITION_FILE}); "
-                f"got data.root={root!r}, which is not a folder")
-        self.dataset = celeba.CelebA(root)
-        if self.dataset.landmarks is None:
-            raise FileNotFoundError(
-                f"missing file: {os.path.join(root, celeba.CELEBA_LANDMARK_FILE)} (the frontal "
-                "filter needs the landmarks)")
-        self.resolution = int(resolution)
-
-    def attributes(self, indices) -> dict[str, np.ndarray]:
-        return {"attrs": self.dataset.attrs[np.asarray(indices, np.int64)]}
-
-    def batch(self, indices) -> dict[str, jax.Array]:
-        loaded = self.dataset.load_batch(indices, self.resolution)
-        return {key: jnp.asarray(loaded[key]) for key in ("image", "attrs", "landmarks")}
-
-
 def build_source(data_cfg):
-    """The data source named by ``data_cfg.source`` ("synthetic" or "celeba")."""
-    if data_cfg.source == "synthetic":
-        return pipeline.SyntheticSource(
-            seed=int(data_cfg.seed), resolution=int(data_cfg.resolution),
-            independent=bool(data_cfg.independent),
-            images_per_identity=int(data_cfg.images_per_identity))
-    if data_cfg.source == "celeba":
-        return CelebASource(str(data_cfg.get("root", "") or ""), int(data_cfg.resolution))
-    raise ValueError(f"data.source={data_cfg.source!r}; expected one of {DATA_SOURCES}")
+    """``data.sources.build_source`` for the kinds with landmarks (``DATA_SOURCES``): the
+    frontal filter needs them."""
+    if data_cfg.source not in DATA_SOURCES:
+        raise ValueError(f"data.source={data_cfg.source!r}; expected one of {DATA_SOURCES} (the "
+                         "frontal filter needs 5-point landmarks)")
+    if data_cfg.get("test_root", ""):
+        raise ValueError(f"data.test_root={data_cfg.test_root!r}: this experiment trains and tests "
+                         "on one data set's published split; leave data.test_root empty")
+    source = sources.build_source(data_cfg)
+    if source.name == "celeba" and source.reader.landmarks is None:
+        raise FileNotFoundError(
+            f"missing file: {os.path.join(source.root, celeba.CELEBA_LANDMARK_FILE)} (the frontal "
+            "filter needs the landmarks)")
+    return source
 
 
 def attribute_names(data_cfg, train_attrs: np.ndarray) -> tuple[str, ...]:
@@ -170,9 +144,9 @@ def attribute_names(data_cfg, train_attrs: np.ndarray) -> tuple[str, ...]:
 def split_indices(config, source) -> tuple[np.ndarray, np.ndarray]:
     """(training indices, test indices before the frontal filter)."""
     train_size, test_size = int(config.train.size), int(config.test.size)
-    if isinstance(source, CelebASource):
-        train = source.dataset.split_indices("train")
-        test = source.dataset.split_indices("test")
+    if source.name != "synthetic":
+        _, train = sources.build_split(config.data, "train")
+        _, test = sources.build_split(config.data, "test")
         return (train[:train_size] if train_size > 0 else train,
                 test[:test_size] if test_size > 0 else test)
     if train_size < 1 or test_size < 1:
@@ -436,8 +410,9 @@ def explain_test_set(models: Sequence[TrainedModel], source, test_idx: np.ndarra
     if mask_source not in masks_lib.MASK_SOURCES:
         raise ValueError(
             f"explain.mask_source={mask_source!r}; expected one of {masks_lib.MASK_SOURCES}")
-    if mask_source == "parse" and isinstance(source, CelebASource):
-        raise ValueError("CelebA has no parse maps; set explain.mask_source='rectangles'")
+    if mask_source == "parse" and not source.has_parse:
+        raise ValueError(f"{sources.describe(source)} has no parse maps; set "
+                         "explain.mask_source='rectangles'")
     cols = np.asarray(regions.attribute_ids(names))
     if not models:
         raise ValueError("no models to explain; expected at least one TrainedModel")

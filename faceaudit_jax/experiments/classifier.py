@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from faceaudit_jax import losses, regions, train_lib
-from faceaudit_jax.data import pipeline, sampling
+from faceaudit_jax.data import pipeline, sampling, sources
 from faceaudit_jax.experiments.registry import write_json
 from faceaudit_jax.models import build_model
 from faceaudit_jax.models import sources as model_sources
@@ -29,13 +29,9 @@ TrainedClassifier = model_sources.Classifier
 
 
 def build_source(data_cfg, resolution: Optional[int] = None):
-    if data_cfg.source != "synthetic":
-        raise ValueError(f"data.source={data_cfg.source!r}; this experiment supports 'synthetic' "
-                         "(real data sets: see README, 'Use your own data')")
-    return pipeline.SyntheticSource(
-        seed=int(data_cfg.seed), resolution=int(resolution or data_cfg.resolution),
-        independent=bool(data_cfg.independent),
-        images_per_identity=int(data_cfg.images_per_identity))
+    """``data.sources.build_source`` (optionally at another resolution)."""
+    source = sources.build_source(data_cfg)
+    return source if resolution is None else source.with_resolution(int(resolution))
 
 
 def confounder_list(bias_cfg) -> list[str]:
@@ -49,22 +45,53 @@ def pool(source, offset: int, size: int) -> tuple[np.ndarray, np.ndarray]:
     return indices, source.attributes(indices)["attrs"]
 
 
-def make_subsets(config, source) -> dict[str, np.ndarray]:
-    """Image indices of the biased training set, the balanced baseline and the test set."""
+def test_pool_size(config) -> int:
+    """Synthetic test pool: a quarter of the training pool, at least 4x the test set."""
+    return max(int(config.data.pool_size) // 4, 4 * int(config.test.size))
+
+
+def make_subsets(config, source=None) -> dict:
+    """Image indices of the biased training set, the balanced baseline and the test set.
+
+    The pools come from ``sources.build_split`` (synthetic: disjoint index
+    ranges; real data: ``data.test_root``, the published split or a seeded
+    identity-disjoint split), and every cell is checked here, before any
+    training. Returns {"biased", "balanced", "test": indices, "train_source",
+    "test_source": the sources they index, "confounder_values": the value of
+    each confounder that goes with target = 1}. ``source`` (optional) replaces
+    the training source (e.g. at another resolution).
+    """
     target, confs = config.bias.target, confounder_list(config.bias)
-    train_idx, train_attrs = pool(source, 0, int(config.data.pool_size))
-    test_idx, test_attrs = pool(source, int(config.data.test_offset),
-                                max(int(config.data.pool_size) // 4, 4 * int(config.test.size)))
+    synthetic = str(config.data.source) == "synthetic"
+    train_source, train_idx = sources.build_split(config.data, "train")
+    test_source, test_idx = sources.build_split(
+        config.data, "test", pool_size=test_pool_size(config) if synthetic else None)
+    if source is not None:
+        train_source = source
+        test_source = source if synthetic else test_source.with_resolution(source.resolution)
+    for where in (train_source, test_source):
+        sources.require_attributes(where, [target] + confs, "bias attribute")
+    train_attrs = train_source.attributes(train_idx)["attrs"]
+    test_attrs = test_source.attributes(test_idx)["attrs"]
+    values = sources.bias_direction(config.bias, train_source, train_idx)
     seed = int(config.seed)
-    subsets = {
-        "biased": train_idx[sampling.biased_subset(
-            train_attrs, target, confs, float(config.bias.corr), int(config.train.size), seed)],
-        "balanced": train_idx[sampling.balanced_subset(
-            train_attrs, target, confs, int(config.train.size), seed + 1)],
-        "test": test_idx[sampling.balanced_subset(
-            test_attrs, target, confs, int(config.test.size), seed + 2)],
-    }
-    return subsets
+    where = f"{sources.describe(train_source)}, bias {target} x {'+'.join(confs)}"
+    try:
+        biased = sampling.biased_subset(train_attrs, target, confs, float(config.bias.corr),
+                                        int(config.train.size), seed, confounder_values=values)
+        # The baseline's set only when it is trained: a real data set's rare cell (men
+        # wearing lipstick) often cannot fill a balanced set of the biased set's size.
+        balanced = (sampling.balanced_subset(train_attrs, target, confs, int(config.train.size), seed + 1)
+                    if config.train.get("baseline", True) else np.zeros(0, np.int64))
+    except ValueError as err:
+        raise ValueError(f"training set ({where}): {err}") from None
+    try:
+        test = sampling.balanced_subset(test_attrs, target, confs, int(config.test.size), seed + 2)
+    except ValueError as err:
+        raise ValueError(f"test set ({sources.describe(test_source)}): {err}") from None
+    return {"biased": train_idx[biased], "balanced": train_idx[balanced], "test": test_idx[test],
+            "train_source": train_source, "test_source": test_source,
+            "confounder_values": values}
 
 
 def _bce_loss(logits, batch):
@@ -129,9 +156,13 @@ def predict_logits(clf: TrainedClassifier, source, indices, batch_size: int) -> 
 
 
 def group_report(logits: np.ndarray, attrs: np.ndarray, target: str,
-                 confounders) -> dict[str, float]:
-    """Accuracy overall, on bias-aligned and bias-conflicting images, and per cell."""
-    y, aligned = sampling.group_labels(attrs, target, confounders)
+                 confounders, confounder_values) -> dict[str, float]:
+    """Accuracy overall, on bias-aligned and bias-conflicting images, and per cell.
+
+    Aligned: every confounder takes the value that goes with the image's
+    target in the training bias (``confounder_values`` for target = 1).
+    """
+    y, aligned = sampling.group_labels(attrs, target, confounders, confounder_values)
     correct = (logits > 0).astype(np.int32) == y
     report = {
         "accuracy": float(correct.mean()),
@@ -163,21 +194,25 @@ def train(config, workdir: str) -> dict:
         raise ValueError(f"model.source={config.model.source!r}: train.py trains a model "
                          "(model.source='train'); audit an existing one with explain.py "
                          "--config configs/audit.py")
-    source = build_source(config.data)
-    subsets = make_subsets(config, source)
+    subsets = make_subsets(config)
+    source, test_source = subsets["train_source"], subsets["test_source"]
     confs = confounder_list(config.bias)
-    test_attrs = source.attributes(subsets["test"])["attrs"]
-    results = {"target": config.bias.target, "confounders": confs, "corr": float(config.bias.corr)}
+    values = subsets["confounder_values"]
+    test_attrs = test_source.attributes(subsets["test"])["attrs"]
+    results = {"target": config.bias.target, "confounders": confs, "corr": float(config.bias.corr),
+               "confounder_values": list(values)}
     models = {}
     names = ["biased"] + (["balanced"] if config.train.get("baseline", True) else [])
     for name in names:
         clf = train_classifier(config, workdir, subsets[name], source, name)
-        logits = predict_logits(clf, source, subsets["test"], int(config.test.batch_size))
-        results[name] = group_report(logits, test_attrs, config.bias.target, confs)
+        logits = predict_logits(clf, test_source, subsets["test"], int(config.test.batch_size))
+        results[name] = group_report(logits, test_attrs, config.bias.target, confs, values)
         print_report(name, results[name])
         models[name] = clf
     write_json(Path(workdir) / "classifier_results.json", results)
-    return {"results": results, "models": models, "subsets": subsets, "source": source}
+    # "source" is what the test indices index (the images FaceX explains).
+    return {"results": results, "models": models, "subsets": subsets, "source": test_source,
+            "train_source": source}
 
 
 run = train

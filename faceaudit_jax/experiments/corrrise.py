@@ -402,12 +402,10 @@ def run(config, workdir: str) -> dict:
     t0 = time.perf_counter()
     out = Path(workdir)
     out.mkdir(parents=True, exist_ok=True)
-    source = build_source(config.data)
-    train_idx, test_idx = split_indices(config)
-    render_batch = int(config.data.render_batch)
-    print(f"[corrrise] rendering {train_idx.size} training and {test_idx.size} test faces", flush=True)
-    train_images, train_identity = render_uint8(source, train_idx, render_batch)
-    test_images, test_identity = render_uint8(source, test_idx, render_batch)
+    train_images, train_identity, test_images, test_identity = \
+        verification_data.load_split_images(config)
+    print(f"[corrrise] {train_images.shape[0]} training and {test_images.shape[0]} test faces",
+          flush=True)
 
     model, variables, train_info = train_embedder(config, workdir, train_images, train_identity)
     fns = embedder_lib.embedder_fns(model, variables)

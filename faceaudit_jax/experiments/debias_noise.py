@@ -88,7 +88,7 @@ from matplotlib.figure import Figure
 
 from faceaudit_jax.experiments import registry
 from faceaudit_jax import regions
-from faceaudit_jax.data import pipeline, sampling
+from faceaudit_jax.data import pipeline, sampling, sources
 from faceaudit_jax.experiments.registry import write_json
 from faceaudit_jax.explain import patches as patches_lib
 from faceaudit_jax.metrics import calibration
@@ -205,10 +205,7 @@ def validate_config(config) -> None:
     if config.sweep.confounder not in confounders:
         raise ValueError(f"sweep.confounder={config.sweep.confounder!r} is not one of the "
                          f"confounders {confounders}")
-    if config.data.source != "synthetic":
-        raise ValueError(f"data.source={config.data.source!r}; this experiment needs the "
-                         "synthetic renderer (the subsets are drawn from attribute tables of "
-                         "a large pool), expected 'synthetic'")
+    sources.check_data_config(config.data)
     resolution = int(config.data.resolution)
     pn.grid_positions(resolution, int(config.patch_net.patch_size), int(config.patch_net.grid))
     pool = int(config.classifier.input_pool)
@@ -256,24 +253,29 @@ def fingerprint(*parts: Any) -> str:
 # ----------------------------------------------------------------------------- data
 
 
-def source_from_config(data_cfg) -> pipeline.SyntheticSource:
-    return pipeline.SyntheticSource(seed=int(data_cfg.seed), resolution=int(data_cfg.resolution),
-                                    independent=bool(data_cfg.independent),
-                                    images_per_identity=int(data_cfg.images_per_identity))
+def source_from_config(data_cfg):
+    return sources.build_source(data_cfg)
 
 
 def select_subsets(config, confounder: str, train_attrs: np.ndarray,
-                   test_attrs: np.ndarray) -> dict[str, np.ndarray]:
+                   test_attrs: np.ndarray, train_rows: Optional[np.ndarray] = None,
+                   test_rows: Optional[np.ndarray] = None) -> dict[str, np.ndarray]:
     """Image indices of the three sets for one confounder.
 
     Args:
-      train_attrs: int8 [N, 40], the attributes of pool indices 0..N-1.
-      test_attrs: int8 [M, 40], those of indices test_offset..test_offset+M-1.
+      train_attrs: int8 [N, 40], the attributes of the training pool's rows
+        ``train_rows`` (default: synthetic indices 0..N-1).
+      test_attrs: int8 [M, 40], those of the test pool's rows ``test_rows``
+        (default: synthetic indices test_offset..test_offset+M-1).
 
     Returns:
-      {"biased", "balanced", "test"}: int64 image indices (test indices are
-      offset into the test range), each sorted.
+      {"biased", "balanced", "test"}: int64 rows of the training source
+      (biased, balanced) and of the test source (test), each sorted.
     """
+    if train_rows is None:
+        train_rows = np.arange(len(train_attrs), dtype=np.int64)
+    if test_rows is None:
+        test_rows = np.arange(len(test_attrs), dtype=np.int64) + int(config.data.test_offset)
     ts = config.train_set
     biased = sampling.deconinck_subset(
         train_attrs, confounder, _name_seed(config.seed, confounder, "biased"),
@@ -284,8 +286,8 @@ def select_subsets(config, confounder: str, train_attrs: np.ndarray,
     test = sampling.balanced_subset(test_attrs, config.target, [confounder],
                                     int(config.test.size),
                                     _name_seed(config.seed, confounder, "test"))
-    return {"biased": biased.astype(np.int64), "balanced": balanced.astype(np.int64),
-            "test": test.astype(np.int64) + int(config.data.test_offset)}
+    return {"biased": train_rows[biased], "balanced": train_rows[balanced],
+            "test": test_rows[test]}
 
 
 def render_uint8(source, indices: np.ndarray, batch_size: int) -> np.ndarray:
@@ -1262,9 +1264,10 @@ def run_confounder(config, confounder: str, workdir: Path, pools: dict,
     model_dir = workdir / "models" / confounder
     run_dir.mkdir(parents=True, exist_ok=True)
     model_dir.mkdir(parents=True, exist_ok=True)
-    subsets = select_subsets(config, confounder, pools["train"], pools["test"])
+    subsets = select_subsets(config, confounder, pools["train"], pools["test"],
+                             pools["train_rows"], pools["test_rows"])
     pc, cc = config.patch_net, config.classifier
-    data_fp = fingerprint(config.data, config.train_set, config.target, confounder,
+    data_fp = fingerprint(sources.fingerprint_fields(config.data), config.train_set, config.target, confounder,
                           config.seed, {k: v.tolist() for k, v in subsets.items()})
     patch_fp = fingerprint(data_fp, {f: pc[f] for f in PATCH_TRAIN_FIELDS})
     attribution_fp = fingerprint(patch_fp, pc.confidence)
@@ -1313,11 +1316,11 @@ def run_confounder(config, confounder: str, workdir: Path, pools: dict,
         _log(f"{confounder}: all {len(jobs)} runs done, nothing to train")
         return {"runs": aggregated(), "patch_net": patch_result, "examples": cache, **summary}
 
-    source = pools["source"]
     t0 = time.time()
-    images = {name: render_uint8(source, idx, int(config.data.render_batch_size))
+    source_of = {name: pools["test_source" if name == "test" else "source"] for name in subsets}
+    images = {name: render_uint8(source_of[name], idx, int(config.data.render_batch_size))
               for name, idx in subsets.items()}
-    attrs = {name: source.attributes(idx)["attrs"] for name, idx in subsets.items()}
+    attrs = {name: source_of[name].attributes(idx)["attrs"] for name, idx in subsets.items()}
     gender = {name: attribute_column(a, config.target) for name, a in attrs.items()}
     present = {name: attribute_column(a, confounder) for name, a in attrs.items()}
     _log(f"{confounder}: rendered {sum(v.shape[0] for v in images.values())} images "
@@ -1453,15 +1456,16 @@ def run(config, workdir) -> dict[str, Any]:
     if not gitignore.exists():
         gitignore.write_text("*\n!.gitignore\n")
     t_start = time.time()
-    source = source_from_config(config.data)
     pool_size = int(config.data.pool_size)
-    offset = int(config.data.test_offset)
-    if offset < pool_size:
-        raise ValueError(f"data.test_offset={offset} overlaps the training pool "
-                         f"0..{pool_size - 1}; expected test_offset >= pool_size")
-    pools = {"source": source,
-             "train": source.attributes(np.arange(pool_size))["attrs"],
-             "test": source.attributes(np.arange(offset, offset + pool_size))["attrs"]}
+    # Synthetic: index ranges 0.. and test_offset.. of pool_size each; real data: its splits.
+    source, train_rows = sources.build_split(config.data, "train", pool_size=pool_size)
+    test_source, test_rows = sources.build_split(config.data, "test", pool_size=pool_size)
+    for where in (source, test_source):
+        sources.require_attributes(where, [config.target, *config.confounders])
+    pools = {"source": source, "test_source": test_source,
+             "train_rows": train_rows, "test_rows": test_rows,
+             "train": source.attributes(train_rows)["attrs"],
+             "test": test_source.attributes(test_rows)["attrs"]}
     tools = _Toolkit(config)  # cheap: nothing compiles until a model is trained or run
     per_confounder = {c: run_confounder(config, c, workdir, pools, tools)
                       for c in config.confounders}

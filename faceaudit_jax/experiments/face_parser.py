@@ -28,33 +28,25 @@ import jax.numpy as jnp
 import numpy as np
 
 from faceaudit_jax import parsing, regions, train_lib
-from faceaudit_jax.data import pipeline
+from faceaudit_jax.data import pipeline, sources
 from faceaudit_jax.experiments import registry
 from faceaudit_jax.models import parser_net
 
 _MODEL_DIR = "models/parser"
 
 
-class CelebAMaskHQSource:
-    """``CelebAMaskHQ`` reader as a pipeline source: ``batch(hq_indices)`` -> image + parse."""
-
-    def __init__(self, reader, resolution: int):
-        self.reader = reader
-        self.resolution = int(resolution)
-
-    def batch(self, indices) -> dict:
-        batch = self.reader.load_batch(np.asarray(indices), self.resolution)
-        return {"image": jnp.asarray(batch["image"]), "parse": jnp.asarray(batch["parse"])}
-
-
 def build_data(config) -> tuple[object, np.ndarray, np.ndarray]:
-    """(source, train indices, test indices) for ``config.data.source``."""
+    """(source, train indices, test indices) for ``config.data.source``.
+
+    Synthetic: index ranges (train.size images from 0, test.size from
+    data.test_offset). Real data: any source with parse maps
+    (``sources.build_split``: the published split, else a seeded split),
+    the first train.size / test.size images of each (0 = all).
+    """
     data = config.data
     train_size, test_size = int(config.train.size), int(config.test.size)
     if data.source == "synthetic":
-        source = pipeline.SyntheticSource(
-            seed=int(data.seed), resolution=int(data.resolution), independent=bool(data.independent),
-            images_per_identity=int(data.images_per_identity))
+        source = sources.build_source(data)
         if train_size < 1 or test_size < 1:
             raise ValueError(f"train.size={train_size} and test.size={test_size}: synthetic data needs "
                              "explicit positive sizes")
@@ -63,16 +55,16 @@ def build_data(config) -> tuple[object, np.ndarray, np.ndarray]:
             raise ValueError(f"data.test_offset={offset} overlaps the {train_size} training images; "
                              "expected an offset >= train.size")
         return source, np.arange(train_size, dtype=np.int64), np.arange(offset, offset + test_size, dtype=np.int64)
-    if data.source == "celebamask_hq":
-        from faceaudit_jax.data import folders
-        if not data.root:
-            raise ValueError("data.source='celebamask_hq' needs --config.data.root=<CelebAMask-HQ folder>")
-        reader = folders.CelebAMaskHQ(data.root)
-        train_idx, test_idx = reader.split_indices("train"), reader.split_indices("test")
-        train_idx = train_idx[:train_size] if train_size > 0 else train_idx
-        test_idx = test_idx[:test_size] if test_size > 0 else test_idx
-        return CelebAMaskHQSource(reader, int(data.resolution)), train_idx, test_idx
-    raise ValueError(f"data.source={data.source!r}; expected 'synthetic' or 'celebamask_hq'")
+    if data.get("test_root", ""):
+        raise ValueError(f"data.test_root={data.test_root!r}: this experiment splits one data set "
+                         "(its published split, else data.split_seed / data.test_fraction); leave "
+                         "data.test_root empty")
+    source, train_idx = sources.build_split(data, "train")
+    _, test_idx = sources.build_split(data, "test")
+    sources.require_parse(source, "training a face parser")
+    train_idx = train_idx[:train_size] if train_size > 0 else train_idx
+    test_idx = test_idx[:test_size] if test_size > 0 else test_idx
+    return source, train_idx, test_idx
 
 
 def build_model(config) -> parser_net.ParserNet:

@@ -54,7 +54,7 @@ import numpy as np
 from tqdm import tqdm
 
 from faceaudit_jax import regions
-from faceaudit_jax.data import pipeline, sampling
+from faceaudit_jax.data import pipeline, sampling, sources
 from faceaudit_jax.experiments import classifier
 from faceaudit_jax.experiments.registry import readme_link_prefix, write_json
 from faceaudit_jax.summary import ior as ior_lib
@@ -208,6 +208,7 @@ class ModelSpec:
     test_indices: np.ndarray        # int64 [N_test]
     test_attrs: np.ndarray          # int8 [N_test, 40]
     sample_weights: Optional[np.ndarray] = None   # float32 [N_train] or None
+    confounder_values: tuple = ()   # per confounder, the value that goes with target = 1
 
 
 class TablesContext:
@@ -225,17 +226,32 @@ class TablesContext:
         from faceaudit_jax.experiments import facex  # facex imports this module: import late
         self.parser = facex.build_parser(config.explain)
 
-    def source(self, independent: bool):
+    def source(self, independent: bool, split: str = "train"):
+        """The source of a split: the renderer with or without attribute links, or the real
+        data set's train / test split (``independent`` does not apply to real data)."""
+        if str(self.config.data.source) != "synthetic":
+            return self._real_split(split)[0]
         data = ml_collections.ConfigDict(self.config.data.to_dict())
         data.independent = bool(independent)
-        return classifier.build_source(data)
+        return sources.build_source(data)
+
+    def _real_split(self, split: str):
+        key = ("real", split)
+        if key not in self._pools:
+            self._pools[key] = sources.build_split(self.config.data, split)
+        return self._pools[key]
 
     def pool(self, independent: bool, split: str, size: int) -> tuple[np.ndarray, np.ndarray]:
         """(indices, attrs) of a training or test pool; computed once per run.
 
-        Training pools start at index 0, test pools at ``data.test_offset``,
-        so training and test identities are disjoint.
+        Synthetic: training pools start at index 0, test pools at
+        ``data.test_offset``, so training and test identities are disjoint.
+        Real data: the whole split of ``sources.build_split`` (``size`` and
+        ``independent`` do not apply).
         """
+        if str(self.config.data.source) != "synthetic":
+            source, rows = self._real_split(split)
+            return rows, source.attributes(rows)["attrs"]
         key = (bool(independent), split, int(size))
         if key not in self._pools:
             offset = 0 if split == "train" else int(self.config.data.test_offset)
@@ -247,6 +263,20 @@ class TablesContext:
             tqdm.write(f"[pool] {split} {'independent' if independent else 'correlated'}: "
                        f"{int(size):,} images' attributes in {time.perf_counter() - start:.1f} s")
         return self._pools[key]
+
+    def confounder_values(self, target: str, confounders: Sequence[str],
+                          train_indices: np.ndarray) -> tuple[int, ...]:
+        """Which value of each confounder the biased subsets pair with target = 1.
+
+        ``tables.confounder_value`` (0 or 1) fixes it for every confounder;
+        None follows the sign of the link (``sources.bias_direction``: the
+        data set's own, CelebA's for the independent renderer).
+        """
+        fixed = self.config.tables.get("confounder_value", None)
+        if fixed is not None:
+            return sampling.check_confounder_values((fixed,) * len(confounders), list(confounders))
+        bias = ml_collections.ConfigDict({"target": target, "confounders": tuple(confounders)})
+        return sources.bias_direction(bias, self.source(False), train_indices)
 
 
 def case_config(config, target: str, confounders: Sequence[str], corr: float):
@@ -283,7 +313,7 @@ def model_fingerprint(config, spec: ModelSpec) -> str:
         "target": spec.target, "train_independent": spec.train_independent,
         "seed": int(config.seed), "model": config.model.to_dict(), "train": train,
         # Pool sizes only bound what can be drawn; ``independent`` is per model (spec).
-        "data": {k: v for k, v in config.data.to_dict().items()
+        "data": {k: v for k, v in sources.fingerprint_fields(config.data).items()
                  if k not in ("pool_size", "test_pool_size", "independent")},
         "arrays": _digest(spec.train_indices, spec.sample_weights),
     })
@@ -372,8 +402,8 @@ def evaluate_model(ctx: TablesContext, spec: ModelSpec, corr: float = 0.0) -> di
     stamp.write_text(model_fp + "\n")
 
     case = case_config(config, spec.target, spec.confounders, corr)
-    train_source = ctx.source(spec.train_independent)
-    test_source = ctx.source(spec.test_independent)
+    train_source = ctx.source(spec.train_independent, "train")
+    test_source = ctx.source(spec.test_independent, "test")
     start = time.perf_counter()
     clf = classifier.train_classifier(case, str(ctx.models_dir), spec.train_indices,
                                       train_source, spec.name, sample_weights=spec.sample_weights)
@@ -382,7 +412,7 @@ def evaluate_model(ctx: TablesContext, spec: ModelSpec, corr: float = 0.0) -> di
     logits = predict_logits(clf, test_source, spec.test_indices, batch_size)
     if spec.confounders:
         groups = classifier.group_report(logits, spec.test_attrs, spec.target,
-                                         list(spec.confounders))
+                                         list(spec.confounders), spec.confounder_values)
     else:
         groups = _target_accuracy(logits, spec.test_attrs, spec.target)
     xsource = facex.explain_source(config, test_source)
@@ -436,14 +466,15 @@ def biased_spec(ctx: TablesContext, target: str, confounders: Sequence[str],
     train_idx, train_attrs = ctx.pool(True, "train", int(config.data.pool_size))
     test_idx, test_attrs = ctx.pool(True, "test", int(config.data.test_pool_size))
     seed = int(config.seed)
+    values = ctx.confounder_values(target, confounders, train_idx)
     tr = sampling.biased_subset(train_attrs, target, confounders, float(corr),
-                                _train_size(config), seed)
+                                _train_size(config), seed, confounder_values=values)
     te = sampling.balanced_subset(test_attrs, target, confounders, int(config.test.size), seed + 2)
     return ModelSpec(
         name=f"biased_{target}_{'+'.join(confounders)}", target=target,
         confounders=confounders, train_independent=True, train_indices=train_idx[tr],
         train_attrs=train_attrs[tr], test_independent=True, test_indices=test_idx[te],
-        test_attrs=test_attrs[te])
+        test_attrs=test_attrs[te], confounder_values=values)
 
 
 def reweighted_spec(vanilla: ModelSpec) -> ModelSpec:

@@ -1,7 +1,9 @@
 """Data plumbing shared by the face-verification experiments (CorrRISE, ViT heatmaps).
 
-Identity-disjoint train/test index ranges, rendering to compact uint8 arrays
-held in memory, and step-indexed identity batches for ``train_lib.fit``.
+Identity-disjoint train/test images (synthetic index ranges, or a real data
+set's split from ``data.sources.build_split`` with its identities), loaded
+into compact uint8 arrays held in memory, and step-indexed identity batches
+for ``train_lib.fit``.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from faceaudit_jax.data import pipeline
+from faceaudit_jax.data import pipeline, sources
 
 
 def split_indices(config) -> tuple[np.ndarray, np.ndarray]:
@@ -43,14 +45,48 @@ def split_indices(config) -> tuple[np.ndarray, np.ndarray]:
             np.arange(offset, offset + num_test * per_identity, dtype=np.int64))
 
 
-def build_source(data_cfg) -> pipeline.SyntheticSource:
-    if data_cfg.source != "synthetic":
-        raise ValueError(f"data.source={data_cfg.source!r}; this experiment renders its faces, "
-                         "expected 'synthetic'")
-    return pipeline.SyntheticSource(
-        seed=int(data_cfg.seed), resolution=int(data_cfg.resolution),
-        independent=bool(data_cfg.independent),
-        images_per_identity=int(data_cfg.images_per_identity))
+def build_source(data_cfg):
+    """``data.sources.build_source``: the renderer or a real data set with identities."""
+    return sources.build_source(data_cfg)
+
+
+def _first_identities(source, rows: np.ndarray, count: int, seed: int, field: str) -> np.ndarray:
+    """Rows of ``count`` identities drawn with ``seed`` (those with >= 2 images), all their images."""
+    identity = source.attributes(rows).get("identity")
+    if identity is None:
+        raise ValueError(f"{sources.describe(source)} has no identities, which face verification needs "
+                         "(CelebA: identity_CelebA.txt; folder: an 'identity' column in attributes.csv)")
+    people, counts = np.unique(identity, return_counts=True)
+    people = np.random.default_rng(seed).permutation(people[counts >= 2])
+    if people.size < count:
+        raise ValueError(f"{field}={count}, but {sources.describe(source)} has only {people.size} "
+                         "identities with two or more images in this split")
+    return rows[np.isin(identity, people[:count])]
+
+
+def load_images(config, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 [N, R, R, 3], identity int64 [N]) of the "train" or "test" split.
+
+    Synthetic: the index ranges of ``split_indices``. Real data: that split
+    of ``sources.build_split`` (identity-disjoint), keeping
+    ``train.num_identities`` / ``test.num_identities`` identities with two or
+    more images, drawn with ``data.split_seed``.
+    """
+    render_batch = int(config.data.render_batch)
+    if str(config.data.source) == "synthetic":
+        train_idx, test_idx = split_indices(config)
+        return render_uint8(build_source(config.data), train_idx if split == "train" else test_idx,
+                            render_batch)
+    source, rows = sources.build_split(config.data, split)
+    count = int(config.train.num_identities if split == "train" else config.test.num_identities)
+    rows = _first_identities(source, rows, count, int(config.data.get("split_seed", 0)),
+                             f"{split}.num_identities")
+    return render_uint8(source, rows, render_batch)
+
+
+def load_split_images(config) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(train images, train identity, test images, test identity): ``load_images`` of both splits."""
+    return (*load_images(config, "train"), *load_images(config, "test"))
 
 
 def render_uint8(source, indices: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]:

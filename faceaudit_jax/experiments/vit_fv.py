@@ -114,6 +114,7 @@ PAPER_TABLE1 = {"sm_plus": {"oim": 10.00, "um": 4.80},
 
 from faceaudit_jax.experiments.verification_data import (  # noqa: F401  (re-exported)
     build_source, make_batch_fn, render_uint8, split_indices, to_float)
+from faceaudit_jax.experiments import verification_data
 
 
 # ----------------------------------------------------------------------------- training
@@ -802,9 +803,7 @@ def _check_methods(config) -> tuple[tuple[str, ...], str]:
 
 def train(config, workdir: str) -> TrainedEmbedder:
     """Train (or reload) the ViT embedder only."""
-    source = build_source(config.data)
-    train_idx, _ = split_indices(config)
-    images, identity = render_uint8(source, train_idx, int(config.data.render_batch))
+    images, identity = verification_data.load_images(config, "train")
     return train_embedder(config, workdir, images, identity)
 
 
@@ -819,11 +818,8 @@ def run(config, workdir: str) -> dict:
         clock[name] = time.perf_counter()
         print(f"vit_fv: {name} done ({clock[name] - clock['start']:.0f} s)", flush=True)
 
-    source = build_source(config.data)
-    train_idx, test_idx = split_indices(config)
-    render_batch = int(config.data.render_batch)
-    train_images, train_identity = render_uint8(source, train_idx, render_batch)
-    test_images, test_identity = render_uint8(source, test_idx, render_batch)
+    train_images, train_identity, test_images, test_identity = \
+        verification_data.load_split_images(config)
     lap("render")
 
     trained = train_embedder(config, workdir, train_images, train_identity)
