@@ -28,6 +28,8 @@ Run:
 
 import ml_collections
 
+from faceaudit_jax.data import sources
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -41,6 +43,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # Attributes whose regions' ranking position is reported; the test images
     # are balanced over target x confounders. () balances the target alone.
     c.confounders = ("Wearing_Lipstick",)
+    # The value of each confounder that goes with target = 1 in the bias the
+    # model is suspected of (bias-aligned vs -conflicting accuracy), e.g. '(0,)':
+    # lipstick with Male = 0. None: the sign of the link in the test data
+    # (sources.bias_direction; synthetic faces: CelebA's, women wear lipstick).
+    c.confounder_values = ml_collections.FieldReference(None, field_type=tuple)
 
     c.model = ml_collections.ConfigDict()
     c.model.source = "checkpoint"       # "checkpoint" | "torchvision"
@@ -53,10 +60,6 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "synthetic"
-    c.data.root = ""
-    # A second folder of the same layout holding the test images (data sets
-    # without a published split); "" = the published split or a seeded split.
-    c.data.test_root = ""
     c.data.resolution = 128
     # Synthetic faces (data.source="synthetic"): as configs/facex.py, so the
     # audited test images are those facex's train.py tests on.
@@ -65,9 +68,13 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.data.images_per_identity = 10
     c.data.pool_size = 100_000
     c.data.test_offset = 50_000_000
+    # Real data: data.root; data.test_root (a second folder of the same layout:
+    # all its images are the test set), else the published split, else a
+    # seeded identity-disjoint split (sources.REAL_DATA_FIELDS).
+    sources.add_data_fields(c.data)
 
     c.test = ml_collections.ConfigDict()
-    c.test.size = 1000                  # 0 = every test image with known labels
+    c.test.size = 1000                  # 0 = the largest balanced subset
     c.test.batch_size = 100
 
     c.explain = ml_collections.ConfigDict()

@@ -110,6 +110,8 @@ def test_audit_of_the_train_py_checkpoint(trained, tmp_path):
     extra = results["extra"]
     assert extra["model"]["arch"] == "small_resnet" and extra["model"]["source"] == "checkpoint"
     assert extra["num_images"] == 16 and extra["group_accuracy"]["num_images"] == 16
+    # Synthetic faces: the renderer's CelebA-like link, women wear lipstick.
+    assert extra["confounder_values"] == [0] and "aligned_accuracy" in extra["group_accuracy"]
 
 
 def test_bad_input_fails_before_any_work(trained, tmp_path):
@@ -162,3 +164,7 @@ def test_issue_command_line_on_a_torchvision_resnet18(tmp_path):
     assert model == {"source": "torchvision", "path": str(tmp_path / "clf.pt"), "arch": "resnet18",
                      "num_outputs": 2, "output_index": 1}
     assert results["extra"]["num_images"] == 8
+    # A balanced folder has no Male x Wearing_Lipstick link: cells reported, no aligned split.
+    accuracy = results["extra"]["group_accuracy"]
+    assert results["extra"]["confounder_values"] is None and "aligned_accuracy" not in accuracy
+    assert sum(k.startswith("Male=") for k in accuracy) == 4

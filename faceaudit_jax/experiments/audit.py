@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
+from typing import Optional
 
 import ml_collections
 import numpy as np
@@ -39,6 +40,7 @@ class AuditPlan:
     indices: np.ndarray     # the audited test images (indices into source)
     target: str
     confounders: list
+    confounder_values: Optional[tuple]  # per confounder, the value that goes with target = 1; None: unknown
 
 
 def confounders_of(config) -> list[str]:
@@ -50,30 +52,26 @@ def select_test_images(attrs: np.ndarray, target: str, confounders, size: int, s
                        where: str) -> np.ndarray:
     """Positions in ``attrs`` of the audited images: balanced over target x confounders.
 
-    ``size`` 0 keeps every image whose target (and confounders) are known.
-    Raises ValueError naming ``where`` (the data folder) when a cell is empty.
+    ``size`` 0 takes the largest balanced subset. Raises ValueError naming
+    ``where`` (the data folder) when a cell is empty or too small.
     """
     names = [target] + list(confounders)
-    cols = regions.attribute_ids(names)
-    values = attrs[:, cols]
+    values = attrs[:, regions.attribute_ids(names)]
     known = np.all(values >= 0, axis=1)
-    counts = {}
-    for combo in np.ndindex(*([2] * len(names))):
-        counts[combo] = int((known & np.all(values == np.array(combo), axis=1)).sum())
+    counts = {combo: int((known & np.all(values == np.array(combo), axis=1)).sum())
+              for combo in np.ndindex(*([2] * len(names)))}
     empty = [c for c, n in counts.items() if n == 0]
     if empty:
         cells = ", ".join("(" + ", ".join(f"{n}={v}" for n, v in zip(names, c)) + ")" for c in empty)
         raise ValueError(f"{where}: the test set has no image in cell(s) {cells}; an audit balanced "
                          f"over {' x '.join(names)} needs every cell (set confounders=() to balance "
                          "the target alone, or use a larger test set)")
-    if size <= 0:
-        return np.flatnonzero(known)
-    smallest = min(counts.values())
-    per_cell = size // len(counts)
-    if per_cell > smallest:
+    per_cell = -(-size // len(counts))
+    if per_cell > min(counts.values()):
         raise ValueError(f"{where}: test.size={size} needs {per_cell} images per cell of "
-                         f"{' x '.join(names)}, but the smallest cell has {smallest}; use "
-                         f"--config.test.size={smallest * len(counts)} or less (0 = every image)")
+                         f"{' x '.join(names)}, but the smallest cell has {min(counts.values())}; use "
+                         f"--config.test.size={min(counts.values()) * len(counts)} or less "
+                         "(0 = the largest balanced subset)")
     return sampling.balanced_subset(attrs, target, list(confounders), size, seed)
 
 
@@ -88,11 +86,23 @@ def prepare(config) -> AuditPlan:
     clf = model_sources.load_classifier(config.model, name="audited")
     source, pool = data_sources.build_split(config.data, "test")
     data_sources.require_attributes(source, [target] + confs)
-    where = f"data.source={config.data.source!r} (data.root={config.data.get('root', '')!r})"
     attrs = source.attributes(pool)["attrs"]
-    chosen = select_test_images(attrs, target, confs, int(config.test.size), int(config.seed), where)
+    chosen = select_test_images(attrs, target, confs, int(config.test.size), int(config.seed),
+                                f"test set ({data_sources.describe(source)})")
     indices = np.asarray(pool)[chosen]
-    return AuditPlan(clf, source, facex.explain_source(config, source), indices, target, confs)
+    values = None
+    if confs:
+        bias = ml_collections.ConfigDict({"target": target, "confounders": tuple(confs),
+                                          "confounder_values": config.get("confounder_values", None)})
+        try:
+            values = data_sources.bias_direction(bias, source, pool)
+        except ValueError:
+            if config.get("confounder_values", None) is not None:
+                raise
+            # A test set without a target x confounder link (e.g. a balanced folder) gives
+            # no direction: per-cell accuracies are still reported, aligned/conflicting not.
+            values = None
+    return AuditPlan(clf, source, facex.explain_source(config, source), indices, target, confs, values)
 
 
 def _report_config(config, target: str):
@@ -111,8 +121,16 @@ def run(config, workdir: str) -> dict:
     test_attrs = plan.source.attributes(plan.indices)["attrs"]
     logits = classifier.predict_logits(plan.clf, plan.source, plan.indices, batch_size)
     if plan.confounders:
-        accuracy = classifier.group_report(logits, test_attrs, plan.target, plan.confounders)
-        classifier.print_report("audited", accuracy)
+        known = plan.confounder_values is not None
+        values = plan.confounder_values if known else (1,) * len(plan.confounders)
+        accuracy = classifier.group_report(logits, test_attrs, plan.target, plan.confounders, values)
+        if known:
+            classifier.print_report("audited", accuracy)
+        else:  # the placeholder direction's aligned/conflicting split means nothing: drop it
+            for key in ("aligned_accuracy", "conflicting_accuracy", "gap"):
+                accuracy.pop(key)
+            print(f"[audited] accuracy {accuracy['accuracy']:.3f}; per cell: " + ", ".join(
+                f"{k} {v:.3f}" for k, v in accuracy.items() if "=" in k), flush=True)
     else:
         truth = test_attrs[:, regions.attribute_id(plan.target)] == 1
         accuracy = {"accuracy": float(((logits > 0) == truth).mean()), "num_images": int(truth.size)}
@@ -128,6 +146,7 @@ def run(config, workdir: str) -> dict:
                      "resolution": int(plan.source.resolution),
                      "explained_resolution": int(plan.explain_source.resolution)},
             "target": plan.target, "confounders": plan.confounders, "confounder_rp": rps,
+            "confounder_values": None if plan.confounder_values is None else list(plan.confounder_values),
             "group_accuracy": accuracy, "seconds": time.perf_counter() - t0},
         out_dir=work)
     top5 = ", ".join(f"{r['rank']}. {r['region']} ({r['ior']:.3f})" for r in payload["ranking"][:5])
