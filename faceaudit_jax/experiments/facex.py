@@ -242,15 +242,21 @@ def run(config, workdir: str) -> dict:
 def summary_markdown(config, summary: dict, elapsed: float) -> str:
     """The README fragment for the main job: group accuracies and the FaceX ranking."""
     confs = ", ".join(classifier.confounder_list(config.bias))
+    baseline = "balanced" in summary
+    num_test = summary["classifier"]["biased"]["num_images"]
+    data = ("synthetic faces" if config.data.source == "synthetic"
+            else f"{config.data.source} images from data.root")
     lines = [
         "### Main job: FaceX audit of a shortcut (`configs/facex.py`)",
         "",
-        f"{config.bias.target} classifier (`{config.model.name}`, {config.data.resolution} px, "
+        f"{config.bias.target} classifier (`{config.model.name}`, {data}, {config.data.resolution} px, "
         f"{config.train.size} training images x {config.train.num_epochs} epochs) with a "
-        f"{config.bias.corr} {config.bias.target} x {confs} link, vs the same architecture on a "
-        f"same-size subset balanced over {config.bias.target} x {confs}; test set balanced over "
-        f"the four cells ({config.test.size} images, disjoint identities). "
-        f"Whole run (training both models, testing, explaining, reports): {elapsed / 60:.1f} min "
+        f"{config.bias.corr} {config.bias.target} x {confs} link"
+        + (f", vs the same architecture on a same-size subset balanced over "
+           f"{config.bias.target} x {confs}" if baseline else "")
+        + f"; test set balanced over the cells of {config.bias.target} x {confs} "
+        f"({num_test} images, disjoint identities). "
+        f"Whole run (training, testing, explaining, reports): {elapsed / 60:.1f} min "
         f"wall on {os.cpu_count()} CPU cores ({jax.default_backend()}).",
         "",
         "| model | accuracy | bias-aligned | bias-conflicting | gap | RP of confounder | top-3 regions |",
