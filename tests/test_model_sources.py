@@ -85,6 +85,16 @@ def test_torchvision_errors_name_the_file(torch_resnet18, tmp_path):
         model_sources.load_classifier(_model_cfg(source="torchvision", path=str(path), num_outputs=1))
     with pytest.raises(ValueError, match=r"is a directory"):
         model_sources.load_classifier(_model_cfg(source="torchvision", path=str(tmp_path)))
+    import torch
+    state = torch.load(path, weights_only=True)
+    backbone_only = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    torch.save(backbone_only, tmp_path / "backbone.pt")
+    with pytest.raises(ValueError, match=r"backbone.pt has no fc.weight"):
+        model_sources.load_classifier(_model_cfg(source="torchvision", path=str(tmp_path / "backbone.pt")))
+    shallow = {k: v for k, v in state.items() if not k.startswith("layer4.1.")}
+    torch.save({"module." + k: v for k, v in shallow.items()}, tmp_path / "shallow.pt")
+    with pytest.raises(ValueError, match=r"shallow.pt: state dict has \(2, 2, 2, 1\) basic blocks"):
+        model_sources.load_classifier(_model_cfg(source="torchvision", path=str(tmp_path / "shallow.pt")))
 
 
 class _ArraySource:

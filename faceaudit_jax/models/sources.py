@@ -192,15 +192,15 @@ def load_torchvision_classifier(model_cfg, name: str = "audited") -> Classifier:
     if os.path.isdir(path):
         raise ValueError(f"model.path={path!r} is a directory; model.source='torchvision' expects a "
                          "state_dict file saved with torch.save(model.state_dict(), path)")
-    state_dict = torch_import.load_state_dict_file(path)
-    if "fc.weight" not in torch_import._strip_prefix(state_dict):
+    state_dict = torch_import.strip_prefix(torch_import.load_state_dict_file(path))
+    if "fc.weight" not in state_dict:
         raise ValueError(f"{path} has no fc.weight; expected a torchvision ResNet classifier state_dict")
     try:
         arch = torch_import.infer_architecture(state_dict)
     except ValueError as err:
         raise ValueError(f"{path}: {err}") from None
     _check_arch(model_cfg, arch, path)
-    num_outputs = int(np.shape(torch_import._strip_prefix(state_dict)["fc.weight"])[0])
+    num_outputs = int(np.shape(state_dict["fc.weight"])[0])
     index = _check_outputs(model_cfg, num_outputs, path)
     mean = tuple(float(v) for v in model_cfg.get("mean", resnet.IMAGENET_MEAN))
     std = tuple(float(v) for v in model_cfg.get("std", resnet.IMAGENET_STD))
