@@ -74,7 +74,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     sources.add_data_fields(c.data)
 
     c.test = ml_collections.ConfigDict()
-    c.test.size = 1000                  # 0 = the largest balanced subset
+    # At most this many images, balanced over target x confounders; 0 (and any
+    # size above it) = the largest balanced subset the test set holds.
+    c.test.size = 1000
     c.test.batch_size = 100
 
     c.explain = ml_collections.ConfigDict()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -52,8 +53,8 @@ def select_test_images(attrs: np.ndarray, target: str, confounders, size: int, s
                        where: str) -> np.ndarray:
     """Positions in ``attrs`` of the audited images: balanced over target x confounders.
 
-    ``size`` 0 takes the largest balanced subset. Raises ValueError naming
-    ``where`` (the data folder) when a cell is empty or too small.
+    ``size`` is capped at, and 0 means, the largest balanced subset. Raises
+    ValueError naming ``where`` (the data folder) when a cell is empty.
     """
     names = [target] + list(confounders)
     values = attrs[:, regions.attribute_ids(names)]
@@ -66,12 +67,12 @@ def select_test_images(attrs: np.ndarray, target: str, confounders, size: int, s
         raise ValueError(f"{where}: the test set has no image in cell(s) {cells}; an audit balanced "
                          f"over {' x '.join(names)} needs every cell (set confounders=() to balance "
                          "the target alone, or use a larger test set)")
-    per_cell = -(-size // len(counts))
-    if per_cell > min(counts.values()):
-        raise ValueError(f"{where}: test.size={size} needs {per_cell} images per cell of "
-                         f"{' x '.join(names)}, but the smallest cell has {min(counts.values())}; use "
-                         f"--config.test.size={min(counts.values()) * len(counts)} or less "
-                         "(0 = the largest balanced subset)")
+    largest = min(counts.values()) * len(counts)
+    if size > largest:
+        # A real folder is what it is: audit every balanced image it has rather than refuse.
+        print(f"[audit] {where}: test.size={size} capped at {largest}, the largest subset "
+              f"balanced over {' x '.join(names)}", flush=True)
+        size = largest
     return sampling.balanced_subset(attrs, target, list(confounders), size, seed)
 
 
@@ -86,6 +87,11 @@ def prepare(config) -> AuditPlan:
     clf = model_sources.load_classifier(config.model, name="audited")
     source, pool = data_sources.build_split(config.data, "test")
     data_sources.require_attributes(source, [target] + confs)
+    recorded = model_sources.trained_resolution(clf)
+    if recorded and recorded != int(source.resolution):
+        warnings.warn(f"{clf.workdir} was trained at {recorded} px; data.resolution="
+                      f"{source.resolution} feeds it images of another size (set "
+                      f"--config.data.resolution={recorded} to audit it as trained)")
     attrs = source.attributes(pool)["attrs"]
     chosen = select_test_images(attrs, target, confs, int(config.test.size), int(config.seed),
                                 f"test set ({data_sources.describe(source)})")

@@ -169,6 +169,12 @@ def _expected_variables(model) -> dict:
     return jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False), dummy)
 
 
+def trained_resolution(clf: Classifier) -> int:
+    """The image size a train.py run dir records for its model (0 when unknown, e.g. torchvision)."""
+    path = Path(clf.workdir) / RECORD_FILE
+    return int(json.loads(path.read_text()).get("resolution", 0)) if path.is_file() else 0
+
+
 def load_checkpoint_classifier(model_cfg, name: str = "audited") -> Classifier:
     """The classifier of a train.py run directory (``model.path``), checked against the config."""
     path = _model_path(model_cfg)
