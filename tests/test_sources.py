@@ -133,6 +133,19 @@ def test_celebamask_hq_and_folder_parse_maps_are_the_written_ones(folders_root):
     np.testing.assert_array_equal(small, faces["parse"][rows][:, 1::2, 1::2])
 
 
+def test_reduced_scale_jpeg_decoding_stays_close_to_a_full_decode(tmp_path):
+    # A smooth 128 px image (noise would differ by the filters' response, not their error).
+    ramp = np.linspace(0, 255, 128)
+    image = np.stack([ramp[None, :].repeat(128, 0), ramp[:, None].repeat(128, 1),
+                      np.full((128, 128), 90.0)], -1).astype(np.uint8)
+    path = str(tmp_path / "face.jpg")
+    Image.fromarray(image).save(path, quality=95)
+    fast = sources.decode_square(path, 32)  # decoded at 1/4 scale
+    np.testing.assert_allclose(fast, pil_square(path, 32), atol=6 / 255)
+    assert np.abs(fast - pil_square(path, 32)).mean() < 1.5 / 255
+    np.testing.assert_allclose(sources.decode_square(path, 128), pil_square(path), atol=1e-6)
+
+
 def test_attribute_tables_keep_unknowns_and_labels(folders_root):
     root, faces, _ = folders_root
     folder = sources.build_source(data_cfg("folder", root / "folder"))
@@ -341,3 +354,32 @@ def test_cheap_experiments_build_their_data_from_fixture_folders(folders_root):
     images, identity = verification_data.load_images(config, "test")
     assert images.shape == (9, RES, RES, 3) and np.unique(identity).size == 3
     np.testing.assert_array_equal(images, faces["image"][np.isin(faces["identity"], identity)])
+
+
+def test_facex_tables_celeba_variant_reads_celeba_and_celebamask_hq(folders_root, tmp_path):
+    from faceaudit_jax.experiments import facex_tables
+
+    root, _, partition = folders_root
+    config = load_config("facex_tables", "celeba")
+    config.data.root, config.data.test_root = str(root / "celeba"), str(root / "celebamask_hq")
+    config.data.resolution = RES
+    ctx = facex_tables.TablesContext(config, tmp_path)
+    train_idx, train_attrs = ctx.pool(True, "train", 0)
+    test_idx, _ = ctx.pool(True, "test", 0)
+    np.testing.assert_array_equal(train_idx, np.flatnonzero(partition == 0))
+    np.testing.assert_array_equal(test_idx, np.arange(18, 24))
+    assert ctx.source(True, "test").name == "celebamask_hq" and ctx.source(False).name == "celeba"
+    # CelebA-like link of the fixture: lipstick goes with Male = 0.
+    assert ctx.confounder_values("Male", ["Wearing_Lipstick"], train_idx) == (0,)
+    config.tables.confounder_value = 1
+    assert ctx.confounder_values("Male", ["Wearing_Lipstick"], train_idx) == (1,)
+
+
+def test_tfds_source_without_the_extra_names_it(tmp_path):
+    try:
+        import tensorflow_datasets  # noqa: F401
+        pytest.skip("tensorflow-datasets is installed")
+    except ImportError:
+        pass
+    with pytest.raises(ImportError, match=r"faceaudit_jax\[tfds\]"):
+        sources.build_source(data_cfg("celeba_tfds", tmp_path))

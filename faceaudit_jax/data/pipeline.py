@@ -38,6 +38,9 @@ class SyntheticSource:
 
     name = "synthetic"
     has_parse = True
+    # Rendering runs on the same XLA CPU thread pool as the model: loading
+    # ahead in a thread would only contend with it, so batches render on demand.
+    prefetch = 0
 
     @property
     def annotated(self) -> frozenset:
@@ -117,17 +120,25 @@ def _device_put(batch: dict) -> dict:
             for k, v in batch.items()}
 
 
+def default_prefetch(source) -> int:
+    """How many batches to load ahead for ``source``: its ``prefetch`` attribute (file sources
+    2: decoding overlaps with the model; the renderer 0), else 2."""
+    return int(getattr(source, "prefetch", 2))
+
+
 def step_batch_fn(source, indices, batch_size: int, seed: int,
                   transform: Optional[Callable[[dict], dict]] = None,
-                  sharding: Optional[NamedSharding] = None, *, prefetch: int = 0,
+                  sharding: Optional[NamedSharding] = None, *, prefetch: Optional[int] = None,
                   num_steps: Optional[int] = None) -> Callable[[int], dict]:
     """``batch_fn(step) -> batch`` for train_lib.fit: deterministic in (seed, step).
 
-    With ``prefetch`` > 0, serving step s starts loading steps s+1 .. s+prefetch
+    With ``prefetch`` > 0 (None: ``default_prefetch(source)``), serving step s starts loading steps s+1 .. s+prefetch
     in a background thread (file decoding overlaps with the train step); the
     batches are the same, since each is a pure function of its step. Give
     ``num_steps`` so nothing is loaded past the last step and the thread ends.
     """
+
+    prefetch = default_prefetch(source) if prefetch is None else int(prefetch)
 
     def load(step: int) -> dict:
         batch = source.batch(step_indices(indices, batch_size, seed, step))
@@ -162,16 +173,17 @@ def step_batch_fn(source, indices, batch_size: int, seed: int,
 
 
 def iterate_batches(source, indices, batch_size: int,
-                    transform: Optional[Callable[[dict], dict]] = None, *, prefetch: int = 2
-                    ) -> Iterator[tuple[dict, np.ndarray]]:
+                    transform: Optional[Callable[[dict], dict]] = None, *,
+                    prefetch: Optional[int] = None) -> Iterator[tuple[dict, np.ndarray]]:
     """Evaluation batches in order, the last one padded to full size.
 
     Yields (batch, valid) where ``valid`` [batch_size] bool marks real rows, so
     jitted consumers see one shape and compile once. The next ``prefetch``
-    batches are loaded (decoded, transformed, copied to the device) in a
-    background thread while the caller works on the current one; 0 loads
-    each batch when it is asked for.
+    batches (None: ``default_prefetch(source)``) are loaded (decoded,
+    transformed, copied to the device) in a background thread while the
+    caller works on the current one; 0 loads each batch when it is asked for.
     """
+    prefetch = default_prefetch(source) if prefetch is None else int(prefetch)
     indices = np.asarray(indices)
     if indices.size == 0:
         raise ValueError("no images to iterate over (empty index list)")

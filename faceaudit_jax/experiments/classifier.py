@@ -123,7 +123,8 @@ def train_classifier(config, workdir: str, indices: np.ndarray, source, name: st
     transform = pipeline.attribute_label_fn(config.bias.target)
     if sample_weights is None:
         loss_fn = _bce_loss
-        batch_fn = pipeline.step_batch_fn(source, indices, batch_size, int(config.seed), transform)
+        batch_fn = pipeline.step_batch_fn(source, indices, batch_size, int(config.seed), transform,
+                                          num_steps=num_steps)
     else:
         loss_fn = _weighted_bce_loss
         weights = np.asarray(sample_weights, np.float32)

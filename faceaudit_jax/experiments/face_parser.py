@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Mapping
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from faceaudit_jax import parsing, regions, train_lib
