@@ -119,7 +119,11 @@ def test_bad_input_fails_before_any_work(trained, tmp_path):
     make = _foreign_faces()
     lipstick_only_on_women = tmp_path / "linked"
     make.write_folder(str(lipstick_only_on_women), 16, link=1.0, seed=0, size=64, workers=1)
+    no_masks = fixtures.write_layout("celeba", str(tmp_path / "celeba"),
+                                     fixtures.render_faces(4, 64, balance=("Male", "Wearing_Lipstick")))
     cases = [
+        ({"data.source": "celeba", "data.root": no_masks, "data.test_root": no_masks},
+         r"has no parse maps, which FaceX's region IoR"),
         ({"data.source": "celebamask_hq", "data.root": str(lipstick_only_on_women)},
          r"no image in cell\(s\) \(Male=0, Wearing_Lipstick=0\), \(Male=1, Wearing_Lipstick=1\)"),
         ({"data.source": "celebamask_hq", "data.root": str(lipstick_only_on_women), "target": "Smiling"},

@@ -9,8 +9,8 @@ and writes ``report.md``, ``results.json`` (``ior``: region -> IoR,
 of each confounder) and the figures straight into ``workdir``.
 
 Every check (model file vs ``model.arch`` / outputs, data root and layout,
-target and confounders annotated, no empty test cell) runs in ``prepare``
-before any image is explained.
+target and confounders annotated, parse maps or a parser, no empty test
+cell) runs in ``prepare`` before any image is explained.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ class AuditPlan:
     target: str
     confounders: list
     confounder_values: Optional[tuple]  # per confounder, the value that goes with target = 1; None: unknown
+    parser: object          # explain.parser's network, or None: the data set's own masks
 
 
 def confounders_of(config) -> list[str]:
@@ -87,6 +88,9 @@ def prepare(config) -> AuditPlan:
     clf = model_sources.load_classifier(config.model, name="audited")
     source, pool = data_sources.build_split(config.data, "test")
     data_sources.require_attributes(source, [target] + confs)
+    parser = facex.build_parser(config.explain)
+    if parser is None:
+        data_sources.require_parse(source, "FaceX's region IoR (explain.parser='')")
     recorded = model_sources.trained_resolution(clf)
     if recorded and recorded != int(source.resolution):
         warnings.warn(f"{clf.workdir} was trained at {recorded} px; data.resolution="
@@ -108,7 +112,8 @@ def prepare(config) -> AuditPlan:
             # A test set without a target x confounder link (e.g. a balanced folder) gives
             # no direction: per-cell accuracies are still reported, aligned/conflicting not.
             values = None
-    return AuditPlan(clf, source, facex.explain_source(config, source), indices, target, confs, values)
+    return AuditPlan(clf, source, facex.explain_source(config, source), indices, target, confs, values,
+                     parser)
 
 
 def _report_config(config, target: str):
@@ -142,13 +147,14 @@ def run(config, workdir: str) -> dict:
         accuracy = {"accuracy": float(((logits > 0) == truth).mean()), "num_images": int(truth.size)}
         print(f"[audited] accuracy {accuracy['accuracy']:.3f}", flush=True)
     result = facex.audit(plan.clf, plan.explain_source, plan.indices, plan.target, config.explain,
-                         batch_size, desc="explain", parser=facex.build_parser(config.explain))
+                         batch_size, desc="explain", parser=plan.parser)
     rps = facex.confounder_rp(result.ior, plan.confounders)
     payload = facex._write_audit_report(
         work, "audited", result, plan.explain_source, plan.indices,
         _report_config(config, plan.target), {
             "model": model_sources.describe(plan.clf, config.model),
             "data": {"source": str(config.data.source), "root": str(config.data.get("root", "")),
+                     "test_root": str(config.data.get("test_root", "")),
                      "resolution": int(plan.source.resolution),
                      "explained_resolution": int(plan.explain_source.resolution)},
             "target": plan.target, "confounders": plan.confounders, "confounder_rp": rps,
