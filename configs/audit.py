@@ -16,6 +16,14 @@ Model sources (``faceaudit_jax.models.sources``):
                (inputs are images in [0, 1]; ImageNet's by default)
 ``model.arch`` and ``model.num_outputs``, when set, are checked against the file.
 
+Test images (``data.sources.build_split``): every image of ``data.test_root``
+when set (to audit every image of a folder, pass it there), else the data
+set's published test split, else the test share of a seeded identity-disjoint
+split of ``data.root`` (``data.split_seed``, ``data.test_fraction``), the same
+split train.py holds out. Aligned / conflicting accuracy follows
+``confounder_values`` (or the sign of the link in those images); a test set
+without a link gets per-cell accuracies only.
+
 Run:
   python train.py --config configs/facex.py --workdir W     # writes W/biased, W/balanced
   python explain.py --config configs/audit.py --workdir W/audit_biased \

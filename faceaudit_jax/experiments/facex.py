@@ -3,8 +3,10 @@
 ``run`` is the project's main job: train (or load) a classifier with an
 injected shortcut, explain it with CAMs over a balanced test set, reduce the
 maps to region IoR (eq. 3-4) and top patches (eq. 6-7) with streaming
-accumulators, and write the report. ``run_tables`` reproduces the paper's
-Tables 1, 3 and 4 and Figure 5 on synthetic faces.
+accumulators, and write the report. ``train`` (train.py) stops after training
+and testing; ``experiments.audit`` explains an existing model with the same
+``audit`` and report writer. ``run_tables`` reproduces the paper's Tables 1,
+3 and 4 and Figure 5 on synthetic faces.
 """
 
 from __future__ import annotations
