@@ -6,6 +6,9 @@ each naming the field or file. The train.py run-dir source is tested with
 the checkpoint train.py writes, in test_audit_cli.py.
 """
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -49,6 +52,7 @@ def test_train_refuses_a_model_source_other_than_train():
 @pytest.fixture(scope="module")
 def torch_resnet18(tmp_path_factory):
     torch = pytest.importorskip("torch")
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from test_torch_import import _torchvision_like  # noqa: PLC0415 (plain-torch torchvision layout)
     torch.manual_seed(0)
     reference = _torchvision_like("basic", (2, 2, 2, 2), num_classes=3)
