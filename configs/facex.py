@@ -65,6 +65,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.bias.confounder_values = ml_collections.FieldReference(None, field_type=tuple)
 
     c.model = ml_collections.ConfigDict()
+    # "train": train the models here. To audit an existing model (a train.py
+    # run dir or a torchvision state_dict) use configs/audit.py.
+    c.model.source = "train"
     c.model.name = "small_resnet"
 
     c.train = ml_collections.ConfigDict()

@@ -98,3 +98,24 @@ def test_overwrite_is_accepted_for_every_config():
     assert split_overwrite(["x", "--config.overwrite", "--workdir=w"]) == (["x", "--workdir=w"], True)
     assert split_overwrite(["x", "--config.overwrite", "false"]) == (["x"], False)
     assert split_overwrite(["x", "--config.seed=1"]) == (["x", "--config.seed=1"], None)
+
+
+AUDIT = str(ROOT / "configs" / "audit.py")
+
+
+def test_the_documented_audit_command_line_names_existing_keys():
+    # The command of README's "Audit your own model" and of issue 13.
+    argv = [f"--config={AUDIT}", "--workdir", "W", "--config.model.source=torchvision",
+            "--config.model.path=clf.pt", "--config.model.arch=resnet18",
+            "--config.data.source=celebamask_hq", "--config.data.root=DIR",
+            "--config.data.test_root=TEST", "--config.target=Male", "--config.model.output_index=0"]
+    assert cli.unknown_override(argv) is None
+    message = cli.unknown_override([f"--config={AUDIT}", "--config.model.pth=clf.pt"])
+    assert "config.model has no key 'pth'" in message and "path" in message
+
+
+def test_train_py_refuses_an_experiment_without_a_training_step(tmp_path):
+    import pytest
+    from faceaudit_jax.experiments import registry
+    with pytest.raises(ValueError, match="no separate training step"):
+        registry.run_training(cli.load_config(AUDIT), str(tmp_path / "w"))

@@ -10,10 +10,9 @@ on bias-aligned and bias-conflicting images.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -22,18 +21,11 @@ import numpy as np
 from faceaudit_jax import losses, regions, train_lib, workdir as workdir_lib
 from faceaudit_jax.data import pipeline, sampling, sources
 from faceaudit_jax.experiments.registry import write_json
-from faceaudit_jax.models import build_model, classifier_fns
+from faceaudit_jax.models import build_model
+from faceaudit_jax.models import sources as model_sources
 
-
-@dataclasses.dataclass
-class TrainedClassifier:
-    model: Any
-    variables: dict
-    name: str
-    workdir: str
-
-    def fns(self):
-        return classifier_fns(self.model, self.variables)
+# A classifier this module trained, or one loaded by ``model_sources.load_classifier``.
+TrainedClassifier = model_sources.Classifier
 
 
 def build_source(data_cfg, resolution: Optional[int] = None):
@@ -152,6 +144,11 @@ def train_classifier(config, workdir: str, indices: np.ndarray, source, name: st
     workdir_lib.check_fingerprint(
         run_dir, model_fingerprint(config, indices, sample_weights, source),
         overwrite=workdir_lib.overwrite_requested(config))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    # model.json makes the run dir loadable by model.source=checkpoint (explain.py configs/audit.py).
+    model_sources.record_classifier(run_dir, arch=str(config.model.name), outputs=[config.bias.target],
+                                    resolution=int(source.resolution),
+                                    data_source=str(config.data.source))
     model = build_model(config.model.name, 1)
     batch_size = int(config.train.batch_size)
     per_epoch = pipeline.steps_per_epoch(indices.size, batch_size)
@@ -181,11 +178,14 @@ def train_classifier(config, workdir: str, indices: np.ndarray, source, name: st
         model, state, batch_fn, num_steps, str(run_dir), loss_fn=loss_fn,
         ckpt_every=int(config.train.ckpt_every), log_every=int(config.train.log_every),
         desc=f"train {name}")
-    return TrainedClassifier(model, train_lib.state_variables(state), name, str(run_dir))
+    return TrainedClassifier(model, train_lib.state_variables(state), name, str(run_dir),
+                             arch=str(config.model.name))
 
 
 def predict_logits(clf: TrainedClassifier, source, indices, batch_size: int) -> np.ndarray:
-    apply = jax.jit(lambda v, x: clf.model.apply(v, x, train=False)[0][:, 0])
+    """The explained logit (``clf.output_index``) of every image in ``indices``: [N]."""
+    k = int(clf.output_index)
+    apply = jax.jit(lambda v, x: clf.model.apply(v, x, train=False)[0][:, k])
     out = []
     for batch, valid in pipeline.iterate_batches(source, indices, batch_size):
         out.append(np.asarray(apply(clf.variables, batch["image"]))[valid])
@@ -227,6 +227,10 @@ def print_report(name: str, report: dict) -> None:
 
 def train(config, workdir: str) -> dict:
     """Biased model (and balanced baseline): train, test per group, write results."""
+    if model_sources.model_source(config.model) != "train":
+        raise ValueError(f"model.source={config.model.source!r}: train.py trains a model "
+                         "(model.source='train'); audit an existing one with explain.py "
+                         "--config configs/audit.py")
     subsets = make_subsets(config)
     source, test_source = subsets["train_source"], subsets["test_source"]
     confs = confounder_list(config.bias)

@@ -3,8 +3,10 @@
 ``run`` is the project's main job: train (or load) a classifier with an
 injected shortcut, explain it with CAMs over a balanced test set, reduce the
 maps to region IoR (eq. 3-4) and top patches (eq. 6-7) with streaming
-accumulators, and write the report. ``run_tables`` reproduces the paper's
-Tables 1, 3 and 4 and Figure 5 on synthetic faces.
+accumulators, and write the report. ``train`` (train.py) stops after training
+and testing; ``experiments.audit`` explains an existing model with the same
+``audit`` and report writer. ``run_tables`` reproduces the paper's Tables 1,
+3 and 4 and Figure 5 on synthetic faces.
 """
 
 from __future__ import annotations
@@ -151,10 +153,10 @@ def explain_source(config, source):
 
 
 def _write_audit_report(workdir: Path, name: str, result: AuditResult, source,
-                        indices: np.ndarray, config, extra: dict) -> dict:
+                        indices: np.ndarray, config, extra: dict, out_dir=None) -> dict:
     from faceaudit_jax.viz import figures, prototype
 
-    out = workdir / f"report_{name}"
+    out = workdir / f"report_{name}" if out_dir is None else Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
     paths["prototype"] = str(out / "prototype_heatmap.png")
@@ -192,10 +194,23 @@ def _write_audit_report(workdir: Path, name: str, result: AuditResult, source,
     return payload
 
 
+def train(config, workdir: str) -> dict:
+    """train.py for the main job: the biased classifier (and baseline), tested, not explained.
+
+    Each model's run directory (``workdir/biased``, ``workdir/balanced``) is what
+    ``configs/audit.py`` takes as ``model.path`` (``model.source=checkpoint``).
+    """
+    if config.experiment != "facex":
+        raise ValueError(f"experiment {config.experiment!r} has no separate training step; "
+                         "use explain.py to run it whole")
+    return classifier.train(config, workdir)
+
+
 def run(config, workdir: str) -> dict:
     """The main job: biased (and baseline) classifier, FaceX audit, report."""
     work = Path(workdir)
     t0 = time.perf_counter()
+    # classifier.train refuses model.source != "train" with a pointer to configs/audit.py.
     trained = classifier.train(config, workdir)
     source, subsets = trained["source"], trained["subsets"]
     confs = classifier.confounder_list(config.bias)
@@ -229,15 +244,21 @@ def run(config, workdir: str) -> dict:
 def summary_markdown(config, summary: dict, elapsed: float) -> str:
     """The README fragment for the main job: group accuracies and the FaceX ranking."""
     confs = ", ".join(classifier.confounder_list(config.bias))
+    baseline = "balanced" in summary
+    num_test = summary["classifier"]["biased"]["num_images"]
+    data = ("synthetic faces" if config.data.source == "synthetic"
+            else f"{config.data.source} images from data.root")
     lines = [
         "### Main job: FaceX audit of a shortcut (`configs/facex.py`)",
         "",
-        f"{config.bias.target} classifier (`{config.model.name}`, {config.data.resolution} px, "
+        f"{config.bias.target} classifier (`{config.model.name}`, {data}, {config.data.resolution} px, "
         f"{config.train.size} training images x {config.train.num_epochs} epochs) with a "
-        f"{config.bias.corr} {config.bias.target} x {confs} link, vs the same architecture on a "
-        f"same-size subset balanced over {config.bias.target} x {confs}; test set balanced over "
-        f"the four cells ({config.test.size} images, disjoint identities). "
-        f"Whole run (training both models, testing, explaining, reports): {elapsed / 60:.1f} min "
+        f"{config.bias.corr} {config.bias.target} x {confs} link"
+        + (f", vs the same architecture on a same-size subset balanced over "
+           f"{config.bias.target} x {confs}" if baseline else "")
+        + f"; test set balanced over the cells of {config.bias.target} x {confs} "
+        f"({num_test} images, disjoint identities). "
+        f"Whole run (training, testing, explaining, reports): {elapsed / 60:.1f} min "
         f"wall on {os.cpu_count()} CPU cores ({jax.default_backend()}).",
         "",
         "| model | accuracy | bias-aligned | bias-conflicting | gap | RP of confounder | top-3 regions |",

@@ -27,6 +27,7 @@ EXPERIMENTS = {
     "vit_fv": "faceaudit_jax.experiments.vit_fv",
     "debias_noise": "faceaudit_jax.experiments.debias_noise",
     "face_parser": "faceaudit_jax.experiments.face_parser",
+    "audit": "faceaudit_jax.experiments.audit",
 }
 
 

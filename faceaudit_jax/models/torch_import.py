@@ -53,7 +53,8 @@ def to_numpy(value) -> np.ndarray:
     return np.asarray(value)
 
 
-def _strip_prefix(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+def strip_prefix(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """The state dict without DataParallel's "module." key prefix (unchanged if absent)."""
     keys = list(state_dict)
     if keys and all(k.startswith("module.") for k in keys):
         return {k[len("module."):]: v for k, v in state_dict.items()}
@@ -106,7 +107,7 @@ def convert_torchvision_resnet(state_dict: Mapping[str, Any]) -> dict:
     the result against the Flax model's own variable shapes.
     """
     variables: dict = {}
-    for key, value in _strip_prefix(state_dict).items():
+    for key, value in strip_prefix(state_dict).items():
         if key.endswith("num_batches_tracked"):
             continue
         path = _flax_path(key)
@@ -121,7 +122,7 @@ def infer_architecture(state_dict: Mapping[str, Any]) -> str:
     """The ``models.resnet`` name (resnet18 / resnet34 / resnet50) of a torchvision state dict."""
     blocks: dict[int, int] = {}
     bottleneck = False
-    for key in _strip_prefix(state_dict):
+    for key in strip_prefix(state_dict):
         match = _STAGE_BLOCK.match(key)
         if match:
             stage, block = int(match.group(1)), int(match.group(2))
@@ -179,7 +180,7 @@ def load_torchvision_resnet(
     The variables are checked name by name and shape by shape against the
     Flax model (found with ``jax.eval_shape``, so nothing is computed).
     """
-    state_dict = _strip_prefix(state_dict)
+    state_dict = strip_prefix(state_dict)
     if "fc.weight" not in state_dict:
         raise ValueError("state dict has no fc.weight; expected a torchvision ResNet classifier")
     name = name or infer_architecture(state_dict)

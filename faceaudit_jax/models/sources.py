@@ -1,0 +1,261 @@
+"""Where an explained model comes from: ``model.source`` in every explain-side config.
+
+- ``train``: the experiment trains its own model (the default of every config).
+- ``checkpoint``: ``model.path`` is a run directory written by this project's
+  ``train.py`` (e.g. ``W/biased``): Orbax checkpoints under ``checkpoints/``
+  and ``model.json``, the record of the architecture, number of outputs and
+  the attribute each output predicts (``record_classifier`` writes it).
+- ``torchvision``: ``model.path`` is a ``torch.save``d ``state_dict`` of a
+  torchvision ResNet-18/34/50 with its own ``fc``; ``model.mean`` /
+  ``model.std`` are the normalisation it was trained with, applied inside the
+  Flax model, which takes images in [0, 1].
+- For face verification: ``model.embedder = "module:function"``, any
+  numpy-callable embedder ``f(images [B, H, W, 3] in [0, 1]) -> [B, D]``
+  (``load_embedder``).
+
+``model.output_index`` picks the logit that is explained when the model has
+several outputs (e.g. a 40-attribute CelebA classifier). Every loader checks
+the file against the config (architecture, number of outputs, output index)
+and raises a ValueError naming the file and the field before any explaining
+starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from faceaudit_jax.models import resnet, torch_import
+
+MODEL_SOURCES = ("train", "checkpoint", "torchvision")
+RECORD_FILE = "model.json"
+_RECORD_FORMAT = "faceaudit_jax classifier v1"
+
+
+@dataclasses.dataclass
+class Classifier:
+    """A ResNet classifier with its variables; ``output_index`` is the logit that is explained.
+
+    ``fns()`` gives the (features_fn, head_fn) pair of ``resnet.classifier_fns``
+    with the head narrowed to that one logit ([B, 1]), which is what the
+    binary CAM targets and FaceX consume.
+    """
+
+    model: Any
+    variables: dict
+    name: str
+    workdir: str
+    output_index: int = 0
+    arch: str = ""
+
+    def fns(self):
+        features_fn, head_fn = resnet.classifier_fns(self.model, self.variables)
+        if self.model.num_outputs == 1:
+            return features_fn, head_fn
+        k = int(self.output_index)
+        return features_fn, lambda fmap: head_fn(fmap)[:, k:k + 1]
+
+
+# ----------------------------------------------------------------------------- run-dir record
+
+
+def record_classifier(run_dir, *, arch: str, outputs, resolution: int, data_source: str) -> dict:
+    """Write ``run_dir/model.json``: what ``load_classifier`` needs to rebuild the model.
+
+    ``outputs`` names the attribute of each logit, in order. Returns the record.
+    """
+    outputs = [str(o) for o in ([outputs] if isinstance(outputs, str) else outputs)]
+    record = {"format": _RECORD_FORMAT, "arch": str(arch), "num_outputs": len(outputs),
+              "outputs": outputs, "resolution": int(resolution), "data_source": str(data_source)}
+    path = Path(run_dir) / RECORD_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def read_record(run_dir) -> dict:
+    """The ``model.json`` of a run directory, or a ValueError saying what the folder lacks."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ValueError(f"model.path={str(run_dir)!r}: no such directory; expected a run directory "
+                         "written by train.py (e.g. WORKDIR/biased)")
+    path = run_dir / RECORD_FILE
+    if not path.is_file():
+        raise ValueError(f"model.path={str(run_dir)!r} has no {RECORD_FILE}; expected a run directory "
+                         "written by train.py (e.g. WORKDIR/biased, holding model.json and checkpoints/)")
+    record = json.loads(path.read_text())
+    if record.get("format") != _RECORD_FORMAT:
+        raise ValueError(f"{path}: format {record.get('format')!r}; expected {_RECORD_FORMAT!r}")
+    return record
+
+
+# ----------------------------------------------------------------------------- config checks
+
+
+def model_source(model_cfg) -> str:
+    source = str(model_cfg.get("source", "train") or "train")
+    if source not in MODEL_SOURCES:
+        raise ValueError(f"model.source={source!r}; expected one of {list(MODEL_SOURCES)}")
+    return source
+
+
+def _arch_field(model_cfg) -> str:
+    """The config field naming the architecture: ``model.arch`` (audit) or ``model.name`` (training configs)."""
+    return "arch" if "arch" in model_cfg else "name"
+
+
+def _check_arch(model_cfg, found: str, where: str) -> None:
+    field = _arch_field(model_cfg)
+    wanted = str(model_cfg.get(field, "") or "")
+    if wanted and wanted != found:
+        raise ValueError(f"{where} holds a {found} model; model.{field}={wanted!r}. Set "
+                         f"--config.model.{field}={found} or point model.path at a {wanted} model")
+
+
+def _check_outputs(model_cfg, num_outputs: int, where: str) -> int:
+    wanted = int(model_cfg.get("num_outputs", 0) or 0)
+    if wanted and wanted != num_outputs:
+        raise ValueError(f"{where} has {num_outputs} output(s) (fc); model.num_outputs={wanted}")
+    index = int(model_cfg.get("output_index", 0) or 0)
+    if not 0 <= index < num_outputs:
+        raise ValueError(f"model.output_index={index}, but {where} has {num_outputs} output(s); "
+                         f"expected an index in [0, {num_outputs})")
+    return index
+
+
+def _model_path(model_cfg) -> str:
+    path = str(model_cfg.get("path", "") or "")
+    if not path:
+        raise ValueError(f"model.source={model_source(model_cfg)!r} needs --config.model.path "
+                         "(a train.py run directory or a state_dict file)")
+    if not os.path.exists(path):
+        raise ValueError(f"model.path={path!r} does not exist")
+    return path
+
+
+# ----------------------------------------------------------------------------- loaders
+
+
+def restore_variables(run_dir) -> dict:
+    """{"params", ["batch_stats"]} of the latest Orbax checkpoint under ``run_dir/checkpoints``."""
+    import orbax.checkpoint as ocp
+
+    ckpt_dir = Path(run_dir).resolve() / "checkpoints"
+    if not ckpt_dir.is_dir():
+        raise ValueError(f"model.path={str(run_dir)!r} has no checkpoints/ folder; expected a run "
+                         "directory written by train.py (training finished or at least checkpointed)")
+    with ocp.CheckpointManager(str(ckpt_dir)) as manager:
+        step = manager.latest_step()
+        if step is None:
+            raise ValueError(f"{ckpt_dir} holds no checkpoint; expected one written by train.py")
+        # The optimiser state is restored too (no target: as saved) and dropped.
+        tree = manager.restore(step, args=ocp.args.StandardRestore())
+    variables = {"params": tree["params"]}
+    if tree.get("batch_stats"):
+        variables["batch_stats"] = tree["batch_stats"]
+    return variables
+
+
+def _expected_variables(model) -> dict:
+    dummy = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
+    return jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False), dummy)
+
+
+def trained_resolution(clf: Classifier) -> int:
+    """The image size a train.py run dir records for its model (0 when unknown, e.g. torchvision)."""
+    path = Path(clf.workdir) / RECORD_FILE
+    return int(json.loads(path.read_text()).get("resolution", 0)) if path.is_file() else 0
+
+
+def load_checkpoint_classifier(model_cfg, name: str = "audited") -> Classifier:
+    """The classifier of a train.py run directory (``model.path``), checked against the config."""
+    path = _model_path(model_cfg)
+    record = read_record(path)
+    _check_arch(model_cfg, record["arch"], f"{path} ({RECORD_FILE})")
+    index = _check_outputs(model_cfg, int(record["num_outputs"]), f"{path} ({RECORD_FILE})")
+    model = resnet.build_model(record["arch"], int(record["num_outputs"]))
+    variables = restore_variables(path)
+    try:
+        torch_import.check_variables(_expected_variables(model), variables)
+    except ValueError as err:
+        raise ValueError(f"{path}: checkpoint does not match {RECORD_FILE} "
+                         f"({record['arch']}, {record['num_outputs']} outputs): {err}") from None
+    variables = jax.tree_util.tree_map(jnp.asarray, variables)
+    return Classifier(model, variables, name, str(path), index, record["arch"])
+
+
+def load_torchvision_classifier(model_cfg, name: str = "audited") -> Classifier:
+    """A torchvision ResNet ``state_dict`` file (``model.path``), checked against the config."""
+    path = _model_path(model_cfg)
+    if os.path.isdir(path):
+        raise ValueError(f"model.path={path!r} is a directory; model.source='torchvision' expects a "
+                         "state_dict file saved with torch.save(model.state_dict(), path)")
+    state_dict = torch_import.strip_prefix(torch_import.load_state_dict_file(path))
+    if "fc.weight" not in state_dict:
+        raise ValueError(f"{path} has no fc.weight; expected a torchvision ResNet classifier state_dict")
+    try:
+        arch = torch_import.infer_architecture(state_dict)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+    _check_arch(model_cfg, arch, path)
+    num_outputs = int(np.shape(state_dict["fc.weight"])[0])
+    index = _check_outputs(model_cfg, num_outputs, path)
+    mean = tuple(float(v) for v in model_cfg.get("mean", resnet.IMAGENET_MEAN))
+    std = tuple(float(v) for v in model_cfg.get("std", resnet.IMAGENET_STD))
+    try:
+        model, variables = torch_import.load_torchvision_resnet(state_dict, name=arch, mean=mean, std=std)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+    return Classifier(model, variables, name, str(path), index, arch)
+
+
+def load_classifier(model_cfg, name: str = "audited") -> Classifier:
+    """The classifier ``model_cfg`` names (source checkpoint or torchvision); errors before any work."""
+    source = model_source(model_cfg)
+    if source == "checkpoint":
+        return load_checkpoint_classifier(model_cfg, name)
+    if source == "torchvision":
+        return load_torchvision_classifier(model_cfg, name)
+    raise ValueError("model.source='train' builds its model by training; load_classifier "
+                     "loads an existing one (model.source='checkpoint' or 'torchvision')")
+
+
+def load_embedder(spec: str) -> Callable[[np.ndarray], np.ndarray]:
+    """The numpy-callable embedder named by ``"module:function"`` (e.g. ``mypkg.faces:embed``).
+
+    The function takes images [B, H, W, 3] float in [0, 1] and returns
+    embeddings [B, D]; the attribute may also be a zero-argument factory
+    returning such a callable when ``function`` ends with ``()``.
+    """
+    spec = str(spec or "")
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"model.embedder={spec!r}; expected 'module:function' "
+                         "(e.g. 'faceaudit_jax.models.dlib_face:embed')")
+    factory = attr.endswith("()")
+    attr = attr[:-2] if factory else attr
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(f"model.embedder={spec!r}: cannot import {module_name!r} ({err})") from None
+    if not hasattr(module, attr):
+        raise ValueError(f"model.embedder={spec!r}: module {module_name!r} has no {attr!r}")
+    fn = getattr(module, attr)
+    fn = fn() if factory else fn
+    if not callable(fn):
+        raise ValueError(f"model.embedder={spec!r} is a {type(fn).__name__}; expected a callable")
+    return fn
+
+
+def describe(clf: Classifier, model_cfg) -> dict:
+    """What a report says about the audited model."""
+    return {"source": model_source(model_cfg), "path": clf.workdir, "arch": clf.arch,
+            "num_outputs": int(clf.model.num_outputs), "output_index": int(clf.output_index)}
