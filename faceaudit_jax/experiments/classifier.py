@@ -10,6 +10,7 @@ on bias-aligned and bias-conflicting images.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 from typing import Optional
