@@ -56,6 +56,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from faceaudit_jax.explain import upsampling
+
 HEAD_FUSIONS = ("mean", "max", "min")
 READOUTS = ("cls", "mean")
 METHODS = ("rollout", "grad_rollout", "nograd", "nograd_lrp")
@@ -342,8 +344,11 @@ def _grid_maps(apply_fn, params, images, method, target_fn, target_args, readout
 
 
 def _upsample_normalise(grid_maps: jax.Array, image_hw: tuple[int, int]) -> jax.Array:
-    resized = jax.image.resize(grid_maps, (grid_maps.shape[0],) + tuple(image_hw), "bilinear")
-    return normalize_maps(resized)
+    # A token reads the non-overlapping patch p*j .. p*j + p - 1, centred at
+    # p*j + (p - 1) / 2: exactly where half-pixel resizing puts cell j, so for
+    # patch grids "half_pixel" is the receptive-field-aligned choice
+    # (explain.upsampling.patch_grid), unlike for padded conv nets.
+    return normalize_maps(upsampling.upsample_grid_maps(grid_maps, tuple(image_hw), "half_pixel"))
 
 
 def _check_images(images, name="images") -> None:
