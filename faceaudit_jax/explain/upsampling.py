@@ -204,12 +204,19 @@ def upsample_grid_maps(maps: Array, size: tuple[int, int], spec="aligned") -> Ar
 
 
 def measure_cell_centre(features_fn: Callable[[Array], Array], images: Array,
-                        cell: tuple[int, int]) -> np.ndarray:
+                        cell: tuple[int, int], window: Optional[int] = None) -> np.ndarray:
     """float64 (y, x): centroid of |d sum_c fmap[b, i, j, c] / d images| over pixels.
 
     The input-gradient footprint of one feature cell, summed over channels and
     the batch; its centroid is the cell's effective receptive-field centre.
     Average over several images (or initialisations) for a stable estimate.
+
+    With ``window`` (pixels) the centroid is taken over the (2 window + 1)^2
+    square around the footprint's peak (peak of the footprint box-smoothed over
+    ``window``), not the whole image: a footprint clipped by the image border,
+    or a normalisation layer that spreads gradient over the whole image
+    (GroupNorm), pulls the global centroid of an off-centre cell towards the
+    middle, but leaves the peak and its neighbourhood in place.
     """
     i, j = int(cell[0]), int(cell[1])
 
@@ -221,11 +228,21 @@ def measure_cell_centre(features_fn: Callable[[Array], Array], images: Array,
 
     grads = jax.grad(cell_sum)(jnp.asarray(images, jnp.float32))
     weight = np.asarray(jnp.sum(jnp.abs(grads), axis=(0, 3)), np.float64)
-    total = weight.sum()
-    if total <= 0:
+    if weight.sum() <= 0:
         raise ValueError(f"cell {(i, j)} has a zero input gradient; no centre to measure")
-    ys, xs = np.arange(weight.shape[0]), np.arange(weight.shape[1])
-    return np.array([(weight.sum(1) * ys).sum() / total, (weight.sum(0) * xs).sum() / total])
+    ys, xs = np.mgrid[:weight.shape[0], :weight.shape[1]]
+    if window is not None:
+        if int(window) < 1:
+            raise ValueError(f"window must be a positive number of pixels; got {window!r}")
+        r = int(window)
+        kernel = np.ones(2 * r + 1) / (2 * r + 1)
+        smooth = np.apply_along_axis(np.convolve, 0, weight, kernel, "same")
+        smooth = np.apply_along_axis(np.convolve, 1, smooth, kernel, "same")
+        py, px = np.unravel_index(np.argmax(smooth), smooth.shape)
+        near = (np.abs(ys - py) <= r) & (np.abs(xs - px) <= r)
+        weight = np.where(near, weight, 0.0)
+    total = weight.sum()
+    return np.array([(weight * ys).sum() / total, (weight * xs).sum() / total])
 
 
 __all__ = [
