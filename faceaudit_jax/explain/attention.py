@@ -483,3 +483,34 @@ def pair_attention_maps(apply_fn: Callable, params: Any, probes: jax.Array,
                           PairSimilarityTarget(similarity_kind), **kwargs)
     half = probes.shape[0]
     return maps[:half], maps[half:]
+
+
+@dataclasses.dataclass(frozen=True)
+class PredictedClassTarget:
+    """target_fn(embeddings [B, D], centres [D, C]) -> [B]: each image's predicted-class cosine.
+
+    cos(e_b, c_k) for k = argmax_k cos(e_b, c_k) (the argmax is a constant of
+    the prediction): the per-image, classification-focused target of a
+    margin-trained face model, independent of any verification partner.
+    ``centres`` are the classifier's class centres (columns; normalised here).
+    """
+
+    def __call__(self, embeddings: jax.Array, centres: jax.Array) -> jax.Array:
+        unit = _l2_normalize(embeddings)
+        unit_centres = _l2_normalize(jnp.swapaxes(centres, 0, 1))  # [C, D]
+        cosines = unit @ unit_centres.T
+        top = jax.lax.stop_gradient(jnp.argmax(cosines, axis=-1))
+        return jnp.take_along_axis(cosines, top[:, None], axis=1)[:, 0]
+
+
+def image_attention_maps(apply_fn: Callable, params: Any, images: jax.Array, centres,
+                         method: str = "rollout", **kwargs) -> jax.Array:
+    """Per-image (classification-focused) maps [B, H, W]: gradient methods explain each
+    image's predicted-class cosine against the class ``centres`` [D, C], not a pair
+    similarity (``pair_attention_maps``). Rollout methods ignore the target.
+    """
+    centres = jnp.asarray(centres, jnp.float32)
+    if centres.ndim != 2:
+        raise ValueError(f"centres must be the class centres [D, C]; got shape {centres.shape}")
+    return attention_maps(apply_fn, params, images, method, PredictedClassTarget(),
+                          target_args=centres, **kwargs)
