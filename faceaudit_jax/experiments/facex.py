@@ -85,7 +85,8 @@ def audit(clf: classifier.TrainedClassifier, source, indices: np.ndarray, target
     features_fn, head_fn = clf.fns()
     cam_fn = cams.make_cam_fn(features_fn, head_fn,
                               cams.make_binary_target(explain_cfg.target_mode),
-                              explain_cfg.method, return_logits=True)
+                              explain_cfg.method, return_logits=True,
+                              upsample=explain_cfg.get("upsample", True))
     target_col = regions.attribute_id(target)
     by_pred = ior_lib.IoRAccumulator.init(regions.NUM_REGIONS, 3)
     by_true = ior_lib.IoRAccumulator.init(regions.NUM_REGIONS, 3)

@@ -130,13 +130,18 @@ def attribute_correlations(attrs, target: str) -> np.ndarray:
 
 
 def top_correlated_attributes(attrs, target: str, k: int, *,
-                              require_regions: bool = True) -> list[tuple[str, float]]:
+                              require_regions: bool = True,
+                              distinct_regions: bool = False) -> list[tuple[str, float]]:
     """The ``k`` attributes most correlated with ``target`` by |Pearson r|, highest first.
 
     Excludes the target, undrawn (-1) and constant attributes and, with
     ``require_regions``, attributes tied to no face region (Young, Male, ...),
-    whose RP is undefined. Returns [(name, r), ...] (fewer than k if fewer
-    qualify); ties are broken by attribute order.
+    whose RP is undefined. With ``distinct_regions`` an attribute is skipped
+    when it shares a region with one already chosen (No_Beard and
+    5_o_Clock_Shadow both live on skin), so the k rows test k different
+    regions, as FaceX's Table 4 does (skin, lips, earrings, hair, necklace).
+    Returns [(name, r), ...] (fewer than k if fewer qualify); ties are broken
+    by attribute order.
     """
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise ValueError(f"k={k!r}; expected a positive int")
@@ -144,7 +149,18 @@ def top_correlated_attributes(attrs, target: str, k: int, *,
     candidates = [j for j, name in enumerate(regions.ATTRIBUTES)
                   if np.isfinite(r[j]) and (not require_regions or regions.regions_of(name))]
     candidates.sort(key=lambda j: (-abs(r[j]), j))
-    return [(regions.ATTRIBUTES[j], float(r[j])) for j in candidates[:int(k)]]
+    if not distinct_regions:
+        return [(regions.ATTRIBUTES[j], float(r[j])) for j in candidates[:int(k)]]
+    chosen, used = [], set()
+    for j in candidates:
+        own = set(regions.regions_of(regions.ATTRIBUTES[j]))
+        if own & used:
+            continue
+        chosen.append((regions.ATTRIBUTES[j], float(r[j])))
+        used |= own
+        if len(chosen) == int(k):
+            break
+    return chosen
 
 
 def ordered_rps(rps: Sequence[Optional[int]]) -> list[Optional[int]]:
@@ -208,6 +224,7 @@ class ModelSpec:
     test_indices: np.ndarray        # int64 [N_test]
     test_attrs: np.ndarray          # int8 [N_test, 40]
     sample_weights: Optional[np.ndarray] = None   # float32 [N_train] or None
+    num_epochs: Optional[int] = None              # overrides train.num_epochs when set
 
 
 class TablesContext:
@@ -279,6 +296,8 @@ def model_fingerprint(config, spec: ModelSpec) -> str:
     train = config.train.to_dict()
     for k in ("ckpt_every", "log_every"):  # bookkeeping, not the weights
         train.pop(k, None)
+    if spec.num_epochs is not None:
+        train["num_epochs"] = int(spec.num_epochs)
     return _hash({
         "target": spec.target, "train_independent": spec.train_independent,
         "seed": int(config.seed), "model": config.model.to_dict(), "train": train,
@@ -372,6 +391,9 @@ def evaluate_model(ctx: TablesContext, spec: ModelSpec, corr: float = 0.0) -> di
     stamp.write_text(model_fp + "\n")
 
     case = case_config(config, spec.target, spec.confounders, corr)
+    if spec.num_epochs is not None:
+        with case.unlocked():
+            case.train.num_epochs = int(spec.num_epochs)
     train_source = ctx.source(spec.train_independent)
     test_source = ctx.source(spec.test_independent)
     start = time.perf_counter()
@@ -446,12 +468,14 @@ def biased_spec(ctx: TablesContext, target: str, confounders: Sequence[str],
         test_attrs=test_attrs[te])
 
 
-def reweighted_spec(vanilla: ModelSpec) -> ModelSpec:
-    """The same training set as ``vanilla`` with group-balanced sample weights."""
+def reweighted_spec(vanilla: ModelSpec, num_epochs: Optional[int] = None) -> ModelSpec:
+    """The same training set as ``vanilla`` with group-balanced sample weights
+    (trained for ``num_epochs`` when given; the name then says so)."""
     weights = group_balanced_weights(vanilla.train_attrs, vanilla.target, vanilla.confounders)
+    suffix = "" if num_epochs is None else f"_{int(num_epochs)}ep"
     return dataclasses.replace(
-        vanilla, name=f"reweighted_{vanilla.target}_{'+'.join(vanilla.confounders)}",
-        sample_weights=weights)
+        vanilla, name=f"reweighted_{vanilla.target}_{'+'.join(vanilla.confounders)}{suffix}",
+        sample_weights=weights, num_epochs=None if num_epochs is None else int(num_epochs))
 
 
 def _row(record: dict, key: str) -> Optional[float]:
@@ -585,7 +609,8 @@ def table4(ctx: TablesContext) -> dict:
         "independent": ModelSpec(name=f"natural_independent_{target}", train_independent=True,
                                  train_indices=ind_idx[tr_i], train_attrs=ind_attrs[tr_i], **common),
     }
-    top = top_correlated_attributes(corr_attrs[tr_c], target, int(cfg.top_k))
+    top = top_correlated_attributes(corr_attrs[tr_c], target, int(cfg.top_k),
+                                    distinct_regions=bool(cfg.get("distinct_regions", True)))
     r_independent = attribute_correlations(ind_attrs[tr_i], target)
     records = {k: evaluate_model(ctx, s) for k, s in
                tqdm(specs.items(), desc="table4", leave=False)}
@@ -608,7 +633,9 @@ def table4(ctx: TablesContext) -> dict:
         "accuracy": {k: rec["group_accuracy"]["accuracy"] for k, rec in records.items()},
         "top_regions": {k: [r["region"] for r in rec["ranking"][:5]] for k, rec in records.items()},
         "models": {k: rec["name"] for k, rec in records.items()},
-        "excluded": "the target, undrawn (-1) attributes and attributes tied to no region",
+        "excluded": "the target, undrawn (-1) attributes, attributes tied to no region"
+                    + (" and attributes sharing a region with a stronger one"
+                       if bool(cfg.get("distinct_regions", True)) else ""),
     }
     return {"rows": rows, "summary": summary}
 
@@ -637,9 +664,20 @@ def figure5(ctx: TablesContext) -> dict:
 
     cfg = ctx.config.figure5
     vanilla_spec = biased_spec(ctx, cfg.target, (cfg.confounder,), float(cfg.corr))
-    specs = {"vanilla": vanilla_spec, "reweighted": reweighted_spec(vanilla_spec)}
-    records = {k: evaluate_model(ctx, s, float(cfg.corr))
-               for k, s in tqdm(specs.items(), desc="figure5", leave=False)}
+    records = {"vanilla": evaluate_model(ctx, vanilla_spec, float(cfg.corr))}
+    # With 1% of conflicting images the reweighted loss learns the subtle target
+    # slowly: at the vanilla budget it stayed at chance (accuracy 0.53), which
+    # compares a shortcut with nothing. Train it longer, and longer again,
+    # until it clearly beats chance (or the schedule ends; then say so).
+    schedule = tuple(int(e) for e in cfg.get("mitigated_epochs", ()) or ()) or (None,)
+    min_accuracy = float(cfg.get("mitigated_min_accuracy", 0.0))
+    tried = []
+    for epochs in schedule:
+        record = evaluate_model(ctx, reweighted_spec(vanilla_spec, epochs), float(cfg.corr))
+        tried.append({"num_epochs": epochs, "accuracy": record["group_accuracy"]["accuracy"]})
+        if record["group_accuracy"]["accuracy"] >= min_accuracy:
+            break
+    records["reweighted"] = record
     ior_v, ior_m = records["vanilla"]["ior_vector"], records["reweighted"]["ior_vector"]
     path = ctx.workdir / "figure5.png"
     figures.plot_ior_comparison(
@@ -660,6 +698,10 @@ def figure5(ctx: TablesContext) -> dict:
         "top_regions": {k: [r["region"] for r in rec["ranking"][:5]] for k, rec in records.items()},
         "models": {k: rec["name"] for k, rec in records.items()},
         "figure": path.name,
+        "mitigated_schedule": tried,
+        "mitigated_min_accuracy": min_accuracy,
+        "mitigated_beats_chance": bool(
+            records["reweighted"]["group_accuracy"]["accuracy"] >= min_accuracy),
     }
     tqdm.write(f"[figure5] RP of {cfg.confounder}: {_fmt(result['rp']['vanilla'])} (vanilla) -> "
                f"{_fmt(result['rp']['reweighted'])} (reweighted)")
@@ -679,9 +721,18 @@ def figure5_markdown(result: dict, link_prefix: str = "") -> str:
         ["Region", "IoR vanilla", "IoR reweighted", "Change"],
         [[n, result["ior"]["vanilla"][n], result["ior"]["reweighted"][n], result["ior_change"][n]]
          for n in regions.REGIONS])
+    tried = result.get("mitigated_schedule") or []
+    note = ""
+    if tried:
+        steps = ", ".join(f"{t['num_epochs'] or 'base'} epochs: accuracy {_fmt(t['accuracy'])}"
+                          for t in tried)
+        verdict = ("clearly beats chance" if result.get("mitigated_beats_chance") else
+                   "does NOT clearly beat chance, so this comparison tests little")
+        note = (f"Reweighted model trained until its accuracy reached "
+                f"{_fmt(result.get('mitigated_min_accuracy'), '.2f')} ({steps}): it {verdict}.\n\n")
     return (f"## Figure 5: {result['target']} x {result['confounder']} at {result['corr']}, "
             f"before and after group-balanced reweighting\n\n![figure 5]({link_prefix}{result['figure']})\n\n"
-            f"{summary}\n{per_region}")
+            f"{note}{summary}\n{per_region}")
 
 
 _PARTS = {
