@@ -108,6 +108,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # stride; docs/design.md). Part of the audit fingerprint, so audits made
     # with the other convention are redone.
     c.explain.upsample = "aligned"
+    # Ground truth per model (synthetic data only): each test face re-rendered
+    # with each switchable attribute flipped; Table 1 shows the confounder's
+    # rank by the mean |logit change| next to its RP (20 x 480 x 10 x 2
+    # renders and forward passes: a few minutes in all).
+    c.explain.counterfactual = True
     c.explain.resolution = None      # explain at the training resolution
     c.explain.patch_size = 16
     c.explain.top_k = 4              # the tables use IoR only; keep the patch top-k cheap
