@@ -44,6 +44,24 @@ def test_compose_layers_matches_the_measured_receptive_field_centre(layers):
         np.testing.assert_allclose(centre, offset + stride * cell, atol=1e-4)
 
 
+def test_windowed_centre_ignores_gradient_far_from_the_cell():
+    # A box net plus a global term (as GroupNorm adds): every pixel gets a
+    # little gradient, which drags the whole-image centroid to the middle.
+    box = _box_conv_net([(3, 2, (1, 1)), (3, 2, (1, 1))])
+
+    def features_fn(images):
+        return box(images) + jnp.mean(images, axis=(1, 2, 3))[:, None, None, None]
+
+    images = np.ones((1, 64, 64, 3), np.float32)
+    cell = (3, 3)  # centre at pixel 12, far from the image centre 31.5
+    whole = upsampling.measure_cell_centre(features_fn, images, cell)
+    windowed = upsampling.measure_cell_centre(features_fn, images, cell, window=4)
+    assert np.all(whole > 18.0)
+    np.testing.assert_allclose(windowed, [12.0, 12.0], atol=0.05)
+    with pytest.raises(ValueError, match="window must be"):
+        upsampling.measure_cell_centre(features_fn, images, cell, window=0)
+
+
 def test_compose_layers_closed_forms():
     assert upsampling.compose_layers([(3, 2, 1)] * 4) == (0.0, 16.0)
     assert upsampling.compose_layers([(7, 2, 3), (3, 2, 1), (3, 2, 1)]) == (0.0, 8.0)
