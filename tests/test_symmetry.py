@@ -58,3 +58,32 @@ def test_mirrored_input_negates_the_diagnostic_and_a_symmetric_map_cancels():
     joint_parse = np.concatenate([parse, mirrored_parse])
     joint = diag(joint_maps, joint_parse)
     assert abs(joint["mean_right_minus_left"]) < 1e-6
+
+
+def test_every_facex_report_carries_the_symmetry_check(tmp_path):
+    import json
+
+    import jax
+    import ml_collections
+
+    from faceaudit_jax.data import pipeline
+    from faceaudit_jax.experiments import classifier, facex
+    from faceaudit_jax.models import resnet
+
+    model = resnet.build_model("small_resnet", 1)
+    variables = resnet.init_variables(model, jax.random.PRNGKey(0), 64)
+    clf = classifier.TrainedClassifier(model, variables, "untrained", str(tmp_path))
+    source = pipeline.SyntheticSource(seed=0, resolution=64)
+    indices = np.arange(8)
+    config = ml_collections.ConfigDict({
+        "bias": {"target": "Male"},
+        "explain": {"method": "grad_cam", "target_mode": "predicted", "ior_mode": "soft",
+                    "patch_size": 16, "top_k": 2, "num_overlays": 1, "upsample": "aligned"}})
+    result = facex.audit(clf, source, indices, "Male", config.explain, 8)
+    facex._write_audit_report(tmp_path, "x", result, source, indices, config, {})
+    stored = json.loads((tmp_path / "report_x" / "results.json").read_text())["extra"]
+    expected = ior_lib.left_right_symmetry(result.ior)
+    assert stored["symmetry_right_minus_left"] == pytest.approx(expected["mean_right_minus_left"])
+    assert stored["symmetry_right_wins_share"] == pytest.approx(expected["right_wins_share"])
+    assert set(stored["symmetry_pairs"]) == {"r_ear-l_ear", "r_eye-l_eye", "r_brow-l_brow"}
+    assert "symmetry_right_minus_left" in (tmp_path / "report_x" / "report.md").read_text()
