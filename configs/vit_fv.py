@@ -99,6 +99,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # "nograd" is left out: its maps equal rollout's after normalisation.
     c.explain.methods = ("rollout", "grad_rollout", "nograd_lrp")
     c.explain.main_method = "nograd_lrp"
+    # "pair": gradient methods explain each image's similarity to its partner
+    # (pair-conditioned maps); "image": each image's own predicted-class
+    # cosine against the CosFace class centres (classification-focused, one
+    # map per image, as the paper).
+    c.explain.target = "pair"
     c.explain.num_positive = 100
     c.explain.num_negative = 100
     c.explain.batch_pairs = 25

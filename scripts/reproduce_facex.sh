@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reproduce FaceX's Tables 1, 3, 4 and Figure 5 on synthetic faces.
 #
-#   bash scripts/reproduce_facex.sh                 # default variant (~45 min on a free 2-core CPU)
+#   bash scripts/reproduce_facex.sh                 # default variant (~90 CPU-minutes on 2 free cores)
 #   bash scripts/reproduce_facex.sh smoke           # every part on tiny budgets (~2 min)
 #   bash scripts/reproduce_facex.sh paper           # ResNet-18 / 224 px recipe (accelerator)
 #   bash scripts/reproduce_facex.sh "" --config.table1.targets='("Male",)'   # extra overrides
@@ -10,6 +10,11 @@
 # of the default variant go to results/facex (committed); the smoke and paper
 # variants write to runs/facex_tables_<variant> (ignored by git). Checkpoints
 # go to <workdir>/models/, ignored by git. Rerunning resumes where it stopped.
+# Defaults since docs/explanation_alignment.md: CAMs upsampled with cells at their
+# receptive-field centres (explain.upsample="aligned"), a counterfactual ground
+# truth per model (explain.counterfactual), Table 4 on 5 distinct regions and a
+# Figure 5 reweighted model trained until it beats chance. These settings are
+# part of the audit fingerprints, so audits made before are redone.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."

@@ -202,6 +202,32 @@ def test_pair_maps_explain_similarity_to_partner(tiny):
     np.testing.assert_allclose(np.asarray(maps_g), np.asarray(ref_g), atol=1e-5)
 
 
+def _cosine_to_column(embeddings, centre):
+    unit = embeddings / jnp.linalg.norm(embeddings, axis=-1, keepdims=True)
+    return unit @ (centre / jnp.linalg.norm(centre))
+
+
+def test_predicted_class_target_is_the_top_cosine_and_maps_ignore_the_partner(tiny):
+    _, params, images, apply_fn, _ = tiny
+    emb = np.asarray(jax.jit(apply_fn)(params, images)[0], np.float64)
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(emb.shape[1], 5))
+    unit_e = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    cos = unit_e @ (centres / np.linalg.norm(centres, axis=0, keepdims=True))
+    target = attention.PredictedClassTarget()
+    np.testing.assert_allclose(np.asarray(target(jnp.asarray(emb), jnp.asarray(centres))),
+                               cos.max(1), rtol=1e-5)
+    # Per image: each map is the gradient map of its own top class's cosine.
+    maps = attention.image_attention_maps(apply_fn, params, images, centres, "grad_rollout")
+    for b, k in enumerate(cos.argmax(1)):
+        ref = attention.attention_maps(apply_fn, params, images[b:b + 1], "grad_rollout",
+                                       _cosine_to_column,
+                                       target_args=jnp.asarray(centres[:, k], jnp.float32))
+        np.testing.assert_allclose(np.asarray(maps[b]), np.asarray(ref[0]), atol=1e-5)
+    with pytest.raises(ValueError, match="centres must be"):
+        attention.image_attention_maps(apply_fn, params, images, centres[0], "grad_rollout")
+
+
 @dataclasses.dataclass(frozen=True)
 class CountingApply:
     """apply_fn wrapper that counts how often it is traced (once per compilation)."""

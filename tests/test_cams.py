@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from faceaudit_jax.explain import cams
+from faceaudit_jax.explain import cams, upsampling
 
 # ---------------------------------------------------------------- references
 
@@ -165,6 +165,11 @@ POOL = 4
 def _pool_features(images):
     b, h, w, c = images.shape
     return images.reshape(b, h // POOL, POOL, w // POOL, POOL, c).mean(axis=(2, 4))
+
+
+# A POOL x POOL block mean reads pixels POOL*j .. POOL*j + POOL-1: its cells are
+# centred where half-pixel resizing puts them.
+_pool_features.cell_grid = upsampling.patch_grid(POOL)
 
 
 def _linear_head(weight, bias):

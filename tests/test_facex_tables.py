@@ -116,6 +116,30 @@ def test_top_correlated_attributes_order_and_region_filter():
         ft.top_correlated_attributes(table, "Male", 0)
 
 
+def test_top_correlated_attributes_with_distinct_regions_skips_shared_regions():
+    rng = np.random.default_rng(3)
+    n = 2000
+    y = (rng.random(n) < 0.5).astype(np.int8)
+    table = (rng.random((n, regions.NUM_ATTRIBUTES)) < 0.5).astype(np.int8)
+    table[:, col("Male")] = y
+
+    def noisy(flip):
+        return np.where(rng.random(n) < flip, 1 - y, y).astype(np.int8)
+
+    table[:, col("Wearing_Lipstick")] = 1 - noisy(0.05)   # lips
+    table[:, col("Heavy_Makeup")] = 1 - noisy(0.10)       # skin, eyes, lips: shares lips
+    table[:, col("No_Beard")] = 1 - noisy(0.15)           # skin
+    table[:, col("5_o_Clock_Shadow")] = noisy(0.20)       # skin again
+    table[:, col("Wearing_Earrings")] = 1 - noisy(0.25)   # earrings
+    plain = [a for a, _ in ft.top_correlated_attributes(table, "Male", 4)]
+    assert plain == ["Wearing_Lipstick", "Heavy_Makeup", "No_Beard", "5_o_Clock_Shadow"]
+    distinct = [a for a, _ in ft.top_correlated_attributes(table, "Male", 3,
+                                                             distinct_regions=True)]
+    assert distinct == ["Wearing_Lipstick", "No_Beard", "Wearing_Earrings"]
+    used = [set(regions.regions_of(a)) for a in distinct]
+    assert all(not (used[i] & used[j]) for i in range(3) for j in range(i + 1, 3))
+
+
 def test_rp_helpers_and_parsing():
     assert ft.ordered_rps([7, 2]) == [2, 7]
     assert ft.ordered_rps([None, 4]) == [4, None]
@@ -205,6 +229,37 @@ def test_tables_logic_on_known_ior(tmp_path, monkeypatch):
         ft.table3(ctx)
 
 
+def test_figure5_trains_the_mitigated_model_until_it_beats_chance(tmp_path, monkeypatch):
+    c = tiny_config()
+    c.figure5.mitigated_epochs = (2, 4, 8)
+    c.figure5.mitigated_min_accuracy = 0.6
+    accuracy = {None: 0.99, 2: 0.5, 4: 0.7, 8: 0.8}   # by the spec's epochs (None: vanilla)
+    seen = []
+
+    def fake_evaluate(ctx, spec, corr=0.0):
+        seen.append((spec.name, spec.num_epochs))
+        ior = ior_with_order(["hair", "u_lip"])
+        acc = accuracy[spec.num_epochs]
+        return {"name": spec.name, "ior_vector": ior,
+                "ranking": [{"rank": 1, "region": "hair", "ior": 0.9}],
+                "confounder_rp": {"Blond_Hair": 1},
+                "group_accuracy": {"accuracy": acc, "aligned_accuracy": acc,
+                                   "conflicting_accuracy": acc, "gap": 0.0}}
+
+    monkeypatch.setattr(ft, "evaluate_model", fake_evaluate)
+    result = ft.figure5(ft.TablesContext(c, tmp_path))
+    assert [e for _, e in seen] == [None, 2, 4]          # stops once 0.7 >= 0.6
+    assert seen[1][0].endswith("_2ep") and seen[2][0].endswith("_4ep")
+    assert result["mitigated_beats_chance"] and result["models"]["reweighted"].endswith("_4ep")
+    assert "clearly beats chance" in ft.figure5_markdown(result)
+    # a schedule that never gets there says so
+    c.figure5.mitigated_epochs = (2,)
+    seen.clear()
+    result = ft.figure5(ft.TablesContext(c, tmp_path))
+    assert not result["mitigated_beats_chance"]
+    assert "does NOT clearly beat chance" in ft.figure5_markdown(result)
+
+
 def test_run_tables_rejects_unknown_part(tmp_path):
     c = tiny_config()
     c.tables.parts = ("table2",)
@@ -245,7 +300,7 @@ def test_smoke_writes_every_table(smoke_run):
     audits = sorted(p.stem for p in (workdir / "audits").glob("*.json"))
     assert audits == sorted(["biased_Male_Blond_Hair", "biased_Male_Smiling+Wearing_Earrings",
                              "natural_correlated_Male", "natural_independent_Male",
-                             "reweighted_Male_Blond_Hair"])
+                             "reweighted_Male_Blond_Hair_2ep"])
     for name in audits:
         assert (workdir / "models" / name / "checkpoints").is_dir()
         assert (workdir / "audits" / f"{name}.png").is_file()
@@ -279,7 +334,7 @@ def test_smoke_json_structure_and_rp_types(smoke_run):
         assert d is None if a is None or b is None else d == pytest.approx(b - a, abs=1e-9)
     # Figure 5's vanilla model is Table 1's model (trained once).
     assert f5["models"]["vanilla"] == row["model"]
-    record = json.loads((workdir / "audits" / "reweighted_Male_Blond_Hair.json").read_text())
+    record = json.loads((workdir / "audits" / "reweighted_Male_Blond_Hair_2ep.json").read_text())
     assert record["reweighted"] is True and len(record["ior_vector"]) == regions.NUM_REGIONS
 
 

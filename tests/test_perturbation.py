@@ -139,3 +139,16 @@ def test_bad_inputs():
         P.verification_curve(flat_embed, IMAGES, IMAGES, SALIENCY, 0.2, is_same=[True])
     with pytest.raises(ValueError, match="curves is empty"):
         P.plot_curves({}, "/tmp/x.png")
+
+
+def test_curve_auc_algorithm2_sum_is_the_right_riemann_sum():
+    from faceaudit_jax.metrics import perturbation as pert
+    fractions = np.linspace(0.0, 1.0, 11)
+    values = np.array([1.0, 0.9, 0.7, 0.6, 0.4, 0.3, 0.3, 0.2, 0.1, 0.0, 0.0])
+    # CorrRISE Algorithm 2: (1 / n) sum_{i=1..n} acc_i
+    assert pert.curve_auc(fractions, values, rule="sum") == pytest.approx(values[1:].sum() / 10)
+    trapezoid = pert.curve_auc(fractions, values)
+    assert trapezoid - pert.curve_auc(fractions, values, rule="sum") == pytest.approx(
+        (values[0] - values[-1]) / 20)
+    with pytest.raises(ValueError, match="rule="):
+        pert.curve_auc(fractions, values, rule="simpson")

@@ -1297,6 +1297,102 @@ def render(seed: int, indices, resolution: int = DEFAULT_RESOLUTION, *,
     }
 
 
+# ---------------------------------------------------------------------------
+# Counterfactual faces: the same image with one attribute switched
+# ---------------------------------------------------------------------------
+
+# Hair colour a blond face gets when Blond_Hair is switched off.
+COUNTERFACTUAL_NON_BLOND = BROWN
+# Attributes the renderer can switch on one face while everything else
+# (identity, pose, lighting, background, other accessories) stays the same.
+COUNTERFACTUAL_ATTRIBUTES: tuple[str, ...] = (
+    "Blond_Hair", "Eyeglasses", "Smiling", "Wearing_Earrings", "Wearing_Lipstick",
+    "Wearing_Necklace", "Wearing_Hat", "Wearing_Necktie", "Heavy_Makeup", "Rosy_Cheeks",
+)
+_FLAG_PARAMETER = {
+    "Eyeglasses": "glasses", "Wearing_Earrings": "earrings", "Wearing_Lipstick": "lipstick",
+    "Wearing_Necklace": "necklace", "Wearing_Hat": "hat", "Wearing_Necktie": "necktie",
+    "Heavy_Makeup": "makeup", "Rosy_Cheeks": "rosy", "Smiling": "smiling",
+}
+# renderer: a smile widens the mouth by this much (see _draw: mouth_w)
+_SMILE_WIDENING = 0.012
+
+
+def switch_attribute(params: dict, attrs, attribute: str, value=None):
+    """Drawing parameters and attributes with one attribute switched.
+
+    ``params`` from :func:`sample_parameters`, ``attrs`` int8 [B, 40];
+    ``value`` None flips the attribute on every image, 0 or 1 sets it. Only
+    the parameters that draw ``attribute`` change: a flag (glasses, hat,
+    lipstick, ...), plus for Smiling the mouth width it adds and for
+    Blond_Hair the hair category, its colour (keeping the image's colour
+    jitter) and the brow colour the renderer ties to it (blond <->
+    ``COUNTERFACTUAL_NON_BLOND``). Returns (params, attrs, applicable bool
+    [B]); an image is not applicable where the switch cannot be drawn (hair
+    colour on a bald face) or changes nothing (``value`` already held).
+    """
+    if attribute not in COUNTERFACTUAL_ATTRIBUTES:
+        raise ValueError(f"cannot switch {attribute!r}; expected one of "
+                         f"{', '.join(COUNTERFACTUAL_ATTRIBUTES)}")
+    if value not in (None, 0, 1, True, False):
+        raise ValueError(f"value must be None (flip), 0 or 1; got {value!r}")
+    attrs = np.array(attrs, np.int8, copy=True)
+    col = regions.attribute_id(attribute)
+    current = attrs[:, col] == 1
+    new = ~current if value is None else np.full_like(current, bool(value))
+    out = {k: np.array(v, copy=True) for k, v in params.items()}
+    if attribute == "Blond_Hair":
+        cat = np.asarray(params["hair_cat"])
+        applicable = (cat != BALD) & (new != current)
+        new_cat = np.where(applicable, np.where(new, BLOND, COUNTERFACTUAL_NON_BLOND), cat)
+        jitter = (np.asarray(params["hair_colour"]).sum(-1)
+                  / np.maximum(HAIR_COLOURS[cat].sum(-1), 1e-6))
+        out["hair_cat"] = new_cat.astype(np.int32)
+        out["hair_colour"] = np.where(applicable[:, None], HAIR_COLOURS[new_cat] * jitter[:, None],
+                                      params["hair_colour"]).astype(np.float32)
+        out["brow_colour"] = np.where(applicable[:, None], _brow_colour(new_cat),
+                                      params["brow_colour"]).astype(np.float32)
+        for name, c in (("Black_Hair", BLACK), ("Brown_Hair", BROWN), ("Blond_Hair", BLOND),
+                        ("Gray_Hair", GRAY)):
+            j = regions.attribute_id(name)
+            attrs[:, j] = np.where(applicable, new_cat == c, attrs[:, j])
+        return out, attrs, applicable
+    applicable = new != current
+    flag = _FLAG_PARAMETER[attribute]
+    out[flag] = np.where(applicable, new, np.asarray(params[flag]) > 0).astype(np.float32)
+    if attribute == "Smiling":
+        change = (new.astype(np.float32) - current.astype(np.float32)) * applicable
+        out["mouth_w"] = (np.asarray(params["mouth_w"]) + _SMILE_WIDENING * change).astype(np.float32)
+    attrs[:, col] = np.where(applicable, new, current)
+    return out, attrs, applicable
+
+
+def render_counterfactual(seed: int, indices, attribute: str, resolution: int = DEFAULT_RESOLUTION,
+                          *, value=None, independent: bool = False,
+                          images_per_identity: int = 10):
+    """(factual, counterfactual, applicable): each image rendered as drawn and again
+    with ``attribute`` switched (see :func:`switch_attribute`), same identity,
+    pose, lighting, background and every other attribute.
+
+    Both batches have the format of :func:`render` (``attrs`` updated in the
+    counterfactual); ``applicable`` bool [B] marks the images that changed.
+    """
+    seed = _check_seed(seed)
+    idx = _check_indices(indices)
+    if idx.size == 0:
+        raise ValueError("indices is empty; expected at least one image index")
+    factual = render(seed, idx, resolution, independent=independent,
+                     images_per_identity=images_per_identity)
+    params = sample_parameters(seed, idx, independent=independent,
+                               images_per_identity=images_per_identity)
+    edited, attrs, applicable = switch_attribute(params, np.asarray(factual["attrs"]),
+                                                 attribute, value)
+    counterfactual = dict(factual)
+    counterfactual.update(render_parameters(edited, resolution))
+    counterfactual["attrs"] = jnp.asarray(attrs)
+    return factual, counterfactual, applicable
+
+
 def attribute_rates(attrs: np.ndarray) -> dict[str, float]:
     """Fraction of images with each drawn attribute (NaN for undrawn ones)."""
     attrs = np.asarray(attrs)

@@ -90,6 +90,7 @@ from faceaudit_jax.explain import cams as cams_lib
 from faceaudit_jax.metrics import energy as energy_lib
 from faceaudit_jax.metrics import fairness
 from faceaudit_jax.models import build_model
+from faceaudit_jax.models import resnet as resnet_lib
 
 MODELS: tuple[str, ...] = ("affact_u", "affact_b")
 MODEL_LABELS = {"affact_u": "AFFACT-u", "affact_b": "AFFACT-b"}
@@ -363,6 +364,8 @@ def make_explain_step(model, names: Sequence[str], pairs: Sequence[tuple[str, st
     """
     names = tuple(names)
     pairs = tuple((cams_lib.resolve_cam_method(m), mode) for m, mode in pairs)
+    # Each feature cell is placed at its receptive-field centre when resized.
+    grid = resnet_lib.cell_grid(model) or "aligned"
 
     def step(variables, sums: ExplainSums, images, parse, valid):
         def head_fn(fmap):
@@ -375,7 +378,7 @@ def make_explain_step(model, names: Sequence[str], pairs: Sequence[tuple[str, st
         for (formula, mode), cam_sums in zip(pairs, sums.cams):
             raw, logits = attribute_cams_lib.attribute_cams_from_features(fmap, head_fn, formula,
                                                                           mode)
-            maps = attribute_cams_lib.postprocess_maps(raw, (height, width))
+            maps = attribute_cams_lib.postprocess_maps(raw, (height, width), grid=grid)
             energies.append(energy_lib.proportional_energy(maps, masks))
             new_cams.append(attribute_cams_lib.accumulate_cam_sums(cam_sums, maps, logits, valid))
         weight = valid.astype(jnp.float32)

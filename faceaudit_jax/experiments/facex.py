@@ -87,7 +87,8 @@ def audit(clf: classifier.TrainedClassifier, source, indices: np.ndarray, target
     features_fn, head_fn = clf.fns()
     cam_fn = cams.make_cam_fn(features_fn, head_fn,
                               cams.make_binary_target(explain_cfg.target_mode),
-                              explain_cfg.method, return_logits=True)
+                              explain_cfg.method, return_logits=True,
+                              upsample=explain_cfg.get("upsample", True))
     target_col = regions.attribute_id(target)
     by_pred = ior_lib.IoRAccumulator.init(regions.NUM_REGIONS, 3)
     by_true = ior_lib.IoRAccumulator.init(regions.NUM_REGIONS, 3)
@@ -177,6 +178,7 @@ def _write_audit_report(workdir: Path, name: str, result: AuditResult, source,
                                int(config.explain.patch_size), regions=gallery_regions,
                                path=paths["gallery"])
     ranking = result.ranking()
+    symmetry = ior_lib.left_right_symmetry(result.ior)
     payload = {
         "ior": dict(zip(regions.REGIONS, result.ior.tolist())),
         "counts": dict(zip(regions.REGIONS, result.counts.tolist())),
@@ -188,6 +190,10 @@ def _write_audit_report(workdir: Path, name: str, result: AuditResult, source,
         "accuracy_at_explained_resolution": result.accuracy,
         "num_images": result.num_images,
         "explain_seconds": result.seconds,
+        # Near 0 and 0.5 on left-right symmetric faces when maps sit where the model looks.
+        "symmetry_right_minus_left": symmetry["mean_right_minus_left"],
+        "symmetry_right_wins_share": symmetry["right_wins_share"],
+        "symmetry_pairs": symmetry["pairs"],
         **extra,
     }
     figures.write_report(str(out), result.ior, result.counts, ranking, paths, payload)

@@ -72,7 +72,7 @@ import json
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -167,6 +167,8 @@ class TrainedEmbedder:
     num_steps: int
     run_dir: str
     last_metrics: dict
+    # [D, C] class centres of the CosFace head: the per-image explanation target.
+    centres: Optional[np.ndarray] = None
 
 
 def _fingerprint(config, num_identities: int) -> dict:
@@ -229,7 +231,8 @@ def train_embedder(config, workdir: str, images: np.ndarray, identity: np.ndarra
                           ckpt_every=int(config.train.ckpt_every),
                           log_every=int(config.train.log_every), desc="train ViT (CosFace)")
     params = {"params": state.params["embedder"]}
-    return TrainedEmbedder(embedder, params, num_steps, str(run_dir), _last_train_record(run_dir))
+    return TrainedEmbedder(embedder, params, num_steps, str(run_dir), _last_train_record(run_dir),
+                           centres=np.asarray(state.params["class_centres"]))
 
 
 # ----------------------------------------------------------------------------- embedding
@@ -324,10 +327,20 @@ _SCALAR_KEYS = ("d", "d_pg", "d_pp", "d_npg", "ra", "sm_plus", "sm_minus", "sele
 _MAP_KEYS = ("heatmap", "heatmap_raw", "binary_p", "binary_g")
 
 
+EXPLAIN_TARGETS = ("pair", "image")
+
+
 def explain_pair_batches(embed: ViTEmbed, params, probes: np.ndarray, galleries: np.ndarray,
                          positive: np.ndarray, method: str, explain_cfg, grid_shape,
-                         keep_maps: bool) -> dict[str, np.ndarray]:
+                         keep_maps: bool, centres: Optional[np.ndarray] = None
+                         ) -> dict[str, np.ndarray]:
     """Attention maps, masks, SM and heatmaps for P pairs, ``explain_cfg.batch_pairs`` at a time.
+
+    ``explain_cfg.target``: "pair" (default) explains each image's similarity
+    to its partner (pair-conditioned maps); "image" explains each image's own
+    predicted-class cosine against the training ``centres`` [D, C]
+    (classification-focused, one map per image whatever the pair, as the
+    paper). Rollout methods use no target, so both give the same maps.
 
     probes, galleries: uint8 [P, H, W, 3]; positive: bool [P] (the decision).
     Every batch has the same size (the last one padded with its final pair),
@@ -343,9 +356,20 @@ def explain_pair_batches(embed: ViTEmbed, params, probes: np.ndarray, galleries:
         padded = np.concatenate([rows, np.repeat(rows[-1:], batch - rows.size)])
         probe = to_float(probes[padded])
         gallery = to_float(galleries[padded])
-        maps_p, maps_g = attention_lib.pair_attention_maps(
-            embed.apply, params, probe, gallery, method, readout=embed.apply.model.config.pool,
-            grid_shape=grid_shape)
+        target = str(explain_cfg.get("target", "pair"))
+        if target not in EXPLAIN_TARGETS:
+            raise ValueError(f"explain.target={target!r}; expected one of {EXPLAIN_TARGETS}")
+        options = dict(readout=embed.apply.model.config.pool, grid_shape=grid_shape)
+        if target == "pair":
+            maps_p, maps_g = attention_lib.pair_attention_maps(
+                embed.apply, params, probe, gallery, method, **options)
+        else:
+            if centres is None:
+                raise ValueError("explain.target='image' needs the classifier's class centres")
+            both = attention_lib.image_attention_maps(
+                embed.apply, params, jnp.concatenate([probe, gallery]), centres, method,
+                **options)
+            maps_p, maps_g = both[:batch], both[batch:]
         result = fv.explain_pairs(
             embed, probe, gallery, maps_p, maps_g, jnp.asarray(positive[padded]),
             embed_params=params, fill=explain_cfg.fill, bins=int(explain_cfg.bins),
@@ -722,7 +746,14 @@ def summary_markdown(setup: Mapping, protocol: Mapping, table: Mapping, finding:
         f"{protocol['num_pairs']} pairs of {setup['test_identities']} unseen identities; "
         f"{setup['main_method_label']} maps (Chefer et al.'s relevance rule without the "
         "gradient factor on the conservative-propagation graph; the literal no-gradient rule "
-        "would equal attention rollout) are binarised with Otsu, combined into OIM / UM / "
+        "would equal attention rollout) "
+        + ("explain each image's similarity to its partner (pair-conditioned maps; "
+           "`--config.explain.target=image` explains each image's own predicted-class cosine, "
+           "as the paper) "
+           if setup.get("explain_target", "pair") == "pair" else
+           "explain each image's own predicted-class cosine against the CosFace class centres "
+           "(per-image, classification-focused maps, as the paper) ")
+        + f"and are binarised with Otsu, combined into OIM / UM / "
         f"N-IUM and scored with SM+ / SM- on {table['positive']['n']} true-positive and "
         f"{table['negative']['n']} true-negative pairs (black fill).",
         "",
@@ -853,7 +884,7 @@ def run(config, workdir: str) -> dict:
         for method in methods:
             explained[method] = explain_pair_batches(
                 embed, params, probes, galleries, positive, method, config.explain, grid_shape,
-                keep_maps=method == main_method)
+                keep_maps=method == main_method, centres=trained.centres)
             fv.warn_undefined(explained[method], positive)
             tables[method] = sm_table(explained[method], positive)
         lap("table1")
@@ -905,6 +936,7 @@ def run(config, workdir: str) -> dict:
         "test_images": int(test_idx.size),
         "methods": list(methods), "main_method": main_method,
         "main_method_label": method_label, "fill": float(config.explain.fill),
+        "explain_target": str(config.explain.get("target", "pair")),
         "heatmap": {"bins": int(config.explain.bins),
                     "dilation_size": int(config.explain.dilation_size),
                     "gaussian_size": int(config.explain.gaussian_size),

@@ -56,6 +56,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from faceaudit_jax.explain import upsampling
+
 HEAD_FUSIONS = ("mean", "max", "min")
 READOUTS = ("cls", "mean")
 METHODS = ("rollout", "grad_rollout", "nograd", "nograd_lrp")
@@ -342,8 +344,11 @@ def _grid_maps(apply_fn, params, images, method, target_fn, target_args, readout
 
 
 def _upsample_normalise(grid_maps: jax.Array, image_hw: tuple[int, int]) -> jax.Array:
-    resized = jax.image.resize(grid_maps, (grid_maps.shape[0],) + tuple(image_hw), "bilinear")
-    return normalize_maps(resized)
+    # A token reads the non-overlapping patch p*j .. p*j + p - 1, centred at
+    # p*j + (p - 1) / 2: exactly where half-pixel resizing puts cell j, so for
+    # patch grids "half_pixel" is the receptive-field-aligned choice
+    # (explain.upsampling.patch_grid), unlike for padded conv nets.
+    return normalize_maps(upsampling.upsample_grid_maps(grid_maps, tuple(image_hw), "half_pixel"))
 
 
 def _check_images(images, name="images") -> None:
@@ -478,3 +483,34 @@ def pair_attention_maps(apply_fn: Callable, params: Any, probes: jax.Array,
                           PairSimilarityTarget(similarity_kind), **kwargs)
     half = probes.shape[0]
     return maps[:half], maps[half:]
+
+
+@dataclasses.dataclass(frozen=True)
+class PredictedClassTarget:
+    """target_fn(embeddings [B, D], centres [D, C]) -> [B]: each image's predicted-class cosine.
+
+    cos(e_b, c_k) for k = argmax_k cos(e_b, c_k) (the argmax is a constant of
+    the prediction): the per-image, classification-focused target of a
+    margin-trained face model, independent of any verification partner.
+    ``centres`` are the classifier's class centres (columns; normalised here).
+    """
+
+    def __call__(self, embeddings: jax.Array, centres: jax.Array) -> jax.Array:
+        unit = _l2_normalize(embeddings)
+        unit_centres = _l2_normalize(jnp.swapaxes(centres, 0, 1))  # [C, D]
+        cosines = unit @ unit_centres.T
+        top = jax.lax.stop_gradient(jnp.argmax(cosines, axis=-1))
+        return jnp.take_along_axis(cosines, top[:, None], axis=1)[:, 0]
+
+
+def image_attention_maps(apply_fn: Callable, params: Any, images: jax.Array, centres,
+                         method: str = "rollout", **kwargs) -> jax.Array:
+    """Per-image (classification-focused) maps [B, H, W]: gradient methods explain each
+    image's predicted-class cosine against the class ``centres`` [D, C], not a pair
+    similarity (``pair_attention_maps``). Rollout methods ignore the target.
+    """
+    centres = jnp.asarray(centres, jnp.float32)
+    if centres.ndim != 2:
+        raise ValueError(f"centres must be the class centres [D, C]; got shape {centres.shape}")
+    return attention_maps(apply_fn, params, images, method, PredictedClassTarget(),
+                          target_args=centres, **kwargs)

@@ -13,7 +13,7 @@ the backbone once per attribute. Here the backbone runs once:
 with target = ``cams.binary_target(., mode)``: "predicted" explains the
 predicted class (|z|, gradient sign(z) dz; paper eq. 4), "positive" the
 positive class whatever the prediction (z; eq. 8), "negative" -z. The maps are
-upsampled bilinearly to the image size and min-max normalised per map with the
+upsampled to the image size (cells at their receptive-field centres) and min-max normalised per map with the
 helpers of ``explain.cams`` (``upsample_maps``, ``normalize_maps``), so
 ``attribute_cams(...)[0][:, i]`` equals ``compute_cams`` with the target
 ``binary_target(z[:, a_i], mode)``. For a ResNet head (pool + dense) the extra
@@ -41,6 +41,7 @@ import numpy as np
 
 from faceaudit_jax import regions
 from faceaudit_jax.explain import cams as cams_lib
+from faceaudit_jax.explain import upsampling
 
 Array = jax.Array
 CamFormula = Callable[[Array, Array], Array]
@@ -164,15 +165,18 @@ def attribute_cams_from_features(fmap: Array, head_fn: Callable[[Array], Array],
     return jnp.swapaxes(raw, 0, 1), logits
 
 
-def postprocess_maps(raw: Array, size: tuple[int, int] | None, normalize: bool = True) -> Array:
-    """Raw CAMs [B, A, h, w] -> float32 [B, A, H, W]: bilinear resize to ``size`` (None: keep
-    h x w) and min-max normalise each map, all B * A maps as one batch."""
+def postprocess_maps(raw: Array, size: tuple[int, int] | None, normalize: bool = True,
+                     grid="aligned") -> Array:
+    """Raw CAMs [B, A, h, w] -> float32 [B, A, H, W]: resize to ``size`` (None: keep
+    h x w) with cells at the centres ``grid`` gives (``explain.upsampling``:
+    "aligned", "half_pixel" or a CellGrid) and min-max normalise each map, all
+    B * A maps as one batch."""
     batch, num_attrs, h, w = raw.shape
     maps = raw.astype(jnp.float32).reshape(batch * num_attrs, h, w)
     if size is not None and normalize:
-        maps = cams_lib.upsample_normalize_maps(maps, size)
+        maps = cams_lib.upsample_normalize_maps(maps, size, grid=grid)
     elif size is not None:
-        maps = cams_lib.upsample_maps(maps, size)
+        maps = cams_lib.upsample_maps(maps, size, grid=grid)
     elif normalize:
         maps = cams_lib.normalize_maps(maps)
     return maps.reshape(batch, num_attrs, *maps.shape[1:])
@@ -188,7 +192,8 @@ def _attribute_cams_impl(images, features_fn, head_fn, formula, mode, attributes
     raw, logits = attribute_cams_from_features(fmap, head_fn, formula, mode, attributes,
                                                chunk_size)
     indices = _indices_for(logits, attributes)
-    maps = postprocess_maps(raw, images.shape[1:3] if upsample else None, normalize)
+    maps = postprocess_maps(raw, images.shape[1:3] if upsample is not None else None,
+                            normalize, upsample)
     selected = logits[:, np.asarray(indices)] if attributes is not None else logits
     return maps, selected, jnp.all(jnp.isfinite(images))
 
@@ -214,7 +219,7 @@ def make_attribute_cam_fn(features_fn: Callable[[Array], Array],
                           mode: str = "predicted",
                           attributes: AttributeSpec = None,
                           *, output_names: Sequence[str] | None = None,
-                          upsample: bool = True, normalize: bool = True,
+                          upsample=True, normalize: bool = True,
                           chunk_size: int | None = None,
                           validate: bool = True) -> Callable[[Array], tuple[Array, Array]]:
     """A jitted ``cam_fn(images [B,H,W,3]) -> (cams [B,A,H,W], logits [B,A])``.
@@ -226,7 +231,9 @@ def make_attribute_cam_fn(features_fn: Callable[[Array], Array],
       mode: "predicted" (|z|), "positive" (z) or "negative" (-z).
       attributes: output indices and/or attribute names (looked up in
         ``output_names``, default the CelebA order); None = every output.
-      upsample: bilinear resize to the image size (else the fmap size h x w).
+      upsample: resize to the image size with each cell at its receptive-field
+        centre (True / "aligned": ``features_fn.cell_grid`` when declared),
+        "half_pixel" (pytorch-grad-cam), a ``CellGrid``, or False (fmap size h x w).
       normalize: min-max normalise each map to [0, 1] (a map without
         activation is all 0), as ``compute_cams`` does.
       chunk_size: map over chunks of this many attributes instead of one vmap
@@ -239,6 +246,7 @@ def make_attribute_cam_fn(features_fn: Callable[[Array], Array],
     formula = cams_lib.resolve_cam_method(method)
     _check_options(mode, chunk_size)
     indices = resolve_attribute_indices(attributes, output_names)
+    upsample = upsampling.resolve_upsample(upsample, features_fn)
 
     def cam_fn(images):
         cams_lib._check_images_static(images)

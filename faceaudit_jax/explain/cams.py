@@ -11,9 +11,9 @@ Two layers:
 * ``compute_cams`` / ``make_cam_fn``: one forward pass through
   ``features_fn`` (images -> feature map), then the gradient of
   ``target_fn(head_fn(fmap))`` w.r.t. the feature map only (a VJP through the
-  head: no backward pass through the backbone), the formula, a bilinear
-  upsampling to the input size and a per-image min-max normalisation to
-  [0, 1]. A CAM therefore costs about one forward pass.
+  head: no backward pass through the backbone), the formula, an upsampling
+  to the input size that puts each cell at its receptive-field centre
+  (``explain.upsampling``) and a per-image min-max normalisation to [0, 1]. A CAM therefore costs about one forward pass.
 
 Adding a formula: any function ``fn(acts, grads) -> [B, h, w]`` works. Pass it
 directly as ``method=fn`` or register it by name::
@@ -36,12 +36,14 @@ once and call ``cam_fn(images)`` per batch. Creating a new lambda or
 
 from __future__ import annotations
 
-import functools
 from typing import Callable, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from faceaudit_jax.explain import upsampling
+from faceaudit_jax.explain.upsampling import CellGrid
 
 Array = jax.Array
 CamFormula = Callable[[Array, Array], Array]
@@ -349,64 +351,56 @@ def _rescale_to_unit(maps: Array, lo: Array, hi: Array, rel_tol: float) -> Array
     return jnp.where(has_range, (maps - lo) / safe_span, 0.0)
 
 
-def upsample_maps(maps: Array, size: tuple[int, int]) -> Array:
-    """Bilinear resize [B, h, w] -> [B, H, W] (half-pixel centres, like cv2.resize)."""
-    return jax.image.resize(maps, (maps.shape[0], *size), method="bilinear")
+def upsample_maps(maps: Array, size: tuple[int, int], *, grid="aligned") -> Array:
+    """Resize [B, h, w] -> [B, H, W] by linear interpolation between cell centres.
+
+    ``grid`` places the cells (``explain.upsampling``): "aligned" (cell j at
+    pixel s * j, symmetric-padding conv nets), "half_pixel" (cv2 /
+    pytorch-grad-cam; shrinking then antialiases like ``jax.image.resize``) or
+    a ``CellGrid``.
+    """
+    spec = upsampling.resolve_upsample(grid)
+    if spec is None:
+        raise ValueError("upsample_maps needs a grid; got False/None")
+    height, width = int(size[0]), int(size[1])
+    if spec == "half_pixel" and (height < maps.shape[1] or width < maps.shape[2]):
+        return jax.image.resize(maps, (maps.shape[0], height, width), method="bilinear")
+    return upsampling.upsample_grid_maps(maps, (height, width), spec)
 
 
-@functools.lru_cache(maxsize=64)
 def bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
-    """float32 [n_out, n_in]: the weights of a bilinear upsampling along one axis.
+    """float32 [n_out, n_in]: half-pixel bilinear upsampling weights along one axis.
 
-    Half-pixel centres, edge samples clamped to the border (what
-    ``jax.image.resize(..., "bilinear")`` and cv2.resize do when enlarging):
-    ``W @ v`` resizes a vector ``v`` of length n_in to n_out. Rows sum to 1.
+    What ``jax.image.resize(..., "bilinear")`` and cv2.resize do when
+    enlarging: ``W @ v`` resizes a vector ``v`` of length n_in to n_out. Rows
+    sum to 1. (``upsampling.upsampling_matrix`` gives any cell geometry.)
     """
     if n_out < n_in:
         raise ValueError(f"bilinear_matrix enlarges only; got {n_in} -> {n_out}")
-    x = np.clip((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0.0, n_in - 1)
-    j0 = np.floor(x).astype(np.int64)
-    j1 = np.minimum(j0 + 1, n_in - 1)
-    t = x - j0
-    weights = np.zeros((n_out, n_in), np.float64)
-    np.add.at(weights, (np.arange(n_out), j0), 1.0 - t)
-    np.add.at(weights, (np.arange(n_out), j1), t)
-    return weights.astype(np.float32)
+    return upsampling.upsampling_matrix(n_in, n_out, *upsampling.half_pixel_offset(n_in, n_out))
 
 
-@functools.lru_cache(maxsize=64)
-def _extreme_rows(n_in: int, n_out: int) -> np.ndarray:
-    """Rows of ``bilinear_matrix`` where an upsampled map can take its min or max.
-
-    Consecutive rows that mix the same two inputs form a run along which the
-    weights change monotonically, so a bilinear map is linear in the row within
-    a run and its extremes sit on the first or last row of some run.
-    """
-    support = bilinear_matrix(n_in, n_out) > 0
-    change = np.any(support[1:] != support[:-1], axis=1)
-    first = np.concatenate([[True], change])
-    last = np.concatenate([change, [True]])
-    return np.flatnonzero(first | last)
-
-
-def upsample_normalize_maps(maps: Array, size: tuple[int, int], rel_tol: float = 1e-6) -> Array:
-    """``normalize_maps(upsample_maps(maps, size))``, writing the large maps once.
+def upsample_normalize_maps(maps: Array, size: tuple[int, int], rel_tol: float = 1e-6,
+                            *, grid="aligned") -> Array:
+    """``normalize_maps(upsample_maps(maps, size, grid=grid))``, writing the large maps once.
 
     Upsampling is linear with rows of weights summing to 1, so normalising
     commutes with it: normalise the small maps with the min and max the
     upsampled ones would have, then upsample. Those extremes are read off the
-    few rows and columns where a bilinear map can peak (``_extreme_rows``), so
-    the [B, H, W] output is produced by one pass and never re-read (for A
-    attributes x B images this is most of the cost after the forward pass).
-    Shrinking falls back to the two-step path (antialiased weights span more
-    than two inputs).
+    few rows and columns where an interpolated map can peak
+    (``upsampling.extreme_rows``), so the [B, H, W] output is produced by one
+    pass and never re-read (for A attributes x B images this is most of the
+    cost after the forward pass). Half-pixel shrinking falls back to the
+    two-step path (antialiased weights span more than two inputs).
     """
+    spec = upsampling.resolve_upsample(grid)
+    if spec is None:
+        raise ValueError("upsample_normalize_maps needs a grid; got False/None")
     _, h, w = maps.shape
     height, width = int(size[0]), int(size[1])
-    if height < h or width < w:
-        return normalize_maps(upsample_maps(maps, (height, width)), rel_tol)
-    wy, wx = bilinear_matrix(h, height), bilinear_matrix(w, width)
-    ry, rx = _extreme_rows(h, height), _extreme_rows(w, width)
+    if spec == "half_pixel" and (height < h or width < w):
+        return normalize_maps(upsample_maps(maps, (height, width), grid=spec), rel_tol)
+    wy, wx, ry, rx = upsampling.axis_matrices(spec, (h, w), (height, width))
     maps = maps.astype(jnp.float32)
     extremes = jnp.einsum("oh,bhw,pw->bop", wy[ry], maps, wx[rx])
     lo = jnp.min(extremes, axis=(1, 2), keepdims=True)
@@ -423,8 +417,8 @@ def _cams_and_logits_impl(images, features_fn, head_fn, target_fn, formula, upsa
     raw, logits = cams_from_features(fmap, head_fn, target_fn, formula)
     raw = raw.astype(jnp.float32)
     finite = jnp.all(jnp.isfinite(images))
-    if upsample:
-        return upsample_normalize_maps(raw, images.shape[1:3]), logits, finite
+    if upsample is not None:  # resolved by upsampling.resolve_upsample
+        return upsample_normalize_maps(raw, images.shape[1:3], grid=upsample), logits, finite
     return normalize_maps(raw), logits, finite
 
 
@@ -461,7 +455,7 @@ def make_cam_fn(features_fn: Callable[[Array], Array],
                 head_fn: Callable[[Array], Array],
                 target_fn: TargetFn,
                 method: Union[str, CamFormula] = "grad_cam",
-                *, upsample: bool = True, return_logits: bool = False,
+                *, upsample: upsampling.UpsampleSpec = True, return_logits: bool = False,
                 validate: bool = True) -> Callable[[Array], Union[Array, tuple[Array, Array]]]:
     """A jitted ``cam_fn(images [B,H,W,C]) -> maps [B,H,W]`` (or (maps, logits)).
 
@@ -474,6 +468,7 @@ def make_cam_fn(features_fn: Callable[[Array], Array],
     ``jax.jit`` (the finiteness check is then skipped).
     """
     formula = resolve_cam_method(method)
+    upsample = upsampling.resolve_upsample(upsample, features_fn)
 
     def cam_fn(images):
         _check_images_static(images)
@@ -492,11 +487,12 @@ def compute_cams_and_logits(features_fn: Callable[[Array], Array],
                             images: Union[Array, np.ndarray],
                             target_fn: TargetFn,
                             method: Union[str, CamFormula] = "grad_cam",
-                            upsample: bool = True) -> tuple[Array, Array]:
+                            upsample: upsampling.UpsampleSpec = True) -> tuple[Array, Array]:
     """``compute_cams`` that also returns the head's outputs (logits) [B, ...]."""
     _check_images_static(images)
     _check_images_finite_on_host(images)
     formula = resolve_cam_method(method)
+    upsample = upsampling.resolve_upsample(upsample, features_fn)
     maps, logits, finite = _cams_and_logits_jit(
         jnp.asarray(images), features_fn=features_fn, head_fn=head_fn,
         target_fn=target_fn, formula=formula, upsample=upsample)
@@ -509,7 +505,7 @@ def compute_cams(features_fn: Callable[[Array], Array],
                  images: Union[Array, np.ndarray],
                  target_fn: TargetFn,
                  method: Union[str, CamFormula] = "grad_cam",
-                 upsample: bool = True,
+                 upsample: upsampling.UpsampleSpec = True,
                  return_logits: bool = False):
     """CAMs for a batch: [B, H, W] in [0, 1] (or (maps, logits) with ``return_logits``).
 
@@ -519,8 +515,15 @@ def compute_cams(features_fn: Callable[[Array], Array],
     ``cosine_target``, or any function). ``method`` is a registered name
     (``CAM_METHODS``) or a formula ``fn(acts, grads) -> [B, h, w]``.
 
-    Maps are upsampled bilinearly to the images' H x W (``upsample=False``
-    keeps the feature-map size h x w) and min-max normalised per image; a map
+    Maps are upsampled to the images' H x W by linear interpolation between
+    the feature cells' receptive-field centres and min-max normalised per
+    image. ``upsample``: True / "aligned" (default) uses
+    ``features_fn.cell_grid`` when the model declares one
+    (``models.resnet.classifier_fns`` does), else cell j at pixel s * j with
+    s = H / h (symmetric-padding conv nets); "half_pixel" reproduces
+    pytorch-grad-cam / cv2 (cell j at s * j + s / 2 - 0.5, half a stride down
+    and right of a ResNet's receptive field); a ``upsampling.CellGrid`` gives
+    any geometry; False keeps the feature-map size h x w. A map
     with no activation is all 0. The computation is jitted with the functions
     as static arguments: pass the same function objects on every call to
     reuse the compiled code (see the module docstring).
@@ -536,6 +539,6 @@ __all__ = [
     "register_cam_method", "resolve_cam_method",
     "class_target", "predicted_class_target", "binary_target", "make_binary_target",
     "cosine_target", "cams_from_features", "normalize_maps", "upsample_maps",
-    "upsample_normalize_maps", "bilinear_matrix",
+    "upsample_normalize_maps", "bilinear_matrix", "CellGrid",
     "make_cam_fn", "compute_cams", "compute_cams_and_logits",
 ]

@@ -7,8 +7,12 @@ the saliency broken by pixel index, row-major) are
   colour, or any baseline image, e.g. `blur_images`), or
 - inserted: copied into the baseline, the rest of the image staying baseline.
 A curve is a statistic of the perturbed images at each p; its metric is the
-area under it on [0, 1] (trapezoid, p = 0 included). Lower deletion AUC and
-higher insertion AUC mean a better saliency map.
+area under it on [0, 1]. Two rules (``curve_auc``): ``"sum"`` is CorrRISE's
+Algorithm 2, sum_{i=1..n} acc_i / n (the step p = 0 left out; the rule behind
+the paper's numbers), ``"trapezoid"`` the trapezoid rule with p = 0
+included. For a deletion curve starting at accuracy 1 the trapezoid is larger
+by (acc_0 - acc_n) / (2 n). Lower deletion AUC and higher insertion AUC mean a
+better saliency map.
 
 Verification (`verification_curve`, `deletion_insertion`): the probe image A
 of each pair is perturbed with its own saliency and compared with the
@@ -203,14 +207,26 @@ def _curve_impl(images, ranks, baselines, context, counts, *, score_fn, mode, si
     return values.reshape(-1)[:num_items].reshape(counts.shape[0], batch)
 
 
-def curve_auc(fractions, values) -> float:
-    """Trapezoid area under values [S] (or the mean of [S, B] over B) on fractions [S]."""
+AUC_RULES = ("trapezoid", "sum")
+
+
+def curve_auc(fractions, values, rule: str = "trapezoid") -> float:
+    """Area under values [S] (or the mean of [S, B] over B) on fractions [S].
+
+    ``rule="trapezoid"``: the trapezoid rule over every step, p = 0 included.
+    ``rule="sum"``: CorrRISE Algorithm 2, sum_{i >= 1} (p_i - p_{i-1}) v_i,
+    i.e. (1 / n) sum_{i=1..n} v_i for n equal steps (a right Riemann sum).
+    """
+    if rule not in AUC_RULES:
+        raise ValueError(f"rule={rule!r}; expected one of {AUC_RULES}")
     fractions = np.asarray(fractions, np.float64)
     values = np.asarray(values, np.float64)
     if values.ndim == 2:
         values = values.mean(axis=1)
     if values.shape != fractions.shape:
         raise ValueError(f"values has shape {values.shape}; expected {fractions.shape}")
+    if rule == "sum":
+        return float(np.sum(np.diff(fractions) * values[1:]))
     return float(np.sum(np.diff(fractions) * (values[1:] + values[:-1]) * 0.5))
 
 
@@ -287,7 +303,9 @@ def deletion_insertion(embed_fn: Callable, images_a, images_b, saliency_a,
     """Both curves and their AUCs for one saliency method.
 
     Returns {"deletion": (p, acc), "insertion": (p, acc), "deletion_auc",
-    "insertion_auc"}; see `verification_curve` for the protocol.
+    "insertion_auc" (trapezoid), "deletion_auc_sum", "insertion_auc_sum"
+    (Algorithm 2's sum, the rule of the paper's numbers)}; see
+    `verification_curve` for the protocol.
     """
     result = {}
     for mode, base in (("deletion", deletion_baseline), ("insertion", insertion_baseline)):
@@ -296,6 +314,7 @@ def deletion_insertion(embed_fn: Callable, images_a, images_b, saliency_a,
             mode=mode, baseline=base, is_same=is_same, chunk_size=chunk_size)
         result[mode] = (fractions, accuracy)
         result[f"{mode}_auc"] = curve_auc(fractions, accuracy)
+        result[f"{mode}_auc_sum"] = curve_auc(fractions, accuracy, rule="sum")
     return result
 
 

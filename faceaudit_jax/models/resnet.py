@@ -55,6 +55,8 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
+from faceaudit_jax.explain.upsampling import CellGrid, compose_layers
+
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
@@ -190,6 +192,35 @@ class ResNetBackbone(nn.Module):
         for s in self.stage_strides:
             stride *= s
         return stride
+
+    def layer_geometry(self) -> tuple[tuple[int, int, int], ...]:
+        """(kernel, stride, pad_before) of the convs and pools on the path from the
+        image to the last feature map, in order (one spatial axis; both are alike).
+
+        Residual shortcuts are left out: a 1x1 unpadded stride-s shortcut reads
+        input s * j, the same centre as its block's 3x3 conv padded by 1.
+        """
+        layers = [(7, 2, 3), (3, 2, 1)] if self.stem == "imagenet" else [(3, 2, 1)]
+        block = _BLOCKS[self.block]
+        for num_blocks, stage_stride in zip(self.stage_sizes, self.stage_strides):
+            for index in range(num_blocks):
+                stride = int(stage_stride) if index == 0 else 1
+                if block is BasicBlock:
+                    layers += [(3, stride, 1), (3, 1, 1)]
+                else:
+                    layers += [(1, 1, 0), (3, stride, 1), (1, 1, 0)]
+        return tuple(layers)
+
+    def cell_grid(self) -> CellGrid:
+        """Receptive-field centres of the last feature map's cells in pixels.
+
+        Exact (derived from ``layer_geometry``): every layer is padded
+        symmetrically, so cell j sits at pixel ``total_stride * j`` on both
+        axes (not at total_stride * j + total_stride / 2 - 0.5, where
+        half-pixel resizing would put it).
+        """
+        offset, stride = compose_layers(self.layer_geometry())
+        return CellGrid((offset, offset), (stride, stride))
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -409,6 +440,8 @@ def classifier_fns(model: nn.Module, variables: dict) -> tuple[Callable, Callabl
     head_fn(fmap) -> logits [B, num_outputs]. Each is jitted with the variables
     passed as arguments (not baked in as constants), and both are
     differentiable, so ``jax.vjp(head_fn, fmap)`` gives Grad-CAM gradients.
+    ``features_fn.cell_grid`` is the feature cells' receptive-field geometry
+    (``cell_grid(model)``), which the CAM functions use to upsample maps.
     """
     variables = dict(variables)
 
@@ -426,4 +459,17 @@ def classifier_fns(model: nn.Module, variables: dict) -> tuple[Callable, Callabl
     def head_fn(fmap: jax.Array) -> jax.Array:
         return _head(variables, fmap)
 
+    grid = cell_grid(model)
+    if grid is not None:
+        features_fn.cell_grid = grid
     return features_fn, head_fn
+
+
+def cell_grid(model: nn.Module) -> CellGrid | None:
+    """The receptive-field ``CellGrid`` of a classifier's (or backbone's) last feature
+    map; None for a module that is neither and declares no ``cell_grid()``."""
+    for candidate in (model, getattr(model, "backbone", None)):
+        method = getattr(candidate, "cell_grid", None)
+        if callable(method):
+            return method()
+    return None

@@ -395,10 +395,61 @@ def ranking_position(ior_r, region_names: Sequence[str], names: Sequence[str] = 
     return min(found) if found else None
 
 
+# --------------------------------------------------------------------------
+# Left-right symmetry diagnostic
+# --------------------------------------------------------------------------
+
+# (left, right) twins among the regions: a model that looks at a face without
+# a side preference scores them alike on average.
+SYMMETRIC_PAIRS = (("l_ear", "r_ear"), ("l_eye", "r_eye"), ("l_brow", "r_brow"))
+
+
+def left_right_symmetry(ior_r, names: Sequence[str] = REGIONS,
+                        pairs: Sequence[tuple[str, str]] = SYMMETRIC_PAIRS) -> dict:
+    """Right-minus-left IoR over twin regions: a standing check for misplaced maps.
+
+    ``ior_r`` is [R] (one audit) or [..., R] (several audits stacked); each
+    (audit, pair) with both IoRs finite is one comparison. Returns
+    ``mean_right_minus_left`` (mean of IoR(right) - IoR(left); NaN if no
+    comparison), ``right_wins_share`` (share of comparisons where the right
+    twin scores strictly higher), ``num_pairs`` and ``pairs`` (pair name ->
+    mean difference, NaN where never comparable). On faces rendered
+    left-right symmetric, a map placed where the model looks gives a mean
+    near 0 and a share near 0.5; a map shifted sideways does not
+    (docs/design.md, "Findings that shape the defaults").
+    """
+    values = np.asarray(jax.device_get(ior_r), dtype=np.float64)
+    if values.ndim < 1 or values.shape[-1] != len(names):
+        raise ValueError(
+            f"ior_r must be [..., R] with R = {len(names)} region names; got shape {values.shape}")
+    values = values.reshape(-1, len(names))
+    index = {n: i for i, n in enumerate(names)}
+    for left, right in pairs:
+        for name in (left, right):
+            if name not in index:
+                raise ValueError(f"unknown region {name!r} in pairs; expected one of: "
+                                 f"{', '.join(names)}")
+    diffs, per_pair = [], {}
+    for left, right in pairs:
+        d = values[:, index[right]] - values[:, index[left]]
+        d = d[np.isfinite(d)]
+        diffs.append(d)
+        per_pair[f"{right}-{left}"] = float(d.mean()) if d.size else float("nan")
+    all_diffs = np.concatenate(diffs)
+    n = int(all_diffs.size)
+    return {
+        "mean_right_minus_left": float(all_diffs.mean()) if n else float("nan"),
+        "right_wins_share": float(np.mean(all_diffs > 0)) if n else float("nan"),
+        "num_pairs": n,
+        "pairs": per_pair,
+    }
+
+
 __all__ = [
     "IOR_MODES", "THRESHOLDED_SIZE", "region_ior", "summarize_ior",
     "region_sums_and_counts", "resize_parse_nearest", "nearest_indices",
     "check_maps", "check_parse", "check_same_aspect",
     "IoRState", "IoRSummary", "IoRAccumulator",
     "rank_regions", "region_ranks", "ranking_position",
+    "SYMMETRIC_PAIRS", "left_right_symmetry",
 ]
