@@ -411,8 +411,10 @@ def run(config, workdir: str) -> dict:
     t0 = time.perf_counter()
     out = Path(workdir)
     out.mkdir(parents=True, exist_ok=True)
-    train_images, train_identity, test_images, test_identity = \
-        verification_data.load_split_images(config)
+    train_images, train_identity = verification_data.load_images(config, "train")
+    source, test_idx = verification_data.split_rows(config, "test")
+    test_images, test_identity = verification_data.render_uint8(source, test_idx,
+                                                                int(config.data.render_batch))
     print(f"[corrrise] {train_images.shape[0]} training and {test_images.shape[0]} test faces",
           flush=True)
 
@@ -470,7 +472,7 @@ def run(config, workdir: str) -> dict:
         "setup": {
             "model": str(config.model.name), "resolution": int(config.data.resolution),
             "train_identities": int(config.train.num_identities),
-            "train_images": int(train_idx.size), "train_steps": int(train_info["num_steps"]),
+            "train_images": int(train_images.shape[0]), "train_steps": int(train_info["num_steps"]),
             "loss": str(config.train.loss), "scale": float(config.train.scale),
             "margin": float(config.train.margin),
             "test_identities": int(config.test.num_identities),

@@ -64,29 +64,30 @@ def _first_identities(source, rows: np.ndarray, count: int, seed: int, field: st
     return rows[np.isin(identity, people[:count])]
 
 
-def load_images(config, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """(images uint8 [N, R, R, 3], identity int64 [N]) of the "train" or "test" split.
+def split_rows(config, split: str):
+    """(source, image indices) of the "train" or "test" split, identity-disjoint.
 
-    Synthetic: the index ranges of ``split_indices``. Real data: that split
-    of ``sources.build_split`` (identity-disjoint), keeping
+    Synthetic: the renderer and the index ranges of ``split_indices``. Real
+    data: that split of ``sources.build_split``, keeping
     ``train.num_identities`` / ``test.num_identities`` identities with two or
     more images, drawn with ``data.split_seed``.
     """
-    render_batch = int(config.data.render_batch)
+    if split not in ("train", "test"):
+        raise ValueError(f"split={split!r}; expected 'train' or 'test'")
     if str(config.data.source) == "synthetic":
         train_idx, test_idx = split_indices(config)
-        return render_uint8(build_source(config.data), train_idx if split == "train" else test_idx,
-                            render_batch)
+        return build_source(config.data), (train_idx if split == "train" else test_idx)
     source, rows = sources.build_split(config.data, split)
     count = int(config.train.num_identities if split == "train" else config.test.num_identities)
     rows = _first_identities(source, rows, count, int(config.data.get("split_seed", 0)),
                              f"{split}.num_identities")
-    return render_uint8(source, rows, render_batch)
+    return source, rows
 
 
-def load_split_images(config) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(train images, train identity, test images, test identity): ``load_images`` of both splits."""
-    return (*load_images(config, "train"), *load_images(config, "test"))
+def load_images(config, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 [N, R, R, 3], identity int64 [N]) of ``split_rows(config, split)``."""
+    source, rows = split_rows(config, split)
+    return render_uint8(source, rows, int(config.data.render_batch))
 
 
 def render_uint8(source, indices: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]:

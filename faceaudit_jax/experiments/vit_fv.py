@@ -850,8 +850,11 @@ def run(config, workdir: str) -> dict:
         clock[name] = time.perf_counter()
         print(f"vit_fv: {name} done ({clock[name] - clock['start']:.0f} s)", flush=True)
 
-    train_images, train_identity, test_images, test_identity = \
-        verification_data.load_split_images(config)
+    train_images, train_identity = verification_data.load_images(config, "train")
+    test_source, test_idx = verification_data.split_rows(config, "test")
+    test_images, test_identity = verification_data.render_uint8(test_source, test_idx,
+                                                                int(config.data.render_batch))
+    num_train_images = int(train_images.shape[0])
     lap("render")
 
     trained = train_embedder(config, workdir, train_images, train_identity)
@@ -928,7 +931,7 @@ def run(config, workdir: str) -> dict:
                   "num_heads": vit_cfg.num_heads, "embed_dim": vit_cfg.embed_dim,
                   "pool": vit_cfg.pool},
         "train_identities": int(np.unique(train_identity).size),
-        "train_images": int(train_idx.size), "num_epochs": int(config.train.num_epochs),
+        "train_images": num_train_images, "num_epochs": int(config.train.num_epochs),
         "batch_size": int(config.train.batch_size), "num_steps": trained.num_steps,
         "loss": {"kind": "cosface", "scale": float(config.train.scale),
                  "margin": float(config.train.margin)},
