@@ -12,8 +12,11 @@ is compiled or run; for JAX arrays the dtype is checked on the host (free)
 and the values with one jitted reduction (three scalars transferred), or,
 in ``compute_cams``, inside the jitted call itself (one flag transferred).
 A violation found that way is then described from a host copy. Called
-inside a caller's own ``jax.jit`` nothing concrete exists to check: values
-then propagate (NaN in, NaN out) and are the caller's to check, e.g. with
+inside a caller's own ``jax.jit`` nothing concrete exists to raise on, and
+nothing turns bad input into plausible output: ``compute_cams``/``cam_fn``
+give NaN maps for the images that break the contract (normalisation alone
+would make them all-zero maps), CorrRISE's maps carry the NaN of a NaN
+similarity score. Check such results with ``jnp.isnan`` or
 ``jax.experimental.checkify``.
 
 ``UNIT_TOLERANCE`` admits the rounding of resizing and colour conversion
@@ -53,9 +56,9 @@ def unit_violation(x, name: str, tolerance: float = UNIT_TOLERANCE) -> str | Non
     return None
 
 
-def in_unit_range(x, tolerance: float = UNIT_TOLERANCE) -> jax.Array:
-    """Traceable: True iff every value of ``x`` is finite and in [0, 1] (within ``tolerance``)."""
-    return jnp.all(jnp.isfinite(x) & (x >= -tolerance) & (x <= 1 + tolerance))
+def in_unit_range(x, tolerance: float = UNIT_TOLERANCE, axis=None) -> jax.Array:
+    """Traceable: True iff every value of ``x`` (along ``axis``) is finite and in [0, 1] (± ``tolerance``)."""
+    return jnp.all(jnp.isfinite(x) & (x >= -tolerance) & (x <= 1 + tolerance), axis=axis)
 
 
 _in_unit_range_jit = jax.jit(in_unit_range, static_argnames="tolerance")

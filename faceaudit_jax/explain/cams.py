@@ -424,10 +424,12 @@ def _cams_and_logits_impl(images, features_fn, head_fn, target_fn, formula, upsa
             f"got {fmap.shape}")
     raw, logits = cams_from_features(fmap, head_fn, target_fn, formula)
     raw = raw.astype(jnp.float32)
-    valid = contracts.in_unit_range(images)  # the value contract, computed with the maps
-    if upsample:
-        return upsample_normalize_maps(raw, images.shape[1:3]), logits, valid
-    return normalize_maps(raw), logits, valid
+    # The value contract, per image, computed with the maps. Outside a caller's jit
+    # a violation raises; inside one it must not come out as plausible (all-zero)
+    # maps, so those images' maps are NaN.
+    valid = contracts.in_unit_range(images, axis=(1, 2, 3))
+    maps = upsample_normalize_maps(raw, images.shape[1:3]) if upsample else normalize_maps(raw)
+    return jnp.where(valid[:, None, None], maps, jnp.nan), logits, jnp.all(valid)
 
 
 _cams_and_logits_jit = jax.jit(
