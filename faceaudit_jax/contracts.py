@@ -43,6 +43,10 @@ def check_float_dtype(x, name: str) -> None:
 def unit_violation(x, name: str, tolerance: float = UNIT_TOLERANCE) -> str | None:
     """Why ``x`` breaks the finite-and-in-[0, 1] contract (the first offending index), or None."""
     x = np.asarray(x)
+    # Fast path, two passes and no temporaries: min/max are NaN if any value is.
+    lo, hi = (float(v) for v in (x.min(), x.max())) if x.size else (0.0, 0.0)
+    if -tolerance <= lo and hi <= 1 + tolerance:  # False for NaN and inf
+        return None
     finite = np.isfinite(x)
     if not finite.all():
         index = tuple(int(i) for i in np.argwhere(~finite)[0])
