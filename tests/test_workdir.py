@@ -200,3 +200,14 @@ def test_overwrite_retrains_with_the_new_settings(tiny_run, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # same settings again: resumes silently, trains nothing
         classifier.train_classifier(config, work, indices, source, "biased")
+
+
+def test_facex_summary_links_the_heatmap_inside_its_workdir(tmp_path):
+    from faceaudit_jax.experiments import facex, registry
+    config = cli.load_config("configs/facex.py:smoke")
+    outside = facex.summary_markdown(config, {"classifier": {}}, 1.0,
+                                     link_prefix=registry.readme_link_prefix(tmp_path))
+    assert "](report_biased/prototype_heatmap.png)" in outside
+    inside = facex.summary_markdown(config, {"classifier": {}}, 1.0,
+                                    link_prefix=registry.readme_link_prefix(registry.REPO_ROOT / "results" / "x"))
+    assert "](results/x/report_biased/prototype_heatmap.png)" in inside
