@@ -147,7 +147,7 @@ def test_no_intact_step_is_one_error_naming_the_folder(trained, model, tx, tmp_p
         _fit(model, tx, workdir, lambda s: pytest.fail("trained over damaged checkpoints"))
     message = str(info.value)
     assert str(workdir / "checkpoints") in message
-    assert "step 4:" in message and "step 2:" in message and "overwrite" in message
+    assert "step 4:" in message and "step 2:" in message and f"Delete {workdir} to train" in message
     assert len(message.splitlines()) == 1
 
 
