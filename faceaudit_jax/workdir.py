@@ -233,6 +233,13 @@ def config_fields(config, names: Sequence[str]) -> dict:
     return out
 
 
+def _flatten_top(d: dict) -> dict:
+    flat = {}
+    for k, v in d.items():
+        flat.update(_flatten(k, v))
+    return flat
+
+
 def _flatten(prefix: str, value: Any) -> dict:
     if isinstance(value, dict):
         flat = {}
@@ -248,8 +255,13 @@ def overwrite_requested(config) -> bool:
 
 
 def fingerprint_difference(found: Mapping, expected: Mapping) -> list[str]:
-    """"field: old -> new" for every field whose value differs (absent fields shown as <absent>)."""
+    """"field: old -> new" for every field whose value differs (absent fields shown as <absent>).
+
+    Nested dicts are compared leaf by leaf ("train.lr"), so a change is named
+    by the field that changed, not by the whole sub-dict.
+    """
     absent = "<absent>"
+    found, expected = (_flatten_top(to_jsonable(dict(d))) for d in (found, expected))
     return [f"{k}: {found.get(k, absent)!r} -> {expected.get(k, absent)!r}"
             for k in sorted(set(found) | set(expected)) if found.get(k, absent) != expected.get(k, absent)]
 

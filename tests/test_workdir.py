@@ -30,6 +30,12 @@ def test_mismatch_names_every_differing_field_old_and_new(tmp_path):
     assert isinstance(info.value, ValueError)  # a user error for the CLI
 
 
+def test_nested_settings_are_named_by_the_leaf_that_changed(tmp_path):
+    workdir.check_fingerprint(tmp_path, {"model": "m", "train": {"lr": 0.1, "batch_size": 8}})
+    with pytest.raises(workdir.FingerprintMismatch, match=r"1 field\(s\) differ: train.lr: 0.1 -> 0.2\);"):
+        workdir.check_fingerprint(tmp_path, {"model": "m", "train": {"lr": 0.2, "batch_size": 8}})
+
+
 def test_tuples_and_arrays_match_their_json_form(tmp_path):
     settings = {"train.decay_boundaries": (1 / 3, 2 / 3), "shape": np.asarray([2, 3])}
     workdir.check_fingerprint(tmp_path, settings)
