@@ -3,7 +3,8 @@
 Everything an experiment writes under its ``--workdir`` goes through here:
 
 - ``prepare_workdir(path)``: create it, prove it writable, remove temporary
-  files a killed run left behind (``*.tmp-<pid>-<n>`` from ``write_json``).
+  files a killed run left behind (``*.tmp-<pid>-<n>`` from ``write_json``,
+  older than a minute).
 - ``check_fingerprint(run_dir, expected, overwrite=False)``: every folder
   holding a trained model records, in ``fingerprint.json``, the settings that
   determine that model and its data (a flat dict, e.g. ``{"train.lr": 0.001,
@@ -25,6 +26,7 @@ import json
 import os
 import re
 import shutil
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -34,7 +36,9 @@ import numpy as np
 FINGERPRINT_FILE = "fingerprint.json"
 OVERWRITE_HINT = "rerun with --config.overwrite=True to discard it and retrain, or use another --workdir"
 
-# Temporary files of write_json: "<name>.tmp-<pid>-<n>", renamed over <name> when complete.
+# Temporary files of write_json: "<name>.tmp-<pid>-<n>", renamed over <name> when complete;
+# one older than this was left by a killed run.
+STALE_AFTER_S = 60.0
 _TMP_PATTERN = re.compile(r".+\.tmp-\d+-\d+$")
 _tmp_counter = itertools.count()
 
@@ -69,18 +73,22 @@ def prepare_workdir(workdir) -> Path:
     return path
 
 
-def remove_stale_tmp(root) -> list[Path]:
+def remove_stale_tmp(root, min_age_s: float = STALE_AFTER_S) -> list[Path]:
     """Delete ``write_json`` temporary files under ``root`` left by killed runs; returns them.
 
-    Orbax's own ``*.orbax-checkpoint-tmp*`` folders are removed by the
-    checkpoint manager (``train_lib``), which knows when none is in flight.
+    Only files older than ``min_age_s``: a write in flight (another process
+    or host sharing the workdir) lasts milliseconds. Orbax's own
+    ``*.orbax-checkpoint-tmp*`` folders are removed by the checkpoint
+    manager (``train_lib``), which knows when none is in flight.
     """
-    removed = []
+    removed, now = [], time.time()
     for dirpath, _, filenames in os.walk(root):
         for name in filenames:
             if _TMP_PATTERN.match(name):
                 stale = Path(dirpath) / name
                 try:
+                    if now - stale.stat().st_mtime < min_age_s:
+                        continue
                     stale.unlink()
                     removed.append(stale)
                 except OSError:  # gone already, or not ours to delete: leave it

@@ -100,10 +100,13 @@ def test_prepare_workdir_removes_stale_tmp_files_and_refuses_unwritable(tmp_path
     (tmp_path / "sub").mkdir()
     stale = tmp_path / "sub" / "summary.json.tmp-123-0"
     stale.write_text("{half")
+    os.utime(stale, (0, 0))  # old: left by a killed run
+    in_flight = tmp_path / "sub" / "summary.json.tmp-456-0"
+    in_flight.write_text("{being written")
     (tmp_path / "notes.tmp").write_text("not ours")
     with pytest.warns(UserWarning, match="removed 1 temporary file"):
         workdir.prepare_workdir(tmp_path)
-    assert not stale.exists() and (tmp_path / "notes.tmp").exists()
+    assert not stale.exists() and in_flight.exists() and (tmp_path / "notes.tmp").exists()
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     with pytest.raises(workdir.WorkdirError, match="a_file/run' is not writable"):
