@@ -1,6 +1,6 @@
 """Run directories that never lie: one fingerprint scheme, atomic JSON, robust JSONL.
 
-Everything an experiment writes under its ``--workdir`` goes through here:
+The bookkeeping of a ``--workdir`` and its run directories lives here:
 
 - ``prepare_workdir(path)``: create it, prove it writable, remove temporary
   files a killed run left behind (``*.tmp-<pid>-<n>`` from ``write_json``,
@@ -8,7 +8,7 @@ Everything an experiment writes under its ``--workdir`` goes through here:
 - ``check_fingerprint(run_dir, expected, overwrite=False)``: every folder
   holding a trained model records, in ``fingerprint.json``, the settings that
   determine that model and its data (a flat dict, e.g. ``{"train.lr": 0.001,
-  "data.indices_sha256": "..."}``). A rerun with other settings stops before
+  "train.images_sha256": "..."}``). A rerun with other settings stops before
   any work with one message naming each differing field (old -> new); with
   ``overwrite=True`` the folder's contents are removed and the new fingerprint
   recorded. ``config_fields`` and ``array_digest`` build such dicts.
@@ -218,12 +218,6 @@ def array_digest(*arrays: Any) -> str:
         h.update(f"{a.dtype.str}{a.shape};".encode())
         h.update(a.tobytes())
     return h.hexdigest()
-
-
-def digest(*parts: Any) -> str:
-    """sha256 (hex) of JSON-serialisable settings (ConfigDicts via to_dict), key order ignored."""
-    text = json.dumps(to_jsonable(list(parts)), sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def config_fields(config, names: Sequence[str]) -> dict:
