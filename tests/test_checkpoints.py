@@ -20,6 +20,10 @@ import pytest
 from faceaudit_jax import losses, train_lib
 from faceaudit_jax.models import build_model
 
+# When a damaged step fails to restore, Orbax's async reader can call back into
+# its already-closed event loop; Python reports that as "Exception ignored".
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
 IMAGE_SIZE = 16
 BATCH = 4
 TOTAL = 4
