@@ -3,7 +3,12 @@ r"""Runs an experiment (audit, reproduction) described by a config.
   python explain.py --config configs/facex.py[:smoke] --workdir DIR [--config.field=value]
 
 Everything the run writes (checkpoints, metrics.jsonl, figures, report, results
-JSON) goes under DIR; rerunning with the same DIR resumes from checkpoints.
+JSON, and config.json once the run completes) goes under DIR; rerunning with
+the same DIR resumes from the last intact checkpoint. Each trained model's
+folder records a fingerprint of the settings that made it: a rerun with other
+settings stops with the differing fields named, unless
+``--config.overwrite=True`` (that folder is then emptied and retrained). User
+errors are one line; ``--debug`` shows the traceback.
 """
 
 from faceaudit_jax import cli

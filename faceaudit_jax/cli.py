@@ -22,6 +22,7 @@ Anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from typing import Sequence
 
@@ -42,8 +43,6 @@ def load_config(spec: str):
     Raises FileNotFoundError naming the path when there is no such file, and
     whatever the config's get_config raises (ValueError for an unknown variant).
     """
-    import os
-
     path, _, variant = spec.partition(":")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--config={spec!r}: no config file at {path!r}")

@@ -566,7 +566,7 @@ def _restore(manager: ocp.CheckpointManager, state: TrainState) -> TrainState:
     raise CheckpointError(
         f"no intact checkpoint in {folder}: "
         + "; ".join(f"step {s}: {p}" for s, p in damaged)
-        + f". Delete that folder to train from scratch, or {workdir_lib.OVERWRITE_HINT}")
+        + f". Delete {os.path.dirname(folder)} to train from scratch, or use another --workdir")
 
 
 def _move_aside(manager: ocp.CheckpointManager, steps: Sequence[int]) -> str:

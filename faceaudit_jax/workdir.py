@@ -1,13 +1,14 @@
 """Run directories that never lie: one fingerprint scheme, atomic JSON, robust JSONL.
 
-Everything an experiment writes under its ``--workdir`` goes through here:
+The bookkeeping of a ``--workdir`` and its run directories lives here:
 
 - ``prepare_workdir(path)``: create it, prove it writable, remove temporary
-  files a killed run left behind (``*.tmp-<pid>-<n>`` from ``write_json``).
+  files a killed run left behind (``*.tmp-<pid>-<n>`` from ``write_json``,
+  older than a minute).
 - ``check_fingerprint(run_dir, expected, overwrite=False)``: every folder
   holding a trained model records, in ``fingerprint.json``, the settings that
   determine that model and its data (a flat dict, e.g. ``{"train.lr": 0.001,
-  "data.indices_sha256": "..."}``). A rerun with other settings stops before
+  "train.images_sha256": "..."}``). A rerun with other settings stops before
   any work with one message naming each differing field (old -> new); with
   ``overwrite=True`` the folder's contents are removed and the new fingerprint
   recorded. ``config_fields`` and ``array_digest`` build such dicts.
@@ -25,6 +26,7 @@ import json
 import os
 import re
 import shutil
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -34,7 +36,9 @@ import numpy as np
 FINGERPRINT_FILE = "fingerprint.json"
 OVERWRITE_HINT = "rerun with --config.overwrite=True to discard it and retrain, or use another --workdir"
 
-# Temporary files of write_json: "<name>.tmp-<pid>-<n>", renamed over <name> when complete.
+# Temporary files of write_json: "<name>.tmp-<pid>-<n>", renamed over <name> when complete;
+# one older than this was left by a killed run.
+STALE_AFTER_S = 60.0
 _TMP_PATTERN = re.compile(r".+\.tmp-\d+-\d+$")
 _tmp_counter = itertools.count()
 
@@ -69,18 +73,22 @@ def prepare_workdir(workdir) -> Path:
     return path
 
 
-def remove_stale_tmp(root) -> list[Path]:
+def remove_stale_tmp(root, min_age_s: float = STALE_AFTER_S) -> list[Path]:
     """Delete ``write_json`` temporary files under ``root`` left by killed runs; returns them.
 
-    Orbax's own ``*.orbax-checkpoint-tmp*`` folders are removed by the
-    checkpoint manager (``train_lib``), which knows when none is in flight.
+    Only files older than ``min_age_s``: a write in flight (another process
+    or host sharing the workdir) lasts milliseconds. Orbax's own
+    ``*.orbax-checkpoint-tmp*`` folders are removed by the checkpoint
+    manager (``train_lib``), which knows when none is in flight.
     """
-    removed = []
+    removed, now = [], time.time()
     for dirpath, _, filenames in os.walk(root):
         for name in filenames:
             if _TMP_PATTERN.match(name):
                 stale = Path(dirpath) / name
                 try:
+                    if now - stale.stat().st_mtime < min_age_s:
+                        continue
                     stale.unlink()
                     removed.append(stale)
                 except OSError:  # gone already, or not ours to delete: leave it
@@ -212,12 +220,6 @@ def array_digest(*arrays: Any) -> str:
     return h.hexdigest()
 
 
-def digest(*parts: Any) -> str:
-    """sha256 (hex) of JSON-serialisable settings (ConfigDicts via to_dict), key order ignored."""
-    text = json.dumps(to_jsonable(list(parts)), sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
 def config_fields(config, names: Sequence[str]) -> dict:
     """{dotted name: value} for ``names`` ("train.lr", or "model" for a whole sub-config).
 
@@ -231,6 +233,13 @@ def config_fields(config, names: Sequence[str]) -> dict:
             node = node.get(key, None) if hasattr(node, "get") else None
         out.update(_flatten(name, to_jsonable(node)))
     return out
+
+
+def _flatten_top(d: dict) -> dict:
+    flat = {}
+    for k, v in d.items():
+        flat.update(_flatten(k, v))
+    return flat
 
 
 def _flatten(prefix: str, value: Any) -> dict:
@@ -248,8 +257,13 @@ def overwrite_requested(config) -> bool:
 
 
 def fingerprint_difference(found: Mapping, expected: Mapping) -> list[str]:
-    """"field: old -> new" for every field whose value differs (absent fields shown as <absent>)."""
+    """"field: old -> new" for every field whose value differs (absent fields shown as <absent>).
+
+    Nested dicts are compared leaf by leaf ("train.lr"), so a change is named
+    by the field that changed, not by the whole sub-dict.
+    """
     absent = "<absent>"
+    found, expected = (_flatten_top(to_jsonable(dict(d))) for d in (found, expected))
     return [f"{k}: {found.get(k, absent)!r} -> {expected.get(k, absent)!r}"
             for k in sorted(set(found) | set(expected)) if found.get(k, absent) != expected.get(k, absent)]
 

@@ -20,6 +20,10 @@ import pytest
 from faceaudit_jax import losses, train_lib
 from faceaudit_jax.models import build_model
 
+# When a damaged step fails to restore, Orbax's async reader can call back into
+# its already-closed event loop; Python reports that as "Exception ignored".
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
 IMAGE_SIZE = 16
 BATCH = 4
 TOTAL = 4
@@ -147,7 +151,7 @@ def test_no_intact_step_is_one_error_naming_the_folder(trained, model, tx, tmp_p
         _fit(model, tx, workdir, lambda s: pytest.fail("trained over damaged checkpoints"))
     message = str(info.value)
     assert str(workdir / "checkpoints") in message
-    assert "step 4:" in message and "step 2:" in message and "overwrite" in message
+    assert "step 4:" in message and "step 2:" in message and f"Delete {workdir} to train" in message
     assert len(message.splitlines()) == 1
 
 

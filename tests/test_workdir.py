@@ -30,6 +30,12 @@ def test_mismatch_names_every_differing_field_old_and_new(tmp_path):
     assert isinstance(info.value, ValueError)  # a user error for the CLI
 
 
+def test_nested_settings_are_named_by_the_leaf_that_changed(tmp_path):
+    workdir.check_fingerprint(tmp_path, {"model": "m", "train": {"lr": 0.1, "batch_size": 8}})
+    with pytest.raises(workdir.FingerprintMismatch, match=r"1 field\(s\) differ: train.lr: 0.1 -> 0.2\);"):
+        workdir.check_fingerprint(tmp_path, {"model": "m", "train": {"lr": 0.2, "batch_size": 8}})
+
+
 def test_tuples_and_arrays_match_their_json_form(tmp_path):
     settings = {"train.decay_boundaries": (1 / 3, 2 / 3), "shape": np.asarray([2, 3])}
     workdir.check_fingerprint(tmp_path, settings)
@@ -94,10 +100,13 @@ def test_prepare_workdir_removes_stale_tmp_files_and_refuses_unwritable(tmp_path
     (tmp_path / "sub").mkdir()
     stale = tmp_path / "sub" / "summary.json.tmp-123-0"
     stale.write_text("{half")
+    os.utime(stale, (0, 0))  # old: left by a killed run
+    in_flight = tmp_path / "sub" / "summary.json.tmp-456-0"
+    in_flight.write_text("{being written")
     (tmp_path / "notes.tmp").write_text("not ours")
     with pytest.warns(UserWarning, match="removed 1 temporary file"):
         workdir.prepare_workdir(tmp_path)
-    assert not stale.exists() and (tmp_path / "notes.tmp").exists()
+    assert not stale.exists() and in_flight.exists() and (tmp_path / "notes.tmp").exists()
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     with pytest.raises(workdir.WorkdirError, match="a_file/run' is not writable"):
@@ -200,3 +209,14 @@ def test_overwrite_retrains_with_the_new_settings(tiny_run, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # same settings again: resumes silently, trains nothing
         classifier.train_classifier(config, work, indices, source, "biased")
+
+
+def test_facex_summary_links_the_heatmap_inside_its_workdir(tmp_path):
+    from faceaudit_jax.experiments import facex, registry
+    config = cli.load_config("configs/facex.py:smoke")
+    outside = facex.summary_markdown(config, {"classifier": {}}, 1.0,
+                                     link_prefix=registry.readme_link_prefix(tmp_path))
+    assert "](report_biased/prototype_heatmap.png)" in outside
+    inside = facex.summary_markdown(config, {"classifier": {}}, 1.0,
+                                    link_prefix=registry.readme_link_prefix(registry.REPO_ROOT / "results" / "x"))
+    assert "](results/x/report_biased/prototype_heatmap.png)" in inside

@@ -292,9 +292,23 @@ def iter_example_batches(
 
 
 def read_text_lines(path: str) -> list[str]:
+    """The lines of a UTF-8 text file, without line ends (\n, \r\n or \r).
+
+    Raises ValueError naming the file, line and byte when it is not UTF-8.
+    """
     require_file(path, "table")
-    with open(path, "r", encoding="utf-8") as f:
-        return [line.rstrip("\r\n") for line in f]
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise ValueError(f"{path}: line {line} is not UTF-8 text (byte 0x{data[err.start]:02x} at offset "
+                         f"{err.start}); expected a UTF-8 (or ASCII) text file") from None
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()  # the final line end
+    return lines
 
 
 def _count_line(path: str, line: str) -> int:
@@ -305,8 +319,12 @@ def _count_line(path: str, line: str) -> int:
 
 
 def _rows(path: str, lines: Sequence[str], first_line: int, num_values: int) -> tuple[list[str], list[list[str]]]:
-    """Split table rows into (filenames, value tokens), checking the column count."""
-    names, values = [], []
+    """Split table rows into (filenames, value tokens), checking the column count.
+
+    A file name on two rows is an error naming both lines (which row would be
+    meant is unknowable).
+    """
+    names, values, line_of = [], [], {}
     for number, line in enumerate(lines[first_line:], start=first_line + 1):
         tokens = line.split()
         if not tokens:
@@ -315,6 +333,10 @@ def _rows(path: str, lines: Sequence[str], first_line: int, num_values: int) -> 
             raise ValueError(
                 f"{path}: line {number} has {len(tokens) - 1} values after the file name; "
                 f"expected {num_values}: {line!r}")
+        if tokens[0] in line_of:
+            raise ValueError(f"{path}: {tokens[0]} has two rows, lines {line_of[tokens[0]]} and {number}; "
+                             "expected one row per image")
+        line_of[tokens[0]] = number
         names.append(tokens[0])
         values.append(tokens[1:])
     return names, values

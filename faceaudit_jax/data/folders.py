@@ -57,6 +57,7 @@ import dataclasses
 import os
 import re
 import threading
+import warnings
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -94,6 +95,8 @@ PUBLISHED_VALID_START = 162771
 PUBLISHED_TEST_START = 182638
 
 _MASK_NAME = re.compile(r"^(\d{5})_(.+)\.png$")
+# What a mask file that misses _MASK_NAME probably meant (e.g. 1_nose.png): warned about.
+_LOOSE_MASK_NAME = re.compile(r"^(\d+)_(.+)\.png$", re.IGNORECASE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -271,11 +274,22 @@ class CelebAMaskHQ:
                 return cached
             path = require_dir(os.path.join(self.mask_dir, str(folder)), "CelebAMask-HQ mask folder")
             table: dict[int, list[tuple[str, str]]] = {}
+            misnamed = []
             with os.scandir(path) as entries:
                 for entry in entries:
                     match = _MASK_NAME.match(entry.name)
                     if match:
                         table.setdefault(int(match.group(1)), []).append((match.group(2), entry.path))
+                    elif _LOOSE_MASK_NAME.match(entry.name):
+                        misnamed.append(entry.name)
+            if misnamed:
+                # Ignored files drop regions silently otherwise: say which image loses what.
+                shown = ", ".join(f"{name} (image {int(_LOOSE_MASK_NAME.match(name).group(1))})"
+                                  for name in sorted(misnamed)[:10])
+                warnings.warn(
+                    f"{path}: {len(misnamed)} mask file(s) do not match the naming pattern "
+                    f"<5-digit image index>_<region>.png and are ignored, so those images lack "
+                    f"that region: {shown}{' ...' if len(misnamed) > 10 else ''}", stacklevel=3)
             self._mask_index[folder] = table
             return table
 
@@ -559,13 +573,20 @@ def _lfw_image(images_dir: str, name: str, number: str, path: str, line_number: 
 
 
 def _parse_pair_line(tokens: list[str], images_dir: str, path: str, line_number: int):
-    """'name n1 n2' (matched) or 'name1 n1 name2 n2' (mismatched) -> (a, b, same, name_a, name_b)."""
+    """'name n1 n2' (matched) or 'name1 n1 name2 n2' (mismatched) -> (a, b, same, name_a, name_b).
+
+    A mismatched line naming one person twice is an error: it would be
+    scored as a non-match of the same identity.
+    """
     if len(tokens) == 3:
         name, n1, n2 = tokens
         return (_lfw_image(images_dir, name, n1, path, line_number),
                 _lfw_image(images_dir, name, n2, path, line_number), True, name, name)
     if len(tokens) == 4:
         name1, n1, name2, n2 = tokens
+        if name1 == name2:
+            raise ValueError(f"{path}: line {line_number} is a mismatched pair naming {name1!r} twice; "
+                             "expected two different people (a matched pair is 'name n1 n2')")
         return (_lfw_image(images_dir, name1, n1, path, line_number),
                 _lfw_image(images_dir, name2, n2, path, line_number), False, name1, name2)
     raise ValueError(f"{path}: line {line_number} should be 'name n1 n2' or 'name1 n1 name2 n2', "
@@ -592,6 +613,9 @@ def read_lfw_pairs(root: str | os.PathLike, *, pairs_file: str = "pairs.txt", im
     if not all(t.isdigit() for t in head) or len(head) not in (1, 2):
         raise ValueError(f"{path}: first line should be 'folds pairs_per_fold' (e.g. '10 300'), got {head}")
     folds, per_fold = (1, int(head[0])) if len(head) == 1 else (int(head[0]), int(head[1]))
+    if folds < 1 or per_fold < 1:
+        raise ValueError(f"{path}: first line {' '.join(head)!r} declares {folds} folds of {per_fold} pairs; "
+                         "expected at least one fold of at least one pair")
     body = lines[1:]
     if len(body) != folds * 2 * per_fold:
         raise ValueError(f"{path}: header announces {folds} folds x 2 x {per_fold} pairs = "

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from faceaudit_jax import regions
 from faceaudit_jax.data import pipeline
 from faceaudit_jax.experiments import classifier
-from faceaudit_jax.experiments.registry import write_json
+from faceaudit_jax.experiments.registry import readme_link_prefix, write_json
 from faceaudit_jax.explain import cams
 from faceaudit_jax.summary import ior as ior_lib
 from faceaudit_jax.summary import top_patches as top_lib
@@ -243,12 +243,17 @@ def run(config, workdir: str) -> dict:
         print(f"[{name}] ranking position of {', '.join(confs)}: {rps} "
               f"(report: {work / f'report_{name}' / 'report.md'})", flush=True)
     write_json(work / "summary.json", summary)
-    (work / "summary.md").write_text(summary_markdown(config, summary, elapsed=time.perf_counter() - t0))
+    (work / "summary.md").write_text(summary_markdown(config, summary, elapsed=time.perf_counter() - t0,
+                                                      link_prefix=readme_link_prefix(work)))
     return summary
 
 
-def summary_markdown(config, summary: dict, elapsed: float) -> str:
-    """The README fragment for the main job: group accuracies and the FaceX ranking."""
+def summary_markdown(config, summary: dict, elapsed: float, link_prefix: str = "") -> str:
+    """The README fragment for the main job: group accuracies and the FaceX ranking.
+
+    ``link_prefix`` goes before the heatmap's path inside the workdir (see
+    ``registry.readme_link_prefix``): "" links relative to the workdir.
+    """
     confs = ", ".join(classifier.confounder_list(config.bias))
     baseline = "balanced" in summary
     num_test = summary["classifier"]["biased"]["num_images"]
@@ -278,7 +283,7 @@ def summary_markdown(config, summary: dict, elapsed: float) -> str:
         rps = ", ".join(str(r) for r in summary[name]["confounder_rp"])
         lines.append(f"| {name} | {g['accuracy']:.3f} | {g['aligned_accuracy']:.3f} | "
                      f"{g['conflicting_accuracy']:.3f} | {g['gap']:.3f} | {rps} | {top3} |")
-    lines += ["", "![prototype heatmap of the biased model](results/main/report_biased/prototype_heatmap.png)"]
+    lines += ["", f"![prototype heatmap of the biased model]({link_prefix}report_biased/prototype_heatmap.png)"]
     return "\n".join(lines) + "\n"
 
 

@@ -56,7 +56,8 @@ from tqdm import tqdm
 from faceaudit_jax import regions
 from faceaudit_jax.data import pipeline, sampling, sources
 from faceaudit_jax.experiments import classifier
-from faceaudit_jax.experiments.registry import readme_link_prefix, write_json
+from faceaudit_jax.experiments.registry import (
+    check_fingerprint, overwrite_requested, readme_link_prefix, write_json)
 from faceaudit_jax.summary import ior as ior_lib
 
 PARTS = ("table1", "table3", "table4", "figure5")
@@ -350,15 +351,6 @@ def audit_fingerprint(config, spec: ModelSpec) -> str:
     })
 
 
-def _check_fingerprint(path: Path, expected: str, what: str) -> None:
-    if path.exists():
-        found = path.read_text().strip()
-        if found != expected:
-            raise ValueError(
-                f"{what} at {path.parent} was made with other settings (fingerprint {found}, "
-                f"expected {expected}); use a fresh --workdir or delete that directory")
-
-
 def _load_record(path: Path) -> dict:
     record = json.loads(path.read_text())
     record["ior_vector"] = np.asarray(
@@ -436,18 +428,18 @@ def evaluate_model(ctx: TablesContext, spec: ModelSpec, corr: float = 0.0) -> di
         # Otherwise the test set or the explanation settings changed: audit
         # again (the model is reused if it was trained with the same settings).
 
-    model_dir = ctx.models_dir / spec.name
-    model_dir.mkdir(parents=True, exist_ok=True)
-    stamp = model_dir / "fingerprint.txt"
     model_fp = model_fingerprint(config, spec)
-    _check_fingerprint(stamp, model_fp, f"model {spec.name!r}")
-    stamp.write_text(model_fp + "\n")
-
     case = case_config(config, spec.target, spec.confounders, corr)
     if spec.num_epochs is not None:
         with case.unlocked():
             case.train.num_epochs = int(spec.num_epochs)
     train_source = ctx.source(spec.train_independent, "train")
+    # The model folder's fingerprint (faceaudit_jax.workdir), checked before any
+    # work: a mismatch names the differing fields; config.overwrite retrains.
+    check_fingerprint(ctx.models_dir / spec.name,
+                      classifier.model_fingerprint(case, spec.train_indices, spec.sample_weights,
+                                                   train_source),
+                      overwrite=overwrite_requested(config))
     test_source = ctx.source(spec.test_independent, "test")
     start = time.perf_counter()
     clf = classifier.train_classifier(case, str(ctx.models_dir), spec.train_indices,

@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from faceaudit_jax import contracts
 from faceaudit_jax.explain import upsampling
 from faceaudit_jax.explain.upsampling import CellGrid
 
@@ -416,10 +417,15 @@ def _cams_and_logits_impl(images, features_fn, head_fn, target_fn, formula, upsa
             f"got {fmap.shape}")
     raw, logits = cams_from_features(fmap, head_fn, target_fn, formula)
     raw = raw.astype(jnp.float32)
-    finite = jnp.all(jnp.isfinite(images))
+    # The value contract, per image, computed with the maps. Outside a caller's jit
+    # a violation raises; inside one it must not come out as plausible (all-zero)
+    # maps, so those images' maps are NaN.
+    valid = contracts.in_unit_range(images, axis=(1, 2, 3))
     if upsample is not None:  # resolved by upsampling.resolve_upsample
-        return upsample_normalize_maps(raw, images.shape[1:3], grid=upsample), logits, finite
-    return normalize_maps(raw), logits, finite
+        maps = upsample_normalize_maps(raw, images.shape[1:3], grid=upsample)
+    else:
+        maps = normalize_maps(raw)
+    return jnp.where(valid[:, None, None], maps, jnp.nan), logits, jnp.all(valid)
 
 
 _cams_and_logits_jit = jax.jit(
@@ -434,21 +440,15 @@ def _check_images_static(images) -> None:
             f"images must be a batch [B, H, W, C]; got shape {None if shape is None else tuple(shape)}")
     if shape[0] == 0:
         raise ValueError("images is an empty batch (B = 0); expected at least one image")
+    contracts.check_float_dtype(images, "images")
 
 
-def _check_images_finite_on_host(images) -> None:
-    if isinstance(images, np.ndarray) and not np.all(np.isfinite(images)):
-        bad = np.argwhere(~np.isfinite(images))[0]
-        raise ValueError(
-            f"images hold a non-finite value {float(images[tuple(bad)])} at index "
-            f"{tuple(int(i) for i in bad)}; expected finite pixel values")
-
-
-def _raise_if_not_finite(finite) -> None:
-    if isinstance(finite, jax.core.Tracer):
-        return  # called inside the caller's own jit: nothing concrete to check
-    if not bool(finite):
-        raise ValueError("images hold NaN or inf values; expected finite pixel values")
+def _check_images_on_host(images) -> None:
+    """numpy images: the whole value contract (finite, in [0, 1]) before anything runs."""
+    if isinstance(images, np.ndarray):
+        message = contracts.unit_violation(images, "images")
+        if message:
+            raise ValueError(message)
 
 
 def make_cam_fn(features_fn: Callable[[Array], Array],
@@ -460,23 +460,25 @@ def make_cam_fn(features_fn: Callable[[Array], Array],
     """A jitted ``cam_fn(images [B,H,W,C]) -> maps [B,H,W]`` (or (maps, logits)).
 
     Build it once and call it per batch: it compiles once per image shape.
-    ``validate`` checks rank and finiteness (NaN/inf raise ValueError); the
-    finiteness flag is computed inside the jitted call, so checking it costs
-    one scalar transfer per batch. With ``validate=False`` calls stay fully
-    asynchronous (use it when the data pipeline already guarantees finite
-    images). ``cam_fn`` may also be called inside the caller's own
-    ``jax.jit`` (the finiteness check is then skipped).
+    Images must be float [B, H, W, C] with finite values in [0, 1]
+    (faceaudit_jax.contracts); rank and dtype are always checked. ``validate``
+    also checks the values: the flag is computed inside the jitted call, so
+    it costs one scalar transfer per batch, and a violation raises ValueError
+    naming the first bad index and value. With ``validate=False`` calls stay
+    fully asynchronous (use it when the data pipeline already guarantees the
+    contract). ``cam_fn`` may also be called inside the caller's own
+    ``jax.jit`` (the value check is then skipped: NaN propagates to the maps).
     """
     formula = resolve_cam_method(method)
     upsample = upsampling.resolve_upsample(upsample, features_fn)
 
     def cam_fn(images):
         _check_images_static(images)
-        maps, logits, finite = _cams_and_logits_jit(
+        maps, logits, valid = _cams_and_logits_jit(
             images, features_fn=features_fn, head_fn=head_fn, target_fn=target_fn,
             formula=formula, upsample=upsample)
         if validate:
-            _raise_if_not_finite(finite)
+            contracts.raise_unit_violation(valid, images, "images")
         return (maps, logits) if return_logits else maps
 
     return cam_fn
@@ -490,13 +492,13 @@ def compute_cams_and_logits(features_fn: Callable[[Array], Array],
                             upsample: upsampling.UpsampleSpec = True) -> tuple[Array, Array]:
     """``compute_cams`` that also returns the head's outputs (logits) [B, ...]."""
     _check_images_static(images)
-    _check_images_finite_on_host(images)
+    _check_images_on_host(images)
     formula = resolve_cam_method(method)
     upsample = upsampling.resolve_upsample(upsample, features_fn)
-    maps, logits, finite = _cams_and_logits_jit(
+    maps, logits, valid = _cams_and_logits_jit(
         jnp.asarray(images), features_fn=features_fn, head_fn=head_fn,
         target_fn=target_fn, formula=formula, upsample=upsample)
-    _raise_if_not_finite(finite)
+    contracts.raise_unit_violation(valid, images, "images")
     return maps, logits
 
 
@@ -514,6 +516,10 @@ def compute_cams(features_fn: Callable[[Array], Array],
     picks the score to explain (``class_target``, ``make_binary_target``,
     ``cosine_target``, or any function). ``method`` is a registered name
     (``CAM_METHODS``) or a formula ``fn(acts, grads) -> [B, h, w]``.
+    ``images``: float [B, H, W, C] with finite values in [0, 1]; anything
+    else (uint8, 0..255, -1..1, NaN) raises ValueError before any work
+    (numpy inputs checked on the host, JAX arrays with a flag computed in
+    the jitted call; see faceaudit_jax.contracts).
 
     Maps are upsampled to the images' H x W by linear interpolation between
     the feature cells' receptive-field centres and min-max normalised per

@@ -56,6 +56,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import Mesh, PartitionSpec
 
+from faceaudit_jax import contracts
 from faceaudit_jax.metrics.verification import cosine_similarity
 
 EmbedFn = Callable[[jax.Array], jax.Array]
@@ -88,7 +89,13 @@ def _image_hw(image_size) -> tuple[int, int]:
 
 
 def check_pair_batch(images_a, images_b) -> tuple[jax.Array, jax.Array]:
-    """Validates two pair batches [P, H, W, C] of equal shape; returns float32 arrays."""
+    """Validates two pair batches [P, H, W, C] of equal shape; returns float32 arrays.
+
+    The images' values must be float, finite and in [0, 1] (faceaudit_jax.contracts):
+    NaN would turn every map to zeros, 0..255 or -1..1 into other maps.
+    """
+    contracts.check_unit_range(images_a, "images_a")
+    contracts.check_unit_range(images_b, "images_b")
     images_a = jnp.asarray(images_a, jnp.float32)
     images_b = jnp.asarray(images_b, jnp.float32)
     if images_a.ndim != 4 or images_b.ndim != 4:
@@ -105,7 +112,9 @@ def check_pair_batch(images_a, images_b) -> tuple[jax.Array, jax.Array]:
 
 
 def check_pair(image_a, image_b) -> tuple[jax.Array, jax.Array]:
-    """Validates one pair of [H, W, C] images of equal shape."""
+    """Validates one pair of [H, W, C] images of equal shape, float with finite values in [0, 1]."""
+    contracts.check_unit_range(image_a, "image_a")
+    contracts.check_unit_range(image_b, "image_b")
     image_a = jnp.asarray(image_a, jnp.float32)
     image_b = jnp.asarray(image_b, jnp.float32)
     if image_a.ndim != 3 or image_b.ndim != 3:

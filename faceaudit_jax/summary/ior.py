@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from faceaudit_jax import contracts
 from faceaudit_jax.regions import NUM_REGIONS, REGIONS, region_id
 
 Array = jax.Array
@@ -199,6 +200,9 @@ def _prepare(maps, parse, num_regions: int, ior_mode: str):
     if not isinstance(num_regions, (int, np.integer)) or num_regions < 1:
         raise ValueError(f"num_regions must be a positive int; got {num_regions!r}")
     batch, height, width = check_maps(maps)
+    # Maps outside [0, 1] (0..255, signed) give IoR far from eq. 3's meaning; NaN
+    # would pass through soft IoR and vanish in thresholded IoR.
+    contracts.check_unit_range(maps, "maps")
     parse_hw = check_parse(parse, batch, int(num_regions))
     check_same_aspect(parse_hw, (height, width))
     return jnp.asarray(maps), jnp.asarray(parse)
@@ -209,7 +213,9 @@ def region_ior(maps, parse, num_regions: int = NUM_REGIONS,
     """Per-image IoR -> (ior [B, R] float32, present [B, R] bool).
 
     ``maps`` [B, H, W] normalised attribution maps (e.g. from
-    ``compute_cams``); ``parse`` [B, H', W'] region ids in 0..R-1, resized to
+    ``compute_cams``): float, finite, in [0, 1], else ValueError naming the
+    first bad value (faceaudit_jax.contracts); ``parse`` [B, H', W'] integer
+    region ids in 0..R-1 (else ValueError), resized to
     H x W by nearest neighbour when its size differs (same aspect ratio
     required). ``ior_mode="soft"`` is eq. 3, sum(G*M)/sum(M);
     ``"thresholded"`` is FaceX's released variant (module docstring). A
