@@ -269,19 +269,9 @@ def host_local_to_global(tree, mesh: Optional[Mesh] = None, axis: str = DATA_AXI
     [p * n_local, (p + 1) * n_local) (matching ``process_shard``). Every
     process must pass the same row count, a multiple of its local devices.
     """
+    from faceaudit_jax.data.pipeline import shard_batch
     mesh = global_mesh(axis) if mesh is None else mesh
-    sharding = NamedSharding(mesh, PartitionSpec(axis))
-    local = jax.local_device_count()
-
-    def put(x):
-        x = np.asarray(x)
-        if x.ndim == 0 or x.shape[0] % local:
-            raise ValueError(
-                f"a process-local batch of {x.shape[0] if x.ndim else 0} rows cannot be split "
-                f"over this process's {local} devices; expected a multiple of {local}")
-        return jax.make_array_from_process_local_data(sharding, x)
-
-    return jax.tree.map(put, tree)
+    return shard_batch(tree, NamedSharding(mesh, PartitionSpec(axis)))
 
 
 # --------------------------------------------------------------------------

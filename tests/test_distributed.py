@@ -225,3 +225,15 @@ def test_single_process_reductions_are_identity():
     assert distributed.global_sum(state) is state
     gathered = distributed.allgather({"x": np.arange(3)})
     np.testing.assert_array_equal(gathered["x"], [[0, 1, 2]])
+
+
+def test_shard_batch_one_process_splits_over_local_devices():
+    from faceaudit_jax.data import pipeline
+    sharding = pipeline.batch_sharding(pipeline.data_mesh())
+    devices = len(jax.devices())
+    batch = pipeline.shard_batch({"x": np.arange(2 * devices)}, sharding)
+    assert len(batch["x"].addressable_shards) == devices
+    np.testing.assert_array_equal(np.asarray(batch["x"]), np.arange(2 * devices))
+    if devices > 1:
+        with pytest.raises(ValueError, match=f"batch axis of size {devices + 1} cannot be split"):
+            pipeline.shard_batch({"x": np.arange(devices + 1)}, sharding)
