@@ -73,12 +73,20 @@ def main(entry: str, argv: Sequence[str] | None = None) -> None:
                                                   "Experiment config file[:variant].")
     workdir_flag = flags.DEFINE_string("workdir", None,
                                        "Directory for everything the run writes.")
+    multihost_flag = flags.DEFINE_bool(
+        "multihost", False, "Join a multi-process JAX job (docs/scale.md): coordinator from "
+        "JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID or SLURM; also started "
+        "without the flag when those variables describe a job.")
     flags.mark_flags_as_required(["config", "workdir"])
     run = {"explain": registry.run_experiment, "train": registry.run_training}[entry]
 
     def _main(unused_argv):
         # Orbax logs every checkpoint write at INFO; keep the console for progress.
         logging.set_verbosity(logging.WARNING)
+        from faceaudit_jax import distributed
+        if multihost_flag.value or distributed.multihost_requested():
+            distributed.initialize()
+            distributed.check_same_config(config_flag.value)
         run(config_flag.value, workdir_flag.value)
 
     app.run(_main, argv=argv)
