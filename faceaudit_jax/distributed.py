@@ -201,7 +201,10 @@ def config_fingerprint(config: Any) -> str:
     """sha256 of a config's canonical JSON (ml_collections configs, dicts, strings)."""
     if hasattr(config, "to_dict"):
         config = config.to_dict()
-    text = config if isinstance(config, str) else json.dumps(config, sort_keys=True, default=repr)
+    def plain(value):  # nested configs (ml_collections) as dicts, anything else by repr
+        return value.to_dict() if hasattr(value, "to_dict") else repr(value)
+
+    text = config if isinstance(config, str) else json.dumps(config, sort_keys=True, default=plain)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
