@@ -56,7 +56,7 @@ def child(args) -> None:
     clf = classifier.TrainedClassifier(model, init_variables(model, jax.random.key(0),
                                                              args.resolution), args.model, "")
     explain_cfg = ml_collections.ConfigDict(dict(
-        target_mode="predicted", method="grad_cam", top_k=20, num_overlays=0,
+        target_mode="predicted", method="grad_cam", top_k=20, num_overlays=1,
         ior_mode="soft", patch_size=16))
     source = pipeline.SyntheticSource(seed=0, resolution=args.resolution)
     warm = np.arange(args.batch_size * args.num_processes)
@@ -90,10 +90,10 @@ def launch(args, num_processes: int) -> dict:
                "--resolution", str(args.resolution), "--images", str(args.images),
                "--batch-size", str(args.batch_size)]
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.DEVNULL, text=True))
+                                      stderr=subprocess.STDOUT, text=True))
     outputs = [p.communicate()[0] for p in procs]
     if any(p.returncode for p in procs):
-        raise RuntimeError(f"a {num_processes}-process run failed: {outputs}")
+        raise RuntimeError(f"a {num_processes}-process run failed: {[o[-2000:] for o in outputs]}")
     line = next(l for l in outputs[0].splitlines() if l.startswith("RESULT "))
     return json.loads(line[len("RESULT "):])
 
