@@ -288,6 +288,30 @@ def allgather(tree):
     return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree))
 
 
+def allgather_rows(tree):
+    """Each process's rows [n_p, ...] -> every process's rows [sum n_p, ...], in process order.
+
+    The row counts n_p may differ (e.g. after a per-process filter): rows
+    are padded to the largest count for the all-gather and cut back after.
+    One process: the input unchanged.
+    """
+    if jax.process_count() == 1:
+        return tree
+    leaves, treedef = jax.tree.flatten(tree)
+    leaves = [np.asarray(leaf) for leaf in leaves]
+    for leaf in leaves:
+        if leaf.ndim == 0:
+            raise ValueError("allgather_rows needs arrays with a leading row axis; got a scalar")
+    counts = allgather(np.asarray([leaf.shape[0] for leaf in leaves]))  # [P, L]
+    most = counts.max(axis=0)
+    padded = [np.concatenate([leaf, np.zeros((int(m) - leaf.shape[0],) + leaf.shape[1:],
+                                             leaf.dtype)]) for leaf, m in zip(leaves, most)]
+    gathered = allgather(padded)  # each [P, max rows, ...]
+    rows = [np.concatenate([block[p, :counts[p, i]] for p in range(block.shape[0])])
+            for i, block in enumerate(gathered)]
+    return jax.tree.unflatten(treedef, rows)
+
+
 def global_sum(tree):
     """Leaf-wise sum over processes (the input unchanged with one process)."""
     if jax.process_count() == 1:
@@ -322,6 +346,6 @@ __all__ = [
     "ENV_COORDINATOR", "ENV_NUM_PROCESSES", "ENV_PROCESS_ID", "EXIT_PEERS_MISSING", "DATA_AXIS",
     "CoordinatorUnreachableError", "multihost_requested", "wait_for_coordinator", "initialize",
     "is_multiprocess", "config_fingerprint", "check_same_config", "process_shard",
-    "global_mesh", "host_local_to_global", "allgather", "global_sum", "global_ior_state",
+    "global_mesh", "host_local_to_global", "allgather", "allgather_rows", "global_sum", "global_ior_state",
     "global_top_patch_state", "barrier",
 ]

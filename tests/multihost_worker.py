@@ -97,30 +97,28 @@ def corrrise_sweep(directory, delay_s: float = 0.0):
                             summarize=corrrise_summary)
 
 
-def attribute_cam_energies(indices):
-    """Energy sums and per-image energies of grad_cam (|z| target) for ``indices``."""
+def cam_result():
+    """``experiments.attribute_cams.explain_test_set`` on 16 faces: energies, counts, CAM sums.
+
+    In a multi-process job each process explains its 8 faces; the frontal
+    filter keeps a different number on each, so the per-face arrays are
+    gathered with uneven row counts.
+    """
+    import ml_collections
     from faceaudit_jax.experiments import attribute_cams as exp
     clf = tiny_classifier(len(CAM_ATTRIBUTES))
-    step = exp.make_explain_step(clf.model, CAM_ATTRIBUTES, (("grad_cam", "predicted"),), "parse")
+    model = exp.TrainedModel("u", clf.model, clf.variables, 0, "")
+    config = ml_collections.ConfigDict(dict(
+        explain=dict(mask_source="parse"), test=dict(batch_size=4, frontal_max_ratio=0.1)))
     source = pipeline.SyntheticSource(seed=4, resolution=RESOLUTION)
-    sums = exp.init_explain_sums(1, len(CAM_ATTRIBUTES), RESOLUTION, RESOLUTION)
-    energies, total = [], jnp.zeros((len(CAM_ATTRIBUTES),), jnp.float32)
-    for batch, valid in pipeline.iterate_batches(source, indices, 4):
-        sums, _, energy, _ = step(clf.variables, sums, batch["image"], batch["parse"],
-                                  jnp.asarray(valid))
-        energies.append(np.asarray(energy)[0][valid])
-        total = total + jnp.sum(jnp.where(jnp.asarray(valid)[:, None], energy[0], 0.0), axis=0)
-    return np.concatenate(energies), total, sums
-
-
-def cam_result():
-    local, _ = distributed.process_shard(np.arange(NUM_AUDIT_IMAGES))
-    energies, total, sums = attribute_cam_energies(local)
-    total = distributed.global_sum(total)
-    sums = distributed.global_sum(sums)
-    gathered = distributed.allgather(energies)  # [P, n_local, A]
-    return {"energy": gathered.reshape(-1, gathered.shape[-1]), "energy_sum": np.asarray(total),
-            "count": np.asarray(sums.count), "cam_sums": np.asarray(sums.mask_sum)}
+    evaluations, counts = exp.explain_test_set([model], source, np.arange(NUM_AUDIT_IMAGES),
+                                               CAM_ATTRIBUTES, (("grad_cam", "predicted"),),
+                                               config)
+    result = evaluations["u"]
+    return {"energy": result.energy[0], "logits": result.logits, "targets": result.targets,
+            "kept": np.asarray(counts["kept"]), "total": np.asarray(counts["total"]),
+            "count": np.asarray(result.sums.count), "mask_sum": np.asarray(result.sums.mask_sum),
+            "cam_sum": np.asarray(jax.tree.leaves(result.sums.cams)[0])}
 
 
 def global_array_check():
@@ -128,7 +126,10 @@ def global_array_check():
     local, offset = distributed.process_shard(np.arange(8, dtype=np.float32))
     global_rows = distributed.host_local_to_global(local)
     total = jax.jit(jnp.sum)(global_rows)
-    return {"global_sum": np.asarray(jax.device_get(total)), "global_shape": np.asarray(global_rows.shape)}
+    uneven = np.full((jax.process_index() + 1, 2), jax.process_index())  # p + 1 rows
+    return {"global_sum": np.asarray(jax.device_get(total)),
+            "global_shape": np.asarray(global_rows.shape),
+            "uneven_rows": distributed.allgather_rows(uneven)}
 
 
 _START = time.perf_counter()
