@@ -184,6 +184,13 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Optiona
             process_id=process_id, local_device_ids=local_device_ids,
             initialization_timeout=int(timeout_s) + 30,
             heartbeat_timeout_seconds=int(heartbeat_timeout_s))
+    except ValueError as error:
+        if coordinator_address is not None:
+            raise
+        raise ValueError(
+            f"no multi-process job to join ({error}); set {ENV_COORDINATOR}, "
+            f"{ENV_NUM_PROCESSES} and {ENV_PROCESS_ID}, or run under a cluster JAX detects "
+            "(SLURM srun, Open MPI, Kubernetes, Cloud TPU); see docs/scale.md") from None
     finally:
         watchdog.cancel()
     return jax.process_count() > 1

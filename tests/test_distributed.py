@@ -241,3 +241,18 @@ def test_shard_batch_one_process_splits_over_local_devices():
     if devices > 1:
         with pytest.raises(ValueError, match=f"batch axis of size {devices + 1} cannot be split"):
             pipeline.shard_batch({"x": np.arange(devices + 1)}, sharding)
+
+
+def test_multihost_without_a_job_says_what_to_set(tmp_path):
+    import subprocess
+    import sys
+    env = {k: v for k, v in launch.worker_env(tmp_path).items()
+           if not k.startswith(("SLURM", "JAX_COORDINATOR", "OMPI", "PMI", "KUBERNETES",
+                                "TPU", "CLOUD_TPU"))}
+    code = ("from faceaudit_jax import distributed\n"
+            "try:\n    distributed.initialize(timeout_s=30)\n"
+            "except ValueError as error:\n    print('ERROR', error)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=120, cwd=str(launch.ROOT))
+    assert "no multi-process job to join" in out.stdout, out.stdout + out.stderr
+    assert "JAX_COORDINATOR_ADDRESS" in out.stdout
