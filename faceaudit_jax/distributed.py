@@ -92,7 +92,7 @@ def _split_address(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def wait_for_coordinator(address: str, process_id: int, num_processes: int,
+def wait_for_coordinator(address: str, process_id: int, num_processes: Optional[int],
                          timeout_s: float) -> None:
     """Block until a TCP connection to the coordinator opens; raise after ``timeout_s``.
 
@@ -110,7 +110,7 @@ def wait_for_coordinator(address: str, process_id: int, num_processes: int,
             last_error = error
         if time.monotonic() >= deadline:
             raise CoordinatorUnreachableError(
-                f"process {process_id} of {num_processes} could not reach the coordinator "
+                f"process {process_id} of {num_processes or '?'} could not reach the coordinator "
                 f"(process 0) at {address} within {timeout_s:g} s ({last_error}); start "
                 f"process 0 on that host first, or check the address and port")
         time.sleep(0.2)
@@ -164,7 +164,7 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Optiona
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     explicit = coordinator_address is not None and process_id is not None
     if explicit and process_id != 0:
-        wait_for_coordinator(coordinator_address, process_id, num_processes or 0, timeout_s)
+        wait_for_coordinator(coordinator_address, process_id, num_processes, timeout_s)
     message = (_peers_missing_message(process_id, num_processes, coordinator_address, timeout_s)
                if explicit and num_processes else
                f"faceaudit_jax.distributed: this process did not finish registering with the "
