@@ -185,12 +185,14 @@ def main() -> None:
     parser.add_argument("--chunk-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--skip-speed", action="store_true")
     args = parser.parse_args()
     if args.num_masks % args.chunk_size:
         parser.error("--num-masks must be a multiple of --chunk-size (equal batches)")
     print(f"CorrRISE, resnet50 embedder at {IMAGE_SIZE} px, N = {args.num_masks} masks, chunk "
           f"{args.chunk_size}, {os.cpu_count()} CPU cores", flush=True)
-    speed(args.num_masks, args.chunk_size, args.repeats)
+    if not args.skip_speed:
+        speed(args.num_masks, args.chunk_size, args.repeats)
     if args.skip_memory:
         return
     base = {"pairs": 4, "masks": 64}
