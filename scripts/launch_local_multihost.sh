@@ -38,12 +38,14 @@ for ((i = 0; i < num_processes; i++)); do
   pids+=($!)
 done
 status=0
-for pid in "${pids[@]}"; do
-  wait "$pid" || {
-    code=$?
-    [[ $status -eq 0 ]] && status=$code
+# Reap processes as they end (wait -n), so a failure stops the others at once.
+for ((left = num_processes; left > 0; left--)); do
+  code=0
+  wait -n || code=$?
+  if [[ $code -ne 0 && $status -eq 0 ]]; then
+    status=$code
     cleanup
-  }
+  fi
 done
 trap - EXIT
 exit $status
