@@ -189,9 +189,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.num_masks % args.chunk_size:
         parser.error("--num-masks must be a multiple of --chunk-size (equal batches)")
-    print(f"CorrRISE, resnet50 embedder at {IMAGE_SIZE} px, N = {args.num_masks} masks, chunk "
-          f"{args.chunk_size}, {os.cpu_count()} CPU cores", flush=True)
     if not args.skip_speed:
+        print(f"CorrRISE, resnet50 embedder at {IMAGE_SIZE} px, N = {args.num_masks} masks, "
+              f"chunk {args.chunk_size}, {os.cpu_count()} CPU cores", flush=True)
         speed(args.num_masks, args.chunk_size, args.repeats)
     if args.skip_memory:
         return

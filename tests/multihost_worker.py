@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from faceaudit_jax import distributed, regions, sweeps
+from faceaudit_jax import distributed, sweeps
 from faceaudit_jax.data import pipeline
 
 RESOLUTION = 64

@@ -14,6 +14,8 @@ missing peer) give their messages.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -244,8 +246,6 @@ def test_shard_batch_one_process_splits_over_local_devices():
 
 
 def test_multihost_without_a_job_says_what_to_set(tmp_path):
-    import subprocess
-    import sys
     env = {k: v for k, v in launch.worker_env(tmp_path).items()
            if not k.startswith(("SLURM", "JAX_COORDINATOR", "OMPI", "PMI", "KUBERNETES",
                                 "TPU", "CLOUD_TPU"))}
@@ -256,3 +256,24 @@ def test_multihost_without_a_job_says_what_to_set(tmp_path):
                          timeout=120, cwd=str(launch.ROOT))
     assert "no multi-process job to join" in out.stdout, out.stdout + out.stderr
     assert "JAX_COORDINATOR_ADDRESS" in out.stdout
+
+
+def test_launch_script_starts_a_job_and_stops_it_when_one_process_fails(tmp_path):
+    script = str(launch.ROOT / "scripts" / "launch_local_multihost.sh")
+    env = launch.worker_env(tmp_path)
+    code = ("from faceaudit_jax import distributed\n"
+            "import jax, numpy as np\n"
+            "distributed.initialize(timeout_s=60)\n"
+            "total = distributed.global_sum(np.asarray([jax.process_index() + 1]))\n"
+            "print('process', jax.process_index(), 'devices', jax.device_count(), 'sum', int(total[0]))\n")
+    out = subprocess.run([script, "2", "2", sys.executable, "-c", code], capture_output=True,
+                         text=True, env=env, timeout=180)
+    assert out.returncode == 0, out.stdout + out.stderr
+    for process in (0, 1):
+        assert f"[{process}] process {process} devices 4 sum 3" in out.stdout, out.stdout
+    failing = ("import os, sys, time\n"
+               "sys.exit(3) if os.environ['JAX_PROCESS_ID'] == '1' else time.sleep(120)\n")
+    start = time.monotonic()
+    out = subprocess.run([script, "2", "1", sys.executable, "-c", failing], capture_output=True,
+                         text=True, env=env, timeout=60)
+    assert out.returncode == 3 and time.monotonic() - start < 30, out.stdout + out.stderr
