@@ -17,7 +17,7 @@
 2. Peak memory flat in masks and pairs (small_resnet, fresh processes):
    RATIO peak_rss_masks_4x_over_1x (one pair, 4N vs N masks) and
    RATIO peak_rss_pairs_4x_over_1x (a `sweeps.run_sweep` over 4P vs P
-   pairs in groups of 4, maps written per chunk to disk, gather=False).
+   pairs in groups of 4, maps written per chunk to disk, keep_outputs=False).
 
     python benchmarks/bench_corrrise_resnet50.py                 # N = 64 masks
     python benchmarks/bench_corrrise_resnet50.py --num-masks 500 --repeats 3
@@ -164,7 +164,7 @@ def chunk(idx):
     s_a, s_b = cr.corrrise_batch(embed_fn, A[idx % 4], C[idx % 4], jax.random.PRNGKey(0),
                                  num_masks={masks}, chunk_size=32, devices=jax.devices()[:1])
     return {{"s_a": np.asarray(s_a), "s_b": np.asarray(s_b)}}
-sweeps.run_sweep(chunk, {pairs}, 4, {directory!r}, gather=False)
+sweeps.run_sweep(chunk, {pairs}, 4, {directory!r}, keep_outputs=False)
 print(json.dumps({{"rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
 """
 

@@ -109,12 +109,13 @@ def read_checked(path: Path) -> Optional[Outputs]:
 class SweepResult:
     """What ``run_sweep`` returns (on every process).
 
-    outputs: {name: [num_items, ...]} in item order (all processes' chunks);
+    outputs: {name: [num_items, ...]} in item order (all processes' chunks),
+    or None with keep_outputs=False;
     summary: the merged ``summarize`` arrays over all chunks (None without
     ``summarize``); computed: the chunk ids this process computed in this
     call (the rest came from chunk files); num_chunks: chunks in the sweep.
     """
-    outputs: Outputs
+    outputs: Optional[Outputs]
     summary: Optional[Outputs]
     computed: tuple[int, ...]
     num_chunks: int
@@ -172,7 +173,7 @@ def run_sweep(compute_chunk: Callable[[np.ndarray], Mapping[str, np.ndarray]], n
               chunk_size: int, directory=None, *, config=None,
               summarize: Optional[Callable[[Outputs], Mapping[str, np.ndarray]]] = None,
               merge: Callable[[Outputs, Outputs], Outputs] = _add,
-              gather: bool = True) -> SweepResult:
+              gather: bool = True, keep_outputs: bool = True) -> SweepResult:
     """Run (or resume) a chunked sweep over ``num_items`` items; see the module doc.
 
     compute_chunk(indices int64 [chunk_size]) -> {name: [chunk_size, ...]}
@@ -183,7 +184,9 @@ def run_sweep(compute_chunk: Callable[[np.ndarray], Mapping[str, np.ndarray]], n
     stored in ``sweep.json`` and resuming with another one raises.
     gather=False returns only this process's chunks in ``outputs`` (keys
     unchanged, rows of the other processes' chunks absent) and this
-    process's summary.
+    process's summary. keep_outputs=False holds no chunk outputs in memory
+    (they are only written to ``directory`` and folded into the summary;
+    ``outputs`` is None), so memory stays flat in the number of items.
     """
     if isinstance(num_items, bool) or not isinstance(num_items, (int, np.integer)) or num_items < 1:
         raise ValueError(f"num_items={num_items!r}; expected an integer >= 1")
@@ -221,15 +224,20 @@ def run_sweep(compute_chunk: Callable[[np.ndarray], Mapping[str, np.ndarray]], n
             if directory is not None:
                 atomic_write(chunk_path(directory, chunk), encode_arrays(outputs))
             computed.append(chunk)
-        local[chunk] = {k: v[:valid] for k, v in outputs.items()}
+        outputs = {k: v[:valid] for k, v in outputs.items()}
+        if keep_outputs:
+            local[chunk] = outputs
         if summarize is not None and chunk not in folded:
-            part = {str(k): np.asarray(v) for k, v in summarize(local[chunk]).items()}
+            part = {str(k): np.asarray(v) for k, v in summarize(outputs).items()}
             summary = part if summary is None else merge(summary, part)
             folded.add(chunk)
             if directory is not None:
                 atomic_write(summary_path(directory, process, processes),
                              encode_arrays({**summary, CHUNKS_KEY: np.asarray(sorted(folded))}))
 
+    if not keep_outputs:
+        summary = _gather_summary(summary, merge) if gather else summary
+        return SweepResult(None, summary, tuple(computed), num_chunks)
     if not gather:
         order = sorted(local)
         outputs = {k: np.concatenate([local[c][k] for c in order]) for k in local[order[0]]} \

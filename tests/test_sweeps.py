@@ -125,3 +125,14 @@ def test_encoding_round_trip_and_footer():
     for key, value in arrays.items():
         np.testing.assert_array_equal(decoded[key], value)
     assert sweeps.decode_arrays(data[:20]) is None and sweeps.decode_arrays(b"") is None
+
+
+def test_keep_outputs_false_holds_only_the_summary(tmp_path):
+    reference = run(tmp_path / "kept")
+    lean = run(tmp_path / "lean", keep_outputs=False)
+    assert lean.outputs is None and lean.computed == (0, 1, 2, 3)
+    np.testing.assert_array_equal(lean.summary["total"], reference.summary["total"])
+    # the per-item outputs are on disk, chunk by chunk
+    on_disk = np.concatenate([sweeps.read_checked(sweeps.chunk_path(tmp_path / "lean", c))["root"]
+                              for c in range(4)])[:11]
+    np.testing.assert_array_equal(on_disk, reference.outputs["root"])
