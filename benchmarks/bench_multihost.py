@@ -11,8 +11,10 @@ reduction at the end) over the same images, run
 Each run audits one batch per process first (compilation), then times the
 audit of the measured images. Prints images/s of each and
 ``RATIO multiprocess_over_single = x`` (throughput of P processes / one
-process; on one machine this measures the cost of the multi-process path,
-not a gain: the cores are the same).
+process). On one machine both runs share the same cores, so a ratio near 1
+means the multi-process path costs nothing; above 1, the processes overlap
+host-side work (rendering dispatch, Python) that one process runs serially.
+The gain that matters comes from more hosts.
 
     python benchmarks/bench_multihost.py                   # resnet18, 512 px, 16 images, P = 2
     python benchmarks/bench_multihost.py --resolution 128 --images 32 --model small_resnet
