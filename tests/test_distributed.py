@@ -106,7 +106,7 @@ def test_killed_sweep_resumes_equal_to_uninterrupted(runs):
     out = two / "killed"
     out.mkdir()
     sweep_dir = out / "sweep"
-    procs = launch.start("sweep", out, 2, cache, 1.5, "killed")
+    procs = launch.start("sweep", out, 2, cache, 2.5, "killed")
     try:
         deadline = time.monotonic() + 180
         # process 1 owns chunks 1, 3, 5: kill it once its first chunk is on disk
