@@ -159,6 +159,10 @@ def main(entry: str, argv: Sequence[str] | None = None) -> None:
     workdir_flag = flags.DEFINE_string("workdir", None,
                                        "Directory for everything the run writes.")
     flags.DEFINE_bool("debug", False, "Show the full traceback of user errors.")
+    multihost_flag = flags.DEFINE_bool(
+        "multihost", False, "Join a multi-process JAX job (docs/scale.md): coordinator from "
+        "JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID or SLURM; also started "
+        "without the flag when those variables describe a job.")
     flags.mark_flags_as_required(["config", "workdir"])
     run = {"explain": registry.run_experiment, "train": registry.run_training}[entry]
 
@@ -170,6 +174,10 @@ def main(entry: str, argv: Sequence[str] | None = None) -> None:
             with config.unlocked():
                 config.overwrite = bool(overwrite)
         try:
+            from faceaudit_jax import distributed
+            if multihost_flag.value or distributed.multihost_requested():
+                distributed.initialize()
+                distributed.check_same_config(config)
             run(config, workdir_flag.value)
         except USER_ERRORS as err:
             _exit_with(err, debug)

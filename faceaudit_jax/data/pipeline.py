@@ -219,7 +219,11 @@ def iterate_batches(source, indices, batch_size: int,
 
 
 def data_mesh(devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
-    """A 1-D mesh named ``data`` over all (or the given) devices."""
+    """A 1-D mesh named ``data`` over all (or the given) devices.
+
+    ``jax.devices()`` lists every process's devices in a multi-process job,
+    so by default this is the global mesh.
+    """
     devices = np.asarray(jax.devices() if devices is None else devices)
     return Mesh(devices, ("data",))
 
@@ -229,15 +233,27 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 
 def shard_batch(batch: dict, sharding: NamedSharding) -> dict:
-    """Place every array of a batch split along its leading (batch) axis."""
-    num = sharding.mesh.size
+    """Place every array of a batch split along its leading (batch) axis.
+
+    One process: ``batch`` is the whole batch, split over the mesh's devices.
+    Several processes: ``batch`` is this process's rows (its block of the
+    global batch, in process order) and the result is the global array
+    (``jax.make_array_from_process_local_data``); each process must pass the
+    same number of rows, a multiple of its devices in the mesh.
+    """
+    processes = jax.process_count()
+    num = sharding.mesh.size // processes if processes > 1 else sharding.mesh.size
+    where = "this process's" if processes > 1 else "the"
 
     def put(x):
-        x = jnp.asarray(x)
-        if x.ndim == 0 or x.shape[0] % num:
+        x = jnp.asarray(x) if processes == 1 else np.asarray(x)
+        rows = x.shape[0] if x.ndim else 0
+        if rows == 0 or rows % num:
             raise ValueError(
-                f"batch axis of size {x.shape[0] if x.ndim else 0} cannot be split over "
-                f"{num} devices; expected a multiple of {num}")
+                f"batch axis of size {rows} cannot be split over {where} {num} devices; "
+                f"expected a multiple of {num}")
+        if processes > 1:
+            return jax.make_array_from_process_local_data(sharding, np.asarray(x))
         return jax.device_put(x, sharding)
 
     return jax.tree_util.tree_map(put, batch)

@@ -81,7 +81,7 @@ from matplotlib import colors as mcolors
 from matplotlib.figure import Figure
 
 from faceaudit_jax.experiments import registry
-from faceaudit_jax import losses, regions, train_lib
+from faceaudit_jax import distributed, losses, regions, train_lib
 from faceaudit_jax.data import celeba, frontal, pipeline, sources
 from faceaudit_jax.experiments.registry import write_json
 from faceaudit_jax.explain import attribute_cams as attribute_cams_lib
@@ -408,7 +408,10 @@ def explain_test_set(models: Sequence[TrainedModel], source, test_idx: np.ndarra
                      names: Sequence[str], pairs, config) -> tuple[dict[str, Evaluation], dict]:
     """One streaming pass over the test faces that explains every model.
 
-    Returns ({model name: Evaluation}, frontal filter counts).
+    Returns ({model name: Evaluation}, frontal filter counts). In a
+    multi-process job each process explains its block of ``test_idx``; the
+    counts and CAM sums add over processes and the per-face arrays are
+    all-gathered in process order (the order of ``test_idx``).
     """
     mask_source = str(config.explain.mask_source)
     if mask_source not in masks_lib.MASK_SOURCES:
@@ -430,8 +433,9 @@ def explain_test_set(models: Sequence[TrainedModel], source, test_idx: np.ndarra
     batch_size = int(config.test.batch_size)
     max_ratio = float(config.test.frontal_max_ratio)
     start = time.perf_counter()
-    num_batches = -(-test_idx.size // batch_size)
-    for i, (batch, real) in enumerate(pipeline.iterate_batches(source, test_idx, batch_size)):
+    local_idx, _ = distributed.process_shard(test_idx)
+    num_batches = -(-local_idx.size // batch_size)
+    for i, (batch, real) in enumerate(pipeline.iterate_batches(source, local_idx, batch_size)):
         keep_real, batch_counts = frontal.frontal_filter(np.asarray(batch["landmarks"])[real],
                                                          max_ratio)
         for key in counts:
@@ -452,16 +456,21 @@ def explain_test_set(models: Sequence[TrainedModel], source, test_idx: np.ndarra
             out["area"].append(np.asarray(area)[valid])
         print(f"explain: batch {i + 1}/{num_batches}, {counts['kept']} frontal faces so far "
               f"({time.perf_counter() - start:.0f} s)", flush=True)
+    totals = distributed.global_sum(np.asarray(list(counts.values())))
+    counts = {key: int(total) for key, total in zip(counts, totals)}
     if counts["kept"] == 0:
         raise ValueError(
             f"the frontal filter (ratio < {max_ratio}) kept none of the {counts['total']} test "
             "faces; raise test.size or test.frontal_max_ratio")
-    target_array = np.concatenate(targets)
-    evaluations = {
-        name: Evaluation(logits=np.concatenate(out["logits"]), targets=target_array,
-                         energy=np.concatenate(out["energy"], axis=1),
-                         area=np.concatenate(out["area"]), sums=sums[name])
-        for name, out in collected.items()}
+    target_array = distributed.allgather_rows(np.concatenate(targets))
+    evaluations = {}
+    for name, out in collected.items():
+        logits, energy, area = distributed.allgather_rows((
+            np.concatenate(out["logits"]), np.moveaxis(np.concatenate(out["energy"], axis=1), 1, 0),
+            np.concatenate(out["area"])))
+        evaluations[name] = Evaluation(logits=logits, targets=target_array,
+                                       energy=np.moveaxis(energy, 0, 1), area=area,
+                                       sums=distributed.global_sum(sums[name]))
     return evaluations, counts
 
 

@@ -39,7 +39,7 @@ import numpy as np
 import scipy.stats
 
 from faceaudit_jax.experiments import registry
-from faceaudit_jax import regions, train_lib
+from faceaudit_jax import regions, sweeps, train_lib
 from faceaudit_jax.data import pipeline, sampling
 from faceaudit_jax.experiments.registry import write_json
 from faceaudit_jax.explain import corrrise as corrrise_lib
@@ -141,14 +141,21 @@ def embed_all(embed_fn, images_uint8: np.ndarray, batch_size: int) -> np.ndarray
 # ----------------------------------------------------------------------------- saliency
 
 
-def explain_pairs(method: str, fns, images_a, images_b, key, ecfg) -> tuple[np.ndarray, np.ndarray]:
-    """Saliency (sal_a, sal_b) [P, H, W] of one method, in groups of ecfg.pairs_per_call pairs."""
+def explain_pairs(method: str, fns, images_a, images_b, key, ecfg,
+                  directory=None) -> tuple[np.ndarray, np.ndarray]:
+    """Saliency (sal_a, sal_b) [P, H, W] of one method, in groups of ecfg.pairs_per_call pairs.
+
+    The groups are the chunks of a ``sweeps.run_sweep``: in a multi-process
+    job each process explains its groups and every process gets all maps;
+    with a ``directory`` the maps are kept per group and a killed run resumes.
+    """
     features_fn, head_fn, embed_fn = fns
-    group = int(ecfg.pairs_per_call)
-    maps_a, maps_b = [], []
-    for start in range(0, images_a.shape[0], group):
-        a = to_float(images_a[start:start + group])
-        b = to_float(images_b[start:start + group])
+    if method not in METHODS:
+        raise ValueError(f"method={method!r}; expected one of {METHODS}")
+
+    def explain_group(pair_indices):
+        a = to_float(images_a[pair_indices])
+        b = to_float(images_b[pair_indices])
         if method in ("grad_cam", "grad_cam_plusplus"):
             sa, sb = corrrise_lib.similarity_cam(features_fn, head_fn, a, b, method=method)
         elif method == "rise":
@@ -160,16 +167,17 @@ def explain_pairs(method: str, fns, images_a, images_b, key, ecfg) -> tuple[np.n
                                                    patch_size=int(ecfg.occlusion_patch),
                                                    stride=int(ecfg.occlusion_stride),
                                                    chunk_size=int(ecfg.chunk_size))
-        elif method == "corrrise":
+        else:
             sa, sb = corrrise_lib.corrrise_batch(
                 embed_fn, a, b, key, num_masks=int(ecfg.num_masks),
                 num_patches=int(ecfg.num_patches), patch_size=int(ecfg.patch_size),
                 correlation=str(ecfg.correlation), chunk_size=int(ecfg.chunk_size))
-        else:
-            raise ValueError(f"method={method!r}; expected one of {METHODS}")
-        maps_a.append(np.asarray(sa))
-        maps_b.append(np.asarray(sb))
-    return np.concatenate(maps_a), np.concatenate(maps_b)
+        return {"a": np.asarray(sa), "b": np.asarray(sb)}
+
+    group = min(int(ecfg.pairs_per_call), images_a.shape[0])
+    result = sweeps.run_sweep(explain_group, images_a.shape[0], group, directory,
+                              config={"method": method, "explain": ecfg})
+    return result.outputs["a"], result.outputs["b"]
 
 
 def map_rank_correlation(maps_x: np.ndarray, maps_y: np.ndarray) -> np.ndarray:

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from faceaudit_jax import regions
+from faceaudit_jax import distributed, regions
 from faceaudit_jax.data import pipeline
 from faceaudit_jax.experiments import classifier
 from faceaudit_jax.experiments.registry import readme_link_prefix, write_json
@@ -82,7 +82,10 @@ def audit(clf: classifier.TrainedClassifier, source, indices: np.ndarray, target
     """Explain ``clf`` on ``indices`` and reduce to IoR and top patches, streaming.
 
     ``parser`` (a ``parsing.Parser``) supplies the parse maps; None reads the
-    batch's own (ground-truth) masks.
+    batch's own (ground-truth) masks. In a multi-process job each process
+    explains its block of ``indices`` (``distributed.process_shard``) and the
+    sums, counts and top patches are reduced over all processes at the end;
+    overlays come from the process's own images.
     """
     features_fn, head_fn = clf.fns()
     cam_fn = cams.make_cam_fn(features_fn, head_fn,
@@ -99,9 +102,9 @@ def audit(clf: classifier.TrainedClassifier, source, indices: np.ndarray, target
     n_over = int(explain_cfg.num_overlays)
     over_img, over_map, over_titles = [], [], []
     start = time.perf_counter()
-    num_batches = math.ceil(len(indices) / batch_size)
-    offset = 0
-    for batch, valid in tqdm(pipeline.iterate_batches(source, indices, batch_size),
+    local_indices, offset = distributed.process_shard(indices)
+    num_batches = math.ceil(len(local_indices) / batch_size)
+    for batch, valid in tqdm(pipeline.iterate_batches(source, local_indices, batch_size),
                              total=num_batches, desc=desc, leave=False):
         maps, logits = cam_fn(batch["image"])
         parse = batch["parse"] if parser is None else parser.parse(batch["image"], batch)
@@ -128,6 +131,9 @@ def audit(clf: classifier.TrainedClassifier, source, indices: np.ndarray, target
             t = np.asarray(truth[:take])
             over_titles.extend(f"{target}={int(tt)} pred={int(zz > 0)}" for tt, zz in zip(t, z))
         offset += batch_size
+    by_pred, by_true = distributed.global_ior_state(by_pred), distributed.global_ior_state(by_true)
+    top = distributed.global_top_patch_state(top)
+    correct, total = (int(v) for v in distributed.global_sum((correct, jnp.asarray(total))))
     pred_summary = ior_lib.IoRAccumulator.finalize(by_pred)
     true_summary = ior_lib.IoRAccumulator.finalize(by_true)
     overall, counts = _combine(pred_summary)

@@ -343,6 +343,22 @@ class IoRAccumulator:
                           num_images_by_group=images)
 
 
+def merge_ior_states(stacked: IoRState) -> IoRState:
+    """One ``IoRState`` from states stacked on a leading axis ([S, G, R], [S, G, R], [S, G]).
+
+    The totals add, so merging the states of disjoint image sets equals the
+    state of their union (up to float summation order): how the running sums
+    of several processes (``distributed.global_ior_state``) or chunks combine.
+    """
+    sums, counts, images = (jnp.asarray(a) for a in stacked)
+    if sums.ndim != 3 or counts.shape != sums.shape or images.shape != sums.shape[:2]:
+        raise ValueError(
+            f"stacked IoR states must be sums/counts [S, G, R] and num_images [S, G]; got "
+            f"{sums.shape}, {counts.shape}, {images.shape}")
+    return IoRState(sums=jnp.sum(sums, axis=0), counts=jnp.sum(counts, axis=0),
+                    num_images=jnp.sum(images, axis=0))
+
+
 # --------------------------------------------------------------------------
 # Ranking and ranking position (RP)
 # --------------------------------------------------------------------------
@@ -455,7 +471,7 @@ __all__ = [
     "IOR_MODES", "THRESHOLDED_SIZE", "region_ior", "summarize_ior",
     "region_sums_and_counts", "resize_parse_nearest", "nearest_indices",
     "check_maps", "check_parse", "check_same_aspect",
-    "IoRState", "IoRSummary", "IoRAccumulator",
+    "IoRState", "IoRSummary", "IoRAccumulator", "merge_ior_states",
     "rank_regions", "region_ranks", "ranking_position",
     "SYMMETRIC_PAIRS", "left_right_symmetry",
 ]

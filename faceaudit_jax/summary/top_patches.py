@@ -222,6 +222,29 @@ class TopPatchAccumulator:
                           valid=np.isfinite(values))
 
 
+def merge_top_patch_states(stacked: TopPatchState) -> TopPatchState:
+    """The k best entries per region of states stacked on a leading axis (each [S, R, k]).
+
+    Entries are taken in stacking order, so among equal values the earlier
+    state's wins, as when one process streams the states' images in that
+    order. Used to merge the running top-k of several processes
+    (``distributed.global_top_patch_state``).
+    """
+    values, image_ids, rows, cols = (jnp.asarray(a) for a in stacked)
+    if values.ndim != 3 or any(a.shape != values.shape for a in (image_ids, rows, cols)):
+        raise ValueError(
+            f"stacked top-patch states must all be [S, R, k]; got {values.shape}, "
+            f"{image_ids.shape}, {rows.shape}, {cols.shape}")
+    num_states, num_regions, k = values.shape
+
+    def flat(a):  # [S, R, k] -> [R, S * k], state-major along the candidate axis
+        return jnp.moveaxis(a, 0, 1).reshape(num_regions, num_states * k)
+
+    empty = TopPatchAccumulator.init(k, num_regions)
+    return _merge_top_k(empty, flat(values), flat(image_ids).astype(jnp.int32),
+                        flat(rows).astype(jnp.int32), flat(cols).astype(jnp.int32))
+
+
 def top_patches(maps, parse, image_ids=None, k: int = DEFAULT_K,
                 patch_size: int = DEFAULT_PATCH_SIZE, num_regions: int = NUM_REGIONS,
                 one_per_image: bool = False) -> TopPatches:
@@ -236,4 +259,5 @@ def top_patches(maps, parse, image_ids=None, k: int = DEFAULT_K,
 __all__ = [
     "DEFAULT_PATCH_SIZE", "DEFAULT_K", "check_patch_size", "patch_values",
     "TopPatchState", "TopPatches", "TopPatchAccumulator", "top_patches",
+    "merge_top_patch_states",
 ]
