@@ -66,7 +66,8 @@ def test_run_dir_made_before_fingerprints_is_adopted_with_a_warning(tmp_path):
 def test_config_fields_flatten_sub_configs():
     config = cli.load_config("configs/facex.py:smoke")
     fields = workdir.config_fields(config, ["seed", "model", "train.lr", "nope.x"])
-    assert fields == {"seed": 0, "model.name": "small_resnet", "train.lr": 0.001, "nope.x": None}
+    assert fields == {"seed": 0, "model.name": "small_resnet", "model.source": "train",
+                      "train.lr": 0.001, "nope.x": None}
 
 
 def test_array_digest_sees_values_dtypes_and_absence():
