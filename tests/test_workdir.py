@@ -215,9 +215,9 @@ def test_overwrite_retrains_with_the_new_settings(tiny_run, tmp_path):
 def test_facex_summary_links_the_heatmap_inside_its_workdir(tmp_path):
     from faceaudit_jax.experiments import facex, registry
     config = cli.load_config("configs/facex.py:smoke")
-    outside = facex.summary_markdown(config, {"classifier": {}}, 1.0,
+    outside = facex.summary_markdown(config, {"classifier": {"biased": {"num_images": 8}}}, 1.0,
                                      link_prefix=registry.readme_link_prefix(tmp_path))
     assert "](report_biased/prototype_heatmap.png)" in outside
-    inside = facex.summary_markdown(config, {"classifier": {}}, 1.0,
+    inside = facex.summary_markdown(config, {"classifier": {"biased": {"num_images": 8}}}, 1.0,
                                     link_prefix=registry.readme_link_prefix(registry.REPO_ROOT / "results" / "x"))
     assert "](results/x/report_biased/prototype_heatmap.png)" in inside
