@@ -20,7 +20,7 @@ subsets as ``configs/facex_tables.py``), this script
     PYTHONPATH=. python scripts/counterfactual_diagnostic.py --confounders Wearing_Hat \
         --train-size 500 --epochs 1 --test-size 64 --workdir /tmp/cf_smoke      # a smoke run
 
-Writes ``results.json`` and ``table.md`` under the workdir (checkpoints under
+Writes ``results.json`` and ``summary.md`` (the README picks it up) under the workdir (checkpoints under
 ``models/``, which should stay out of git). Reruns resume from checkpoints.
 """
 
@@ -254,8 +254,8 @@ def main(argv=None):
         elapsed = time.perf_counter() - t0
         write_json(work / "results.json", {"config": config.to_dict(), "records": records,
                                            "elapsed_seconds": elapsed})
-        (work / "table.md").write_text(table_markdown(records, config, elapsed))
-    print((work / "table.md").read_text())
+        (work / "summary.md").write_text(table_markdown(records, config, elapsed))
+    print((work / "summary.md").read_text())
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ORDER = ["main", "facex", "attribute_cams", "corrrise", "vit_fv", "debias_noise", "face_parser",
+ORDER = ["main", "facex", "counterfactual", "attribute_cams", "corrrise", "vit_fv", "debias_noise", "face_parser",
          "dlib_corrrise"]
 
 
