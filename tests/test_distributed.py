@@ -1,7 +1,8 @@
 """Multi-process runs (2 processes x 2 CPU devices, gloo on localhost) against one process.
 
 One 2 x 2 job (tests/multihost_worker.py, mode "job") runs the FaceX audit,
-attribute-CAM energies, a global array and a CorrRISE sweep; a one-process
+attribute-CAM energies, the patch classifier's general map, a global array
+and a CorrRISE sweep; a one-process
 run of the same worker is the reference. Tolerances: per-image quantities
 (CorrRISE maps, CAM energies, top-patch values) are computed on the same
 chunks by the same programs and agree to 1e-5; sums over images differ by
@@ -73,6 +74,15 @@ def test_attribute_cam_energies_match_one_process(runs):
     assert reference["energy"].shape == (kept, 3) and int(reference["count"]) == kept
     for process in (0, 1):
         _assert_equal_results(reference, launch.load(two, "cams", process))
+
+
+def test_general_patch_map_matches_one_process(runs):
+    one, two, _ = runs
+    reference = launch.load(one, "patch_map", 0)
+    general = reference["general_map"]
+    assert general.shape == (64, 64) and general.min() == 0.0 and general.max() == 1.0
+    for process in (0, 1):  # sums over each process's 8 faces add up to the 16-face mean
+        _assert_equal_results(reference, launch.load(two, "patch_map", process))
 
 
 def test_corrrise_sweep_matches_one_process(runs):

@@ -318,3 +318,24 @@ def test_normalise_and_mean_map():
         P.mean_map(iter([]))
     with pytest.raises(ValueError, match="B, H, W"):
         P.mean_map([maps[0]])
+
+
+def _colour_classifier(variables, patches, position_ids):
+    return patches.mean(axis=(1, 2)) @ variables["w"] + variables["b"][position_ids]
+
+
+def test_general_map_is_the_normalised_mean_of_unnormalised_maps():
+    rng = np.random.default_rng(0)
+    images = jnp.asarray(rng.random((6, 24, 24, 3)), jnp.float32)
+    positions = pn.grid_positions(24, 8, 4)
+    variables = {"w": jnp.asarray(rng.normal(size=(3, 2)), jnp.float32),
+                 "b": jnp.asarray(rng.normal(size=(16, 2)) * 0.1, jnp.float32)}
+    raw = np.asarray(P.confidence_pixel_maps(_colour_classifier, images, 8, positions, "margin",
+                                             variables, normalise=False))
+    mean = raw.mean(axis=0)  # numpy reference: mean over all six images, normalised once
+    expected = (mean - mean.min()) / (mean.max() - mean.min())
+    got = P.general_confidence_map(_colour_classifier, [images[:4], images[4:]], 8, positions,
+                                   "margin", variables)
+    np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="at least one batch"):
+        P.general_confidence_map(_colour_classifier, [], 8, positions, "margin", variables)

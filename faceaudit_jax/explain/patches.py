@@ -487,3 +487,36 @@ def mean_map(maps: Array | Iterable[Array]) -> Array:
     if accumulator is None or int(accumulator.count) == 0:
         raise ValueError("mean_map needs at least one map")
     return accumulator.result()
+
+
+def general_confidence_map(apply_fn: Callable, batches: Iterable[Array], k: int,
+                           positions: Array, kind: str = "top_softmax", variables: Any = None,
+                           chunk_size: int = 512) -> Array:
+    """The data set's ("general") attribution map [H, W], over every process's images.
+
+    ``batches`` yields this process's image batches [B, H, W, C] (in a
+    multi-process job, its own block of the data set, e.g. from
+    ``distributed.process_shard``; padding rows must be cut off). Each
+    batch's unnormalised per-image maps (``confidence_pixel_maps`` with
+    ``normalise=False``) go into a ``RunningMeanMap``; its sums and counts
+    add over processes (``distributed.global_sum``; nothing is exchanged
+    with one process), and the mean is min-max normalised once, as the
+    authors' code does for the general map. Every process returns the same
+    map, equal to a one-process run over all images up to float summation
+    order.
+    """
+    from faceaudit_jax import distributed  # only the reduction needs it
+
+    accumulator: Optional[RunningMeanMap] = None
+    for images in batches:
+        maps = confidence_pixel_maps(apply_fn, images, k, positions, kind, variables,
+                                     chunk_size, normalise=False)
+        if accumulator is None:
+            accumulator = RunningMeanMap.create(maps.shape[1:])
+        accumulator = accumulator.update(maps)
+    if accumulator is None:
+        raise ValueError("general_confidence_map needs at least one batch of images on every "
+                         "process")
+    accumulator = distributed.global_sum(accumulator)
+    return normalise_map(accumulator.result())
+
