@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from faceaudit_jax import regions
+from faceaudit_jax import regions, train_lib
 from faceaudit_jax.data import synthetic
 from faceaudit_jax.experiments import debias_noise as dn
 from faceaudit_jax.experiments import debias_noise_report as report_lib
@@ -58,7 +58,9 @@ def test_smoke_writes_every_output(smoke_run):
     for confounder in config.confounders:
         for name in _stems(config, confounder) + ["patch_net"]:
             assert (workdir / "runs" / confounder / f"{name}.json").stat().st_size > 0
-            assert (workdir / "models" / confounder / f"{name}.msgpack").stat().st_size > 0
+            # Orbax checkpoint (one step, 0) plus the fingerprint sidecar.
+            assert (workdir / "models" / confounder / name / "0").is_dir()
+            assert (workdir / "models" / confounder / f"{name}.json").stat().st_size > 0
         assert (workdir / "models" / confounder / "attribution.npz").exists()
     summary = (workdir / "summary.md").read_text()
     assert summary.startswith("### Patch attribution and noise debiasing\n")
@@ -70,8 +72,11 @@ def test_smoke_writes_every_output(smoke_run):
     assert blond_row.count(" ± ") == 6  # every column of the gap table
     # Repeats are different trainings (initialisation, batch order, keys), not copies.
     models = workdir / "models" / "Blond_Hair"
-    assert (models / "original.msgpack").read_bytes() != \
-        (models / "original.rep1.msgpack").read_bytes()
+    template = dn._Toolkit(config).classifier_template
+    first, second = (train_lib.load_variables(str(models / stem), template)
+                     for stem in ("original", "original.rep1"))
+    assert not np.array_equal(np.asarray(first["params"]["net"]["head"]["kernel"]),
+                              np.asarray(second["params"]["net"]["head"]["kernel"]))
     for name in figures + ["table1.md"]:
         assert f"({name})" in summary  # workdir outside the repository: plain relative links
     table, sweep = (workdir / "table1.md").read_text().split("Quantile sweep")
@@ -182,7 +187,8 @@ def test_rerun_resumes_without_training(smoke_run):
     run_dir = workdir / "runs" / "Wearing_Hat"
     # A killed sweep: one finished model whose result JSON was never written.
     (run_dir / "balanced.json").unlink()
-    stamps = {p: p.stat().st_mtime_ns for p in (workdir / "models").rglob("*.msgpack")}
+    stamps = {p: p.stat().st_mtime_ns for p in (workdir / "models").rglob("*")
+              if p.is_file()}
     kept = run_dir / "original.json"
     kept_stamp = kept.stat().st_mtime_ns
     second = registry.run_experiment(config, str(workdir))

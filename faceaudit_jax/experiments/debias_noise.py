@@ -16,7 +16,8 @@ Outputs under ``workdir``: ``results.json``, and what
 `debias_noise_report.write_report` lays out (table1.md, summary.md, figures);
 ``reliability_<Confounder>.png``; ``runs/<C>/`` (one JSON per finished
 training: a killed job resumes where it stopped); ``models/`` (patch-net and
-classifier variables, the attribution cache; ignored by git). Every saved
+classifier variables as verified Orbax checkpoints, the attribution cache;
+ignored by git). Every saved
 model and result carries a fingerprint of the settings that made it; a
 mismatch retrains or re-evaluates instead of mixing runs. Departures from the
 paper for a 2-core CPU: docs/deviations_debias_noise.md.
@@ -27,18 +28,15 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import serialization
 
-from faceaudit_jax import keys, regions
+from faceaudit_jax import keys, regions, train_lib
 from faceaudit_jax.data import pipeline, sampling, sources
 from faceaudit_jax.experiments import debias_noise_report as report_lib
 from faceaudit_jax.experiments import registry
@@ -175,26 +173,24 @@ def patch_model(cfg, num_positions: int) -> pn.PatchNet:
                        widths=tuple(cfg.widths))
 
 
-def save_variables(path: Path, variables: Any, fp: str, meta: Optional[dict] = None) -> None:
-    """Flax msgpack of the variables plus a JSON sidecar (fingerprint and `meta`, e.g. the
-    training history), both written atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_bytes(serialization.to_bytes(jax.device_get(variables)))
-    os.replace(tmp, path)
-    write_json(path.with_suffix(".json"), {"fingerprint": fp, **(meta or {})})
+def save_variables(folder: Path, variables: Any, fp: str, meta: Optional[dict] = None) -> None:
+    """The variables as a verified Orbax checkpoint (`train_lib.save_variables`) plus a
+    JSON sidecar ``<folder>.json`` (fingerprint and `meta`, e.g. the training history)."""
+    train_lib.save_variables(str(folder), variables)
+    write_json(folder.parent / f"{folder.name}.json", {"fingerprint": fp, **(meta or {})})
 
 
-def load_variables(path: Path, template: Any, fp: str) -> tuple[Optional[Any], dict]:
+def load_variables(folder: Path, template: Any, fp: str) -> tuple[Optional[Any], dict]:
     """(variables, sidecar meta) if saved with the same settings (fingerprint `fp`),
     else (None, {}). `template`: the variables' structure (arrays or shapes)."""
-    meta_path = path.with_suffix(".json")
-    if not (path.exists() and meta_path.exists()):
+    meta_path = folder.parent / f"{folder.name}.json"
+    if not meta_path.exists():
         return None, {}
     meta = json.loads(meta_path.read_text())
     if meta.get("fingerprint") != fp:
         return None, {}
-    return serialization.from_bytes(template, path.read_bytes()), meta
+    variables = train_lib.load_variables(str(folder), template)
+    return (None, {}) if variables is None else (variables, meta)
 
 
 class _Toolkit:
@@ -472,7 +468,7 @@ def _evaluate_run(config, confounder: str, job: tuple, data: dict, maps: dict, t
     name, repeat = job
     method, q = parse_run_name(name)
     t0 = time.time()
-    model_path = model_dir / f"{repeat_stem(name, repeat)}.msgpack"
+    model_path = model_dir / repeat_stem(name, repeat)
     variables, meta = load_variables(model_path, tools.classifier_template, fps.train(*job))
     reloaded = variables is not None
     if not reloaded:
@@ -523,7 +519,7 @@ def run_confounder(config, confounder: str, workdir: Path, pools: dict,
              f"{', '.join(repeat_stem(*job) for job in pending) or 'none'}")
         data = _render_sets(config, confounder, pools, subsets)
         pvars, history = _patch_net(config, confounder, data, tools,
-                                    model_dir / "patch_net.msgpack", fps.patch)
+                                    model_dir / "patch_net", fps.patch)
         if patch_result is None:
             patch_result = _patch_result(config, confounder, data["test"], tools, pvars,
                                          fps.patch_result, history, workdir)
