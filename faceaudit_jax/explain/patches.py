@@ -31,6 +31,11 @@ Host front doors (`patches_to_pixels`, `confidence_maps`, ...) validate
 concrete inputs (NaN confidences, patches outside the image, k larger than
 the image) and raise ValueError; the same functions stay jittable, in which
 case the checks that need values are skipped.
+
+Whole uint8 data sets in fixed-shape batches: `raw_attribution_maps`,
+`specific_and_general_maps` (the paper's per-image and data-set maps) and
+`patch_calibration` (every window as a prediction: ECE, reliability, accuracy
+per grid position).
 """
 
 from __future__ import annotations

@@ -22,6 +22,11 @@ ties at the threshold go to the lower pixel index (row-major). q must lie in
 Everything is jittable with q, mode, scope, fill and std static, so the
 augmentation runs inside the jitted train step
 (`faceaudit_jax.models.patch_net.make_classifier_train_step(make_augment_fn(...))`).
+
+For many runs with one compiled step, `quantile_selections` ranks each map once
+(a sort per step costs as much as the CNN's update on a CPU) and
+`make_selection_augment_fn` takes the selection and the mode (AUGMENT_NONE /
+AUGMENT_NOISE / AUGMENT_MASK) as data.
 """
 
 from __future__ import annotations

@@ -20,7 +20,11 @@ Pure helpers (`grid_positions`, `crop_patches`, `sample_patches`) are
 jit-friendly and shared with the sliding-window attribution. The training
 recipe functions build optax optimizers with the papers' schedules and jitted
 train steps; they handle `batch_stats` (batch norm) and dropout keys
-explicitly.
+explicitly. The training loops over uint8 image arrays (`train_patch_net`,
+`train_classifier` with `AugmentedBatches`, `recalibrate_batch_stats`) run
+them with step-indexed batches and keys, so reruns repeat the same updates;
+they do not go through `train_lib.fit` (their state is this module's
+`TrainState`, their models are saved by `train_lib.save_variables`).
 
 Paper-scale settings (region classifier): 128 x 128 images, k = 32, a 49 x 49
 grid (p = 2401, stride 2 px), ResNet-18, AdamW lr 1e-3 divided by 10 every 40
