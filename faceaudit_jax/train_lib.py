@@ -703,3 +703,44 @@ def fit(
     finally:
         manager.close()
     return state
+
+
+# ----------------------------------------------------------------------------- final variables
+
+
+def save_variables(directory: str, variables: Any) -> None:
+    """A trained model's variables ({"params", ["batch_stats"]}) as an Orbax checkpoint.
+
+    The same format and verification as ``fit``'s checkpoints (one step, 0,
+    with the sha256 of its arrays in the step's metadata), for models trained
+    outside ``fit`` whose final variables are all that is kept. Overwrites.
+    """
+    directory = os.path.abspath(directory)
+    options = ocp.CheckpointManagerOptions(max_to_keep=1, create=True,
+                                           enable_async_checkpointing=False,
+                                           cleanup_tmp_directories=True)
+    tree = jax.device_get(variables)
+    checksum = tree_checksum(tree)
+    with ocp.CheckpointManager(directory, options=options) as manager:
+        if 0 in manager.all_steps():
+            manager.delete(0)
+        manager.save(0, args=ocp.args.StandardSave(tree), force=True,
+                     custom_metadata=None if checksum is None else {CHECKSUM_KEY: checksum})
+        manager.wait_until_finished()
+
+
+def load_variables(directory: str, template: Any) -> Any | None:
+    """The variables saved by ``save_variables``, verified; None if there are none.
+
+    ``template``: arrays or ``jax.ShapeDtypeStruct`` of the same structure (e.g.
+    ``jax.eval_shape`` of the model's init). A damaged save raises
+    CheckpointError naming the folder and what is wrong.
+    """
+    directory = os.path.abspath(directory)
+    if not os.path.isdir(os.path.join(directory, "0")):
+        return None
+    tree, problem = _restore_step(directory, 0, template)
+    if problem is not None:
+        raise CheckpointError(f"saved variables in {directory} cannot be used: {problem}; "
+                              "delete the folder to retrain")
+    return tree

@@ -9,11 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from faceaudit_jax import regions
+from faceaudit_jax import regions, train_lib
 from faceaudit_jax.data import synthetic
 from faceaudit_jax.experiments import debias_noise as dn
+from faceaudit_jax.experiments import debias_noise_report as report_lib
 from faceaudit_jax.experiments import registry
-from faceaudit_jax.mitigation import noise
+from faceaudit_jax.metrics import fairness
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,7 +58,9 @@ def test_smoke_writes_every_output(smoke_run):
     for confounder in config.confounders:
         for name in _stems(config, confounder) + ["patch_net"]:
             assert (workdir / "runs" / confounder / f"{name}.json").stat().st_size > 0
-            assert (workdir / "models" / confounder / f"{name}.msgpack").stat().st_size > 0
+            # Orbax checkpoint (one step, 0) plus the fingerprint sidecar.
+            assert (workdir / "models" / confounder / name / "0").is_dir()
+            assert (workdir / "models" / confounder / f"{name}.json").stat().st_size > 0
         assert (workdir / "models" / confounder / "attribution.npz").exists()
     summary = (workdir / "summary.md").read_text()
     assert summary.startswith("### Patch attribution and noise debiasing\n")
@@ -69,8 +72,11 @@ def test_smoke_writes_every_output(smoke_run):
     assert blond_row.count(" ± ") == 6  # every column of the gap table
     # Repeats are different trainings (initialisation, batch order, keys), not copies.
     models = workdir / "models" / "Blond_Hair"
-    assert (models / "original.msgpack").read_bytes() != \
-        (models / "original.rep1.msgpack").read_bytes()
+    template = dn._Toolkit(config).classifier_template
+    first, second = (train_lib.load_variables(str(models / stem), template)
+                     for stem in ("original", "original.rep1"))
+    assert not np.array_equal(np.asarray(first["params"]["net"]["head"]["kernel"]),
+                              np.asarray(second["params"]["net"]["head"]["kernel"]))
     for name in figures + ["table1.md"]:
         assert f"({name})" in summary  # workdir outside the repository: plain relative links
     table, sweep = (workdir / "table1.md").read_text().split("Quantile sweep")
@@ -97,6 +103,8 @@ def test_planned_runs_cover_table_and_sweep():
         dn.run_name("original", 0.7)
     with pytest.raises(ValueError, match="unknown debiasing method"):
         dn.parse_run_name("blur_q0.7")
+    assert dn.repeat_stem("general_noise_q0.7", 0) == "general_noise_q0.7"
+    assert dn.repeat_stem("general_noise_q0.7", 2) == "general_noise_q0.7.rep2"
 
 
 def test_smoke_results_are_consistent(smoke_run):
@@ -179,7 +187,8 @@ def test_rerun_resumes_without_training(smoke_run):
     run_dir = workdir / "runs" / "Wearing_Hat"
     # A killed sweep: one finished model whose result JSON was never written.
     (run_dir / "balanced.json").unlink()
-    stamps = {p: p.stat().st_mtime_ns for p in (workdir / "models").rglob("*.msgpack")}
+    stamps = {p: p.stat().st_mtime_ns for p in (workdir / "models").rglob("*")
+              if p.is_file()}
     kept = run_dir / "original.json"
     kept_stamp = kept.stat().st_mtime_ns
     second = registry.run_experiment(config, str(workdir))
@@ -219,123 +228,7 @@ def test_subsets_follow_the_paper_recipe():
     assert all(np.array_equal(subsets[k], again[k]) for k in subsets)
 
 
-def test_subgroup_metrics_against_numpy():
-    rng = np.random.default_rng(0)
-    target = rng.integers(0, 2, 200)
-    confounder = rng.integers(0, 2, 200)
-    correct = rng.random(200) < 0.7
-    m = dn.subgroup_metrics(correct, target, confounder)
-    men = np.mean([c for c, t in zip(correct, target) if t == 1])
-    women = np.mean([c for c, t in zip(correct, target) if t == 0])
-    assert m["men"] == pytest.approx(men) and m["women"] == pytest.approx(women)
-    assert m["gap"] == pytest.approx(abs(men - women))
-    n_men, n_women = np.sum(target == 1), np.sum(target == 0)
-    assert m["gap_se"] == pytest.approx(np.sqrt(men * (1 - men) / n_men
-                                                + women * (1 - women) / n_women))
-    assert m["accuracy"] == pytest.approx(correct.mean())
-    for name, (t, a) in {"women_without": (0, 0), "women_with": (0, 1),
-                         "men_without": (1, 0), "men_with": (1, 1)}.items():
-        sel = (target == t) & (confounder == a)
-        assert m["cells"][name] == pytest.approx(correct[sel].mean())
-        assert m["cell_counts"][name] == sel.sum()
-    values = list(m["cells"].values())
-    assert m["cell_gap"] == pytest.approx(max(values) - min(values))
-    assert m["cells"][m["worst_cell"]] == min(values)
-    with pytest.raises(ValueError, match="both men and women"):
-        dn.subgroup_metrics(correct, np.ones(200, int), confounder)
-    with pytest.raises(ValueError, match="must all be"):
-        dn.subgroup_metrics(correct[:10], target, confounder)
 
-
-_augment_fn = jax.jit(dn.make_selection_augment_fn(fill=0.5, std=0.5))  # compiled once
-
-
-@pytest.mark.parametrize("method", dn.METHODS)
-def test_selection_augmentation_equals_the_library(method):
-    key = jax.random.key(3)
-    images = jax.random.uniform(jax.random.key(1), (3, 12, 10, 3))
-    specific = np.asarray(jax.random.uniform(jax.random.key(2), (3, 12, 10)))
-    general = specific[0]
-    scope, mode = dn.method_spec(method)
-    q = 0.7
-    augment_fn = _augment_fn
-    if scope == "general":
-        selection = np.broadcast_to(dn.quantile_selections(general, q), specific.shape)
-    else:
-        selection = dn.quantile_selections(specific, q, batch_size=2)  # padded last batch
-    spec = {"selection": jnp.asarray(selection), "mode": jnp.int32(dn.augment_code(method))}
-    ours = augment_fn(key, images, spec)
-    reference = noise.augment(key, images, general if scope == "general" else specific, q,
-                              mode, scope, fill=0.5, std=0.5)
-    np.testing.assert_allclose(np.asarray(ours), np.asarray(reference), atol=1e-6)
-    # Exactly the top 30% of each map is selected: the highest values of the map.
-    expected = round(0.3 * 12 * 10)
-    assert np.all(selection.sum(axis=(1, 2)) == expected)
-    maps = np.broadcast_to(general, specific.shape) if scope == "general" else specific
-    for m, sel in zip(maps, selection):
-        assert m[sel].min() >= m[~sel].max()
-    changed = np.any(np.asarray(ours) != np.asarray(images), axis=-1)
-    assert not np.any(changed & ~selection)
-    if mode == "mask":
-        assert np.array_equal(changed, selection)  # random images are never exactly grey
-    unchanged = augment_fn(key, images, {"selection": spec["selection"],
-                                         "mode": jnp.int32(dn.AUGMENT_NONE)})
-    np.testing.assert_array_equal(np.asarray(unchanged), np.asarray(images))
-
-
-def test_batches_reject_bad_selections():
-    images = np.zeros((8, 16, 16, 3), np.uint8)
-    labels = np.zeros(8, np.int32)
-    with pytest.raises(ValueError, match="needs a pixel selection"):
-        dn.train_classifier(None, None, images, labels, dn.AUGMENT_NOISE, None, batch_size=4,
-                            epochs=1, seed=0, key=jax.random.key(0))
-    with pytest.raises(ValueError, match=r"\[H, W\] or \[N, H, W\]"):
-        dn.train_classifier(None, None, images, labels, dn.AUGMENT_MASK,
-                            np.zeros((8, 16), bool), batch_size=4, epochs=1, seed=0,
-                            key=jax.random.key(0))
-    with pytest.raises(ValueError, match="must be bool"):
-        dn.train_classifier(None, None, images, labels, dn.AUGMENT_MASK,
-                            np.zeros((16, 16), np.float32), batch_size=4, epochs=1, seed=0,
-                            key=jax.random.key(0))
-    with pytest.raises(ValueError, match="mode=7"):
-        dn.train_classifier(None, None, images, labels, 7, None, batch_size=4, epochs=1,
-                            seed=0, key=jax.random.key(0))
-
-
-def test_batches_follow_the_step_order():
-    images = np.random.default_rng(0).integers(0, 255, (8, 16, 16, 3), dtype=np.uint8)
-    selection = np.zeros((8, 16, 16), bool)
-    selection[:, :4] = True
-    batches = dn._AugmentedBatches(images, np.arange(8), dn.AUGMENT_MASK, selection, 4, seed=5)
-    from faceaudit_jax.data import pipeline
-    for step in range(4):
-        x, y, spec = batches(step)
-        idx = pipeline.step_indices(np.arange(8), 4, 5, step)
-        np.testing.assert_array_equal(np.asarray(y), idx)
-        np.testing.assert_allclose(np.asarray(x), images[idx] / 255.0, atol=1e-7)
-        assert spec["selection"].shape == (4, 16, 16) and int(spec["mode"]) == dn.AUGMENT_MASK
-
-
-def test_every_augmentation_shares_one_compiled_step():
-    from faceaudit_jax.models import patch_net as pn
-    model = dn.PooledSmallConvNet(widths=(2, 2, 2), input_pool=2)
-    optimizer = pn.confounded_classifier_optimizer(2, 1e-2)
-    state0 = dn._with_array_step(pn.create_train_state(
-        jax.random.key(0), model, (jnp.zeros((1, 16, 16, 3)),), optimizer))
-    step = pn.make_classifier_train_step(dn.make_selection_augment_fn())
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 255, (8, 16, 16, 3), dtype=np.uint8)
-    labels = rng.integers(0, 2, 8).astype(np.int32)
-    maps = rng.random((8, 16, 16)).astype(np.float32)
-    runs = [(dn.AUGMENT_NONE, None, 0.7), (dn.AUGMENT_NOISE, maps[0], 0.7),
-            (dn.AUGMENT_MASK, maps, 0.7), (dn.AUGMENT_NOISE, maps[0], 0.95)]
-    for mode, m, q in runs:
-        selection = None if m is None else dn.quantile_selections(m, q)
-        state, history = dn.train_classifier(step, state0, images, labels, mode, selection,
-                                             batch_size=4, epochs=2, seed=0,
-                                             key=jax.random.key(1))
-        assert len(history) == 2 and int(state.step) == 4
-    assert step._cache_size() == 1
 
 
 @pytest.mark.parametrize("field, value, match", [
@@ -381,91 +274,53 @@ def test_config_variants():
         get_config("huge")
 
 
-def test_pooled_classifier_and_batch_stat_recalibration():
-    """PooledSmallConvNet = SmallConvNet on 2 x 2 block means; and with the whole data set
-    in one batch, re-estimated running statistics equal the batch statistics, so
-    eval-mode logits equal train-mode ones (no dropout)."""
-    from faceaudit_jax.models import patch_net as pn
-    model = dn.PooledSmallConvNet(widths=(3, 4, 5), conv_dropout=0.0, head_dropout=0.0,
-                                  input_pool=2)
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 255, (8, 16, 16, 3), dtype=np.uint8)
-    x = dn.to_float(images)
-    # Random weights from the variables' shapes (eval_shape: no initialiser to compile),
-    # running statistics at their initial values (mean 0, variance 1).
-    shapes = jax.eval_shape(model.init, jax.random.key(1), x)
-    variables = {
-        "params": jax.tree_util.tree_map(
-            lambda s: jnp.asarray(rng.normal(0.0, 0.5, s.shape), jnp.float32), shapes["params"]),
-        "batch_stats": jax.tree_util.tree_map(
-            lambda s: jnp.zeros(s.shape) if len(s.shape) else s, shapes["batch_stats"])}
-    variables["batch_stats"] = jax.tree_util.tree_map_with_path(
-        lambda path, v: jnp.ones_like(v) if path[-1].key == "var" else v,
-        variables["batch_stats"])
-    evaluate = jax.jit(model.apply)
-    train_mode = jax.jit(lambda v: model.apply(v, x, train=True, mutable=["batch_stats"])[0])
-
-    pooled = x.reshape(8, 8, 2, 8, 2, 3).mean(axis=(2, 4))
-    reference = jax.jit(pn.SmallConvNet(widths=(3, 4, 5), conv_dropout=0.0,
-                                        head_dropout=0.0).apply)(
-        {"params": variables["params"]["net"], "batch_stats": variables["batch_stats"]["net"]},
-        pooled)
-    before = evaluate(variables, x)
-    np.testing.assert_allclose(np.asarray(before), np.asarray(reference), rtol=1e-5, atol=1e-5)
-
-    assert not np.allclose(np.asarray(before), np.asarray(train_mode(variables)), atol=1e-3)
-    stats_step = dn.make_batch_stats_step(model, dn.make_selection_augment_fn())
-    labels = np.zeros(8, np.int32)
-    recalibrated = dn.recalibrate_batch_stats(
-        stats_step, variables, images, labels, dn.AUGMENT_NONE, None, batch_size=8,
-        passes=150, seed=0, key=jax.random.key(3))
-    np.testing.assert_allclose(np.asarray(evaluate(recalibrated, x)),
-                               np.asarray(train_mode(variables)), rtol=1e-3, atol=1e-3)
-    assert recalibrated["params"] is variables["params"]
-    # passes = 0 leaves the variables alone.
-    assert dn.recalibrate_batch_stats(stats_step, variables, images, labels, dn.AUGMENT_NONE,
-                                      None, batch_size=8, passes=0, seed=0,
-                                      key=jax.random.key(3)) is variables
 
 
-def test_aggregate_repeats_against_numpy():
-    rng = np.random.default_rng(3)
-    correct = rng.random((3, 40)) < 0.7
-    target = np.tile(np.repeat([0, 1], 20), 1)
-    confounder = np.tile([0, 1], 20)
-    records = [{**dn.subgroup_metrics(c, target, confounder), "method": "original",
-                "repeat": i, "train_seconds": 2.0, "fingerprint": str(i)}
-               for i, c in enumerate(correct)]
-    agg = dn.aggregate_repeats(records)
-    gaps = [abs(c[target == 1].mean() - c[target == 0].mean()) for c in correct]
-    assert agg["gap"] == pytest.approx(np.mean(gaps))
-    assert agg["gap_std"] == pytest.approx(np.std(gaps, ddof=1))
-    assert agg["accuracy"] == pytest.approx(correct.mean())
-    assert agg["accuracy_std"] == pytest.approx(np.std(correct.mean(axis=1), ddof=1))
-    assert agg["cells"]["men_with"] == pytest.approx(
-        correct[:, (target == 1) & (confounder == 1)].mean())
-    assert agg["worst_cell"] == min(agg["cells"], key=agg["cells"].get)
-    assert agg["num_repeats"] == 3 and agg["train_seconds"] == 6.0
-    assert "fingerprint" not in agg
-    one = dn.aggregate_repeats(records[:1])
-    assert one["gap"] == records[0]["gap"] and one["gap_std"] == 0.0
-    with pytest.raises(ValueError, match="at least one"):
-        dn.aggregate_repeats([])
-    assert dn.repeat_stem("general_noise_q0.7", 0) == "general_noise_q0.7"
-    assert dn.repeat_stem("general_noise_q0.7", 2) == "general_noise_q0.7.rep2"
+
+def _fixed_results(config):
+    """A results dict with known gaps: original 0.4, balanced 0.1, every method 0.2."""
+    def record(gap, repeats=2):
+        men, women = 0.5 + gap / 2, 0.5 - gap / 2
+        return {"accuracy": 0.5, "men": men, "women": women, "gap": gap, "gap_std": 0.01,
+                "accuracy_std": 0.0, "gap_se": 0.05, "num_repeats": repeats,
+                "cells": {c: 0.5 for c in fairness.SUBGROUP_CELLS},
+                "repeats": [{"accuracy": 0.5, "men": men, "women": women, "gap": gap + d}
+                            for d in (-0.01, 0.01)]}
+    results = {}
+    for confounder in config.confounders:
+        runs = {name: record(0.2) for name in dn.planned_runs(config, confounder)}
+        runs["original"], runs["balanced"] = record(0.4), record(0.1)
+        results[confounder] = {"runs": runs, "patch_net": {"patch_accuracy": 0.5, "ece": 0.1}}
+    return results
 
 
-def test_paired_gap_change():
-    def runs(original, other):
-        return {"original": {"repeats": [{"gap": g} for g in original]},
-                "x": {"repeats": [{"gap": g} for g in other]}}
-    change = dn.paired_gap_change(runs([0.3, 0.32, 0.28], [0.1, 0.13, 0.1]), "x")
-    diffs = np.array([-0.2, -0.19, -0.18])
-    assert change["mean"] == pytest.approx(diffs.mean())
-    assert change["se"] == pytest.approx(diffs.std(ddof=1) / np.sqrt(3))
-    assert change["resolved"]
-    # Same mean change, but the repeats disagree in sign: not resolved.
-    noisy = dn.paired_gap_change(runs([0.3, 0.3, 0.3], [0.0, 0.5, -0.07 + 0.3 - 0.2]), "x")
-    assert not noisy["resolved"]
-    single = dn.paired_gap_change(runs([0.3], [0.1]), "x")
-    assert single["se"] is None and not single["resolved"]
+def test_report_on_fixed_results():
+    config = get_config("smoke")
+    results = _fixed_results(config)
+    out = {"setup": {"classifier_steps": {"plain": 2, "mask": 2}}, "results": results,
+           **report_lib.tables(config, results),
+           "examples": {c: {"image": np.zeros((8, 8, 3), np.uint8),
+                            "general_map": np.linspace(0, 1, 64).reshape(8, 8),
+                            "specific_map": np.linspace(1, 0, 64).reshape(8, 8)}
+                        for c in config.confounders}}
+    made = report_lib.report(config, out, link_prefix="x/")
+    comp = out["comparison"]
+    for method in config.debias.methods:
+        m = comp["per_method"][method]
+        assert m["gap_change"]["Blond_Hair"] == pytest.approx(-0.2)
+        assert m["num_gap_reduced"] == len(config.confounders)
+        assert m["num_resolved_reduced"] == len(config.confounders)
+    assert comp["blond_hair"]["ours"] == {"original": 0.4, "balanced": 0.1,
+                                          "general_noise": 0.2}
+    summary = made["summary.md"]
+    assert "gap 0.40 ± 0.01 (original) -> 0.10 ± 0.01 (balanced) -> 0.20 ± 0.01" in summary
+    assert "both narrowings are resolved" in summary
+    # Patch accuracy 0.5 < 0.55: the summary warns that the maps locate nothing.
+    assert "The patch net did not learn Blond Hair, Wearing Hat" in summary
+    assert "[table1.md](x/table1.md)" in summary
+    table = made["table1.md"]
+    assert table.count("| Blond Hair |") == 6
+    assert "| Blond Hair | Original (biased) | 0.500 | 0.700 | 0.300 | 0.400 ± 0.010 |" in table
+    assert "| 0.7 | 0.500 | 0.600 | 0.400 | 0.200 ± 0.010 |" in table  # the sweep at q = 0.7
+    assert sorted(made["figures"]) == ["figure7_gaps.png", "figure8_quantiles.png",
+                                       "figure_maps.png"]

@@ -137,3 +137,75 @@ def test_bad_inputs_raise_clear_errors():
         fairness.group_counts(np.ones(3, bool), np.zeros(3, np.int32), 0)
     with pytest.raises(ValueError, match="groups must be integers"):
         fairness.group_counts(np.ones(3, bool), np.zeros(3, np.float32), 2)
+
+
+# ----------------------------------------------------------------------------- target x confounder (noise-debiasing Table 1)
+
+
+def test_subgroup_metrics_against_numpy():
+    rng = np.random.default_rng(0)
+    target = rng.integers(0, 2, 200)
+    confounder = rng.integers(0, 2, 200)
+    correct = rng.random(200) < 0.7
+    m = fairness.subgroup_metrics(correct, target, confounder)
+    men = np.mean([c for c, t in zip(correct, target) if t == 1])
+    women = np.mean([c for c, t in zip(correct, target) if t == 0])
+    assert m["men"] == pytest.approx(men) and m["women"] == pytest.approx(women)
+    assert m["gap"] == pytest.approx(abs(men - women))
+    n_men, n_women = np.sum(target == 1), np.sum(target == 0)
+    assert m["gap_se"] == pytest.approx(np.sqrt(men * (1 - men) / n_men
+                                                + women * (1 - women) / n_women))
+    assert m["accuracy"] == pytest.approx(correct.mean())
+    for name, (t, a) in {"women_without": (0, 0), "women_with": (0, 1),
+                         "men_without": (1, 0), "men_with": (1, 1)}.items():
+        sel = (target == t) & (confounder == a)
+        assert m["cells"][name] == pytest.approx(correct[sel].mean())
+        assert m["cell_counts"][name] == sel.sum()
+    values = list(m["cells"].values())
+    assert m["cell_gap"] == pytest.approx(max(values) - min(values))
+    assert m["cells"][m["worst_cell"]] == min(values)
+    with pytest.raises(ValueError, match="both men and women"):
+        fairness.subgroup_metrics(correct, np.ones(200, int), confounder)
+    with pytest.raises(ValueError, match="must all be"):
+        fairness.subgroup_metrics(correct[:10], target, confounder)
+
+
+def test_aggregate_repeats_against_numpy():
+    rng = np.random.default_rng(3)
+    correct = rng.random((3, 40)) < 0.7
+    target = np.tile(np.repeat([0, 1], 20), 1)
+    confounder = np.tile([0, 1], 20)
+    records = [{**fairness.subgroup_metrics(c, target, confounder), "method": "original",
+                "repeat": i, "train_seconds": 2.0, "fingerprint": str(i)}
+               for i, c in enumerate(correct)]
+    agg = fairness.aggregate_repeats(records)
+    gaps = [abs(c[target == 1].mean() - c[target == 0].mean()) for c in correct]
+    assert agg["gap"] == pytest.approx(np.mean(gaps))
+    assert agg["gap_std"] == pytest.approx(np.std(gaps, ddof=1))
+    assert agg["accuracy"] == pytest.approx(correct.mean())
+    assert agg["accuracy_std"] == pytest.approx(np.std(correct.mean(axis=1), ddof=1))
+    assert agg["cells"]["men_with"] == pytest.approx(
+        correct[:, (target == 1) & (confounder == 1)].mean())
+    assert agg["worst_cell"] == min(agg["cells"], key=agg["cells"].get)
+    assert agg["num_repeats"] == 3 and agg["train_seconds"] == 6.0
+    assert "fingerprint" not in agg
+    one = fairness.aggregate_repeats(records[:1])
+    assert one["gap"] == records[0]["gap"] and one["gap_std"] == 0.0
+    with pytest.raises(ValueError, match="at least one"):
+        fairness.aggregate_repeats([])
+
+
+def test_paired_gap_change():
+    def runs(original, other):
+        return {"original": {"repeats": [{"gap": g} for g in original]},
+                "x": {"repeats": [{"gap": g} for g in other]}}
+    change = fairness.paired_gap_change(runs([0.3, 0.32, 0.28], [0.1, 0.13, 0.1]), "x")
+    diffs = np.array([-0.2, -0.19, -0.18])
+    assert change["mean"] == pytest.approx(diffs.mean())
+    assert change["se"] == pytest.approx(diffs.std(ddof=1) / np.sqrt(3))
+    assert change["resolved"]
+    # Same mean change, but the repeats disagree in sign: not resolved.
+    noisy = fairness.paired_gap_change(runs([0.3, 0.3, 0.3], [0.0, 0.5, -0.07 + 0.3 - 0.2]), "x")
+    assert not noisy["resolved"]
+    single = fairness.paired_gap_change(runs([0.3], [0.1]), "x")
+    assert single["se"] is None and not single["resolved"]

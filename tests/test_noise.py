@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from faceaudit_jax.mitigation import debias_runs
 from faceaudit_jax.mitigation import noise as N
 
 H, W = 16, 20
@@ -141,3 +142,42 @@ def test_bad_inputs():
         N.make_augment_fn(0.7, "mask", "global")
     with pytest.raises(ValueError, match="selection"):
         N.apply_mask(images, jnp.ones((H + 1, W), bool))
+
+
+# ----------------------------------------------------------------------------- runtime selection
+
+
+_augment_fn = jax.jit(N.make_selection_augment_fn(fill=0.5, std=0.5))  # compiled once
+
+
+@pytest.mark.parametrize("method", debias_runs.METHODS)
+def test_selection_augmentation_equals_the_library(method):
+    key = jax.random.key(3)
+    images = jax.random.uniform(jax.random.key(1), (3, 12, 10, 3))
+    specific = np.asarray(jax.random.uniform(jax.random.key(2), (3, 12, 10)))
+    general = specific[0]
+    scope, mode = debias_runs.method_spec(method)
+    q = 0.7
+    augment_fn = _augment_fn
+    if scope == "general":
+        selection = np.broadcast_to(N.quantile_selections(general, q), specific.shape)
+    else:
+        selection = N.quantile_selections(specific, q, batch_size=2)  # padded last batch
+    spec = {"selection": jnp.asarray(selection), "mode": jnp.int32(debias_runs.augment_code(method))}
+    ours = augment_fn(key, images, spec)
+    reference = N.augment(key, images, general if scope == "general" else specific, q,
+                              mode, scope, fill=0.5, std=0.5)
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(reference), atol=1e-6)
+    # Exactly the top 30% of each map is selected: the highest values of the map.
+    expected = round(0.3 * 12 * 10)
+    assert np.all(selection.sum(axis=(1, 2)) == expected)
+    maps = np.broadcast_to(general, specific.shape) if scope == "general" else specific
+    for m, sel in zip(maps, selection):
+        assert m[sel].min() >= m[~sel].max()
+    changed = np.any(np.asarray(ours) != np.asarray(images), axis=-1)
+    assert not np.any(changed & ~selection)
+    if mode == "mask":
+        assert np.array_equal(changed, selection)  # random images are never exactly grey
+    unchanged = augment_fn(key, images, {"selection": spec["selection"],
+                                         "mode": jnp.int32(N.AUGMENT_NONE)})
+    np.testing.assert_array_equal(np.asarray(unchanged), np.asarray(images))

@@ -6,6 +6,8 @@ import numpy as np
 import optax
 import pytest
 
+from faceaudit_jax.data import pipeline
+from faceaudit_jax.mitigation import noise
 from faceaudit_jax.models import patch_net as pn
 
 
@@ -197,3 +199,105 @@ def test_smoothed_cross_entropy_closed_form():
     target = np.array([[1 - eps / 2, eps / 2]] * 2)
     want = -(target * logp).sum(-1).mean()
     assert float(pn.smoothed_cross_entropy(logits, labels, eps)) == pytest.approx(want, 1e-6)
+
+
+# ----------------------------------------------------------------------------- training loops over uint8 arrays
+
+
+def test_batches_reject_bad_selections():
+    images = np.zeros((8, 16, 16, 3), np.uint8)
+    labels = np.zeros(8, np.int32)
+    with pytest.raises(ValueError, match="needs a pixel selection"):
+        pn.train_classifier(None, None, images, labels, noise.AUGMENT_NOISE, None, batch_size=4,
+                            epochs=1, seed=0, key=jax.random.key(0))
+    with pytest.raises(ValueError, match=r"\[H, W\] or \[N, H, W\]"):
+        pn.train_classifier(None, None, images, labels, noise.AUGMENT_MASK,
+                            np.zeros((8, 16), bool), batch_size=4, epochs=1, seed=0,
+                            key=jax.random.key(0))
+    with pytest.raises(ValueError, match="must be bool"):
+        pn.train_classifier(None, None, images, labels, noise.AUGMENT_MASK,
+                            np.zeros((16, 16), np.float32), batch_size=4, epochs=1, seed=0,
+                            key=jax.random.key(0))
+    with pytest.raises(ValueError, match="mode=7"):
+        pn.train_classifier(None, None, images, labels, 7, None, batch_size=4, epochs=1,
+                            seed=0, key=jax.random.key(0))
+
+
+def test_batches_follow_the_step_order():
+    images = np.random.default_rng(0).integers(0, 255, (8, 16, 16, 3), dtype=np.uint8)
+    selection = np.zeros((8, 16, 16), bool)
+    selection[:, :4] = True
+    batches = pn.AugmentedBatches(images, np.arange(8), noise.AUGMENT_MASK, selection, 4, seed=5)
+    for step in range(4):
+        x, y, spec = batches(step)
+        idx = pipeline.step_indices(np.arange(8), 4, 5, step)
+        np.testing.assert_array_equal(np.asarray(y), idx)
+        np.testing.assert_allclose(np.asarray(x), images[idx] / 255.0, atol=1e-7)
+        assert spec["selection"].shape == (4, 16, 16) and int(spec["mode"]) == noise.AUGMENT_MASK
+
+
+def test_every_augmentation_shares_one_compiled_step():
+    model = pn.PooledSmallConvNet(widths=(2, 2, 2), input_pool=2)
+    optimizer = pn.confounded_classifier_optimizer(2, 1e-2)
+    state0 = pn.with_array_step(pn.create_train_state(
+        jax.random.key(0), model, (jnp.zeros((1, 16, 16, 3)),), optimizer))
+    step = pn.make_classifier_train_step(noise.make_selection_augment_fn())
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (8, 16, 16, 3), dtype=np.uint8)
+    labels = rng.integers(0, 2, 8).astype(np.int32)
+    maps = rng.random((8, 16, 16)).astype(np.float32)
+    runs = [(noise.AUGMENT_NONE, None, 0.7), (noise.AUGMENT_NOISE, maps[0], 0.7),
+            (noise.AUGMENT_MASK, maps, 0.7), (noise.AUGMENT_NOISE, maps[0], 0.95)]
+    for mode, m, q in runs:
+        selection = None if m is None else noise.quantile_selections(m, q)
+        state, history = pn.train_classifier(step, state0, images, labels, mode, selection,
+                                             batch_size=4, epochs=2, seed=0,
+                                             key=jax.random.key(1))
+        assert len(history) == 2 and int(state.step) == 4
+    assert step._cache_size() == 1
+
+
+def test_pooled_classifier_and_batch_stat_recalibration():
+    """PooledSmallConvNet = SmallConvNet on 2 x 2 block means; and with the whole data set
+    in one batch, re-estimated running statistics equal the batch statistics, so
+    eval-mode logits equal train-mode ones (no dropout)."""
+    model = pn.PooledSmallConvNet(widths=(3, 4, 5), conv_dropout=0.0, head_dropout=0.0,
+                                  input_pool=2)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (8, 16, 16, 3), dtype=np.uint8)
+    x = pipeline.uint8_to_float(images)
+    # Random weights from the variables' shapes (eval_shape: no initialiser to compile),
+    # running statistics at their initial values (mean 0, variance 1).
+    shapes = jax.eval_shape(model.init, jax.random.key(1), x)
+    variables = {
+        "params": jax.tree_util.tree_map(
+            lambda s: jnp.asarray(rng.normal(0.0, 0.5, s.shape), jnp.float32), shapes["params"]),
+        "batch_stats": jax.tree_util.tree_map(
+            lambda s: jnp.zeros(s.shape) if len(s.shape) else s, shapes["batch_stats"])}
+    variables["batch_stats"] = jax.tree_util.tree_map_with_path(
+        lambda path, v: jnp.ones_like(v) if path[-1].key == "var" else v,
+        variables["batch_stats"])
+    evaluate = jax.jit(model.apply)
+    train_mode = jax.jit(lambda v: model.apply(v, x, train=True, mutable=["batch_stats"])[0])
+
+    pooled = x.reshape(8, 8, 2, 8, 2, 3).mean(axis=(2, 4))
+    reference = jax.jit(pn.SmallConvNet(widths=(3, 4, 5), conv_dropout=0.0,
+                                        head_dropout=0.0).apply)(
+        {"params": variables["params"]["net"], "batch_stats": variables["batch_stats"]["net"]},
+        pooled)
+    before = evaluate(variables, x)
+    np.testing.assert_allclose(np.asarray(before), np.asarray(reference), rtol=1e-5, atol=1e-5)
+
+    assert not np.allclose(np.asarray(before), np.asarray(train_mode(variables)), atol=1e-3)
+    stats_step = pn.make_batch_stats_step(model, noise.make_selection_augment_fn())
+    labels = np.zeros(8, np.int32)
+    recalibrated = pn.recalibrate_batch_stats(
+        stats_step, variables, images, labels, noise.AUGMENT_NONE, None, batch_size=8,
+        passes=150, seed=0, key=jax.random.key(3))
+    np.testing.assert_allclose(np.asarray(evaluate(recalibrated, x)),
+                               np.asarray(train_mode(variables)), rtol=1e-3, atol=1e-3)
+    assert recalibrated["params"] is variables["params"]
+    # passes = 0 leaves the variables alone.
+    assert pn.recalibrate_batch_stats(stats_step, variables, images, labels, noise.AUGMENT_NONE,
+                                      None, batch_size=8, passes=0, seed=0,
+                                      key=jax.random.key(3)) is variables

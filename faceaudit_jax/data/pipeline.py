@@ -113,6 +113,35 @@ def step_indices(indices: np.ndarray, batch_size: int, seed: int, step: int) -> 
     return indices[order[within * batch_size:(within + 1) * batch_size]]
 
 
+def padded_index_batches(num: int, batch_size: int):
+    """(index array of length batch_size, number of real rows) covering 0..num-1.
+
+    The last batch repeats its final index, so every batch has one shape and a
+    jitted function over it compiles once.
+    """
+    for start in range(0, num, batch_size):
+        idx = np.arange(start, min(start + batch_size, num))
+        real = idx.size
+        yield np.concatenate([idx, np.repeat(idx[-1:], batch_size - real)]), real
+
+
+def uint8_to_float(images_u8: np.ndarray) -> jax.Array:
+    """uint8 images [..., 3] -> float32 in [0, 1] (images kept as uint8 take a quarter of the memory)."""
+    return jnp.asarray(images_u8, jnp.float32) / 255.0
+
+
+def render_uint8(source, indices: np.ndarray, batch_size: int) -> np.ndarray:
+    """Render a source's images as uint8 [N, H, W, 3] (a quarter of float32's memory).
+
+    One fixed batch shape (the last batch padded), so the renderer compiles once.
+    """
+    out = []
+    for batch, valid in iterate_batches(source, indices, int(batch_size)):
+        images = np.asarray(jnp.round(batch["image"] * 255.0).astype(jnp.uint8))
+        out.append(images[valid])
+    return np.concatenate(out)
+
+
 def _device_put(batch: dict) -> dict:
     """Start the host-to-device copy of the pixel arrays (images, parse maps: ndim >= 3) now, so
     it overlaps with the model; labels and indices stay as they are (numpy keeps int64)."""

@@ -31,6 +31,11 @@ Host front doors (`patches_to_pixels`, `confidence_maps`, ...) validate
 concrete inputs (NaN confidences, patches outside the image, k larger than
 the image) and raise ValueError; the same functions stay jittable, in which
 case the checks that need values are skipped.
+
+Whole uint8 data sets in fixed-shape batches: `raw_attribution_maps`,
+`specific_and_general_maps` (the paper's per-image and data-set maps) and
+`patch_calibration` (every window as a prediction: ECE, reliability, accuracy
+per grid position).
 """
 
 from __future__ import annotations
@@ -44,6 +49,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from faceaudit_jax.data import pipeline
+from faceaudit_jax.metrics import calibration
 from faceaudit_jax.models.patch_net import crop_patches, image_hw
 
 Array = jax.Array
@@ -520,3 +527,59 @@ def general_confidence_map(apply_fn: Callable, batches: Iterable[Array], k: int,
     accumulator = distributed.global_sum(accumulator)
     return normalise_map(accumulator.result())
 
+
+# ----------------------------------------------------------------------------- whole data sets (uint8)
+
+def raw_attribution_maps(apply_fn: Callable, variables: Any, images_u8: np.ndarray, k: int,
+                         positions: np.ndarray, kind: str, batch_size: int,
+                         chunk_size: int) -> np.ndarray:
+    """Unnormalised pixel maps [N, H, W] (sliding window -> confidences -> Algorithm 1).
+
+    Batches have one fixed shape (the last one padded), so this compiles once.
+    """
+    batch_size = int(min(batch_size, images_u8.shape[0]))
+    out = []
+    for idx, real in pipeline.padded_index_batches(images_u8.shape[0], batch_size):
+        maps = confidence_pixel_maps(apply_fn, pipeline.uint8_to_float(images_u8[idx]), k,
+                                                 positions, kind, variables, chunk_size,
+                                                 normalise=False)
+        out.append(np.asarray(maps)[:real])
+    return np.concatenate(out)
+
+
+def specific_and_general_maps(raw_maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(specific [N, H, W]: each map min-max normalised; general [H, W]: the mean of
+    the unnormalised maps, normalised once, as the authors' code does)."""
+    specific = np.asarray(normalise_map(raw_maps))
+    general = np.asarray(normalise_map(mean_map(raw_maps)))
+    return specific, general
+
+
+def patch_calibration(apply_fn: Callable, variables: Any, images_u8: np.ndarray,
+                      labels: np.ndarray, k: int, positions: np.ndarray, num_bins: int,
+                      batch_size: int, chunk_size: int) -> dict[str, Any]:
+    """Every sliding window of every image as a prediction of the image's label.
+
+    Returns {"reliability": ReliabilityData (raw top-softmax confidence, the
+    ECE over `num_bins` equal-width bins), "patch_accuracy": float,
+    "position_accuracy": [g, g] accuracy per grid position (image-oriented),
+    "num_predictions": int}.
+    """
+    batch_size = int(min(batch_size, images_u8.shape[0]))
+    confidences, correct = [], []
+    for idx, real in pipeline.padded_index_batches(images_u8.shape[0], batch_size):
+        logits = sliding_window_logits(apply_fn, pipeline.uint8_to_float(images_u8[idx]), k,
+                                                   positions, variables, chunk_size)
+        logits = np.asarray(logits)[:real]                                # [b, p, 2]
+        confidences.append(np.asarray(confidence_from_logits(
+            jnp.asarray(logits), "top_softmax", normalised=False)))
+        correct.append(np.argmax(logits, -1) == np.asarray(labels)[idx[:real], None])
+    confidences = np.concatenate(confidences)
+    correct = np.concatenate(correct)
+    data = calibration.reliability_diagram_data(confidences.ravel(),
+                                                correct.ravel().astype(np.float32),
+                                                int(num_bins))
+    rows, cols = grid_shape(positions.shape[0])
+    return {"reliability": data, "patch_accuracy": float(correct.mean()),
+            "position_accuracy": correct.mean(axis=0).reshape(rows, cols),
+            "num_predictions": int(correct.size)}

@@ -20,12 +20,18 @@ The counting functions (`confusion_counts`, `group_counts`) are jnp and
 jit-friendly, and their results add up across batches, so whole test sets are
 reduced by streaming; the `*_from_counts` finalisers are host-side because they
 warn.
+
+Noise-debiasing paper (Table 1): `subgroup_metrics` (accuracy for the target's
+two classes, their gap with its standard error, and the target x confounder
+cells), `aggregate_repeats` (mean ± s.d. over repeated trainings) and
+`paired_gap_change` (a gap change paired by repeat, with its standard error).
 """
 
 from __future__ import annotations
 
+import math
 import warnings
-from typing import NamedTuple, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -282,3 +288,90 @@ def group_accuracy(correct, groups, num_groups: int,
       correct: bool [N]; groups: int [N] (negative = unknown, left out).
     """
     return group_accuracy_from_counts(group_counts(correct, groups, num_groups), group_names)
+
+
+# ----------------------------------------------------------------------------- target x confounder
+
+# The four cells of a binary target x binary confounder, in `group_ids` order.
+SUBGROUP_CELLS = ("women_without", "women_with", "men_without", "men_with")
+
+
+def subgroup_metrics(correct, target, confounder) -> dict[str, Any]:
+    """The paper's Table 1 columns plus the four gender x confounder cells.
+
+    Args:
+      correct: bool [N]; target: int [N] (1 = man); confounder: int [N] (1 = present).
+
+    Returns:
+      {"accuracy", "men", "women", "gap" (|men - women|), "men_minus_women",
+      "gap_se" (binomial standard error of men - women),
+      "cells": {women_without, women_with, men_without, men_with},
+      "cell_counts", "worst_cell", "cell_gap" (best minus worst cell)}.
+    """
+    correct = np.asarray(correct, bool)
+    target = np.asarray(target)
+    confounder = np.asarray(confounder)
+    if not (correct.shape == target.shape == confounder.shape) or correct.ndim != 1:
+        raise ValueError(f"correct {correct.shape}, target {target.shape} and confounder "
+                         f"{confounder.shape} must all be [N]")
+    if not (np.any(target == 1) and np.any(target == 0)):
+        raise ValueError("the test set needs both men and women to measure a gap")
+    groups = group_ids(target, confounder)
+    cells = group_accuracy(correct, groups, 4, group_names=SUBGROUP_CELLS)
+    men = float(correct[target == 1].mean())
+    women = float(correct[target == 0].mean())
+    # Binomial standard error of men - women (independent groups).
+    gap_se = math.sqrt(men * (1 - men) / np.sum(target == 1)
+                       + women * (1 - women) / np.sum(target == 0))
+    return {
+        "accuracy": float(correct.mean()), "men": men, "women": women,
+        "gap": abs(men - women), "men_minus_women": men - women, "gap_se": gap_se,
+        "cells": {name: float(a) for name, a in zip(SUBGROUP_CELLS, cells.accuracy)},
+        "cell_counts": {name: int(c) for name, c in zip(SUBGROUP_CELLS, cells.count)},
+        "worst_cell": SUBGROUP_CELLS[cells.worst] if cells.worst >= 0 else None,
+        "cell_gap": float(cells.gap),
+    }
+
+
+MEAN_METRICS = ("accuracy", "men", "women", "gap", "men_minus_women", "gap_se", "cell_gap")
+
+
+def aggregate_repeats(records: Sequence[dict]) -> dict[str, Any]:
+    """One Table 1 cell from its repeated trainings (same data and augmentation,
+    different initialisation, batch order and noise keys).
+
+    Returns the first record's settings with every metric replaced by its mean
+    over the trainings (the gap is the mean of per-training gaps: the expected
+    gap of one trained model), `gap_std` / `accuracy_std` (ddof 1; 0 for one
+    training), `num_repeats`, `repeats` (per-training accuracy, men, women,
+    gap) and the summed `train_seconds`.
+    """
+    if not records:
+        raise ValueError("aggregate_repeats needs at least one record")
+    out = {k: v for k, v in records[0].items() if k not in ("fingerprint", "train_history")}
+    for key in MEAN_METRICS:
+        out[key] = float(np.mean([r[key] for r in records]))
+    out["cells"] = {c: float(np.mean([r["cells"][c] for r in records])) for c in SUBGROUP_CELLS}
+    out["worst_cell"] = min(SUBGROUP_CELLS, key=lambda c: out["cells"][c])
+    for key in ("gap", "accuracy"):
+        values = [r[key] for r in records]
+        out[f"{key}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+    out["num_repeats"] = len(records)
+    out["repeats"] = [{k: r[k] for k in ("accuracy", "men", "women", "gap")} for r in records]
+    out["train_seconds"] = round(sum((r.get("train_seconds") or 0.0) for r in records), 1)
+    out["reloaded_model"] = all(r.get("reloaded_model") for r in records)
+    return out
+
+
+def paired_gap_change(runs: dict, name: str) -> dict[str, Any]:
+    """How run `name` moved the gap from the original model, paired by repeat
+    (a repeat's runs share initialisation and batch order): the mean of the
+    per-repeat differences, its standard error (None for one training),
+    whether it is resolved, |mean| > 2 standard errors, and in how many
+    repeats the gap narrowed."""
+    diffs = np.array([m["gap"] - o["gap"] for m, o in zip(runs[name]["repeats"],
+                                                          runs["original"]["repeats"])])
+    mean = float(diffs.mean())
+    se = float(np.std(diffs, ddof=1) / math.sqrt(diffs.size)) if diffs.size > 1 else None
+    return {"mean": mean, "se": se, "resolved": se is not None and abs(mean) > 2 * se,
+            "num_narrower": int(np.sum(diffs < 0))}

@@ -20,7 +20,11 @@ Pure helpers (`grid_positions`, `crop_patches`, `sample_patches`) are
 jit-friendly and shared with the sliding-window attribution. The training
 recipe functions build optax optimizers with the papers' schedules and jitted
 train steps; they handle `batch_stats` (batch norm) and dropout keys
-explicitly.
+explicitly. The training loops over uint8 image arrays (`train_patch_net`,
+`train_classifier` with `AugmentedBatches`, `recalibrate_batch_stats`) run
+them with step-indexed batches and keys, so reruns repeat the same updates;
+they do not go through `train_lib.fit` (their state is this module's
+`TrainState`, their models are saved by `train_lib.save_variables`).
 
 Paper-scale settings (region classifier): 128 x 128 images, k = 32, a 49 x 49
 grid (p = 2401, stride 2 px), ResNet-18, AdamW lr 1e-3 divided by 10 every 40
@@ -39,6 +43,8 @@ import numpy as np
 import optax
 from flax.training import train_state
 
+from faceaudit_jax.data import pipeline
+from faceaudit_jax.mitigation import noise
 from faceaudit_jax.models import resnet
 
 Array = jax.Array
@@ -473,3 +479,209 @@ def make_predict_fn(model: nn.Module) -> Callable[[Mapping, Array], Array]:
 
     return predict
 
+
+# ---------------------------------------------------------------------------
+# Training loops over uint8 image arrays (the noise-debiasing experiment)
+# ---------------------------------------------------------------------------
+
+class PooledSmallConvNet(nn.Module):
+    """`patch_net.SmallConvNet` behind an `input_pool` x `input_pool` average pool.
+
+    The pool keeps the 128 px images (and the augmentations, applied before
+    the model) while the convolutions run at 64 px: the CPU budget of this
+    experiment. input_pool = 1 is the plain SmallConvNet.
+    [B, H, W, 3] -> logits [B, num_classes].
+    """
+
+    num_classes: int = 2
+    widths: Sequence[int] = (32, 64, 128)
+    conv_dropout: float = 0.1
+    head_dropout: float = 0.5
+    input_pool: int = 1
+
+    @nn.compact
+    def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
+        if self.input_pool > 1:
+            window = (self.input_pool, self.input_pool)
+            images = nn.avg_pool(images, window, strides=window)
+        return SmallConvNet(self.num_classes, tuple(self.widths), self.conv_dropout,
+                               self.head_dropout, name="net")(images, train=train)
+
+
+def train_patch_net(train_step: Callable, init_variables: Any, model: PatchNet,
+                    optimizer: optax.GradientTransformation, images_u8: np.ndarray,
+                    labels: np.ndarray, *, batch_size: int, epochs: int, key: jax.Array,
+                    seed: int) -> tuple[TrainState, list[dict]]:
+    """The region classifier: one random grid patch per image per step (inside the jit).
+
+    Args:
+      train_step: `patch_net.make_patch_train_step(positions, k, label_smoothing)`.
+      init_variables: the initial variables of `model` (params, batch_stats).
+      optimizer: e.g. `patch_net.patch_net_optimizer(steps_per_epoch, ...)`.
+      images_u8: [N, H, W, 3]; labels: int [N] (the confounder, 0/1).
+      key: randomness of the patch positions and dropout; seed: batch order.
+
+    Returns:
+      (state, per-epoch history of mean loss / accuracy).
+    """
+    batch_size, epochs = int(batch_size), int(epochs)
+    per_epoch = pipeline.steps_per_epoch(images_u8.shape[0], batch_size)
+    state = with_array_step(TrainState.create(
+        apply_fn=model.apply, params=init_variables["params"], tx=optimizer,
+        batch_stats=init_variables.get("batch_stats", {})))
+    order = np.arange(images_u8.shape[0])
+    history = []
+    for epoch in range(epochs):
+        metrics = []
+        for within in range(per_epoch):
+            step = epoch * per_epoch + within
+            idx = pipeline.step_indices(order, batch_size, seed, step)
+            state, m = train_step(state, pipeline.uint8_to_float(images_u8[idx]), jnp.asarray(labels[idx]),
+                                  jax.random.fold_in(key, step))
+            metrics.append(m)
+        mean = jax.device_get(jax.tree_util.tree_map(lambda *x: jnp.mean(jnp.stack(x)), *metrics))
+        history.append({"epoch": epoch + 1, "loss": float(mean["loss"]),
+                        "accuracy": float(mean["accuracy"])})
+    return state, history
+
+
+def with_array_step(state: TrainState) -> TrainState:
+    """TrainState.create starts `step` as the Python int 0, a weakly typed jit input;
+    the step returns an int32 array, so the second call would compile the train step
+    again. Starting from an int32 array keeps one compilation."""
+    return state.replace(step=jnp.zeros((), jnp.int32))
+
+
+class AugmentedBatches:
+    """Training batches of one run: (images, labels, augmentation spec) of step `step`.
+
+    The spec is the `make_selection_augment_fn` input: {"selection": bool
+    [B, H, W], "mode"}. A shared [H, W] selection is broadcast once; per-image
+    selections are gathered per batch.
+    """
+
+    def __init__(self, images_u8: np.ndarray, labels: np.ndarray, mode: int,
+                 selection: Optional[np.ndarray], batch_size: int, seed: int):
+        n = images_u8.shape[0]
+        height, width = images_u8.shape[1:3]
+        self.batch_size = int(batch_size)
+        self.steps_per_epoch = pipeline.steps_per_epoch(n, self.batch_size)
+        if mode not in (noise.AUGMENT_NONE, noise.AUGMENT_NOISE, noise.AUGMENT_MASK):
+            raise ValueError(f"mode={mode!r}; expected AUGMENT_NONE, AUGMENT_NOISE or "
+                             "AUGMENT_MASK (mitigation.noise)")
+        if selection is None:
+            if mode != noise.AUGMENT_NONE:
+                raise ValueError("an augmentation needs a pixel selection; got None")
+            selection = np.zeros((height, width), bool)
+        selection = np.asarray(selection)
+        if selection.dtype != bool:
+            raise ValueError(f"selection must be bool (from quantile_selections), got dtype "
+                             f"{selection.dtype}")
+        self.per_image = selection.shape == images_u8.shape[:3]
+        if not self.per_image and selection.shape != (height, width):
+            raise ValueError(f"selection must be [H, W] or [N, H, W] for images "
+                             f"{images_u8.shape}, got {selection.shape}")
+        self.shared = None if self.per_image else jnp.broadcast_to(
+            jnp.asarray(selection), (self.batch_size, height, width))
+        self.images_u8, self.labels, self.selection = images_u8, labels, selection
+        self.mode = jnp.asarray(mode, jnp.int32)
+        self.seed = int(seed)
+        self.order = np.arange(n)
+
+    def __call__(self, step: int) -> tuple[jax.Array, jax.Array, dict]:
+        idx = pipeline.step_indices(self.order, self.batch_size, self.seed, step)
+        selection = jnp.asarray(self.selection[idx]) if self.per_image else self.shared
+        return (pipeline.uint8_to_float(self.images_u8[idx]), jnp.asarray(self.labels[idx]),
+                {"selection": selection, "mode": self.mode})
+
+
+def train_classifier(train_step: Callable, state: TrainState, images_u8: np.ndarray,
+                     labels: np.ndarray, mode: int, selection: Optional[np.ndarray], *,
+                     batch_size: int, epochs: int, seed: int, key: jax.Array
+                     ) -> tuple[TrainState, list[dict]]:
+    """Train a whole-image classifier with `train_step` =
+    `patch_net.make_classifier_train_step(make_selection_augment_fn(...))`.
+
+    Args:
+      mode: noise.AUGMENT_NONE, noise.AUGMENT_NOISE or noise.AUGMENT_MASK.
+      selection: bool, the pixels to alter (`quantile_selections`): [H, W] for
+        every image (general scope), [N, H, W] per training image (specific
+        scope; each batch gets its own rows), or None with noise.AUGMENT_NONE.
+      seed: batch order (`pipeline.step_indices`: epoch-wise shuffles, the
+        same for every run, so runs differ only in what they are asked to vary).
+
+    Returns (state, per-epoch mean loss / accuracy).
+    """
+    batches = AugmentedBatches(images_u8, labels, mode, selection, batch_size, seed)
+    history = []
+    for epoch in range(int(epochs)):
+        metrics = []
+        for within in range(batches.steps_per_epoch):
+            step = epoch * batches.steps_per_epoch + within
+            images, batch_labels, spec = batches(step)
+            state, m = train_step(state, images, batch_labels, jax.random.fold_in(key, step),
+                                  spec)
+            metrics.append(m)
+        mean = jax.device_get(jax.tree_util.tree_map(lambda *x: jnp.mean(jnp.stack(x)), *metrics))
+        history.append({"epoch": epoch + 1, "loss": float(mean["loss"]),
+                        "accuracy": float(mean["accuracy"])})
+    return state, history
+
+
+def make_batch_stats_step(model: nn.Module, augment_fn: Callable) -> Callable:
+    """Jitted `stats_step(variables, images, key, spec)` -> the batch-norm statistics
+    after one train-mode forward pass (no gradient) on the augmented batch."""
+
+    @jax.jit
+    def stats_step(variables, images, key, spec):
+        augment_key, dropout_key = jax.random.split(key)
+        images = augment_fn(augment_key, images, spec)
+        _, updates = model.apply(variables, images, train=True, rngs={"dropout": dropout_key},
+                                 mutable=["batch_stats"])
+        return updates["batch_stats"]
+
+    return stats_step
+
+
+def recalibrate_batch_stats(stats_step: Callable, variables: dict, images_u8: np.ndarray,
+                            labels: np.ndarray, mode: int, selection: Optional[np.ndarray], *,
+                            batch_size: int, passes: int, seed: int, key: jax.Array) -> dict:
+    """Re-estimate the batch-norm running statistics with the final weights.
+
+    The running averages (momentum 0.9) trail the weights; with the large
+    learning rate this CPU budget needs they lag enough to flip the eval-mode
+    predictions of the small CNN (measured: train-mode accuracy 0.84, eval-mode
+    0.53 with every face called a man). `passes` epochs of the run's own
+    (augmented) training batches with the weights frozen bring them to the
+    final weights' statistics (the old values decay by 0.9 per batch).
+
+    Returns the variables with the new batch_stats (params unchanged).
+    """
+    if passes <= 0 or "batch_stats" not in variables:
+        return variables
+    batches = AugmentedBatches(images_u8, labels, mode, selection, batch_size, seed)
+    variables = dict(variables)
+    for step in range(int(passes) * batches.steps_per_epoch):
+        images, _, spec = batches(step)
+        variables["batch_stats"] = stats_step(variables, images, jax.random.fold_in(key, step),
+                                              spec)
+    return variables
+
+
+def predict_labels(predict: Callable, variables: Any, images_u8: np.ndarray,
+                   batch_size: int) -> np.ndarray:
+    """Argmax class per image, int [N], in fixed-shape batches."""
+    batch_size = int(min(batch_size, images_u8.shape[0]))
+    out = []
+    for idx, real in pipeline.padded_index_batches(images_u8.shape[0], batch_size):
+        logits = predict(variables, pipeline.uint8_to_float(images_u8[idx]))
+        out.append(np.asarray(jnp.argmax(logits, -1))[:real])
+    return np.concatenate(out).astype(np.int32)
+
+
+def variables_template(model: nn.Module, inputs: tuple) -> dict:
+    """Shapes of a model's variables (params, batch_stats) without running or compiling
+    its initialiser: the target structure for restoring saved variables."""
+    rngs = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
+    shapes = jax.eval_shape(lambda: model.init(rngs, *inputs, train=False))
+    return {k: v for k, v in shapes.items() if k in ("params", "batch_stats") and v}
