@@ -29,7 +29,8 @@ SHORT_LABELS = {"original": "Original", "balanced": "Balanced", "general_noise":
 
 
 # The paper's Table 1 figures quoted by the issue (Blond_Hair gap).
-PAPER_BLOND_HAIR_GAP = {"original": 0.28, "balanced": 0.05, "general_noise": 0.09}
+# The paper's General-Noise table (original 0.26; the 0.28 sits in the General-Mask table).
+PAPER_BLOND_HAIR_GAP = {"original": 0.26, "balanced": 0.05, "general_noise": 0.09}
 
 
 PAPER_QUANTILE = 0.7
@@ -219,14 +220,14 @@ def _paired_outcome(pb: dict, pg: dict) -> str:
 
 
 def _blond_hair_verdict(config, results: dict, comp: dict) -> list[str]:
-    """The comparison with the paper's Blond_Hair row (0.28 -> 0.05 -> 0.09)."""
+    """The comparison with the paper's Blond_Hair row (0.26 -> 0.05 -> 0.09)."""
     q = config.debias.quantile
     b = comp["blond_hair"]["ours"]
     runs_b = results["Blond_Hair"]["runs"]
     out = [f"Blond_Hair: gap {_gap_text(runs_b['original'])} (original) -> "
            f"{_gap_text(runs_b['balanced'])} (balanced) -> "
            f"{_gap_text(runs_b[run_name('general_noise', q)])} (general noise, q = {q}); "
-           f"the paper reports 0.28 -> 0.05 -> 0.09."]
+           f"the paper reports 0.26 -> 0.05 -> 0.09."]
     reduced_b = b["balanced"] < b["original"]
     reduced_n = b["general_noise"] < b["original"]
     repeats = num_repeats(config)
