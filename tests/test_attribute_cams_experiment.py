@@ -291,3 +291,85 @@ def test_celeba_source_feeds_the_experiment_batches(tmp_path):
     config.explain.mask_source = "parse"
     with pytest.raises(ValueError, match="no parse maps"):
         ac.explain_test_set([], source, test_idx, regions.ATTRIBUTES, (), config)
+
+
+def _per_attribute(results, model):
+    return results["models"][model]["attributes"]
+
+
+def _assert_same_numbers(a, b):
+    if isinstance(a, dict):
+        assert set(a) == set(b)
+        for key in a:
+            _assert_same_numbers(a[key], b[key])
+    elif a is None or b is None:
+        assert a is None and b is None
+    else:
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-5)
+
+
+def test_checkpoint_source_explains_a_trained_run_dir_to_the_same_numbers(smoke_run, tmp_path):
+    """model.source=checkpoint on the smoke run's AFFACT-b: no training, the same energies."""
+    _, workdir, _ = smoke_run
+    config = get_config("smoke")
+    config.model.source, config.model.path = "checkpoint", str(workdir / "models" / "affact_b")
+    registry.run_experiment(config, str(tmp_path))
+    trained = json.loads((workdir / "results.json").read_text())  # NaN written as null
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert list(results["models"]) == ["audited"] and results["finding"] is None
+    assert results["setup"]["model_source"]["source"] == "checkpoint"
+    _assert_same_numbers(_per_attribute(trained, "affact_b"), _per_attribute(results, "audited"))
+    assert not (tmp_path / "models").exists()  # nothing trained
+    summary = (tmp_path / "summary.md").read_text()
+    assert "model.source=checkpoint" in summary and "| Wearing Hat |" in summary
+    assert ac.write_markdown(str(tmp_path)) == summary
+
+
+def test_model_source_errors_come_before_any_work(smoke_run, tmp_path):
+    _, workdir, _ = smoke_run
+    run_dir = str(workdir / "models" / "affact_u")
+    cases = [
+        (dict(source="checkpoint", path=str(tmp_path / "missing")), "does not exist"),
+        (dict(source="checkpoint", path=run_dir, name="resnet18"),
+         "holds a small_resnet model; model.name='resnet18'"),
+        (dict(source="checkpoint", path=run_dir, outputs=("Bald",)), "model.outputs"),
+        (dict(source="hub"), "model.source='hub'"),
+    ]
+    for fields, message in cases:
+        config = get_config("smoke")
+        config.data.source = "imagenet"  # would fail later: the model is checked first
+        for key, value in fields.items():
+            config.model[key] = value
+        with pytest.raises(ValueError, match=message):
+            ac.run(config, str(tmp_path / "out"))
+        assert not (tmp_path / "out" / "results.json").exists()
+    config.model.source = "checkpoint"
+    with pytest.raises(ValueError, match="nothing to train"):
+        ac.train(config, str(tmp_path / "out"))
+
+
+def test_torchvision_source_with_named_outputs(tmp_path):
+    torch = pytest.importorskip("torch")
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from test_torch_import import _torchvision_like
+
+    torch.manual_seed(0)
+    path = tmp_path / "clf.pt"
+    torch.save(_torchvision_like("basic", (2, 2, 2, 2), num_classes=3).state_dict(), path)
+    config = get_config("smoke")
+    config.model.source, config.model.path, config.model.name = "torchvision", str(path), "resnet18"
+    config.model.outputs = ("Wearing_Hat", "Eyeglasses")
+    with pytest.raises(ValueError, match=r"clf.pt has 3 fc output\(s\); model.outputs names 2"):
+        ac.run(config, str(tmp_path / "out"))
+    config.model.outputs = ()
+    with pytest.raises(ValueError, match="model.outputs is empty"):
+        ac.run(config, str(tmp_path / "out"))
+    config.model.outputs = ("Wearing_Hat", "Eyeglasses", "No_Beard")
+    config.explain.table2_attributes = ("Wearing_Hat", "Eyeglasses")
+    results = registry.run_experiment(config, str(tmp_path / "out"))
+    assert results["setup"]["attributes"] == ["Wearing_Hat", "Eyeglasses", "No_Beard"]
+    assert results["setup"]["model"] == "resnet18"
+    for entry in _per_attribute(results, "audited").values():
+        assert entry["predicted_positive"] + entry["predicted_negative"] == \
+            results["setup"]["test"]["kept"]

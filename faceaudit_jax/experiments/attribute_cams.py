@@ -39,8 +39,9 @@ from faceaudit_jax.explain import attribute_masks as masks_lib
 from faceaudit_jax.explain.attribute_audit import cam_pairs, explain_test_set
 from faceaudit_jax.metrics import fairness
 from faceaudit_jax.models import build_model
+from faceaudit_jax.models import sources as model_sources
 from faceaudit_jax.summary import attribute_summary as summary_lib
-from faceaudit_jax.summary.attribute_summary import METHOD_LABELS, MODEL_LABELS, MODELS
+from faceaudit_jax.summary.attribute_summary import METHOD_LABELS, MODELS
 from faceaudit_jax.viz import attribute_figures
 from faceaudit_jax.workdir import check_fingerprint, overwrite_requested, write_json
 
@@ -199,6 +200,10 @@ def train_model(config, workdir: str, name: str, source, train_idx: np.ndarray,
         loss_fn=losses.multi_attribute_loss_fn(loss),
         ckpt_every=int(config.train.ckpt_every), log_every=int(config.train.log_every),
         desc=f"train {name}")
+    # model.json: the run dir is then a model.source=checkpoint for this and other experiments.
+    model_sources.record_classifier(run_dir, arch=str(config.model.name), outputs=names,
+                                    resolution=int(config.data.resolution),
+                                    data_source=str(config.data.source))
     return TrainedModel(name, model, train_lib.state_variables(state), num_steps, str(run_dir))
 
 
@@ -235,8 +240,12 @@ def report(results: dict, link_prefix: str = "") -> dict[str, str]:
         "table1.md": summary_lib.table1_markdown(results["table1"], method_label),
         "table2.md": summary_lib.table2_markdown(results["table2"], setup["methods"]),
         "table_targets.md": summary_lib.target_markdown(results["targets"], method_label),
-        "summary.md": summary_lib.summary_markdown(setup, results["table1"], results["finding"],
-                                                   key_attributes, link_prefix),
+        "summary.md": (
+            summary_lib.summary_markdown(setup, results["table1"], results["finding"],
+                                         key_attributes, link_prefix)
+            if results["finding"] is not None else
+            summary_lib.loaded_model_summary_markdown(setup, results["table1"], key_attributes,
+                                                      link_prefix)),
     }
 
 
@@ -260,7 +269,8 @@ def write_markdown(workdir: str) -> str:
     if not path.exists():
         raise ValueError(f"{path} does not exist; run the experiment first")
     results = json.loads(path.read_text())
-    results["finding"]["verdict"] = summary_lib.finding_verdict(results["finding"])
+    if results["finding"] is not None:
+        results["finding"]["verdict"] = summary_lib.finding_verdict(results["finding"])
     write_json(path, results)
     return _write_report(results, out)
 
@@ -277,6 +287,9 @@ def _source_label(config) -> str:
 
 def train(config, workdir: str) -> dict[str, TrainedModel]:
     """Train (or reload) AFFACT-u and AFFACT-b; returns {name: TrainedModel}."""
+    if model_sources.model_source(config.model) != "train":
+        raise ValueError(f"model.source={config.model.source!r}: there is nothing to train; "
+                         "explain.py explains the loaded model")
     source = build_source(config.data)
     train_idx, _ = split_indices(config, source)
     train_attrs = source.attributes(train_idx)["attrs"]
@@ -330,14 +343,18 @@ def _model_json(report_: dict, names: Sequence[str]) -> dict:
 
 def _setup(config, names, pairs, defined, train_idx, test_idx, counts, models, seconds) -> dict:
     main_method = str(config.explain.main_method)
-    return {
-        "source": str(config.data.source), "source_label": _source_label(config),
-        "independent": bool(config.data.independent), "resolution": int(config.data.resolution),
-        "model": str(config.model.name), "attributes": list(names),
-        "num_attributes": len(names), "train_size": int(train_idx.size),
+    trained = isinstance(models[0], TrainedModel)
+    training = {
         "batch_size": int(config.train.batch_size), "num_epochs": int(config.train.num_epochs),
         "num_steps": models[0].num_steps, "unbalanced_loss": model_losses(config)["affact_u"],
         "balanced_loss": "balanced_euclidean (eq. 5), weights eq. 6 from the training p_m",
+    } if trained else {"model_source": model_sources.describe(models[0], config.model)}
+    return {
+        "source": str(config.data.source), "source_label": _source_label(config),
+        "independent": bool(config.data.independent), "resolution": int(config.data.resolution),
+        "model": str(config.model.name) if trained else models[0].arch,
+        "attributes": list(names), "num_attributes": len(names),
+        "train_size": int(train_idx.size), **training,
         "methods": list(config.explain.methods), "main_method": main_method,
         "main_method_label": METHOD_LABELS.get(main_method, main_method),
         "pairs": [f"{m}/{t}" for m, t in pairs], "mask_source": str(config.explain.mask_source),
@@ -376,26 +393,49 @@ def _tables(config, p_train, reports, names, defined) -> dict:
                                            tuple(config.explain.figure_attributes), names),
         "finding": summary_lib.majority_class_finding(
             p_train, reports["affact_u"], reports["affact_b"], key, defined, names,
-            float(config.explain.min_imbalance)),
+            float(config.explain.min_imbalance)) if set(reports) == set(MODELS) else None,
     }
 
 
+def load_model(config):
+    """(classifier, the attribute of each output) for model.source checkpoint / torchvision.
+
+    Every check (file, architecture vs ``model.name``, outputs vs
+    ``model.outputs``, attribute names) runs here, before any data is read.
+    """
+    clf = model_sources.load_classifier(config.model, name="audited")
+    names = model_sources.multi_attribute_outputs(config.model, clf)
+    regions.attribute_ids(names)  # an unknown attribute name raises, naming it
+    return clf, names
+
+
+def _models(config, workdir, source, train_idx, names, p_train, loaded):
+    """(models to explain, {name: what results.json says about how it was made})."""
+    if loaded is not None:
+        return [loaded], {loaded.name: {"source": model_sources.model_source(config.model)}}
+    models = train_models(config, workdir, source, train_idx, names, p_train)
+    return models, {name: {"loss": loss} for name, loss in model_losses(config).items()}
+
+
 def run(config, workdir: str) -> dict:
-    """Train both models, explain them on frontal test faces, write tables, figures, JSON."""
+    """Train both models (or load one: model.source), explain on frontal test faces, write all."""
     out = Path(workdir)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    loaded, loaded_names = (None, None)
+    if model_sources.model_source(config.model) != "train":
+        loaded, loaded_names = load_model(config)
     source = build_source(config.data)
     train_idx, test_idx = split_indices(config, source)
     train_attrs = source.attributes(train_idx)["attrs"]
-    names = attribute_names(config.data, train_attrs)
+    names = loaded_names or attribute_names(config.data, train_attrs)
     pairs = cam_pairs(tuple(config.explain.methods), str(config.explain.main_method))
     _check_attribute_fields(config, names)
     defined = masks_lib.mask_defined(names, str(config.explain.mask_source))
-    losses_by_model = model_losses(config)
+    model_losses(config)  # a bad train.unbalanced_loss fails before training
 
     p_train = training_positive_share(train_attrs, names)
-    models = train_models(config, workdir, source, train_idx, names, p_train)
+    models, made = _models(config, workdir, source, train_idx, names, p_train, loaded)
     trained_at = time.perf_counter()
     evaluations, reports, counts, caught = _explain_and_reduce(
         models, source, test_idx, names, pairs, defined, config)
@@ -408,17 +448,15 @@ def run(config, workdir: str) -> dict:
         "setup": _setup(config, names, pairs, defined, train_idx, test_idx, counts, models,
                         seconds),
         "p_train": {n: float(p) for n, p in zip(names, p_train)},
-        "models": {name: {"loss": losses_by_model[name], **_model_json(reports[name], names)}
-                   for name in MODELS},
+        "models": {name: {**made[name], **_model_json(reports[name], names)} for name in made},
         **tables,
         "figures": _figures(out, config, evaluations, reports, pairs, tables["table1"], names),
         "warnings": caught,
     }
     write_json(out / "results.json", results)
     summary = _write_report(results, out)
-    for name in MODELS:
-        model = results["models"][name]
-        print(f"[{MODEL_LABELS[name]}] mean accuracy {model['mean_accuracy']:.3f}, mean "
-              f"balanced accuracy {model['mean_balanced_accuracy']:.3f}", flush=True)
+    for name, model in results["models"].items():
+        print(f"[{summary_lib.model_label(name)}] mean accuracy {model['mean_accuracy']:.3f}, "
+              f"mean balanced accuracy {model['mean_balanced_accuracy']:.3f}", flush=True)
     print(summary, flush=True)
     return results

@@ -189,8 +189,7 @@ def table1_rows(p_train, reports: dict, key: str, names: Sequence[str], defined)
     for a in fairness.imbalance_order(p_train):
         row = {"attribute": names[a], "p_train": float(p_train[a]),
                "imbalance": float(fairness.imbalance(p_train[a])), "mask_defined": bool(defined[a])}
-        for model in MODELS:
-            r = reports[model]
+        for model, r in reports.items():
             row[model] = {
                 "fnr": float(r["fnr"][a]), "fpr": float(r["fpr"][a]),
                 "energy_positive": float(r["energy"][key]["positive"][a]),
@@ -209,29 +208,54 @@ def _energy_cell(value, majority: bool) -> str:
     return f"**{text}**" if majority and text != "n/a" else text
 
 
+def model_label(name: str) -> str:
+    """"AFFACT-u" / "AFFACT-b" for the trained pair; any other (loaded) model by its name."""
+    return MODEL_LABELS.get(name, name)
+
+
+def row_models(row: dict) -> list[str]:
+    """The models a Table 1 row holds (its dict-valued fields), in order."""
+    return [k for k, v in row.items() if isinstance(v, dict)]
+
+
+def _short(models: Sequence[str]) -> dict[str, str]:
+    """Column suffixes: " u" / " b" for AFFACT-u / AFFACT-b, nothing for a single model."""
+    if len(models) == 1:
+        return {models[0]: ""}
+    return {m: " " + {"affact_u": "u", "affact_b": "b"}.get(m, m) for m in models}
+
+
+def _table1_note(models: Sequence[str], method_label: str) -> str:
+    who = ("u = AFFACT-u, b = AFFACT-b; " if list(models) == list(MODELS)
+           else f"model: {', '.join(model_label(m) for m in models)}; ")
+    return (f"Table 1 analogue: {who}p_m = training share of positives; "
+            f"FNR/FPR on the frontal test faces; E+ / E- = mean proportional energy (eq. 7) of "
+            f"the {method_label} CAM (predicted-class target |z|) inside the attribute mask over "
+            "the positively / negatively predicted faces; **bold** = the majority class; "
+            f"E unif = the energy a uniform map would get on {model_label(models[0])}'s "
+            "positively / negatively predicted faces (the mask's area share, chance level). n/a: "
+            "no prediction on that side, or no mask for the attribute. Sorted by |p_m - 0.5|.\n\n")
+
+
 def table1_markdown(rows: Sequence[dict], method_label: str) -> str:
-    headers = ["Attribute", "p_m", "FNR u", "FPR u", "FNR b", "FPR b",
-               "E+ u", "E- u", "E+ b", "E- b", "E+ unif", "E- unif"]
+    models = row_models(rows[0]) if rows else list(MODELS)
+    short = _short(models)
+    headers = (["Attribute", "p_m"] + [f"{k}{short[m]}" for m in models for k in ("FNR", "FPR")]
+               + [f"{k}{short[m]}" for m in models for k in ("E+", "E-")]
+               + ["E+ unif", "E- unif"])
     body = []
     for row in rows:
         majority_positive = row["p_train"] > 0.5
         cells = [row["attribute"].replace("_", " "), fmt(row["p_train"])]
-        for model in MODELS:
+        for model in models:
             cells += [fmt(row[model]["fnr"]), fmt(row[model]["fpr"])]
-        for model in MODELS:
+        for model in models:
             cells += [_energy_cell(row[model]["energy_positive"], majority_positive),
                       _energy_cell(row[model]["energy_negative"], not majority_positive)]
-        u = row["affact_u"]
-        cells += [fmt(u["uniform_positive"]), fmt(u["uniform_negative"])]
+        first = row[models[0]]
+        cells += [fmt(first["uniform_positive"]), fmt(first["uniform_negative"])]
         body.append(cells)
-    note = (f"Table 1 analogue: u = AFFACT-u, b = AFFACT-b; p_m = training share of positives; "
-            f"FNR/FPR on the frontal test faces; E+ / E- = mean proportional energy (eq. 7) of "
-            f"the {method_label} CAM (predicted-class target |z|) inside the attribute mask over "
-            "the positively / negatively predicted faces; **bold** = the majority class; "
-            "E unif = the energy a uniform map would get on AFFACT-u's positively / negatively "
-            "predicted faces (the mask's area share, chance level). n/a: no prediction on that "
-            "side, or no mask for the attribute. Sorted by |p_m - 0.5|.\n\n")
-    return note + markdown_table(headers, body)
+    return _table1_note(models, method_label) + markdown_table(headers, body)
 
 
 def table2_rows(reports: dict, methods: Sequence[str], attributes: Sequence[str],
@@ -239,8 +263,8 @@ def table2_rows(reports: dict, methods: Sequence[str], attributes: Sequence[str]
     rows = []
     for attribute in attributes:
         a = list(names).index(attribute)
-        for model in MODELS:
-            r = reports[model]["energy"]
+        for model, report in reports.items():
+            r = report["energy"]
             rows.append({"attribute": attribute, "model": model, **{
                 method: {"energy_positive": float(r[f"{method}/predicted"]["positive"][a]),
                          "energy_negative": float(r[f"{method}/predicted"]["negative"][a])}
@@ -251,7 +275,7 @@ def table2_rows(reports: dict, methods: Sequence[str], attributes: Sequence[str]
 def table2_markdown(rows: Sequence[dict], methods: Sequence[str]) -> str:
     headers = ["Attribute", "Model"] + [f"{METHOD_LABELS.get(m, m)} {s}" for m in methods
                                         for s in ("E+", "E-")]
-    body = [[row["attribute"].replace("_", " "), MODEL_LABELS[row["model"]]]
+    body = [[row["attribute"].replace("_", " "), model_label(row["model"])]
             + [fmt(row[m][k]) for m in methods for k in ("energy_positive", "energy_negative")]
             for row in rows]
     note = ("Table 2 analogue: mean proportional energy inside the attribute mask per CAM "
@@ -268,8 +292,7 @@ def target_rows(reports: dict, main_method: str, attributes: Sequence[str],
     rows = []
     for attribute in attributes:
         a = list(names).index(attribute)
-        for model in MODELS:
-            r = reports[model]
+        for model, r in reports.items():
             rows.append({
                 "attribute": attribute, "model": model,
                 "num_negative": int(r["predicted_negative"][a]),
@@ -281,7 +304,7 @@ def target_rows(reports: dict, main_method: str, attributes: Sequence[str],
 
 def target_markdown(rows: Sequence[dict], method_label: str) -> str:
     headers = ["Attribute", "Model", "negatively predicted", "E- target |z|", "E- target z"]
-    body = [[r["attribute"].replace("_", " "), MODEL_LABELS[r["model"]], r["num_negative"],
+    body = [[r["attribute"].replace("_", " "), model_label(r["model"]), r["num_negative"],
              fmt(r["predicted_target"]), fmt(r["positive_target"])] for r in rows]
     note = (f"Figure 4 numbers: {method_label} energy inside the attribute mask on the "
             "negatively predicted faces, with the predicted-class target |z| (eq. 4: explains "
@@ -366,3 +389,35 @@ def summary_markdown(setup: dict, rows1: Sequence[dict], finding: dict,
         + files + ".\n")
 
 
+
+
+def loaded_model_summary_markdown(setup: dict, rows1: Sequence[dict],
+                                  key_attributes: Sequence[str], link_prefix: str) -> str:
+    """summary.md for one loaded model (``model.source`` checkpoint / torchvision): no u-vs-b test."""
+    by_name = {row["attribute"]: row for row in rows1}
+    body = []
+    for name in key_attributes:
+        if name not in by_name:
+            continue
+        row = by_name[name]
+        (m,) = row_models(row)
+        maj_pos = row["p_train"] > 0.5
+        body.append([name.replace("_", " "), fmt(row["p_train"]), fmt(row[m]["fnr"], ".2f"),
+                     fmt(row[m]["fpr"], ".2f"), _energy_cell(row[m]["energy_positive"], maj_pos),
+                     _energy_cell(row[m]["energy_negative"], not maj_pos)])
+    source = setup["model_source"]
+    files = ", ".join(f"[{f}]({link_prefix}{f})" for f in (
+        "table1.md", "table2.md", "table_targets.md", "figure2_mean_cams.png",
+        "figure3_cam_methods.png", "figure4_targets.png", "figure_energy.png"))
+    return (
+        "### Binary attribute CAMs\n\n"
+        f"A {source['arch']} classifier loaded from {source['path']} (model.source="
+        f"{source['source']}, {setup['num_attributes']} attribute outputs), explained by "
+        f"{setup['main_method_label']} with the predicted-class target |z| on "
+        f"{setup['test']['kept']} frontal test faces ({setup['test']['excluded']} of "
+        f"{setup['test']['total']} excluded by the frontal filter); p_m = positive share of the "
+        f"{setup['train_size']} {setup['source_label']} of the configured training split; E = "
+        f"proportional energy (eq. 7) in the {setup['mask_source']} attribute mask, **bold** = "
+        "majority class. One model: the AFFACT-u vs AFFACT-b comparison is not made.\n\n"
+        + markdown_table(["Attribute", "p_m", "FNR", "FPR", "E+", "E-"], body)
+        + "\nFull tables and figures: " + files + ".\n")

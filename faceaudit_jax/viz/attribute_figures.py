@@ -18,7 +18,7 @@ from matplotlib import colors as mcolors
 from matplotlib.figure import Figure
 
 from faceaudit_jax.explain import attribute_cams as attribute_cams_lib
-from faceaudit_jax.summary.attribute_summary import METHOD_LABELS, MODEL_LABELS, MODELS
+from faceaudit_jax.summary.attribute_summary import METHOD_LABELS, model_label, row_models
 from faceaudit_jax.viz.report import fmt, save_figure
 
 
@@ -100,22 +100,22 @@ def _label(name: str) -> str:
 def figure2(path: Path, evaluations, reports, pairs, main_method, attributes, names) -> str:
     """Mean CAM per predicted class and attribute, both models (the paper's Figure 2)."""
     key = f"{main_method}/predicted"
-    background, mask_mean = _background(evaluations[MODELS[0]])
+    background, mask_mean = _background(next(iter(evaluations.values())))
     means = {m: _cam_means(evaluations[m], pairs.index((main_method, "predicted")), names)
-             for m in MODELS}
+             for m in evaluations}
     cells = []
     for attribute in attributes:
         a = list(names).index(attribute)
         row = []
-        for model in MODELS:
+        for model in evaluations:
             energy = reports[model]["energy"][key]
             for side in ("positive", "negative"):
                 count = getattr(means[model], f"num_{side}")[a]
                 row.append(_Cell(getattr(means[model], side)[a], mask_mean[a],
                                  f"n={count} E={fmt(energy[side][a], '.2f')}"))
         cells.append(row)
-    cols = [f"{MODEL_LABELS[m]}, {'z >= 0' if s == 'positive' else 'z < 0'}"
-            for m in MODELS for s in ("positive", "negative")]
+    cols = [f"{model_label(m)}, {'z >= 0' if s == 'positive' else 'z < 0'}"
+            for m in evaluations for s in ("positive", "negative")]
     return _cam_grid(path, background, cells, [_label(a) for a in attributes], cols,
                      f"Mean {METHOD_LABELS.get(main_method, main_method)} (target |z|) per "
                      "predicted class; white line: attribute mask; E: mean energy in it")
@@ -123,9 +123,9 @@ def figure2(path: Path, evaluations, reports, pairs, main_method, attributes, na
 
 def figure3(path: Path, evaluations, reports, pairs, methods, attributes, names) -> str:
     """Mean CAMs per CAM method (rows: model x method; columns: attribute x predicted class)."""
-    background, mask_mean = _background(evaluations[MODELS[0]])
+    background, mask_mean = _background(next(iter(evaluations.values())))
     cells, row_labels = [], []
-    for model in MODELS:
+    for model in evaluations:
         for method in methods:
             means = _cam_means(evaluations[model], pairs.index((method, "predicted")), names)
             energy = reports[model]["energy"][f"{method}/predicted"]
@@ -136,7 +136,7 @@ def figure3(path: Path, evaluations, reports, pairs, methods, attributes, names)
                     row.append(_Cell(getattr(means, side)[a], mask_mean[a],
                                      f"E={fmt(energy[side][a], '.2f')}"))
             cells.append(row)
-            row_labels.append(f"{MODEL_LABELS[model]}\n{METHOD_LABELS.get(method, method)}")
+            row_labels.append(f"{model_label(model)}\n{METHOD_LABELS.get(method, method)}")
     cols = [f"{_label(a)} {'+' if s == 'positive' else '-'}" for a in attributes
             for s in ("positive", "negative")]
     return _cam_grid(path, background, cells, row_labels, cols,
@@ -146,38 +146,39 @@ def figure3(path: Path, evaluations, reports, pairs, methods, attributes, names)
 
 def figure4(path: Path, evaluations, reports, pairs, main_method, attributes, names) -> str:
     """Negatively predicted faces: positive target z vs predicted target |z| (Figure 4)."""
-    background, mask_mean = _background(evaluations[MODELS[0]])
+    background, mask_mean = _background(next(iter(evaluations.values())))
     cells = []
     for attribute in attributes:
         a = list(names).index(attribute)
         row = []
-        for model in MODELS:
+        for model in evaluations:
             for mode in ("positive", "predicted"):
                 means = _cam_means(evaluations[model], pairs.index((main_method, mode)), names)
                 energy = reports[model]["energy"][f"{main_method}/{mode}"]["negative"][a]
                 row.append(_Cell(means.negative[a], mask_mean[a],
                                  f"n={means.num_negative[a]} E={fmt(energy, '.2f')}"))
         cells.append(row)
-    cols = [f"{MODEL_LABELS[m]}, target {'z' if mode == 'positive' else '|z|'}"
-            for m in MODELS for mode in ("positive", "predicted")]
+    cols = [f"{model_label(m)}, target {'z' if mode == 'positive' else '|z|'}"
+            for m in evaluations for mode in ("positive", "predicted")]
     return _cam_grid(path, background, cells, [_label(a) for a in attributes], cols,
                      f"Mean {METHOD_LABELS.get(main_method, main_method)} on negatively "
                      "predicted faces (z < 0): positive target z vs predicted target |z|")
 
 
 def figure_energy(path: Path, rows1: Sequence[dict], method_label: str) -> str:
-    """E+ and E- of both models per attribute (with a mask), sorted by p_m."""
+    """E+ and E- of every model per attribute (with a mask), sorted by p_m."""
     rows = sorted((r for r in rows1 if r["mask_defined"]), key=lambda r: r["p_train"])
     x = np.arange(len(rows))
     fig = Figure(figsize=(max(6.0, 0.32 * len(rows) + 1.5), 5.2))
     axes = fig.subplots(2, 1, sharex=True)
+    models = row_models(rows1[0])
     for ax, side in zip(axes, ("negative", "positive")):
-        for offset, model, colour in ((-0.18, "affact_u", "tab:red"),
-                                      (0.18, "affact_b", "tab:blue")):
+        offsets = np.linspace(-0.18, 0.18, len(models)) if len(models) > 1 else [0.0]
+        for offset, model, colour in zip(offsets, models, ("tab:red", "tab:blue", "tab:green")):
             values = np.array([r[model][f"energy_{side}"] for r in rows], np.float64)
-            ax.bar(x + offset, np.nan_to_num(values), width=0.36, color=colour,
-                   label=MODEL_LABELS[model])
-        uniform = np.array([r["affact_u"][f"uniform_{side}"] for r in rows], np.float64)
+            ax.bar(x + offset, np.nan_to_num(values), width=0.72 / len(models), color=colour,
+                   label=model_label(model))
+        uniform = np.array([r[models[0]][f"uniform_{side}"] for r in rows], np.float64)
         ax.plot(x, uniform, "k_", markersize=9, label="uniform map")
         ax.set_ylabel(f"E ({side}ly predicted)", fontsize=8)
         ax.set_ylim(0, 1)
