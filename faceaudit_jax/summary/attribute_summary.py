@@ -348,6 +348,21 @@ def finding_paragraph(finding: dict) -> str:
     return verdict
 
 
+OUTPUT_FILES = ("table1.md", "table2.md", "table_targets.md", "figure2_mean_cams.png",
+                "figure3_cam_methods.png", "figure4_targets.png", "figure_energy.png")
+
+
+def _file_links(link_prefix: str) -> str:
+    return ", ".join(f"[{f}]({link_prefix}{f})" for f in OUTPUT_FILES)
+
+
+def _explained_on(setup: dict) -> str:
+    test = setup["test"]
+    return (f"{setup['main_method_label']} with the predicted-class target |z| on {test['kept']} "
+            f"frontal test faces ({test['excluded']} of {test['total']} excluded by the frontal "
+            "filter)")
+
+
 def summary_markdown(setup: dict, rows1: Sequence[dict], finding: dict,
                      key_attributes: Sequence[str], link_prefix: str) -> str:
     """The README fragment: setup, key rows of Table 1, and the closing note with numbers."""
@@ -372,23 +387,17 @@ def summary_markdown(setup: dict, rows1: Sequence[dict], finding: dict,
     verdict = finding_paragraph(finding)
     loss_u = ("plain Euclidean loss on +-1 targets" if setup["unbalanced_loss"] == "euclidean"
               else "sigmoid cross-entropy")
-    files = ", ".join(f"[{f}]({link_prefix}{f})" for f in (
-        "table1.md", "table2.md", "table_targets.md", "figure2_mean_cams.png",
-        "figure3_cam_methods.png", "figure4_targets.png", "figure_energy.png"))
+    files = _file_links(link_prefix)
     return (
         "### Binary attribute CAMs\n\n"
         f"AFFACT-u ({loss_u}) vs AFFACT-b (balanced Euclidean loss, eq. 5-6): two "
         f"{setup['model']} networks with one logit per attribute ({setup['num_attributes']} "
         f"attributes), trained on the same {setup['train_size']} {setup['source_label']} "
         f"({setup['num_steps']} updates each, {setup['resolution']} px), explained by "
-        f"{setup['main_method_label']} with the predicted-class target |z| on "
-        f"{setup['test']['kept']} frontal test faces ({setup['test']['excluded']} of "
-        f"{setup['test']['total']} excluded by the frontal filter); E = proportional energy "
+        f"{_explained_on(setup)}; E = proportional energy "
         f"(eq. 7) in the {setup['mask_source']} attribute mask, **bold** = majority class.\n\n"
         + markdown_table(headers, body) + "\n" + verdict + "\n\nFull tables and figures: "
         + files + ".\n")
-
-
 
 
 def loaded_model_summary_markdown(setup: dict, rows1: Sequence[dict],
@@ -406,16 +415,12 @@ def loaded_model_summary_markdown(setup: dict, rows1: Sequence[dict],
                      fmt(row[m]["fpr"], ".2f"), _energy_cell(row[m]["energy_positive"], maj_pos),
                      _energy_cell(row[m]["energy_negative"], not maj_pos)])
     source = setup["model_source"]
-    files = ", ".join(f"[{f}]({link_prefix}{f})" for f in (
-        "table1.md", "table2.md", "table_targets.md", "figure2_mean_cams.png",
-        "figure3_cam_methods.png", "figure4_targets.png", "figure_energy.png"))
+    files = _file_links(link_prefix)
     return (
         "### Binary attribute CAMs\n\n"
         f"A {source['arch']} classifier loaded from {source['path']} (model.source="
         f"{source['source']}, {setup['num_attributes']} attribute outputs), explained by "
-        f"{setup['main_method_label']} with the predicted-class target |z| on "
-        f"{setup['test']['kept']} frontal test faces ({setup['test']['excluded']} of "
-        f"{setup['test']['total']} excluded by the frontal filter); p_m = positive share of the "
+        f"{_explained_on(setup)}; p_m = positive share of the "
         f"{setup['train_size']} {setup['source_label']} of the configured training split; E = "
         f"proportional energy (eq. 7) in the {setup['mask_source']} attribute mask, **bold** = "
         "majority class. One model: the AFFACT-u vs AFFACT-b comparison is not made.\n\n"
