@@ -322,25 +322,6 @@ def _explain_and_reduce(models, source, test_idx, names, pairs, defined, config)
     return evaluations, reports, counts, caught
 
 
-def _model_json(report_: dict, names: Sequence[str]) -> dict:
-    """One model's results.json entry: means and the per-attribute numbers."""
-    per_attribute = {}
-    for a, name in enumerate(names):
-        per_attribute[name] = {
-            **{k: report_[k][a] for k in ("p_test", "fnr", "fpr", "accuracy", "num_positive",
-                                          "num_negative", "predicted_positive",
-                                          "predicted_negative")},
-            "energy": {pair: {"positive": e["positive"][a], "negative": e["negative"][a]}
-                       for pair, e in report_["energy"].items()},
-            "uniform_energy": {"positive": report_["uniform_energy"]["positive"][a],
-                               "negative": report_["uniform_energy"]["negative"][a]},
-        }
-    balanced_accuracy = 1.0 - 0.5 * (report_["fnr"] + report_["fpr"])
-    return {"mean_accuracy": float(np.nanmean(report_["accuracy"])),
-            "mean_balanced_accuracy": float(np.nanmean(balanced_accuracy)),
-            "attributes": per_attribute}
-
-
 def _setup(config, names, pairs, defined, train_idx, test_idx, counts, models, seconds) -> dict:
     main_method = str(config.explain.main_method)
     trained = isinstance(models[0], TrainedModel)
@@ -448,7 +429,7 @@ def run(config, workdir: str) -> dict:
         "setup": _setup(config, names, pairs, defined, train_idx, test_idx, counts, models,
                         seconds),
         "p_train": {n: float(p) for n, p in zip(names, p_train)},
-        "models": {name: {**made[name], **_model_json(reports[name], names)} for name in made},
+        "models": {name: {**made[name], **summary_lib.model_json(reports[name], names)} for name in made},
         **tables,
         "figures": _figures(out, config, evaluations, reports, pairs, tables["table1"], names),
         "warnings": caught,

@@ -61,6 +61,25 @@ def model_report(evaluation, names: Sequence[str], pairs, defined: np.ndarray
     }
 
 
+def model_json(report_: dict, names: Sequence[str]) -> dict:
+    """One ``model_report`` as its results.json entry: mean (balanced) accuracy and per-attribute numbers."""
+    per_attribute = {}
+    for a, name in enumerate(names):
+        per_attribute[name] = {
+            **{k: report_[k][a] for k in ("p_test", "fnr", "fpr", "accuracy", "num_positive",
+                                          "num_negative", "predicted_positive",
+                                          "predicted_negative")},
+            "energy": {pair: {"positive": e["positive"][a], "negative": e["negative"][a]}
+                       for pair, e in report_["energy"].items()},
+            "uniform_energy": {"positive": report_["uniform_energy"]["positive"][a],
+                               "negative": report_["uniform_energy"]["negative"][a]},
+        }
+    balanced_accuracy = 1.0 - 0.5 * (report_["fnr"] + report_["fpr"])
+    return {"mean_accuracy": float(np.nanmean(report_["accuracy"])),
+            "mean_balanced_accuracy": float(np.nanmean(balanced_accuracy)),
+            "attributes": per_attribute}
+
+
 MIN_ATTRIBUTES_FOR_TEST = 5  # a one-sided signed-rank test needs a handful of pairs
 
 
