@@ -43,7 +43,19 @@ Estimated total on a free machine: training 2 x ~3 min, explaining
 2 x 560 images with 4 CAM methods (target |z|) + Grad-CAM (target z) for
 every attribute ~1 min.
 
-Variants: ``smoke`` (64 px, 2 updates per model, 32 test faces; ~40 s),
+Explain your own multi-attribute classifier instead of training two
+(``model.source``; no training, one model, no AFFACT-u/b comparison):
+  python explain.py --config configs/attribute_cams.py --workdir W \
+      --config.model.source=checkpoint --config.model.path=RUN/models/affact_b
+  python explain.py --config configs/attribute_cams.py --workdir W \
+      --config.model.source=torchvision --config.model.path=clf.pt \
+      --config.model.name=resnet50 --config.model.outputs='("Bald","Eyeglasses")'
+``checkpoint``: a run directory of this project (its model.json names the
+outputs); ``torchvision``: a ResNet state_dict whose ``fc`` has one output
+per name in ``model.outputs`` (CelebA attribute names, in fc order).
+``model.name`` is checked against the file's architecture.
+
+Variants (comma-separated, ``config_args.parse_arg``): ``smoke`` (64 px, 2 updates per model, 32 test faces; ~40 s),
 ``paper`` (AFFACT's ResNet-50 at 224 px for accelerators) and ``celeba``
 (real CelebA from ``data.root``: the published layout with
 img_align_celeba/, list_attr_celeba.txt, list_landmarks_align_celeba.txt and
@@ -53,7 +65,9 @@ fixed rectangles).
 
 import ml_collections
 
+from faceaudit_jax.config_args import parse_arg
 from faceaudit_jax.data import sources
+from faceaudit_jax.models.resnet import IMAGENET_MEAN, IMAGENET_STD
 
 TABLE2_ATTRIBUTES = ("Wearing_Hat", "Eyeglasses", "Wearing_Earrings", "Wearing_Necklace", "Bald")
 FIGURE_ATTRIBUTES = TABLE2_ATTRIBUTES + ("Wearing_Necktie", "No_Beard", "Wearing_Lipstick",
@@ -62,6 +76,7 @@ CAM_METHODS = ("grad_cam", "grad_cam_plusplus", "hires_cam", "element_wise_grad_
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
+    a = parse_arg(arg, smoke=False, paper=False, celeba=False)
     c = ml_collections.ConfigDict()
     c.experiment = "attribute_cams"
     c.seed = 0
@@ -84,7 +99,17 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.data.attributes = ()
 
     c.model = ml_collections.ConfigDict()
-    c.model.name = "small_resnet"
+    c.model.name = "small_resnet"        # trained arch; checked against a loaded model's
+    # Where the explained model comes from: "train" (AFFACT-u and AFFACT-b,
+    # trained here), "checkpoint" (model.path = a run directory of this
+    # project) or "torchvision" (model.path = a ResNet state_dict file).
+    c.model.source = "train"
+    c.model.path = ""
+    # torchvision: the CelebA attribute each fc output predicts, in order
+    # (checkpoint: read from the run dir's model.json; if set, checked).
+    c.model.outputs = ()
+    c.model.mean = IMAGENET_MEAN         # torchvision only: input normalisation
+    c.model.std = IMAGENET_STD
 
     c.train = ml_collections.ConfigDict()
     c.train.size = 4000
@@ -116,18 +141,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # imbalanced (|p_m - 0.5| >= 0.35: p_m <= 0.15 or >= 0.85).
     c.explain.min_imbalance = 0.35
 
-    variant = arg.strip()
-    if variant == "smoke":
-        c.data.resolution = 64
-        c.train.size = 64
-        c.train.num_epochs = 1
-        c.train.ckpt_every = 2
-        c.train.log_every = 1
-        c.test.size = 32
-        c.test.batch_size = 32
-        c.explain.figure_attributes = ("Wearing_Hat", "Eyeglasses", "No_Beard")
-        c.explain.table2_attributes = ("Wearing_Hat", "Eyeglasses")
-    elif variant == "paper":
+    if a.paper:
         # AFFACT: ResNet-50 (BatchNorm) at 224 px, a 7 x 7 final map.
         c.model.name = "resnet50"
         c.data.resolution = 224
@@ -138,7 +152,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.train.log_every = 100
         c.test.size = 10_000
         c.test.batch_size = 100
-    elif variant == "celeba":
+    if a.celeba:
         c.data.source = "celeba"
         c.data.resolution = 224
         c.model.name = "resnet50"
@@ -150,7 +164,14 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.test.size = 0                  # 0: the whole test partition
         c.test.batch_size = 100
         c.explain.mask_source = "rectangles"
-    elif variant:
-        raise ValueError(
-            f"unknown config variant {variant!r}; expected '', 'smoke', 'paper' or 'celeba'")
+    if a.smoke:  # last: shrinks any combination (e.g. 'celeba,smoke')
+        c.data.resolution = 64
+        c.train.size = 64
+        c.train.num_epochs = 1
+        c.train.ckpt_every = 2
+        c.train.log_every = 1
+        c.test.size = 32
+        c.test.batch_size = 32
+        c.explain.figure_attributes = ("Wearing_Hat", "Eyeglasses", "No_Beard")
+        c.explain.table2_attributes = ("Wearing_Hat", "Eyeglasses")
     return c

@@ -324,3 +324,48 @@ def margin_softmax_loss(
         raise ValueError(f"unknown margin loss kind {kind!r}; expected one of {list(MARGIN_KINDS)}")
     log_probs = jax.nn.log_softmax(logits, axis=-1)
     return -jnp.mean(jnp.take_along_axis(log_probs, jnp.asarray(labels)[:, None], axis=-1))
+
+
+# Multi-attribute batch losses (the binary-attribute CAM experiment's AFFACT-u / AFFACT-b):
+# ``loss_fn(logits [B, A], batch)`` reading ``label`` / ``label_mask`` and, for the Euclidean
+# kinds, the class weights ``weight_positive`` / ``weight_negative`` [A] carried in the batch.
+MULTI_ATTRIBUTE_UNBALANCED_LOSSES = ("euclidean", "bce")
+
+
+def weighted_euclidean_batch_loss(logits: jax.Array, batch: dict) -> jax.Array:
+    """sum_m w_m(t) (z_m - t_m)^2 with t = 2 * label - 1 and the class weights in the batch.
+
+    One module-level function for unit weights (AFFACT-u) and eq. 6 weights
+    (AFFACT-b), so models that differ only by the weights share one compiled step.
+    """
+    return balanced_euclidean(logits, 2.0 * batch["label"] - 1.0,
+                              (batch["weight_positive"], batch["weight_negative"]),
+                              batch["label_mask"])
+
+
+def sigmoid_bce_batch_loss(logits: jax.Array, batch: dict) -> jax.Array:
+    """``sigmoid_bce`` over the known entries of ``batch["label"]`` (``label_mask``)."""
+    return sigmoid_bce(logits, batch["label"], batch["label_mask"])
+
+
+def multi_attribute_class_weights(kind: str, p_train: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(w(+1), w(-1)) [A] for a loss kind: ones for "euclidean"/"bce", eq. 6 for "balanced".
+
+    Attributes without a training p_m (NaN: no known target) get weight 1.
+    """
+    p = np.asarray(p_train, np.float64)
+    if kind in MULTI_ATTRIBUTE_UNBALANCED_LOSSES:
+        return np.ones(p.shape, np.float32), np.ones(p.shape, np.float32)
+    if kind == "balanced":
+        w_pos, w_neg = balanced_weights(np.where(np.isfinite(p), p, 0.5))
+        return np.asarray(w_pos, np.float32), np.asarray(w_neg, np.float32)
+    raise ValueError(f"unknown loss kind {kind!r}; expected 'euclidean', 'bce' or 'balanced'")
+
+
+def multi_attribute_loss_fn(kind: str):
+    """``loss_fn(logits [B, A], batch) -> scalar`` for "euclidean", "balanced" or "bce"."""
+    if kind in ("euclidean", "balanced"):
+        return weighted_euclidean_batch_loss
+    if kind == "bce":
+        return sigmoid_bce_batch_loss
+    raise ValueError(f"unknown loss kind {kind!r}; expected 'euclidean', 'bce' or 'balanced'")

@@ -11,6 +11,7 @@ import pytest
 from faceaudit_jax import losses, regions
 from faceaudit_jax.experiments import attribute_cams as ac
 from faceaudit_jax.experiments import registry
+from faceaudit_jax.explain import attribute_audit
 from faceaudit_jax.explain import attribute_cams as attribute_cams_lib
 from faceaudit_jax.explain import attribute_masks as masks_lib
 from faceaudit_jax.metrics import energy as energy_lib
@@ -164,9 +165,9 @@ def test_explain_step_matches_public_cam_and_energy_functions(smoke_run):
     images, parse = batch["image"][:4], batch["parse"][:4]
     valid = np.array([True, False, True, True])
     pairs = (("grad_cam", "predicted"), ("grad_cam", "positive"))
-    step = ac.make_explain_step(model, names, pairs, "parse")
+    step = attribute_audit.make_explain_step(model, names, pairs, "parse")
     size = images.shape[1]
-    sums = ac.init_explain_sums(len(pairs), len(names), size, size)
+    sums = attribute_audit.init_explain_sums(len(pairs), len(names), size, size)
     sums, logits, energy, area = step(variables, sums, images, parse, jnp.asarray(valid))
 
     features_fn = lambda x: model.apply(variables, x, train=False, method="features")  # noqa
@@ -193,95 +194,19 @@ def test_explain_step_matches_public_cam_and_energy_functions(smoke_run):
     np.testing.assert_allclose(sums.mask_sum, masks[valid].sum(0), atol=1e-6)
 
 
-def test_class_weights_follow_eq6_and_loss_matches_a_numpy_loop():
-    p = np.array([0.2, 0.8, 0.5, np.nan])
-    w_pos, w_neg = ac.class_weights("balanced", p)
-    np.testing.assert_allclose(w_pos, [4.0, 1.0, 1.0, 1.0], rtol=1e-6)
-    np.testing.assert_allclose(w_neg, [1.0, 4.0, 1.0, 1.0], rtol=1e-6)
-    for kind in ac.UNBALANCED_LOSSES:
-        ones = ac.class_weights(kind, p)
-        assert all(np.array_equal(w, np.ones(4)) for w in ones)
-    with pytest.raises(ValueError, match="unknown loss kind"):
-        ac.class_weights("focal", p)
-
-    rng = np.random.default_rng(0)
-    attrs = rng.integers(-1, 2, size=(5, 4)).astype(np.int8)  # 1 / 0 / -1 unknown
-    logits = rng.normal(size=(5, 4)).astype(np.float32)
-    names = ("Bald", "Eyeglasses", "Smiling", "Wearing_Hat")
-    all_attrs = np.full((5, regions.NUM_ATTRIBUTES), -1, np.int8)
-    all_attrs[:, regions.attribute_ids(names)] = attrs
-    batch = {"attrs": jnp.asarray(all_attrs), "image": jnp.zeros((5, 64, 64, 3)),
-             "parse": jnp.zeros((5, 64, 64), jnp.int32)}
-    transformed = ac.label_transform(names, (w_pos, w_neg))(batch)
-    assert set(transformed) == {"image", "label", "label_mask", "weight_positive",
-                                "weight_negative"}
-    loss = float(ac.make_loss_fn("balanced")(jnp.asarray(logits), transformed))
-    expected = 0.0
-    for n in range(5):
-        for m in range(4):
-            if attrs[n, m] < 0:
-                continue
-            t = 1.0 if attrs[n, m] == 1 else -1.0
-            expected += (w_pos[m] if t > 0 else w_neg[m]) * (logits[n, m] - t) ** 2
-    assert loss == pytest.approx(expected / 5, rel=1e-5)
-    # Unit weights: AFFACT-u's plain Euclidean loss.
-    plain = ac.label_transform(names, ac.class_weights("euclidean", p))(batch)
-    assert float(ac.make_loss_fn("euclidean")(jnp.asarray(logits), plain)) == pytest.approx(
-        float(losses.euclidean(jnp.asarray(logits), 2.0 * plain["label"] - 1.0,
-                               plain["label_mask"])), rel=1e-6)
-
-
-def _reports(u_pos, u_neg, b_pos, b_neg, uniform=0.1):
-    def report(pos, neg):
-        n = len(pos)
-        return {"energy": {"grad_cam/predicted": {"positive": np.asarray(pos, float),
-                                                  "negative": np.asarray(neg, float)}},
-                "uniform_energy": {"positive": np.full(n, uniform), "negative": np.full(n, uniform)},
-                "fnr": np.full(n, 0.5), "fpr": np.full(n, 0.25)}
-    return {"affact_u": report(u_pos, u_neg), "affact_b": report(b_pos, b_neg)}
-
-
-def test_majority_class_finding_by_hand():
-    from scipy import stats
-
-    names = ["Bald", "Gray_Hair", "Wearing_Hat", "Goatee", "Mustache", "No_Beard", "Smiling",
-             "Eyeglasses"]
-    p = np.array([0.05, 0.04, 0.05, 0.06, 0.04, 0.9, 0.5, 0.1])
-    defined = np.array([True, True, True, True, True, True, True, False])
-    # Five rare attributes (majority negative), No_Beard (majority positive),
-    # Smiling balanced, Eyeglasses without a mask: six attributes compared.
-    u_major = [0.20, 0.10, 0.15, 0.30, 0.25, 0.10]
-    b_major = [0.50, 0.20, 0.16, 0.40, 0.35, 0.30]
-    reports = _reports(u_pos=[np.nan] * 5 + [u_major[5], 0.9, 0.9],
-                       u_neg=u_major[:5] + [0.7, 0.9, 0.0],
-                       b_pos=[0.4, np.nan, 0.3, 0.3, 0.3, b_major[5], 0.0, 0.9],
-                       b_neg=b_major[:5] + [0.6, 0.0, 0.9])
-    finding = ac.majority_class_finding(p, reports, "grad_cam/predicted", defined, names, 0.35)
-    assert [r["attribute"] for r in finding["rows"]] == names[:6]
-    assert [r["majority"] for r in finding["rows"]] == ["negative"] * 5 + ["positive"]
-    majority = finding["majority"]
-    assert majority["mean_u"] == pytest.approx(np.mean(u_major))
-    assert majority["mean_b"] == pytest.approx(np.mean(b_major))
-    assert majority["mean_lift_b"] == pytest.approx(np.mean(b_major) / 0.1)
-    assert majority["num_b_higher"] == 6
-    assert majority["wilcoxon_p_b_greater"] == pytest.approx(
-        stats.wilcoxon(b_major, u_major, alternative="greater").pvalue)
-    assert majority["wilcoxon_p_b_greater"] == pytest.approx(1 / 64)  # exact: all 6 pairs b > u
-    # Minority side: only No_Beard has predictions on both models' minority side.
-    assert finding["minority"]["attributes"] == ["No_Beard"]
-    assert finding["minority"]["mean_u"] == pytest.approx(0.7)
-    assert finding["minority_error_u"] == pytest.approx((5 * 0.5 + 0.25) / 6)  # FNR x5, FPR
-    assert finding["testable"] and finding["shows"] is True
-    # Reversed roles: the balanced model's majority CAMs are weaker -> it does not show.
-    swapped = {"affact_u": reports["affact_b"], "affact_b": reports["affact_u"]}
-    reverse = ac.majority_class_finding(p, swapped, "grad_cam/predicted", defined, names, 0.35)
-    assert reverse["testable"] and reverse["shows"] is False
-    # Too few attributes for the test: inconclusive, never "shows".
-    few = ac.majority_class_finding(p, reports, "grad_cam/predicted", defined, names, 0.455)
-    assert few["majority"]["num_attributes"] == 2  # Gray_Hair, Mustache
-    assert not few["testable"] and few["shows"] is False
-    none = ac.majority_class_finding(p, reports, "grad_cam/predicted", defined, names, 0.49)
-    assert none["majority"]["num_attributes"] == 0 and none["shows"] is False
+def test_label_transform_puts_labels_mask_and_class_weights_in_the_batch():
+    names = ("Bald", "Eyeglasses", "Smiling")
+    attrs = np.full((3, regions.NUM_ATTRIBUTES), -1, np.int8)
+    attrs[:, regions.attribute_ids(names)] = [[1, 0, -1], [0, 1, 1], [-1, -1, 0]]
+    weights = (np.array([4.0, 1.0, 2.0]), np.array([1.0, 4.0, 2.0]))
+    batch = {"attrs": jnp.asarray(attrs), "image": jnp.zeros((3, 8, 8, 3))}
+    out = ac.label_transform(names, weights)(batch)
+    assert set(out) == {"image", "label", "label_mask", "weight_positive", "weight_negative"}
+    np.testing.assert_array_equal(out["label_mask"], [[1, 1, 0], [1, 1, 1], [0, 0, 1]])
+    np.testing.assert_array_equal(np.asarray(out["label"]) * np.asarray(out["label_mask"]),
+                                  [[1, 0, 0], [0, 1, 1], [0, 0, 0]])
+    np.testing.assert_array_equal(out["weight_positive"], weights[0])
+    np.testing.assert_array_equal(out["weight_negative"], weights[1])
 
 
 def test_bad_configs_raise_clear_errors(tmp_path):
@@ -366,3 +291,85 @@ def test_celeba_source_feeds_the_experiment_batches(tmp_path):
     config.explain.mask_source = "parse"
     with pytest.raises(ValueError, match="no parse maps"):
         ac.explain_test_set([], source, test_idx, regions.ATTRIBUTES, (), config)
+
+
+def _per_attribute(results, model):
+    return results["models"][model]["attributes"]
+
+
+def _assert_same_numbers(a, b):
+    if isinstance(a, dict):
+        assert set(a) == set(b)
+        for key in a:
+            _assert_same_numbers(a[key], b[key])
+    elif a is None or b is None:
+        assert a is None and b is None
+    else:
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-5)
+
+
+def test_checkpoint_source_explains_a_trained_run_dir_to_the_same_numbers(smoke_run, tmp_path):
+    """model.source=checkpoint on the smoke run's AFFACT-b: no training, the same energies."""
+    _, workdir, _ = smoke_run
+    config = get_config("smoke")
+    config.model.source, config.model.path = "checkpoint", str(workdir / "models" / "affact_b")
+    registry.run_experiment(config, str(tmp_path))
+    trained = json.loads((workdir / "results.json").read_text())  # NaN written as null
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert list(results["models"]) == ["audited"] and results["finding"] is None
+    assert results["setup"]["model_source"]["source"] == "checkpoint"
+    _assert_same_numbers(_per_attribute(trained, "affact_b"), _per_attribute(results, "audited"))
+    assert not (tmp_path / "models").exists()  # nothing trained
+    summary = (tmp_path / "summary.md").read_text()
+    assert "model.source=checkpoint" in summary and "| Wearing Hat |" in summary
+    assert ac.write_markdown(str(tmp_path)) == summary
+
+
+def test_model_source_errors_come_before_any_work(smoke_run, tmp_path):
+    _, workdir, _ = smoke_run
+    run_dir = str(workdir / "models" / "affact_u")
+    cases = [
+        (dict(source="checkpoint", path=str(tmp_path / "missing")), "does not exist"),
+        (dict(source="checkpoint", path=run_dir, name="resnet18"),
+         "holds a small_resnet model; model.name='resnet18'"),
+        (dict(source="checkpoint", path=run_dir, outputs=("Bald",)), "model.outputs"),
+        (dict(source="hub"), "model.source='hub'"),
+    ]
+    for fields, message in cases:
+        config = get_config("smoke")
+        config.data.source = "imagenet"  # would fail later: the model is checked first
+        for key, value in fields.items():
+            config.model[key] = value
+        with pytest.raises(ValueError, match=message):
+            ac.run(config, str(tmp_path / "out"))
+        assert not (tmp_path / "out" / "results.json").exists()
+    config.model.source = "checkpoint"
+    with pytest.raises(ValueError, match="nothing to train"):
+        ac.train(config, str(tmp_path / "out"))
+
+
+def test_torchvision_source_with_named_outputs(tmp_path):
+    torch = pytest.importorskip("torch")
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from test_torch_import import _torchvision_like
+
+    torch.manual_seed(0)
+    path = tmp_path / "clf.pt"
+    torch.save(_torchvision_like("basic", (2, 2, 2, 2), num_classes=3).state_dict(), path)
+    config = get_config("smoke")
+    config.model.source, config.model.path, config.model.name = "torchvision", str(path), "resnet18"
+    config.model.outputs = ("Wearing_Hat", "Eyeglasses")
+    with pytest.raises(ValueError, match=r"clf.pt has 3 fc output\(s\); model.outputs names 2"):
+        ac.run(config, str(tmp_path / "out"))
+    config.model.outputs = ()
+    with pytest.raises(ValueError, match="model.outputs is empty"):
+        ac.run(config, str(tmp_path / "out"))
+    config.model.outputs = ("Wearing_Hat", "Eyeglasses", "No_Beard")
+    config.explain.table2_attributes = ("Wearing_Hat", "Eyeglasses")
+    results = registry.run_experiment(config, str(tmp_path / "out"))
+    assert results["setup"]["attributes"] == ["Wearing_Hat", "Eyeglasses", "No_Beard"]
+    assert results["setup"]["model"] == "resnet18"
+    for entry in _per_attribute(results, "audited").values():
+        assert entry["predicted_positive"] + entry["predicted_negative"] == \
+            results["setup"]["test"]["kept"]

@@ -259,3 +259,28 @@ def describe(clf: Classifier, model_cfg) -> dict:
     """What a report says about the audited model."""
     return {"source": model_source(model_cfg), "path": clf.workdir, "arch": clf.arch,
             "num_outputs": int(clf.model.num_outputs), "output_index": int(clf.output_index)}
+
+
+def multi_attribute_outputs(model_cfg, clf: Classifier) -> tuple[str, ...]:
+    """The attribute each logit of a loaded multi-attribute classifier predicts, in order.
+
+    ``checkpoint``: from the run directory's model.json (``model.outputs``, if
+    set, must agree); ``torchvision``: ``model.outputs``, which must name one
+    attribute per ``fc`` output. A ValueError names the file and the field.
+    """
+    given = tuple(str(o) for o in (model_cfg.get("outputs", ()) or ()))
+    num_outputs = int(clf.model.num_outputs)
+    if model_source(model_cfg) == "checkpoint":
+        recorded = tuple(read_record(clf.workdir)["outputs"])
+        if given and given != recorded:
+            raise ValueError(f"{clf.workdir} ({RECORD_FILE}) predicts {list(recorded)}; "
+                             f"model.outputs={list(given)}. Leave model.outputs empty or match it")
+        return recorded
+    if not given:
+        raise ValueError(f"model.outputs is empty; {clf.workdir} has {num_outputs} fc output(s): "
+                         "name the attribute of each, in order (e.g. "
+                         "--config.model.outputs='(\"Bald\",\"Eyeglasses\")')")
+    if len(given) != num_outputs:
+        raise ValueError(f"{clf.workdir} has {num_outputs} fc output(s); model.outputs names "
+                         f"{len(given)}: {list(given)}")
+    return given
