@@ -66,7 +66,7 @@ def test_smoke_writes_every_output(smoke_run):
     assert summary.startswith("### Patch attribution and noise debiasing\n")
     for confounder in config.confounders:
         assert f"| {confounder.replace('_', ' ')} |" in summary
-    assert "0.28 -> 0.05 -> 0.09" in summary
+    assert "0.26 -> 0.05 -> 0.09" in summary
     assert "mean ± standard deviation over 2 trainings" in summary
     blond_row = next(line for line in summary.splitlines() if line.startswith("| Blond Hair |"))
     assert blond_row.count(" ± ") == 6  # every column of the gap table
@@ -200,6 +200,20 @@ def test_rerun_resumes_without_training(smoke_run):
     for key in ("accuracy", "men", "women", "gap"):
         assert redone[key] == first["results"]["Wearing_Hat"]["runs"]["balanced"]["repeats"][0][key]
     assert second["table1"] == first["table1"]
+
+
+def test_rerun_with_other_model_settings_stops_naming_the_field(smoke_run):
+    from faceaudit_jax.workdir import FingerprintMismatch
+    config, workdir, _ = smoke_run
+    changed = config.copy_and_resolve_references()
+    changed.classifier.learning_rate = 0.5
+    before = sorted(p.name for p in (workdir / "models").iterdir())
+    with pytest.raises(FingerprintMismatch, match=r"classifier.learning_rate: 0.01 -> 0.5"):
+        registry.run_experiment(changed, str(workdir))
+    assert sorted(p.name for p in (workdir / "models").iterdir()) == before  # nothing touched
+    # More repeats or another test set only add or re-score runs: not a mismatch.
+    assert "classifier.repeats" not in dn.models_fingerprint(config)
+    assert not any(k.startswith("test.") for k in dn.models_fingerprint(config))
 
 
 def test_subsets_follow_the_paper_recipe():

@@ -47,6 +47,7 @@ from faceaudit_jax.mitigation.debias_runs import (BASELINES, METHODS, augment_co
                                                   check_quantile, method_spec, parse_run_name,
                                                   repeat_parts, repeat_stem, run_name)
 from faceaudit_jax.models import patch_net as pn
+from faceaudit_jax import workdir as workdir_lib
 from faceaudit_jax.workdir import write_json
 
 _name_seed = keys.name_hash  # the run's numpy seeds: crc32 of the names joined with '/'
@@ -596,11 +597,27 @@ def _pools(config) -> dict[str, Any]:
             "test": test_source.attributes(test_rows)["attrs"]}
 
 
+def models_fingerprint(config) -> dict:
+    """The fields that decide every trained model of a workdir, in the one scheme of
+    faceaudit_jax.workdir: a rerun with other values stops before any work, naming them
+    (``--config.overwrite=True`` retrains). Confounders, repeats, sweep quantiles and the
+    test set are left out: changing them only adds or re-scores runs, each cached under
+    its own settings hash (``_Fingerprints``)."""
+    fields = workdir_lib.config_fields(config, ["seed", "target", "train_set", "patch_net",
+                                                "classifier", "debias.noise_std",
+                                                "debias.mask_fill"])
+    fields.pop("classifier.repeats", None)
+    fields.update(workdir_lib.config_fields({"data": sources.fingerprint_fields(config.data)},
+                                            ["data"]))
+    return fields
+
+
 def run(config, workdir) -> dict[str, Any]:
     """The whole experiment; returns the results dict also written to results.json."""
     validate_config(config)
     workdir = Path(workdir)
-    (workdir / "models").mkdir(parents=True, exist_ok=True)
+    workdir_lib.check_fingerprint(workdir / "models", models_fingerprint(config),
+                                  overwrite=workdir_lib.overwrite_requested(config))
     gitignore = workdir / "models" / ".gitignore"
     if not gitignore.exists():
         gitignore.write_text("*\n!.gitignore\n")
