@@ -69,9 +69,9 @@ PAPER_LFW = {
 # ----------------------------------------------------------------------------- data
 
 
-from faceaudit_jax.experiments.verification_data import (  # noqa: F401  (re-exported)
+from faceaudit_jax.data.verification import (  # noqa: F401  (re-exported)
     build_source, render_uint8, split_indices, to_float)
-from faceaudit_jax.experiments import verification_data
+from faceaudit_jax.data import verification as verification_data
 
 
 def make_batch_fn(images: np.ndarray, labels: np.ndarray, batch_size: int,

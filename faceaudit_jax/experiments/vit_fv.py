@@ -11,7 +11,7 @@ The job (``run(config, workdir)``), on synthetic faces by default:
    identities), trained with CosFace through ``train_lib.fit`` (Orbax
    checkpoints under ``<workdir>/models/vit_embedder``; a rerun reloads).
    ``train_lib``'s update calls ``loss_fn(first model output, batch)``; the
-   classifier's first output are the cosines, so ``CosFaceOnCosines`` applies
+   classifier's first output are the cosines, so ``models.vit.CosFaceOnCosines`` applies
    the margin and scale to them (``losses.cosface_logits`` would re-normalise
    embeddings and centres the model has already normalised).
 3. Verification protocol. LFW-style pairs on the test identities
@@ -112,47 +112,12 @@ PAPER_TABLE1 = {"sm_plus": {"oim": 10.00, "um": 4.80},
 # ----------------------------------------------------------------------------- data
 
 
-from faceaudit_jax.experiments.verification_data import (  # noqa: F401  (re-exported)
+from faceaudit_jax.data.verification import (  # noqa: F401  (re-exported)
     build_source, make_batch_fn, render_uint8, split_indices, to_float)
-from faceaudit_jax.experiments import verification_data
+from faceaudit_jax.data import verification as verification_data
 
 
 # ----------------------------------------------------------------------------- training
-
-
-def cosface_loss(cosines: jax.Array, labels: jax.Array, scale: float = 64.0,
-                 margin: float = 0.35) -> jax.Array:
-    """CosFace on precomputed cosines: mean CE of softmax(s (cos - m [k == y])).
-
-    cosines [B, C] in [-1, 1] (``ViTMarginClassifier``'s output); labels int [B].
-    Equals ``losses.cosface_logits`` followed by softmax cross-entropy when the
-    cosines come from the same embeddings and centres.
-    """
-    if cosines.ndim != 2 or labels.shape != cosines.shape[:1]:
-        raise ValueError(f"expected cosines [B, C] and labels [B], got {tuple(cosines.shape)} "
-                         f"and {tuple(labels.shape)}")
-    onehot = jax.nn.one_hot(labels, cosines.shape[-1], dtype=jnp.float32)
-    logits = scale * (cosines.astype(jnp.float32) - margin * onehot)
-    return -jnp.mean(jnp.sum(onehot * jax.nn.log_softmax(logits, axis=-1), axis=-1))
-
-
-@dataclasses.dataclass(frozen=True)
-class CosFaceOnCosines:
-    """``loss_fn(cosines, batch) -> (loss, {"accuracy"})`` for ``train_lib.fit``.
-
-    Frozen and hashable, so ``train_lib.make_train_step`` memoises the
-    compiled update on it.
-    """
-
-    scale: float = 64.0
-    margin: float = 0.35
-    label_key: str = "identity"
-
-    def __call__(self, cosines, batch):
-        labels = batch[self.label_key]
-        loss = cosface_loss(cosines, labels, self.scale, self.margin)
-        accuracy = jnp.mean((jnp.argmax(cosines, axis=-1) == labels).astype(jnp.float32))
-        return loss, {"accuracy": accuracy}
 
 
 def build_embedder(model_cfg) -> vit.ViTFaceEmbedder:
@@ -226,7 +191,7 @@ def train_embedder(config, workdir: str, images: np.ndarray, identity: np.ndarra
                                          int(config.data.resolution), tx)
     batch_fn = make_batch_fn(images, labels, batch_size, int(config.seed),
                              bool(config.train.flip))
-    loss_fn = CosFaceOnCosines(float(config.train.scale), float(config.train.margin))
+    loss_fn = vit.CosFaceOnCosines(float(config.train.scale), float(config.train.margin))
     state = train_lib.fit(model, state, batch_fn, num_steps, str(run_dir), loss_fn=loss_fn,
                           ckpt_every=int(config.train.ckpt_every),
                           log_every=int(config.train.log_every), desc="train ViT (CosFace)")
