@@ -275,3 +275,30 @@ def test_reports_regenerate_identically_from_results_json(smoke_run):
         assert (workdir / name).read_text() == text, name
     with pytest.raises(FileNotFoundError, match="results.json"):
         vit_fv.rewrite_reports(workdir / "nowhere")
+
+
+def test_checkpoint_source_loads_the_trained_vit(smoke_run, tmp_path):
+    config, workdir, results = smoke_run
+    reloaded = vit_fv.train(config, str(workdir))  # finished run: reloads, no training
+    ckpt = _config("smoke")
+    ckpt.model.source, ckpt.model.path = "checkpoint", str(workdir)
+    trained, info = vit_fv.obtain_embedder(ckpt, str(tmp_path))
+    assert trained.embedder.config == reloaded.embedder.config
+    for got, want in zip(jax.tree_util.tree_leaves(trained.params),
+                         jax.tree_util.tree_leaves(reloaded.params)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    np.testing.assert_array_equal(trained.centres, reloaded.centres)
+    assert info["train_identities"] == results["setup"]["train_identities"]
+    assert results["setup"]["source"] == "synthetic faces"
+    assert "identities of synthetic faces" in (workdir / "summary.md").read_text()
+
+
+def test_bad_model_source_fails_before_any_work(tmp_path):
+    config = _config("smoke")
+    config.model.source, config.model.path = "checkpoint", str(tmp_path / "absent")
+    with pytest.raises(FileNotFoundError, match="model.path"):
+        vit_fv.run(config, str(tmp_path / "w"))
+    config.model.source = "callable"
+    with pytest.raises(ValueError, match="model.source='callable'"):
+        vit_fv.run(config, str(tmp_path / "w"))
+    assert not (tmp_path / "w" / "models").exists()

@@ -90,6 +90,7 @@ from faceaudit_jax.explain import rise as rise_lib
 from faceaudit_jax.metrics import perturbation as perturbation_lib
 from faceaudit_jax.metrics import verification as verification_lib
 from faceaudit_jax.metrics.verification import cosine_similarity
+from faceaudit_jax.models import sources as model_sources
 from faceaudit_jax.models import vit
 
 
@@ -696,6 +697,17 @@ def _finding_sentence(table: Mapping, finding: Mapping) -> str:
     return f"Here, for positive decisions {positive}. For negative decisions {negative}."
 
 
+def _model_sentence(setup: Mapping) -> str:
+    model = setup["model"]
+    arch = (f"{model['name']}: {model['image_size']} px, {model['grid'][0]} x {model['grid'][1]} "
+            f"patches, {model['num_layers']} layers")
+    if setup.get("model_source") == "checkpoint":
+        return f"The ViT face embedder of {setup['model_path']} ({arch})"
+    return (f"A ViT face embedder ({arch}) trained with CosFace on {setup['train_identities']} "
+            f"identities of {setup.get('source', 'synthetic faces')} ({setup['train_images']} images, "
+            f"{setup['num_epochs']} epochs)")
+
+
 def summary_markdown(setup: Mapping, protocol: Mapping, table: Mapping, finding: Mapping,
                      curves: Mapping, prefix: str) -> str:
     kfold = protocol["kfold"]
@@ -703,12 +715,10 @@ def summary_markdown(setup: Mapping, protocol: Mapping, table: Mapping, finding:
     lines = [
         "### ViT face-verification heatmaps",
         "",
-        f"A ViT face embedder ({model['name']}: {model['image_size']} px, {model['grid'][0]} x "
-        f"{model['grid'][1]} patches, {model['num_layers']} layers) trained with CosFace on "
-        f"{setup['train_identities']} synthetic identities ({setup['train_images']} images, "
-        f"{setup['num_epochs']} epochs) reaches {100 * kfold['mean_accuracy']:.1f} ± "
+        f"{_model_sentence(setup)} reaches {100 * kfold['mean_accuracy']:.1f} ± "
         f"{100 * kfold['std_accuracy']:.1f}% 10-fold verification accuracy on "
-        f"{protocol['num_pairs']} pairs of {setup['test_identities']} unseen identities; "
+        f"{protocol['num_pairs']} pairs of {setup['test_identities']} unseen identities of "
+        f"{setup.get('source', 'synthetic faces')}; "
         f"{setup['main_method_label']} maps (Chefer et al.'s relevance rule without the "
         "gradient factor on the conservative-propagation graph; the literal no-gradient rule "
         "would equal attention rollout) "
@@ -798,6 +808,37 @@ def _check_methods(config) -> tuple[tuple[str, ...], str]:
     return methods, main
 
 
+def load_checkpoint(config) -> tuple[TrainedEmbedder, dict]:
+    """The ViT of ``model.path`` (a vit_fv workdir or its models/vit_embedder) and its setup fields."""
+    embedder, params, centres, record = model_sources.load_vit_checkpoint(config.model.path)
+    if embedder.config.image_size != int(config.data.resolution):
+        raise ValueError(f"model.path={config.model.path!r} holds a ViT for {embedder.config.image_size} px "
+                         f"but data.resolution={config.data.resolution}")
+    trained = TrainedEmbedder(embedder, params, 0, str(model_sources.vit_embedder_run_dir(config.model.path)),
+                              {}, centres=centres)
+    return trained, {"model_source": "checkpoint", "model_path": str(config.model.path),
+                     "train_identities": int(record["num_identities"]), "train_images": None}
+
+
+def _check_model_source(config) -> str:
+    source = str(config.model.get("source", "train") or "train")
+    if source not in ("train", "checkpoint"):
+        raise ValueError(f"model.source={source!r}; vit_fv explains a ViT: expected 'train' or 'checkpoint'")
+    if source == "checkpoint":
+        model_sources.vit_embedder_run_dir(config.model.get("path", ""))
+    return source
+
+
+def obtain_embedder(config, workdir: str) -> tuple[TrainedEmbedder, dict]:
+    """``model.source``: train the ViT here (or reload this workdir's), or load a checkpoint."""
+    if _check_model_source(config) == "checkpoint":
+        return load_checkpoint(config)
+    images, identity = verification_data.load_images(config, "train")
+    trained = train_embedder(config, workdir, images, identity)
+    return trained, {"train_identities": int(np.unique(identity).size),
+                     "train_images": int(images.shape[0])}
+
+
 def train(config, workdir: str) -> TrainedEmbedder:
     """Train (or reload) the ViT embedder only."""
     images, identity = verification_data.load_images(config, "train")
@@ -815,15 +856,13 @@ def run(config, workdir: str) -> dict:
         clock[name] = time.perf_counter()
         print(f"vit_fv: {name} done ({clock[name] - clock['start']:.0f} s)", flush=True)
 
-    train_images, train_identity = verification_data.load_images(config, "train")
+    _check_model_source(config)  # a clear error before any work
     test_source, test_idx = verification_data.split_rows(config, "test")
     test_images, test_identity = verification_data.render_uint8(test_source, test_idx,
                                                                 int(config.data.render_batch))
-    num_train_images = int(train_images.shape[0])
     lap("render")
 
-    trained = train_embedder(config, workdir, train_images, train_identity)
-    del train_images
+    trained, train_info = obtain_embedder(config, workdir)
     lap("train")
 
     embed = ViTEmbed(vit.ViTApply(trained.embedder))
@@ -889,14 +928,13 @@ def run(config, workdir: str) -> dict:
     vit_cfg = trained.embedder.config
     rates = protocol["rates"]
     setup = {
-        "source": "synthetic faces", "resolution": int(config.data.resolution),
+        "source": verification_data.data_name(config.data), "resolution": int(config.data.resolution),
         "model": {"name": str(config.model.name), "image_size": vit_cfg.image_size,
                   "patch_size": vit_cfg.patch_size, "grid": list(vit_cfg.grid_shape),
                   "hidden_dim": vit_cfg.hidden_dim, "num_layers": vit_cfg.num_layers,
                   "num_heads": vit_cfg.num_heads, "embed_dim": vit_cfg.embed_dim,
                   "pool": vit_cfg.pool},
-        "train_identities": int(np.unique(train_identity).size),
-        "train_images": num_train_images, "num_epochs": int(config.train.num_epochs),
+        **train_info, "num_epochs": int(config.train.num_epochs),
         "batch_size": int(config.train.batch_size), "num_steps": trained.num_steps,
         "loss": {"kind": "cosface", "scale": float(config.train.scale),
                  "margin": float(config.train.margin)},
