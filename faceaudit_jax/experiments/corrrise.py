@@ -13,7 +13,6 @@ from the paper: docs/deviations_corrrise.md. Rerunning reloads the model.
 
 from __future__ import annotations
 
-import json
 import time
 import warnings
 from pathlib import Path
@@ -24,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from faceaudit_jax import train_lib
+from faceaudit_jax.workdir import read_jsonl
 from faceaudit_jax.data import pipeline
 from faceaudit_jax.data import verification as verification_data
 from faceaudit_jax.data.verification import split_indices, to_float  # noqa: F401  (tests use them)
@@ -85,12 +85,9 @@ def train_embedder(config, workdir: str, images: np.ndarray, identity: np.ndarra
 
 
 def _last_train_record(run_dir: Path) -> dict:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return {}
-    records = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
-    records = [r for r in records if r.get("kind") == "train"]
-    return records[-1] if records else {}
+    """The last "train" record of the run's metrics.jsonl ({} before the first log)."""
+    train_records = [r for r in read_jsonl(run_dir / "metrics.jsonl") if r.get("kind") == "train"]
+    return train_records[-1] if train_records else {}
 
 
 def random_variables(model, config) -> dict:

@@ -270,10 +270,13 @@ EMBEDDER_SOURCES = ("train", "checkpoint", "callable")
 
 def embedder_source(model_cfg) -> str:
     """``model.source`` of a face-verification config, checked against EMBEDDER_SOURCES."""
-    source = str(model_cfg.get("source", "train") or "train")
-    if source not in EMBEDDER_SOURCES:
-        raise ValueError(f"model.source={source!r}; expected one of {EMBEDDER_SOURCES}")
-    return source
+    return _one_of("model.source", str(model_cfg.get("source", "train") or "train"), EMBEDDER_SOURCES)
+
+
+def _one_of(field: str, value: str, allowed: tuple) -> str:
+    if value in allowed:
+        return value
+    raise ValueError(f"{field}={value!r}; expected one of {allowed}")
 
 
 def embedder_run_dir(path) -> Path:
