@@ -79,7 +79,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from faceaudit_jax.experiments import registry
-from faceaudit_jax import train_lib
+from faceaudit_jax import keys, train_lib
 from faceaudit_jax.data import pipeline, sampling
 from faceaudit_jax.experiments.registry import write_json
 from faceaudit_jax.explain import attention as attention_lib
@@ -906,7 +906,7 @@ def run(config, workdir: str) -> dict:
         sub_probes, sub_galleries = to_float(probes[subset]), to_float(galleries[subset])
         saliencies = curve_saliencies(bound, sub_probes, sub_galleries, sub_main,
                                       positive[subset], config.curves,
-                                      jax.random.PRNGKey(int(config.seed) + 1),
+                                      jax.random.PRNGKey(keys.run_seed(int(config.seed), "vit_fv", "curves")),
                                       float(config.explain.fill))
         lap("baseline_maps")
         curves = {}
