@@ -26,16 +26,25 @@ centre-cropped to 112 px; any folder with an ``identity`` column works the
 same way (data.source=folder, seeded identity-disjoint split):
   python explain.py --config configs/corrrise.py:celeba --workdir runs/corrrise_celeba \
     --config.data.root=/data/CelebA
-The paper's own protocol explains a pretrained ArcFace on LFW / Webface-Occ
-pairs; LFW and RFW pairs files are read by ``data.sources.build_pairs``.
+The data set's own pairs (LFW pairs.txt, RFW, a folder's pairs.csv) replace
+the drawn test pairs with ``data.pairs``; any embedder can be explained
+(``model.source``):
+  python explain.py --config configs/corrrise.py --workdir W --config.data.source=lfw \
+    --config.data.root=/data/lfw --config.data.pairs=lfw \
+    --config.model.source=callable --config.model.function=mypkg.faces:embed
+  python explain.py --config configs/corrrise.py --workdir W2 \
+    --config.model.source=checkpoint --config.model.path=results/corrrise
+Protocol and deviations from the paper: docs/deviations_corrrise.md.
 """
 
 import ml_collections
 
+from faceaudit_jax.config_args import parse_arg
 from faceaudit_jax.data import sources
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
+    a = parse_arg(arg, smoke=False, paper=False, celeba=False)
     c = ml_collections.ConfigDict()
     c.experiment = "corrrise"
     c.seed = 0
@@ -51,8 +60,17 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # Test identities start here: disjoint from the training identities.
     c.data.test_offset = 50_000_000
     c.data.render_batch = 100
+    # "" draws test pairs from test identities; "lfw" | "rfw" | "folder" reads the
+    # data set's own pairs file under data.root (data.sources.build_pairs).
+    c.data.pairs = ""
 
     c.model = ml_collections.ConfigDict()
+    # model.source: "train" (CosFace here) | "checkpoint" (model.path: a CorrRISE
+    # workdir or its models/embedder) | "callable" (model.function = "module:function",
+    # a numpy embedder f(images [B, H, W, 3] in [0, 1]) -> [B, D]).
+    c.model.source = "train"
+    c.model.path = ""
+    c.model.function = ""
     c.model.name = "small_resnet"
     c.model.embedding_dim = 128
 
@@ -105,8 +123,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.occluded.enabled = True
     c.occluded.num_pairs = 16
 
-    variant = arg.strip()
-    if variant == "smoke":
+    if a.smoke:
         c.data.resolution = 64
         c.data.images_per_identity = 4
         c.data.render_batch = 64
@@ -131,7 +148,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.explain.curve_chunk = 16
         c.sanity.num_pairs = 2
         c.occluded.num_pairs = 2
-    elif variant == "paper":
+    if a.paper:
         # The paper's CorrRISE settings with a larger model (accelerator).
         c.model.name = "resnet18"
         c.train.num_identities = 1200
@@ -148,8 +165,6 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.explain.num_steps = 20
         c.sanity.num_pairs = 50
         c.occluded.num_pairs = 500
-    elif variant == "celeba":
+    if a.celeba:
         c.data.source = "celeba"
-    elif variant:
-        raise ValueError(f"unknown config variant {variant!r}; expected '', 'smoke', 'paper' or 'celeba'")
     return c

@@ -43,10 +43,12 @@ are read by ``data.sources.build_pairs``."""
 
 import ml_collections
 
+from faceaudit_jax.config_args import parse_arg
 from faceaudit_jax.data import sources
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
+    a = parse_arg(arg, smoke=False, paper=False, celeba=False)
     c = ml_collections.ConfigDict()
     c.experiment = "vit_fv"
     c.seed = 0
@@ -64,6 +66,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.data.render_batch = 100
 
     c.model = ml_collections.ConfigDict()
+    # model.source: "train" (CosFace here) | "checkpoint" (model.path: a vit_fv
+    # workdir or its models/vit_embedder; the architecture comes from its fingerprint).
+    c.model.source = "train"
+    c.model.path = ""
     c.model.name = "vit_tiny_face_p16"
     # Any ViTConfig field, e.g. {"num_layers": 6}.
     c.model.overrides = ml_collections.ConfigDict()
@@ -130,8 +136,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.curves.occlusion_stride = 8
     c.curves.chunk_size = 8
 
-    variant = arg.strip()
-    if variant == "smoke":
+    if a.smoke:
         # Every stage on tiny budgets (64 px: the renderer's minimum).
         c.data.resolution = 64
         c.data.render_batch = 50
@@ -163,7 +168,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.curves.occlusion_patch = 32
         c.curves.occlusion_stride = 32
         c.curves.chunk_size = 8
-    elif variant == "paper":
+    if a.paper:
         # The paper's setting for accelerators: Face Transformer ViT-P12S8 (14 x 14
         # overlapping patches, 20 layers), CosFace s = 64, LFW-sized protocol.
         c.model.name = "vit_face_paper"
@@ -186,8 +191,6 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.curves.corrrise_masks = 1000
         c.curves.rise_masks = 4000
         c.curves.chunk_size = 32
-    elif variant == "celeba":
+    if a.celeba:
         c.data.source = "celeba"
-    elif variant:
-        raise ValueError(f"unknown config variant {variant!r}; expected '', 'smoke', 'paper' or 'celeba'")
     return c

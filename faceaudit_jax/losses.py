@@ -267,10 +267,19 @@ def cosface_logits(
     Returns:
       logits [B, K] for a softmax cross-entropy.
     """
-    cos = _cosines(embeddings, class_weights)
-    _check_margin_args(labels, cos.shape[1], cos.shape[0], scale, margin)
-    one_hot = jax.nn.one_hot(labels, cos.shape[1], dtype=cos.dtype)
-    return scale * (cos - margin * one_hot)
+    return cosface_logits_from_cosines(_cosines(embeddings, class_weights), labels, scale, margin)
+
+
+def cosface_logits_from_cosines(
+    cosines: jax.Array, labels: jax.Array, scale: float = 64.0, margin: float = 0.35
+) -> jax.Array:
+    """CosFace logits s * (cos - m * [k == y]) on precomputed cosines [B, K] (e.g. a ViT margin head)."""
+    cosines = jnp.asarray(cosines, jnp.float32)
+    if cosines.ndim != 2:
+        raise ValueError(f"expected cosines [B, K], got {tuple(cosines.shape)}")
+    _check_margin_args(labels, cosines.shape[1], cosines.shape[0], scale, margin)
+    one_hot = jax.nn.one_hot(labels, cosines.shape[1], dtype=cosines.dtype)
+    return scale * (cosines - margin * one_hot)
 
 
 def arcface_logits(
@@ -322,6 +331,10 @@ def margin_softmax_loss(
         logits = arcface_logits(embeddings, class_weights, labels, scale, 0.5 if margin is None else margin)
     else:
         raise ValueError(f"unknown margin loss kind {kind!r}; expected one of {list(MARGIN_KINDS)}")
+    return _softmax_cross_entropy(logits, labels)
+
+
+def _softmax_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     log_probs = jax.nn.log_softmax(logits, axis=-1)
     return -jnp.mean(jnp.take_along_axis(log_probs, jnp.asarray(labels)[:, None], axis=-1))
 
@@ -369,3 +382,10 @@ def multi_attribute_loss_fn(kind: str):
     if kind == "bce":
         return sigmoid_bce_batch_loss
     raise ValueError(f"unknown loss kind {kind!r}; expected 'euclidean', 'bce' or 'balanced'")
+
+
+def cosface_loss_on_cosines(
+    cosines: jax.Array, labels: jax.Array, scale: float = 64.0, margin: float = 0.35
+) -> jax.Array:
+    """Mean softmax cross-entropy of ``cosface_logits_from_cosines``; cosines [B, K], labels [B]."""
+    return _softmax_cross_entropy(cosface_logits_from_cosines(cosines, labels, scale, margin), labels)

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 import scipy.stats
 
+from faceaudit_jax.data import fixtures
 from faceaudit_jax.experiments import corrrise, registry
+from faceaudit_jax.metrics import verification
 
 CONFIG_PATH = Path(__file__).resolve().parents[1] / "configs" / "corrrise.py"
 
@@ -132,8 +134,135 @@ def test_map_rank_correlation_matches_scipy():
 def test_config_variants():
     assert get_config().data.resolution == 112
     assert get_config().model.name == "small_resnet"
+    assert get_config("celeba,smoke").data.source == "celeba"
+    assert get_config("celeba,smoke").data.resolution == 64
     with pytest.raises(ValueError, match="variant"):
         get_config("huge")
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _fixed_results(data="lfw (/data/lfw), lfw pairs file"):
+    fractions = np.linspace(0.0, 1.0, 5)
+    table = {m: {"deletion_auc": 40.0 + i, "insertion_auc": 60.0 - i, "fractions": fractions,
+                 "deletion_curve": np.array([1.0, 0.75, 0.5, 0.25, 0.0]),
+                 "insertion_curve": np.array([0.0, 0.5, 1.0, 1.0, 1.0])}
+             for i, m in enumerate(("rise", "occlusion", "corrrise"))}
+    return {"setup": {"model_source": "callable", "model": "mypkg.faces:embed", "data": data,
+                      "resolution": 112, "num_explained_pairs": 4, "num_steps": 4, "num_masks": 16,
+                      "num_patches": 3, "patch_size": 16, "rise_masks": 16},
+            "verification": {"mean_accuracy": 0.9, "std_accuracy": 0.05, "threshold": 0.3,
+                             "num_pairs": 600},
+            "table": table, "sanity_check": None, "occluded": None}
+
+
+def test_report_on_a_fixed_results_dict():
+    pages = corrrise.report(_fixed_results(), prefix="r/")
+    table = pages["table1.md"]
+    rows = [l for l in table.splitlines() if l.startswith("| ") and "method" not in l]
+    assert [r.split(" | ")[0] for r in rows] == ["| RISE (similarity)", "| Occlusion (xFace-style)",
+                                                 "| CorrRISE"]
+    # Algorithm 2's sum over steps 1..n: deletion 100 * (0.75 + 0.5 + 0.25 + 0) / 4 = 37.50.
+    assert rows[-1].split(" | ")[1] == "37.50"
+    assert rows[-1].split(" | ")[2] == "87.50"
+    summary = pages["summary.md"]
+    assert "lfw (/data/lfw), lfw pairs file" in summary and "synthetic" not in summary
+    assert "`mypkg.faces:embed`" in summary and "Sanity check" not in summary
+    assert "Lowest deletion: RISE (similarity); highest insertion: RISE (similarity)" in summary
+    assert "(r/figure_saliency.png)" in summary
+
+
+# ----------------------------------------------------------------------------- model sources
+
+_PROJECTION = {}
+
+
+def random_projection_embed(images):
+    """A real numpy embedder for the tests: a fixed random projection of the pixels to 16 dims."""
+    images = np.asarray(images, np.float32)
+    size = int(np.prod(images.shape[1:]))
+    if size not in _PROJECTION:
+        _PROJECTION[size] = np.random.default_rng(7).normal(size=(size, 16)).astype(np.float32)
+    return images.reshape(images.shape[0], -1) @ _PROJECTION[size]
+
+
+def wrong_shape_embed(images):
+    return np.zeros((np.asarray(images).shape[0] + 1, 4), np.float32)
+
+
+@pytest.fixture(scope="module")
+def pairs_folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corrrise_folder")
+    faces = fixtures.render_faces(16, 64, images_per_identity=4)
+    fixtures.write_layout("folder", root, faces, num_folds=2, pairs_per_fold=3)
+    return root, faces
+
+
+def callable_config(root, function=f"{__name__}:random_projection_embed"):
+    c = tiny_config()
+    c.data.source, c.data.root, c.data.resolution, c.data.pairs = "folder", str(root), 64, "folder"
+    c.model.source, c.model.function = "callable", function
+    c.explain.num_pairs = 2
+    return c
+
+
+def test_callable_embedder_on_a_folder_with_a_pairs_file(pairs_folder, tmp_path):
+    root, faces = pairs_folder
+    results = registry.run_experiment(callable_config(root), str(tmp_path))
+    assert set(results["table"]) == {"rise", "occlusion", "corrrise"}
+    assert results["sanity_check"] is None and results["occluded"] is None
+    assert results["setup"]["data"].startswith("folder") and results["setup"]["pairs_file"]
+    # The protocol ran on the file's pairs: recompute it from the images and the projection.
+    pairs = np.asarray(faces["pairs"])
+    emb = random_projection_embed(faces["image"].astype(np.float32) / 255.0)
+    scores = verification.pair_scores(emb[pairs[:, 0]], emb[pairs[:, 1]])
+    fold = np.arange(len(pairs)) // 6
+    expected = verification.kfold_verification_accuracy(scores, pairs[:, 2].astype(bool),
+                                                         num_folds=2, folds=fold)
+    assert results["verification"]["num_pairs"] == len(pairs) == 12
+    assert results["verification"]["mean_accuracy"] == pytest.approx(expected["mean_accuracy"])
+    assert results["verification"]["threshold"] == pytest.approx(expected["mean_threshold"], abs=1e-5)
+    summary = (tmp_path / "summary.md").read_text()
+    assert "folder" in summary and "synthetic" not in summary
+
+
+@pytest.mark.parametrize("function, match", [
+    ("no_colon", "module:function"),
+    ("faceaudit_jax.no_such_module:embed", "cannot import"),
+    (f"{__name__}:no_such_function", "has no"),
+])
+def test_bad_function_raises_before_any_work(pairs_folder, tmp_path, function, match):
+    root, _ = pairs_folder
+    with pytest.raises(ValueError, match=match):
+        corrrise.run(callable_config(root, function), str(tmp_path))
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_embedder_of_the_wrong_output_shape_raises(pairs_folder, tmp_path):
+    root, _ = pairs_folder
+    with pytest.raises(ValueError, match=r"returned shape \(3, 4\) for 2 images"):
+        corrrise.run(callable_config(root, f"{__name__}:wrong_shape_embed"), str(tmp_path))
+
+
+def test_missing_checkpoint_and_unknown_source_raise(tmp_path):
+    c = tiny_config()
+    c.model.source, c.model.path = "checkpoint", str(tmp_path / "absent")
+    with pytest.raises(FileNotFoundError, match="model.path"):
+        corrrise.run(c, str(tmp_path / "w"))
+    c.model.source = "torchvision"
+    with pytest.raises(ValueError, match="model.source='torchvision'"):
+        corrrise.run(c, str(tmp_path / "w"))
+
+
+def test_checkpoint_source_reloads_the_trained_embedder(smoke_run, tmp_path):
+    workdir, trained = smoke_run
+    c = tiny_config()
+    c.model.source, c.model.path = "checkpoint", str(workdir)
+    results = corrrise.run(c, str(tmp_path))
+    assert results["verification"]["mean_accuracy"] == trained["verification"]["mean_accuracy"]
+    assert results["verification"]["threshold"] == trained["verification"]["threshold"]
+    assert results["setup"]["model_path"] == str(workdir)
 
 
 def test_bad_split_raises():

@@ -235,3 +235,19 @@ def test_margin_logits_bad_shapes():
         losses.cosface_logits(jnp.ones((2, 4)), jnp.ones((3, 5)), jnp.array([0, 1]))
     with pytest.raises(ValueError, match="class ids"):
         losses.cosface_logits(jnp.ones((2, 4)), jnp.ones((3, 4)), jnp.array([0, 3]))
+
+
+def test_cosface_loss_on_cosines_matches_cosface_logits(rng):
+    e = rng.normal(size=(6, 8)).astype(np.float32)
+    w = rng.normal(size=(5, 8)).astype(np.float32)
+    y = np.array([0, 1, 4, 2, 2, 3])
+    cosines = (e / np.linalg.norm(e, axis=1, keepdims=True)) @ (w / np.linalg.norm(w, axis=1, keepdims=True)).T
+    logits = 16.0 * (cosines - 0.3 * np.eye(5)[y])
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    reference = -np.mean(log_probs[np.arange(6), y])
+    assert float(losses.cosface_loss_on_cosines(cosines, y, 16.0, 0.3)) == pytest.approx(reference, rel=1e-5)
+    np.testing.assert_allclose(losses.cosface_logits_from_cosines(cosines, y, 16.0, 0.3),
+                               losses.cosface_logits(e, w, y, scale=16.0, margin=0.3), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="cosines"):
+        losses.cosface_loss_on_cosines(cosines[0], y)

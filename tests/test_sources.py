@@ -334,7 +334,8 @@ def test_prefetching_iterators_give_the_same_batches(folders_root):
 
 
 def test_cheap_experiments_build_their_data_from_fixture_folders(folders_root):
-    from faceaudit_jax.experiments import attribute_cams, face_parser, verification_data
+    from faceaudit_jax.experiments import attribute_cams, face_parser
+    from faceaudit_jax.data import verification as verification_data
 
     root, faces, partition = folders_root
     config = load_config("face_parser", "smoke")

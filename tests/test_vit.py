@@ -202,3 +202,16 @@ def test_margin_classifier_loss_adapter_learns():
                                                     images)
     np.testing.assert_allclose(np.asarray(emb), np.asarray(model.apply(params, images)[1]
                                                             ["embedding"]), atol=1e-5)
+
+
+def test_cosface_on_cosines_loss_fn_is_the_library_loss_and_hashable():
+    from faceaudit_jax import losses
+
+    cosines = jnp.tanh(jax.random.normal(jax.random.key(0), (6, 5)))
+    labels = jnp.asarray([0, 1, 4, 2, 2, 3])
+    loss_fn = vit.CosFaceOnCosines(16.0, 0.3)
+    loss, metrics = loss_fn(cosines, {"identity": labels})
+    assert float(loss) == float(losses.cosface_loss_on_cosines(cosines, labels, 16.0, 0.3))
+    assert float(metrics["accuracy"]) == pytest.approx(
+        np.mean(np.argmax(np.asarray(cosines), 1) == np.asarray(labels)))
+    assert hash(loss_fn) == hash(vit.CosFaceOnCosines(16.0, 0.3))

@@ -145,26 +145,6 @@ def test_smoke_per_pair_values_follow_eq1_eq2_and_the_table(smoke_run):
 # ----------------------------------------------------------------------------- helpers
 
 
-def test_cosface_loss_matches_losses_cosface_logits():
-    keys = jax.random.split(jax.random.key(0), 3)
-    emb = jax.random.normal(keys[0], (6, 8))
-    centres = jax.random.normal(keys[1], (5, 8))
-    labels = jnp.asarray([0, 1, 4, 2, 2, 3])
-    cosines = losses.l2_normalize(emb) @ losses.l2_normalize(centres).T
-    logits = losses.cosface_logits(emb, centres, labels, scale=16.0, margin=0.3)
-    reference = -np.mean(np.asarray(jax.nn.log_softmax(logits))[np.arange(6), labels])
-    got = vit_fv.cosface_loss(cosines, labels, 16.0, 0.3)
-    assert float(got) == pytest.approx(float(reference), rel=1e-5)
-    loss_fn = vit_fv.CosFaceOnCosines(16.0, 0.3)
-    loss, metrics = loss_fn(cosines, {"identity": labels})
-    assert float(loss) == pytest.approx(float(reference), rel=1e-5)
-    assert float(metrics["accuracy"]) == pytest.approx(
-        np.mean(np.argmax(np.asarray(cosines), 1) == np.asarray(labels)))
-    assert hash(loss_fn) == hash(vit_fv.CosFaceOnCosines(16.0, 0.3))
-    with pytest.raises(ValueError, match="cosines"):
-        vit_fv.cosface_loss(cosines[0], labels)
-
-
 def test_split_indices_disjoint_and_bad_offsets():
     config = _config("smoke")
     train, test = vit_fv.split_indices(config)
@@ -295,3 +275,30 @@ def test_reports_regenerate_identically_from_results_json(smoke_run):
         assert (workdir / name).read_text() == text, name
     with pytest.raises(FileNotFoundError, match="results.json"):
         vit_fv.rewrite_reports(workdir / "nowhere")
+
+
+def test_checkpoint_source_loads_the_trained_vit(smoke_run, tmp_path):
+    config, workdir, results = smoke_run
+    reloaded = vit_fv.train(config, str(workdir))  # finished run: reloads, no training
+    ckpt = _config("smoke")
+    ckpt.model.source, ckpt.model.path = "checkpoint", str(workdir)
+    trained, info = vit_fv.obtain_embedder(ckpt, str(tmp_path))
+    assert trained.embedder.config == reloaded.embedder.config
+    for got, want in zip(jax.tree_util.tree_leaves(trained.params),
+                         jax.tree_util.tree_leaves(reloaded.params)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    np.testing.assert_array_equal(trained.centres, reloaded.centres)
+    assert info["train_identities"] == results["setup"]["train_identities"]
+    assert results["setup"]["source"] == "synthetic faces"
+    assert "identities of synthetic faces" in (workdir / "summary.md").read_text()
+
+
+def test_bad_model_source_fails_before_any_work(tmp_path):
+    config = _config("smoke")
+    config.model.source, config.model.path = "checkpoint", str(tmp_path / "absent")
+    with pytest.raises(FileNotFoundError, match="model.path"):
+        vit_fv.run(config, str(tmp_path / "w"))
+    config.model.source = "callable"
+    with pytest.raises(ValueError, match="model.source='callable'"):
+        vit_fv.run(config, str(tmp_path / "w"))
+    assert not (tmp_path / "w" / "models").exists()

@@ -815,7 +815,7 @@ def build_pairs(data_cfg, *, root_field: str = "root") -> folders.VerificationPa
     """Face-verification pairs of a real data set: ``data.pairs`` in {"lfw", "rfw", "folder"}.
 
     The synthetic renderer has no pairs file: its experiments draw pairs from
-    identity-disjoint index ranges (``experiments.verification_data``).
+    identity-disjoint index ranges (``data.verification``).
     LFW reads ``ROOT/pairs.txt`` (10 folds of 300 + 300), RFW
     ``ROOT/txts/<Race>/<Race>_pairs.txt`` for ``data.races`` (default all
     four) in ``data.num_folds`` (default 10) equal folds, folder ``ROOT/pairs.csv``.

@@ -11,7 +11,7 @@ The job (``run(config, workdir)``), on synthetic faces by default:
    identities), trained with CosFace through ``train_lib.fit`` (Orbax
    checkpoints under ``<workdir>/models/vit_embedder``; a rerun reloads).
    ``train_lib``'s update calls ``loss_fn(first model output, batch)``; the
-   classifier's first output are the cosines, so ``CosFaceOnCosines`` applies
+   classifier's first output are the cosines, so ``models.vit.CosFaceOnCosines`` applies
    the margin and scale to them (``losses.cosface_logits`` would re-normalise
    embeddings and centres the model has already normalised).
 3. Verification protocol. LFW-style pairs on the test identities
@@ -79,7 +79,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from faceaudit_jax.experiments import registry
-from faceaudit_jax import train_lib
+from faceaudit_jax import keys, train_lib
 from faceaudit_jax.data import pipeline, sampling
 from faceaudit_jax.experiments.registry import write_json
 from faceaudit_jax.explain import attention as attention_lib
@@ -90,6 +90,7 @@ from faceaudit_jax.explain import rise as rise_lib
 from faceaudit_jax.metrics import perturbation as perturbation_lib
 from faceaudit_jax.metrics import verification as verification_lib
 from faceaudit_jax.metrics.verification import cosine_similarity
+from faceaudit_jax.models import sources as model_sources
 from faceaudit_jax.models import vit
 
 
@@ -112,47 +113,12 @@ PAPER_TABLE1 = {"sm_plus": {"oim": 10.00, "um": 4.80},
 # ----------------------------------------------------------------------------- data
 
 
-from faceaudit_jax.experiments.verification_data import (  # noqa: F401  (re-exported)
+from faceaudit_jax.data.verification import (  # noqa: F401  (re-exported)
     build_source, make_batch_fn, render_uint8, split_indices, to_float)
-from faceaudit_jax.experiments import verification_data
+from faceaudit_jax.data import verification as verification_data
 
 
 # ----------------------------------------------------------------------------- training
-
-
-def cosface_loss(cosines: jax.Array, labels: jax.Array, scale: float = 64.0,
-                 margin: float = 0.35) -> jax.Array:
-    """CosFace on precomputed cosines: mean CE of softmax(s (cos - m [k == y])).
-
-    cosines [B, C] in [-1, 1] (``ViTMarginClassifier``'s output); labels int [B].
-    Equals ``losses.cosface_logits`` followed by softmax cross-entropy when the
-    cosines come from the same embeddings and centres.
-    """
-    if cosines.ndim != 2 or labels.shape != cosines.shape[:1]:
-        raise ValueError(f"expected cosines [B, C] and labels [B], got {tuple(cosines.shape)} "
-                         f"and {tuple(labels.shape)}")
-    onehot = jax.nn.one_hot(labels, cosines.shape[-1], dtype=jnp.float32)
-    logits = scale * (cosines.astype(jnp.float32) - margin * onehot)
-    return -jnp.mean(jnp.sum(onehot * jax.nn.log_softmax(logits, axis=-1), axis=-1))
-
-
-@dataclasses.dataclass(frozen=True)
-class CosFaceOnCosines:
-    """``loss_fn(cosines, batch) -> (loss, {"accuracy"})`` for ``train_lib.fit``.
-
-    Frozen and hashable, so ``train_lib.make_train_step`` memoises the
-    compiled update on it.
-    """
-
-    scale: float = 64.0
-    margin: float = 0.35
-    label_key: str = "identity"
-
-    def __call__(self, cosines, batch):
-        labels = batch[self.label_key]
-        loss = cosface_loss(cosines, labels, self.scale, self.margin)
-        accuracy = jnp.mean((jnp.argmax(cosines, axis=-1) == labels).astype(jnp.float32))
-        return loss, {"accuracy": accuracy}
 
 
 def build_embedder(model_cfg) -> vit.ViTFaceEmbedder:
@@ -226,7 +192,7 @@ def train_embedder(config, workdir: str, images: np.ndarray, identity: np.ndarra
                                          int(config.data.resolution), tx)
     batch_fn = make_batch_fn(images, labels, batch_size, int(config.seed),
                              bool(config.train.flip))
-    loss_fn = CosFaceOnCosines(float(config.train.scale), float(config.train.margin))
+    loss_fn = vit.CosFaceOnCosines(float(config.train.scale), float(config.train.margin))
     state = train_lib.fit(model, state, batch_fn, num_steps, str(run_dir), loss_fn=loss_fn,
                           ckpt_every=int(config.train.ckpt_every),
                           log_every=int(config.train.log_every), desc="train ViT (CosFace)")
@@ -731,6 +697,17 @@ def _finding_sentence(table: Mapping, finding: Mapping) -> str:
     return f"Here, for positive decisions {positive}. For negative decisions {negative}."
 
 
+def _model_sentence(setup: Mapping) -> str:
+    model = setup["model"]
+    arch = (f"{model['name']}: {model['image_size']} px, {model['grid'][0]} x {model['grid'][1]} "
+            f"patches, {model['num_layers']} layers")
+    if setup.get("model_source") == "checkpoint":
+        return f"The ViT face embedder of {setup['model_path']} ({arch})"
+    return (f"A ViT face embedder ({arch}) trained with CosFace on {setup['train_identities']} "
+            f"identities of {setup.get('source', 'synthetic faces')} ({setup['train_images']} images, "
+            f"{setup['num_epochs']} epochs)")
+
+
 def summary_markdown(setup: Mapping, protocol: Mapping, table: Mapping, finding: Mapping,
                      curves: Mapping, prefix: str) -> str:
     kfold = protocol["kfold"]
@@ -738,12 +715,10 @@ def summary_markdown(setup: Mapping, protocol: Mapping, table: Mapping, finding:
     lines = [
         "### ViT face-verification heatmaps",
         "",
-        f"A ViT face embedder ({model['name']}: {model['image_size']} px, {model['grid'][0]} x "
-        f"{model['grid'][1]} patches, {model['num_layers']} layers) trained with CosFace on "
-        f"{setup['train_identities']} synthetic identities ({setup['train_images']} images, "
-        f"{setup['num_epochs']} epochs) reaches {100 * kfold['mean_accuracy']:.1f} ± "
+        f"{_model_sentence(setup)} reaches {100 * kfold['mean_accuracy']:.1f} ± "
         f"{100 * kfold['std_accuracy']:.1f}% 10-fold verification accuracy on "
-        f"{protocol['num_pairs']} pairs of {setup['test_identities']} unseen identities; "
+        f"{protocol['num_pairs']} pairs of {setup['test_identities']} unseen identities of "
+        f"{setup.get('source', 'synthetic faces')}; "
         f"{setup['main_method_label']} maps (Chefer et al.'s relevance rule without the "
         "gradient factor on the conservative-propagation graph; the literal no-gradient rule "
         "would equal attention rollout) "
@@ -833,6 +808,37 @@ def _check_methods(config) -> tuple[tuple[str, ...], str]:
     return methods, main
 
 
+def load_checkpoint(config) -> tuple[TrainedEmbedder, dict]:
+    """The ViT of ``model.path`` (a vit_fv workdir or its models/vit_embedder) and its setup fields."""
+    embedder, params, centres, record = model_sources.load_vit_checkpoint(config.model.path)
+    if embedder.config.image_size != int(config.data.resolution):
+        raise ValueError(f"model.path={config.model.path!r} holds a ViT for {embedder.config.image_size} px "
+                         f"but data.resolution={config.data.resolution}")
+    trained = TrainedEmbedder(embedder, params, 0, str(model_sources.vit_embedder_run_dir(config.model.path)),
+                              {}, centres=centres)
+    return trained, {"model_source": "checkpoint", "model_path": str(config.model.path),
+                     "train_identities": int(record["num_identities"]), "train_images": None}
+
+
+def _check_model_source(config) -> str:
+    source = str(config.model.get("source", "train") or "train")
+    if source not in ("train", "checkpoint"):
+        raise ValueError(f"model.source={source!r}; vit_fv explains a ViT: expected 'train' or 'checkpoint'")
+    if source == "checkpoint":
+        model_sources.vit_embedder_run_dir(config.model.get("path", ""))
+    return source
+
+
+def obtain_embedder(config, workdir: str) -> tuple[TrainedEmbedder, dict]:
+    """``model.source``: train the ViT here (or reload this workdir's), or load a checkpoint."""
+    if _check_model_source(config) == "checkpoint":
+        return load_checkpoint(config)
+    images, identity = verification_data.load_images(config, "train")
+    trained = train_embedder(config, workdir, images, identity)
+    return trained, {"train_identities": int(np.unique(identity).size),
+                     "train_images": int(images.shape[0])}
+
+
 def train(config, workdir: str) -> TrainedEmbedder:
     """Train (or reload) the ViT embedder only."""
     images, identity = verification_data.load_images(config, "train")
@@ -850,15 +856,13 @@ def run(config, workdir: str) -> dict:
         clock[name] = time.perf_counter()
         print(f"vit_fv: {name} done ({clock[name] - clock['start']:.0f} s)", flush=True)
 
-    train_images, train_identity = verification_data.load_images(config, "train")
+    _check_model_source(config)  # a clear error before any work
     test_source, test_idx = verification_data.split_rows(config, "test")
     test_images, test_identity = verification_data.render_uint8(test_source, test_idx,
                                                                 int(config.data.render_batch))
-    num_train_images = int(train_images.shape[0])
     lap("render")
 
-    trained = train_embedder(config, workdir, train_images, train_identity)
-    del train_images
+    trained, train_info = obtain_embedder(config, workdir)
     lap("train")
 
     embed = ViTEmbed(vit.ViTApply(trained.embedder))
@@ -902,7 +906,7 @@ def run(config, workdir: str) -> dict:
         sub_probes, sub_galleries = to_float(probes[subset]), to_float(galleries[subset])
         saliencies = curve_saliencies(bound, sub_probes, sub_galleries, sub_main,
                                       positive[subset], config.curves,
-                                      jax.random.PRNGKey(int(config.seed) + 1),
+                                      jax.random.PRNGKey(keys.run_seed(int(config.seed), "vit_fv", "curves")),
                                       float(config.explain.fill))
         lap("baseline_maps")
         curves = {}
@@ -924,14 +928,13 @@ def run(config, workdir: str) -> dict:
     vit_cfg = trained.embedder.config
     rates = protocol["rates"]
     setup = {
-        "source": "synthetic faces", "resolution": int(config.data.resolution),
+        "source": verification_data.data_name(config.data), "resolution": int(config.data.resolution),
         "model": {"name": str(config.model.name), "image_size": vit_cfg.image_size,
                   "patch_size": vit_cfg.patch_size, "grid": list(vit_cfg.grid_shape),
                   "hidden_dim": vit_cfg.hidden_dim, "num_layers": vit_cfg.num_layers,
                   "num_heads": vit_cfg.num_heads, "embed_dim": vit_cfg.embed_dim,
                   "pool": vit_cfg.pool},
-        "train_identities": int(np.unique(train_identity).size),
-        "train_images": num_train_images, "num_epochs": int(config.train.num_epochs),
+        **train_info, "num_epochs": int(config.train.num_epochs),
         "batch_size": int(config.train.batch_size), "num_steps": trained.num_steps,
         "loss": {"kind": "cosface", "scale": float(config.train.scale),
                  "margin": float(config.train.margin)},

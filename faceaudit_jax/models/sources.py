@@ -284,3 +284,86 @@ def multi_attribute_outputs(model_cfg, clf: Classifier) -> tuple[str, ...]:
         raise ValueError(f"{clf.workdir} has {num_outputs} fc output(s); model.outputs names "
                          f"{len(given)}: {list(given)}")
     return given
+
+
+# ---------------------------------------------------------------------------
+# Face-verification embedders (model.source = checkpoint | callable)
+# ---------------------------------------------------------------------------
+
+EMBEDDER_SOURCES = ("train", "checkpoint", "callable")
+
+
+def embedder_source(model_cfg) -> str:
+    """``model.source`` of a face-verification config, checked against EMBEDDER_SOURCES."""
+    return _one_of("model.source", str(model_cfg.get("source", "train") or "train"), EMBEDDER_SOURCES)
+
+
+def _one_of(field: str, value: str, allowed: tuple) -> str:
+    if value in allowed:
+        return value
+    raise ValueError(f"{field}={value!r}; expected one of {allowed}")
+
+
+def embedder_run_dir(path) -> Path:
+    """The embedder run directory behind ``model.path``: the run dir itself (it holds
+    checkpoints/ and fingerprint.json) or an experiment workdir holding models/embedder."""
+    path = Path(str(path or ""))
+    if not str(path) or not path.is_dir():
+        raise FileNotFoundError(f"model.path={str(path)!r} does not exist or is not a folder; expected "
+                                "an embedder run directory (a CorrRISE workdir or its models/embedder)")
+    run_dir = path / "models" / "embedder" if (path / "models" / "embedder").is_dir() else path
+    if not (run_dir / "fingerprint.json").is_file() or not (run_dir / "checkpoints").is_dir():
+        raise FileNotFoundError(f"model.path={str(path)!r} holds no fingerprint.json and checkpoints/; "
+                                "expected a run directory of this project's embedder training")
+    return run_dir
+
+
+def load_embedder_checkpoint(path):
+    """(FaceEmbedder, variables, fingerprint) of a trained ``models.embedder`` run directory."""
+    from faceaudit_jax.models import embedder as embedder_lib
+
+    run_dir = embedder_run_dir(path)
+    record = json.loads((run_dir / "fingerprint.json").read_text())
+    missing = [k for k in ("model", "embedding_dim", "num_classes") if k not in record]
+    if missing:
+        raise ValueError(f"{run_dir / 'fingerprint.json'} lacks {missing}; expected an embedder run directory")
+    model = embedder_lib.build_embedder_with_margin(int(record["num_classes"]), name=str(record["model"]),
+                                                    embedding_dim=int(record["embedding_dim"]))
+    variables = embedder_lib.embedder_variables(restore_variables(run_dir))
+    return model.embedder, variables, record
+
+
+def check_embedder_output(fn: Callable, images: np.ndarray, spec: str) -> int:
+    """Calls a numpy embedder on ``images`` [B, H, W, 3] in [0, 1]; returns its dimension D,
+    or raises a ValueError naming ``spec`` when the output is not finite [B, D]."""
+    out = np.asarray(fn(np.asarray(images, np.float32)))
+    if out.ndim != 2 or out.shape[0] != images.shape[0] or out.shape[1] < 1:
+        raise ValueError(f"model.function={spec!r} returned shape {out.shape} for {images.shape[0]} images "
+                         f"of shape {images.shape[1:]}; expected ({images.shape[0]}, D)")
+    if not np.all(np.isfinite(out)):
+        raise ValueError(f"model.function={spec!r} returned non-finite embeddings")
+    return int(out.shape[1])
+
+
+def vit_embedder_run_dir(path) -> Path:
+    """The ViT embedder run directory behind ``model.path``: the run dir itself or a
+    vit_fv workdir holding models/vit_embedder (checked like ``embedder_run_dir``)."""
+    path = Path(str(path or ""))
+    if str(path) and (path / "models" / "vit_embedder").is_dir():
+        path = path / "models" / "vit_embedder"
+    return embedder_run_dir(path)
+
+
+def load_vit_checkpoint(path):
+    """(ViTFaceEmbedder, {"params": embedder params}, class centres [D, C], fingerprint) of a
+    trained vit_fv embedder run directory."""
+    from faceaudit_jax.models import vit
+
+    run_dir = vit_embedder_run_dir(path)
+    record = json.loads((run_dir / "fingerprint.json").read_text())
+    missing = [k for k in ("model", "num_identities") if k not in record]
+    if missing:
+        raise ValueError(f"{run_dir / 'fingerprint.json'} lacks {missing}; expected a ViT embedder run directory")
+    embedder = vit.build_vit(str(record["model"]), **dict(record.get("overrides") or {}))
+    params = restore_variables(run_dir)["params"]
+    return embedder, {"params": params["embedder"]}, np.asarray(params["class_centres"]), record

@@ -51,6 +51,8 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
+from faceaudit_jax import losses
+
 POOLS = ("cls", "mean")
 
 
@@ -429,3 +431,23 @@ def make_margin_loss_fn(
         return loss, {"loss": loss, "accuracy": accuracy}
 
     return loss_fn
+
+
+@dataclasses.dataclass(frozen=True)
+class CosFaceOnCosines:
+    """``loss_fn(cosines, batch) -> (loss, {"accuracy"})`` for ``train_lib.fit`` on a
+    ``ViTMarginClassifier``: ``losses.cosface_loss_on_cosines`` plus the arg-max accuracy.
+
+    Frozen and hashable, so ``train_lib.make_train_step`` memoises the
+    compiled update on it.
+    """
+
+    scale: float = 64.0
+    margin: float = 0.35
+    label_key: str = "identity"
+
+    def __call__(self, cosines, batch):
+        labels = batch[self.label_key]
+        loss = losses.cosface_loss_on_cosines(cosines, labels, self.scale, self.margin)
+        accuracy = jnp.mean((jnp.argmax(cosines, axis=-1) == labels).astype(jnp.float32))
+        return loss, {"accuracy": accuracy}

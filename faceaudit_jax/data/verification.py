@@ -8,13 +8,15 @@ for ``train_lib.fit``.
 
 from __future__ import annotations
 
-from typing import Callable
+import dataclasses
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from faceaudit_jax.data import pipeline, sources
+from faceaudit_jax import regions
+from faceaudit_jax.data import pipeline, sampling, sources
 
 
 def split_indices(config) -> tuple[np.ndarray, np.ndarray]:
@@ -126,3 +128,102 @@ def make_batch_fn(images: np.ndarray, labels: np.ndarray, batch_size: int, seed:
                 "identity": jnp.asarray(labels[chosen], jnp.int32)}
 
     return batch_fn
+
+
+def embed_all(embed_fn, images_uint8: np.ndarray, batch_size: int) -> np.ndarray:
+    """Embeddings [N, D] of uint8 images [N, H, W, 3], ``batch_size`` at a time."""
+    out = [np.asarray(embed_fn(to_float(images_uint8[i:i + batch_size])))
+           for i in range(0, images_uint8.shape[0], batch_size)]
+    return np.concatenate(out)
+
+
+def occluder_mask(parse: np.ndarray) -> np.ndarray:
+    """bool [..., H, W]: pixels of the occluders (glasses, hat) in a parse map."""
+    ids = [regions.region_id("eye_g"), regions.region_id("hat")]
+    return np.isin(parse, ids)
+
+
+def occluded_pairs(attrs: np.ndarray, identity: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """(a, b) positions of matching pairs whose probe A wears glasses or a hat and whose B wears
+    neither: the occluder is the one thing that differs. At most one pair per probe, in order."""
+    occluded = (attrs[:, regions.attribute_id("Eyeglasses")] == 1) | (
+        attrs[:, regions.attribute_id("Wearing_Hat")] == 1)
+    a_list, b_list = [], []
+    for a in np.flatnonzero(occluded):
+        partners = np.flatnonzero((identity == identity[a]) & ~occluded)
+        if partners.size:
+            a_list.append(a)
+            b_list.append(partners[0])
+        if len(a_list) == count:
+            break
+    return np.asarray(a_list, np.int64), np.asarray(b_list, np.int64)
+
+
+@dataclasses.dataclass
+class TestPairs:
+    """The verification protocol's pairs: pair p compares images[a[p]] with images[b[p]].
+
+    images uint8 [N, R, R, 3]; a, b int [P]; same bool [P]; fold int [P].
+    Drawn pairs (``source`` and ``rows`` set, ``identity`` [N]) come from
+    test identities; file pairs (LFW ``pairs.txt``, RFW, a folder's
+    ``pairs.csv``) hold both images of each pair. ``name`` says which data
+    set they come from, for the report.
+    """
+
+    images: np.ndarray
+    a: np.ndarray
+    b: np.ndarray
+    same: np.ndarray
+    fold: np.ndarray
+    name: str
+    from_file: bool
+    identity: Optional[np.ndarray] = None
+    source: Any = None
+    rows: Optional[np.ndarray] = None
+
+    @property
+    def num_folds(self) -> int:
+        return int(np.unique(self.fold).size)
+
+
+def data_name(data_cfg) -> str:
+    """How a report names the data set: "synthetic faces" or the source and its folder."""
+    if str(data_cfg.source) == "synthetic":
+        return "synthetic faces"
+    root = str(data_cfg.get("root", "") or "")
+    return f"{data_cfg.source}" + (f" ({root})" if root else "")
+
+
+def uses_pairs_file(data_cfg) -> bool:
+    """True when ``data.pairs`` names a pairs file kind (lfw, rfw, folder)."""
+    return bool(str(data_cfg.get("pairs", "") or ""))
+
+
+def drawn_test_pairs(config) -> TestPairs:
+    """LFW-style identity-disjoint folds drawn from the test identities (``sampling.verification_pairs``)."""
+    source, rows = split_rows(config, "test")
+    images, identity = render_uint8(source, rows, int(config.data.render_batch))
+    pairs = sampling.verification_pairs(identity, int(config.test.pair_seed),
+                                        num_folds=int(config.test.num_folds),
+                                        pairs_per_fold=int(config.test.pairs_per_fold))
+    return TestPairs(images, pairs["a"], pairs["b"], pairs["same"], pairs["fold"],
+                     data_name(config.data), False, identity, source, rows)
+
+
+def file_test_pairs(config) -> TestPairs:
+    """The data set's own pairs (``data.sources.build_pairs``), decoded at ``data.resolution``."""
+    pairs = sources.build_pairs(config.data)
+    loaded = sources.load_pair_images(pairs, int(config.data.resolution),
+                                      num_workers=int(config.data.get("num_workers", 0)))
+    count = loaded.same.size
+    if not loaded.same.any() or loaded.same.all():
+        raise ValueError(f"data.pairs={config.data.pairs!r} at {config.data.root}: the pairs file needs "
+                         f"matching and non-matching pairs; found {int(loaded.same.sum())} matching of {count}")
+    name = f"{data_name(config.data)}, {config.data.pairs} pairs file"
+    return TestPairs(np.concatenate([loaded.image_a, loaded.image_b]), np.arange(count),
+                     count + np.arange(count), loaded.same.astype(bool), loaded.fold, name, True)
+
+
+def test_pairs(config) -> TestPairs:
+    """File pairs when ``data.pairs`` is set, else pairs drawn from test identities."""
+    return file_test_pairs(config) if uses_pairs_file(config.data) else drawn_test_pairs(config)
