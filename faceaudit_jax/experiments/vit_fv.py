@@ -711,7 +711,6 @@ def _model_sentence(setup: Mapping) -> str:
 def summary_markdown(setup: Mapping, protocol: Mapping, table: Mapping, finding: Mapping,
                      curves: Mapping, prefix: str) -> str:
     kfold = protocol["kfold"]
-    model = setup["model"]
     lines = [
         "### ViT face-verification heatmaps",
         "",
