@@ -11,7 +11,7 @@ data set's published test split), and writes:
 - ``figure_examples.png``: image, ground truth and prediction for a few test
   images; ``figure_iou.png``: IoU per region.
 
-``load_parser(workdir)`` turns the trained model into a
+``parsing.load_trained_parser(workdir)`` turns the trained model into a
 ``parsing.NetworkParser``; FaceX audits take it through
 ``--config.explain.parser=<workdir>``.
 """
@@ -31,7 +31,7 @@ from faceaudit_jax.data import pipeline, sources
 from faceaudit_jax.experiments import registry
 from faceaudit_jax.models import parser_net
 
-_MODEL_DIR = "models/parser"
+_MODEL_DIR = parsing.PARSER_RUN_DIR
 
 
 def build_data(config) -> tuple[object, np.ndarray, np.ndarray]:
@@ -127,24 +127,6 @@ def train_parser(config, workdir: str, source, train_idx: np.ndarray):
                           ckpt_every=int(config.train.ckpt_every), log_every=int(config.train.log_every),
                           desc="train parser")
     return model, train_lib.state_variables(state), num_steps
-
-
-def load_parser(workdir, **parser_kwargs) -> parsing.NetworkParser:
-    """The parser trained by this experiment in ``workdir`` (its last checkpoint)."""
-    run_dir = Path(workdir).expanduser() / _MODEL_DIR
-    cfg_path = run_dir / "parser_config.json"
-    if not cfg_path.exists():
-        raise FileNotFoundError(f"no trained parser in {workdir}: {cfg_path} is missing; train one with "
-                                "python explain.py --config configs/face_parser.py --workdir <dir>")
-    cfg = json.loads(cfg_path.read_text())
-    model = parser_net.ParserNet(widths=tuple(cfg["widths"]), norm_groups=int(cfg["norm_groups"]))
-    tx = train_lib.make_optimizer(cfg["train"], int(cfg["num_steps"]))
-    state = train_lib.create_train_state(model, jax.random.PRNGKey(0), int(cfg["resolution"]), tx)
-    restored = train_lib.restore_latest(state, str(run_dir))
-    if int(restored.step) == 0:
-        raise FileNotFoundError(f"{run_dir} has no checkpoint yet; finish training first")
-    parser_kwargs.setdefault("input_size", int(cfg["resolution"]))
-    return parsing.NetworkParser(model, train_lib.state_variables(restored), **parser_kwargs)
 
 
 def evaluate(model, variables, source, test_idx: np.ndarray, batch_size: int) -> dict:
