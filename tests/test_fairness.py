@@ -137,3 +137,23 @@ def test_bad_inputs_raise_clear_errors():
         fairness.group_counts(np.ones(3, bool), np.zeros(3, np.int32), 0)
     with pytest.raises(ValueError, match="groups must be integers"):
         fairness.group_counts(np.ones(3, bool), np.zeros(3, np.float32), 2)
+
+
+def test_bias_group_report_counts_by_hand():
+    from faceaudit_jax import regions
+    from faceaudit_jax.metrics.fairness import bias_group_report
+
+    attrs = np.zeros((6, regions.NUM_ATTRIBUTES), np.int8)
+    male, lip = regions.attribute_id("Male"), regions.attribute_id("Wearing_Lipstick")
+    attrs[:3, male] = 1                    # men: rows 0-2
+    attrs[[2, 3, 4], lip] = 1              # lipstick: man 2 (conflicting), women 3, 4 (aligned)
+    logits = np.array([1.0, -1.0, 1.0, -1.0, 1.0, -1.0])   # right, wrong, right, right, wrong, right
+    # With Male=1 going with lipstick 0: aligned rows 0, 1, 3, 4; conflicting rows 2, 5.
+    report = bias_group_report(logits, attrs, "Male", ["Wearing_Lipstick"], (0,))
+    assert report["accuracy"] == pytest.approx(4 / 6)
+    assert report["aligned_accuracy"] == pytest.approx(2 / 4)
+    assert report["conflicting_accuracy"] == pytest.approx(2 / 2)
+    assert report["gap"] == pytest.approx(-0.5)
+    assert report["Male=1,Wearing_Lipstick=0"] == pytest.approx(0.5)
+    assert report["Male=0,Wearing_Lipstick=1"] == pytest.approx(0.5)
+    assert report["num_images"] == 6

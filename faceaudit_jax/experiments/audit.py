@@ -28,6 +28,7 @@ from faceaudit_jax import parsing, regions
 from faceaudit_jax.data import sampling
 from faceaudit_jax.data import sources as data_sources
 from faceaudit_jax.experiments import classifier
+from faceaudit_jax.metrics import fairness
 from faceaudit_jax.models import sources as model_sources
 from faceaudit_jax.summary import audit as audit_lib
 from faceaudit_jax.viz import figures
@@ -131,7 +132,7 @@ def run(config, workdir: str) -> dict:
     if plan.confounders:
         known = plan.confounder_values is not None
         values = plan.confounder_values if known else (1,) * len(plan.confounders)
-        accuracy = classifier.group_report(logits, test_attrs, plan.target, plan.confounders, values)
+        accuracy = fairness.bias_group_report(logits, test_attrs, plan.target, plan.confounders, values)
         if known:
             classifier.print_report("audited", accuracy)
         else:  # the placeholder direction's aligned/conflicting split means nothing: drop it

@@ -56,6 +56,7 @@ from tqdm import tqdm
 from faceaudit_jax import parsing, regions
 from faceaudit_jax.data import pipeline, sampling, sources
 from faceaudit_jax.experiments import classifier
+from faceaudit_jax.metrics import fairness
 from faceaudit_jax.mitigation import reweighting
 from faceaudit_jax.summary import audit as audit_lib
 from faceaudit_jax.viz.report import fmt, markdown_table
@@ -323,7 +324,7 @@ def _train_model(ctx: TablesContext, spec: ModelSpec, corr: float):
 def _group_accuracy(clf, spec: ModelSpec, test_source, batch_size: int) -> dict:
     logits = predict_logits(clf, test_source, spec.test_indices, batch_size)
     if spec.confounders:
-        return classifier.group_report(logits, spec.test_attrs, spec.target,
+        return fairness.bias_group_report(logits, spec.test_attrs, spec.target,
                                        list(spec.confounders), spec.confounder_values)
     return _target_accuracy(logits, spec.test_attrs, spec.target)
 
