@@ -153,11 +153,11 @@ def test_figure5_trains_the_mitigated_model_until_it_beats_chance(tmp_path, monk
     assert "does NOT clearly beat chance" in ft.figure5_markdown(result)
 
 
-def test_run_tables_rejects_unknown_part(tmp_path):
+def test_run_rejects_unknown_part(tmp_path):
     c = tiny_config()
     c.tables.parts = ("table2",)
     with pytest.raises(ValueError, match="table2"):
-        ft.run_tables(c, tmp_path)
+        ft.run(c, tmp_path)
 
 
 def test_regionless_confounder_is_rejected(tmp_path):
@@ -239,7 +239,7 @@ def test_smoke_resume_reuses_audits_and_detects_changed_settings(smoke_run, monk
 
     monkeypatch.setattr(classifier, "train_classifier", no_training)
     start = time.perf_counter()
-    again = ft.run_tables(config, str(workdir))
+    again = ft.run(config, str(workdir))
     assert time.perf_counter() - start < 30
     assert again["table1"]["rows"] == results["table1"]["rows"]
     assert again["table4"]["rows"] == results["table4"]["rows"]
@@ -247,7 +247,7 @@ def test_smoke_resume_reuses_audits_and_detects_changed_settings(smoke_run, monk
     changed.train.lr = 3e-4
     changed.tables.parts = ("table1",)
     with pytest.raises(ValueError, match="other settings"):
-        ft.run_tables(changed, str(workdir))
+        ft.run(changed, str(workdir))
 
 
 
@@ -259,7 +259,7 @@ def test_smoke_changed_explanation_reaudits_without_retraining(smoke_run):
     changed = config.copy_and_resolve_references()
     changed.explain.method = "hires_cam"
     changed.tables.parts = ("table1",)
-    ft.run_tables(changed, str(workdir))
+    ft.run(changed, str(workdir))
     after = json.loads((workdir / "audits" / f"{name}.json").read_text())
     assert after["fingerprint"] != before["fingerprint"]
     assert after["model_fingerprint"] == before["model_fingerprint"]
@@ -287,3 +287,21 @@ def test_predict_logits_matches_classifier_and_compiles_once():
         np.testing.assert_allclose(g, classifier.predict_logits(c, source, indices, 16),
                                    rtol=1e-5, atol=1e-5)
     assert got[0].shape == (20,) and not np.allclose(got[0], got[1])
+
+
+def test_report_lays_out_a_fixed_result():
+    config = load_config("smoke")
+    table3 = {"rows": [{"target": "Male", "confounders": ["Eyeglasses", "Wearing_Hat"],
+                        "rp_per_confounder": {"Eyeglasses": 2, "Wearing_Hat": None},
+                        "rp1": 2, "rp2": None, "top_regions": "eye_g, hair, hat, nose",
+                        "accuracy": 0.8, "aligned_accuracy": 0.95, "conflicting_accuracy": 0.5,
+                        "model": "biased_Male_Eyeglasses+Wearing_Hat"}],
+              "summary": {"mean_rp1": 2.0, "mean_rp2": None, "num_cases": 1, "corr": 0.99}}
+    texts = ft.report(config, {"table3": table3}, link_prefix="results/x/")
+    assert set(texts) == {"table3", "tables.md", "summary.md"}
+    row = "| Male | Eyeglasses + Wearing_Hat | Eyeglasses: 2, Wearing_Hat: n/a | 2 | n/a |"
+    assert row in texts["table3"]
+    assert "Mean RP1 2.00, mean RP2 n/a." in texts["table3"]
+    assert texts["tables.md"].startswith("# FaceX reproduction on synthetic faces")
+    assert texts["summary.md"].startswith("### FaceX reproduction (`configs/facex_tables.py`)")
+    assert "#### Table 3: two confounders at once" in texts["summary.md"]

@@ -171,15 +171,21 @@ def test_attribute_correlations_match_corrcoef_and_exclusions():
             assert r[j] == pytest.approx(np.corrcoef(table[:, j].astype(float), y)[0, 1], abs=1e-12)
 
 
-def test_top_correlated_attributes_order_and_region_filter():
-    rng = np.random.default_rng(2)
-    n = 2000
+def _random_table_linked_to_male(seed: int, n: int = 2000):
+    """A random 0/1 attribute table and ``noisy(flip)``: Male with a share ``flip`` of rows flipped."""
+    rng = np.random.default_rng(seed)
     y = (rng.random(n) < 0.5).astype(np.int8)
     table = (rng.random((n, regions.NUM_ATTRIBUTES)) < 0.5).astype(np.int8)
     table[:, regions.attribute_id("Male")] = y
 
     def noisy(flip):
         return np.where(rng.random(n) < flip, 1 - y, y).astype(np.int8)
+
+    return table, noisy
+
+
+def test_top_correlated_attributes_order_and_region_filter():
+    table, noisy = _random_table_linked_to_male(2)
 
     table[:, regions.attribute_id("Young")] = noisy(0.0)               # perfect, but tied to no region
     table[:, regions.attribute_id("Wearing_Lipstick")] = 1 - noisy(0.05)   # strong negative
@@ -195,14 +201,7 @@ def test_top_correlated_attributes_order_and_region_filter():
 
 
 def test_top_correlated_attributes_with_distinct_regions_skips_shared_regions():
-    rng = np.random.default_rng(3)
-    n = 2000
-    y = (rng.random(n) < 0.5).astype(np.int8)
-    table = (rng.random((n, regions.NUM_ATTRIBUTES)) < 0.5).astype(np.int8)
-    table[:, regions.attribute_id("Male")] = y
-
-    def noisy(flip):
-        return np.where(rng.random(n) < flip, 1 - y, y).astype(np.int8)
+    table, noisy = _random_table_linked_to_male(3)
 
     table[:, regions.attribute_id("Wearing_Lipstick")] = 1 - noisy(0.05)   # lips
     table[:, regions.attribute_id("Heavy_Makeup")] = 1 - noisy(0.10)       # skin, eyes, lips: shares lips

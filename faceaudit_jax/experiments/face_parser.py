@@ -129,26 +129,6 @@ def train_parser(config, workdir: str, source, train_idx: np.ndarray):
     return model, train_lib.state_variables(state), num_steps
 
 
-def evaluate(model, variables, source, test_idx: np.ndarray, batch_size: int) -> dict:
-    """Per-region IoU over the test images (padding rows of the last batch dropped)."""
-
-    def batches():
-        for batch, valid in pipeline.iterate_batches(source, test_idx, batch_size):
-            if valid.all():
-                yield batch
-            else:
-                keep = int(valid.sum())
-                yield {"image": batch["image"][:keep], "parse": batch["parse"][:keep]}
-
-    return parser_net.evaluate_parser(model, variables, batches())
-
-
-def region_pixel_share(confusion: np.ndarray) -> np.ndarray:
-    """Share of test pixels whose true region is r: a rare region's IoU is noisier."""
-    rows = confusion.sum(1).astype(np.float64)
-    return rows / max(rows.sum(), 1.0)
-
-
 def table_markdown(result: Mapping) -> str:
     iou, share = np.asarray(result["per_region_iou"], float), np.asarray(result["pixel_share"], float)
     lines = ["| region | IoU | share of pixels |", "|---|---:|---:|"]
@@ -227,13 +207,14 @@ def run(config, workdir: str) -> dict:
           flush=True)
     model, variables, num_steps = train_parser(config, workdir, source, train_idx)
     trained = time.perf_counter()
-    scores = evaluate(model, variables, source, test_idx, int(config.test.batch_size))
+    scores = parser_net.evaluate_on_source(model, variables, source, test_idx,
+                                          int(config.test.batch_size))
     result = {
         "source": str(config.data.source), "resolution": int(config.data.resolution),
         "num_train": int(train_idx.size), "num_test": int(test_idx.size), "num_steps": int(num_steps),
         "per_region_iou": {n: float(v) for n, v in zip(regions.REGIONS, scores["per_region_iou"])},
         "mean_iou": scores["mean_iou"], "pixel_accuracy": scores["pixel_accuracy"],
-        "pixel_share": region_pixel_share(scores["confusion"]).tolist(),
+        "pixel_share": parser_net.region_pixel_share(scores["confusion"]).tolist(),
         "train_seconds": trained - start, "eval_seconds": time.perf_counter() - trained,
     }
     shown = test_idx[: int(config.test.num_examples)]

@@ -735,6 +735,32 @@ _PARTS = {
 }
 
 
+def report(config, results: dict, link_prefix: str = "") -> dict[str, str]:
+    """Markdown of the computed parts: {part: section, "tables.md": page, "summary.md": README fragment}.
+
+    ``link_prefix`` goes before figure paths in the README fragment (see
+    ``registry.readme_link_prefix``); the page links relative to the workdir.
+    """
+    parts = [p for p in results if p in _PARTS]
+    texts = {part: _PARTS[part][1](results[part]) for part in parts}
+    header = ("# FaceX reproduction on synthetic faces\n\n"
+              f"Model {config.model.name} at {config.data.resolution} px, "
+              f"{config.train.size} training images x {config.train.num_epochs} epochs "
+              f"(batch {config.train.batch_size}), {config.test.size} test images, "
+              f"{config.explain.method} with the {config.explain.target_mode}-class target, "
+              f"{config.explain.ior_mode} IoR.\n\n")
+    # The README fragment (scripts/update_readme.py): same text, one heading level down,
+    # the figure linked so that the link works from the README as well.
+    readme_texts = dict(texts)
+    if "figure5" in results:
+        readme_texts["figure5"] = figure5_markdown(results["figure5"], link_prefix)
+    body = "\n".join(readme_texts[p] for p in parts).replace("\n## ", "\n#### ")
+    body = body[3:] if body.startswith("## ") else body
+    summary = ("### FaceX reproduction (`configs/facex_tables.py`)\n\n" + header.split("\n\n", 1)[1]
+               + ("#### " + body if not body.startswith("#### ") else body))
+    return {**texts, "tables.md": header + "\n".join(texts[p] for p in parts), "summary.md": summary}
+
+
 def run(config, workdir: str) -> dict:
     """Run the configured parts (``config.tables.parts``), write JSON + Markdown, print tables."""
     parts = tuple(config.tables.parts)
@@ -742,34 +768,16 @@ def run(config, workdir: str) -> dict:
     if unknown or not parts:
         raise ValueError(f"tables.parts={parts!r}; expected a non-empty subset of {PARTS}")
     ctx = TablesContext(config, workdir)
-    results, texts = {}, {}
+    results = {}
     for part in parts:
-        compute, render = _PARTS[part]
         start = time.perf_counter()
-        result = compute(ctx)
+        result = _PARTS[part][0](ctx)
         result["seconds"] = time.perf_counter() - start
         write_json(ctx.workdir / f"{part}.json", result)
-        texts[part] = render(result)
-        (ctx.workdir / f"{part}.md").write_text(texts[part])
         results[part] = result
-    header = ("# FaceX reproduction on synthetic faces\n\n"
-              f"Model {config.model.name} at {config.data.resolution} px, "
-              f"{config.train.size} training images x {config.train.num_epochs} epochs "
-              f"(batch {config.train.batch_size}), {config.test.size} test images, "
-              f"{config.explain.method} with the {config.explain.target_mode}-class target, "
-              f"{config.explain.ior_mode} IoR.\n\n")
-    (ctx.workdir / "tables.md").write_text(header + "\n".join(texts[p] for p in parts))
-    # The README fragment (scripts/update_readme.py): same text, one heading level down,
-    # the figure linked so that the link works from the README as well.
-    readme_texts = dict(texts)
-    if "figure5" in results:
-        readme_texts["figure5"] = figure5_markdown(results["figure5"],
-                                                   readme_link_prefix(ctx.workdir))
-    body = "\n".join(readme_texts[p] for p in parts).replace("\n## ", "\n#### ")
-    body = body[3:] if body.startswith("## ") else body
-    (ctx.workdir / "summary.md").write_text(
-        "### FaceX reproduction (`configs/facex_tables.py`)\n\n" + header.split("\n\n", 1)[1]
-        + ("#### " + body if not body.startswith("#### ") else body))
+    texts = report(config, results, readme_link_prefix(ctx.workdir))
+    for name in (*parts, "tables.md", "summary.md"):
+        (ctx.workdir / (f"{name}.md" if name in parts else name)).write_text(texts[name])
     for part in parts:
         print("\n" + texts[part], flush=True)
     return results
