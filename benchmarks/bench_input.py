@@ -3,7 +3,7 @@
 Writes a generic-layout folder (``data.sources.GENERIC_LAYOUT``) of rendered
 synthetic faces as 512 px JPEGs with label-PNG parse maps, then:
 
-1. The FaceX audit (``experiments.facex.audit``: Grad-CAM + IoR + top-k
+1. The FaceX audit (``summary.audit.audit``: Grad-CAM + IoR + top-k
    patches; a small_resnet at ``--resolution``, random weights: the cost
    does not depend on them) over every image, streaming from the files
    (decode + resize in ``data.num_workers`` threads, prefetched while the
@@ -31,7 +31,8 @@ import ml_collections
 import numpy as np
 
 from faceaudit_jax.data import fixtures, sources
-from faceaudit_jax.experiments import classifier, facex
+from faceaudit_jax.experiments import classifier
+from faceaudit_jax.summary import audit as audit_lib
 from faceaudit_jax.models import build_model, init_variables
 
 
@@ -62,7 +63,7 @@ def write_folder(root: str, num_images: int, chunk: int = 16) -> None:
 
 def timed_audit(clf, source, rows, explain_cfg, batch_size: int) -> float:
     start = time.perf_counter()
-    result = facex.audit(clf, source, rows, "Male", explain_cfg, batch_size, desc="bench")
+    result = audit_lib.audit(clf, source, rows, "Male", explain_cfg, batch_size, desc="bench")
     np.asarray(result.ior)
     return time.perf_counter() - start
 

@@ -1,6 +1,6 @@
 """FaceX audit throughput: one process vs several processes on this machine.
 
-The whole audit (`experiments.facex.audit`: synthetic rendering, ResNet CAMs,
+The whole audit (`summary.audit.audit`: synthetic rendering, ResNet CAMs,
 IoR by predicted and true class, running top-k patches, the global
 reduction at the end) over the same images, run
 
@@ -48,7 +48,8 @@ def child(args) -> None:
 
     from faceaudit_jax import distributed
     from faceaudit_jax.data import pipeline
-    from faceaudit_jax.experiments import classifier, facex
+    from faceaudit_jax.experiments import classifier
+    from faceaudit_jax.summary import audit as audit_lib
     from faceaudit_jax.models.resnet import build_model, init_variables
 
     if args.num_processes > 1:
@@ -62,10 +63,10 @@ def child(args) -> None:
         ior_mode="soft", patch_size=16))
     source = pipeline.SyntheticSource(seed=0, resolution=args.resolution)
     warm = np.arange(args.batch_size * args.num_processes)
-    facex.audit(clf, source, warm, "Male", explain_cfg, args.batch_size, desc="warm-up")
+    audit_lib.audit(clf, source, warm, "Male", explain_cfg, args.batch_size, desc="warm-up")
     distributed.barrier("timed audit")
     start = time.perf_counter()
-    result = facex.audit(clf, source, np.arange(1000, 1000 + args.images), "Male", explain_cfg,
+    result = audit_lib.audit(clf, source, np.arange(1000, 1000 + args.images), "Male", explain_cfg,
                          args.batch_size, desc="audit")
     seconds = time.perf_counter() - start
     if jax.process_index() == 0:

@@ -37,6 +37,7 @@ Run:
 import ml_collections
 
 from faceaudit_jax.data import sources
+from faceaudit_jax.config_args import parse_arg
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -98,14 +99,12 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # "" = the data set's own masks; a configs/face_parser.py workdir = that parser.
     c.explain.parser = ""
 
-    variant = arg.strip()
-    if variant == "smoke":
+    a = parse_arg(arg, smoke=False)
+    if a.smoke:
         c.data.resolution = 64
         c.data.pool_size = 20_000
         c.test.size = 32
         c.test.batch_size = 16
         c.explain.top_k = 4
         c.explain.num_overlays = 4
-    elif variant:
-        raise ValueError(f"unknown config variant {variant!r}; expected '' or 'smoke'")
     return c

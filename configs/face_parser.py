@@ -20,6 +20,7 @@ steps), 256 test images from disjoint identities.
 import ml_collections
 
 from faceaudit_jax.data import sources
+from faceaudit_jax.config_args import parse_arg
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -63,8 +64,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.test.batch_size = 16
     c.test.num_examples = 4              # rows of the example figure
 
-    variant = arg.strip()
-    if variant == "smoke":
+    a = parse_arg(arg, smoke=False, celebamask_hq=False)
+    if a.smoke:
         c.data.resolution = 64
         c.model.widths = (8, 16)
         c.train.size = 32
@@ -76,7 +77,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.test.batch_size = 8
         c.test.num_examples = 2
         c.train.weight_sample = 16
-    elif variant == "celebamask_hq":
+    if a.celebamask_hq:
         # The masks' own 512 px halved; the data set's published train/test split.
         c.data.source = "celebamask_hq"
         c.data.resolution = 256
@@ -87,6 +88,4 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.train.ckpt_every = 1000
         c.train.log_every = 100
         c.test.size = 0                  # 0 = the whole test split
-    elif variant:
-        raise ValueError(f"unknown config variant {variant!r}; expected '', 'smoke' or 'celebamask_hq'")
     return c

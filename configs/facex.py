@@ -35,6 +35,7 @@ Real data (docs/use_your_own_data.md), every variant reads --config.data.root:
 import ml_collections
 
 from faceaudit_jax.data import sources
+from faceaudit_jax.config_args import parse_arg
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -106,8 +107,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # workdir = that trained parser (for images without masks).
     c.explain.parser = ""
 
-    variant = arg.strip()
-    if variant == "smoke":
+    a = parse_arg(arg, smoke=False, paper=False, celebamask_hq=False, celeba=False)
+    if a.smoke:
         c.data.resolution = 64
         c.data.pool_size = 20_000
         c.train.size = 256
@@ -119,7 +120,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.test.batch_size = 32
         c.explain.top_k = 4
         c.explain.num_overlays = 4
-    elif variant == "paper":
+    if a.paper:
         # FaceX's setting for accelerators: ResNet-18, batch 128, 20 epochs,
         # and an explanation at a larger resolution than training.
         c.model.name = "resnet18"
@@ -130,11 +131,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.train.num_epochs = 20
         c.test.size = 4000
         c.explain.resolution = 448
-    elif variant == "celebamask_hq":
+    if a.celebamask_hq:
         c.data.source = "celebamask_hq"
         c.data.resolution = 128
         c.test.size = 0
-    elif variant == "celeba":
+    if a.celeba:
         c.data.source = "celeba"
         c.data.test_source = "celebamask_hq"
         c.data.test_split = "published"
@@ -148,7 +149,4 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.train.baseline = False
         c.test.size = 0
         c.explain.resolution = 512
-    elif variant:
-        raise ValueError(f"unknown config variant {variant!r}; expected '', 'smoke', 'paper', "
-                         "'celebamask_hq' or 'celeba'")
     return c

@@ -75,6 +75,7 @@ paper's ResNet-18 recipe at 224 px for accelerators.
 import ml_collections
 
 from faceaudit_jax.data import sources
+from faceaudit_jax.config_args import parse_arg
 
 TABLE1_CONFOUNDERS = ("Blond_Hair", "Eyeglasses", "Smiling", "Wearing_Earrings",
                       "Wearing_Lipstick", "Wearing_Necklace", "Wearing_Hat")
@@ -183,8 +184,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.figure5.mitigated_epochs = (18, 36)
     c.figure5.mitigated_min_accuracy = 0.6
 
-    variant = arg.strip()
-    if variant == "smoke":
+    a = parse_arg(arg, smoke=False, paper=False, celeba=False)
+    if a.smoke:
         c.data.resolution = 64
         c.data.pool_size = 60_000
         # Equal pool sizes share one compiled attribute sampler per distribution.
@@ -200,7 +201,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.table3.confounder_sets = ("Smiling+Wearing_Earrings",)
         c.table4.pool_size = 60_000
         c.figure5.mitigated_epochs = (2,)
-    elif variant == "paper":
+    if a.paper:
         # FaceX's recipe for accelerators: ResNet-18 (BatchNorm), 224 px,
         # batch 128, 20 epochs. Table 3's rarest cell (men with glasses and a
         # hat, rate 0.00137) needs 9,900 images: a pool of 8 million.
@@ -216,7 +217,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.test.batch_size = 100
         c.explain.top_k = 20
         c.table4.pool_size = 400_000
-    elif variant == "celeba":
+    if a.celeba:
         c.data.source = "celeba"
         c.data.test_source = "celebamask_hq"
         c.data.test_split = "published"
@@ -234,7 +235,4 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.explain.top_k = 20
         c.tables.confounder_value = None
         c.tables.parts = ("table1", "table3", "figure5")
-    elif variant:
-        raise ValueError(f"unknown config variant {variant!r}; expected '', 'smoke', 'paper' "
-                         "or 'celeba'")
     return c

@@ -432,3 +432,45 @@ class LandmarkParser:
         height, width = np.shape(images)[1:3]
         maps = mesh_to_parse(mesh, height, width, self.outside_id)
         return jnp.where(jnp.asarray(found)[:, None, None], maps, self.outside_id)
+
+
+# ----------------------------------------------------------------------------- trained parsers
+
+# Where a configs/face_parser.py run keeps its parser, relative to its workdir.
+PARSER_RUN_DIR = "models/parser"
+
+
+def load_trained_parser(workdir, **parser_kwargs) -> NetworkParser:
+    """The parser a ``configs/face_parser.py`` run trained in ``workdir`` (its last checkpoint)."""
+    import json
+    from pathlib import Path
+
+    from faceaudit_jax import train_lib
+    from faceaudit_jax.models import parser_net
+
+    run_dir = Path(workdir).expanduser() / PARSER_RUN_DIR
+    cfg_path = run_dir / "parser_config.json"
+    if not cfg_path.exists():
+        raise FileNotFoundError(f"no trained parser in {workdir}: {cfg_path} is missing; train one with "
+                                "python explain.py --config configs/face_parser.py --workdir <dir>")
+    cfg = json.loads(cfg_path.read_text())
+    model = parser_net.ParserNet(widths=tuple(cfg["widths"]), norm_groups=int(cfg["norm_groups"]))
+    tx = train_lib.make_optimizer(cfg["train"], int(cfg["num_steps"]))
+    state = train_lib.create_train_state(model, jax.random.PRNGKey(0), int(cfg["resolution"]), tx)
+    restored = train_lib.restore_latest(state, str(run_dir))
+    if int(restored.step) == 0:
+        raise FileNotFoundError(f"{run_dir} has no checkpoint yet; finish training first")
+    parser_kwargs.setdefault("input_size", int(cfg["resolution"]))
+    return NetworkParser(model, train_lib.state_variables(restored), **parser_kwargs)
+
+
+def parser_from_config(explain_cfg):
+    """The parser named by ``explain.parser``: None (the data set's own masks) or a trained one.
+
+    "" or "ground_truth": ``batch["parse"]``; any other value is the workdir of
+    a ``configs/face_parser.py`` run, whose network parses every test image.
+    """
+    name = str(explain_cfg.get("parser", "") or "")
+    if name in ("", "ground_truth"):
+        return None
+    return load_trained_parser(name)

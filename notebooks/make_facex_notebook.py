@@ -42,7 +42,8 @@ at the top."""),
 import importlib.util, tempfile
 from pathlib import Path
 import jax, jax.numpy as jnp, matplotlib, numpy as np
-from faceaudit_jax.experiments import classifier, facex
+from faceaudit_jax.experiments import classifier
+from faceaudit_jax.summary import audit as audit_lib
 from faceaudit_jax.explain import cams
 from faceaudit_jax.viz import figures, prototype
 
@@ -61,13 +62,13 @@ subsets = classifier.make_subsets(config, source)    # biased training set, bala
 workdir = tempfile.mkdtemp()                         # Orbax checkpoints and metrics.jsonl
 clf = classifier.train_classifier(config, workdir, subsets["biased"], source, "biased")
 
-result = facex.audit(clf, source, subsets["test"], config.bias.target, config.explain,
+result = audit_lib.audit(clf, source, subsets["test"], config.bias.target, config.explain,
                      batch_size=int(config.test.batch_size))
 print(f"accuracy {result.accuracy:.3f} on {result.num_images} test images")
 for rank, region, value in result.ranking()[:5]:
     print(f"{rank:2d}. {region:8s} IoR {value:.3f}")
 confounders = list(config.bias.confounders)
-print("RP of", confounders, "=", facex.confounder_rp(result.ior, confounders))"""),
+print("RP of", confounders, "=", audit_lib.confounder_rp(result.ior, confounders))"""),
     ("md", "The heatmap on the face prototype (blue = low, red = high IoR; grey = region never present):"),
     ("code", """\
 prototype.plot_prototype_heatmap(result.ior, title="FaceX IoR, Male classifier (smoke budget)")"""),
@@ -105,7 +106,7 @@ can use it. `overwrite=True` lets this cell run twice."""),
     ("code", """\
 cams.register_cam_method("layer_cam", layer_cam, overwrite=True)
 config.explain.method = "layer_cam"
-result_x = facex.audit(clf, source, subsets["test"], config.bias.target, config.explain,
+result_x = audit_lib.audit(clf, source, subsets["test"], config.bias.target, config.explain,
                        batch_size=int(config.test.batch_size))
 print("top regions, Grad-CAM: ", [r for _, r, _ in result.ranking()[:5]])
 print("top regions, LayerCAM: ", [r for _, r, _ in result_x.ranking()[:5]])

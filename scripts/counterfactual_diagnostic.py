@@ -45,6 +45,7 @@ from faceaudit_jax import regions  # noqa: E402
 from faceaudit_jax.data import pipeline, synthetic  # noqa: E402
 from faceaudit_jax.experiments import classifier, facex_tables  # noqa: E402
 from faceaudit_jax.experiments.registry import write_json  # noqa: E402
+from faceaudit_jax.metrics import fairness  # noqa: E402
 from faceaudit_jax.explain import cams  # noqa: E402
 from faceaudit_jax.summary import counterfactual as cf  # noqa: E402
 from faceaudit_jax.summary import ior as ior_lib  # noqa: E402
@@ -107,7 +108,8 @@ def run_model(ctx, config, target, confounder, resolutions, log):
     batch_size = int(config.test.batch_size)
     test_source = ctx.source(True)
     logits = facex_tables.predict_logits(clf, test_source, spec.test_indices, batch_size)
-    groups = classifier.group_report(logits, spec.test_attrs, target, [confounder])
+    groups = fairness.bias_group_report(logits, spec.test_attrs, target, [confounder],
+                                        spec.confounder_values)
     log(f"[{spec.name}] trained in {train_seconds:.0f} s; aligned acc "
         f"{groups['aligned_accuracy']:.3f}, conflicting {groups['conflicting_accuracy']:.3f}")
 

@@ -33,23 +33,23 @@ CAM_ATTRIBUTES = ("Wearing_Hat", "Eyeglasses", "Wearing_Lipstick")
 
 
 def tiny_classifier(num_outputs: int):
-    from faceaudit_jax.experiments import classifier
+    from faceaudit_jax.models import sources as model_sources
     from faceaudit_jax.models.resnet import build_model, init_variables
     model = build_model("small_resnet", num_outputs, widths=(8, 8, 8, 8), stem_width=8,
                         norm_groups=4)
     variables = init_variables(model, jax.random.key(3), RESOLUTION)
-    return classifier.TrainedClassifier(model, variables, "tiny", "")
+    return model_sources.Classifier(model, variables, "tiny", "")
 
 
 def audit_result():
     """FaceX audit of a random tiny classifier on 16 synthetic faces (each process: its block)."""
     import ml_collections
-    from faceaudit_jax.experiments import facex
+    from faceaudit_jax.summary import audit as audit_lib
     explain_cfg = ml_collections.ConfigDict(dict(
         target_mode="predicted", method="grad_cam", top_k=5, num_overlays=1,
         ior_mode="soft", patch_size=8))
     source = pipeline.SyntheticSource(seed=1, resolution=RESOLUTION)
-    result = facex.audit(tiny_classifier(1), source, np.arange(100, 100 + NUM_AUDIT_IMAGES),
+    result = audit_lib.audit(tiny_classifier(1), source, np.arange(100, 100 + NUM_AUDIT_IMAGES),
                          "Male", explain_cfg, batch_size=4)
     return {"ior": result.ior, "counts": result.counts, "accuracy": np.asarray(result.accuracy),
             "num_images": np.asarray(result.num_images),

@@ -9,7 +9,8 @@ import pytest
 
 from faceaudit_jax import cli, parsing, regions
 from faceaudit_jax.data import pipeline
-from faceaudit_jax.experiments import classifier, face_parser, facex, registry
+from faceaudit_jax.experiments import classifier, face_parser, registry
+from faceaudit_jax.summary import audit as audit_lib
 from faceaudit_jax.models import build_model, init_variables
 from faceaudit_jax.models import parser_net
 
@@ -43,7 +44,7 @@ def test_smoke_writes_results_and_figures(smoke_run):
 
 def test_loaded_parser_reproduces_the_reported_iou(smoke_run):
     config, workdir, result = smoke_run
-    parser = face_parser.load_parser(workdir)
+    parser = parsing.load_trained_parser(workdir)
     assert isinstance(parser, parsing.Parser)
     source, _, test_idx = face_parser.build_data(config)
     batch = source.batch(test_idx)
@@ -54,9 +55,9 @@ def test_loaded_parser_reproduces_the_reported_iou(smoke_run):
 
 def test_rerun_resumes_without_training(smoke_run):
     config, workdir, result = smoke_run
-    metrics = (workdir / face_parser._MODEL_DIR / "metrics.jsonl").read_text()
+    metrics = (workdir / parsing.PARSER_RUN_DIR / "metrics.jsonl").read_text()
     again = registry.run_experiment(config, str(workdir))
-    assert (workdir / face_parser._MODEL_DIR / "metrics.jsonl").read_text() == metrics
+    assert (workdir / parsing.PARSER_RUN_DIR / "metrics.jsonl").read_text() == metrics
     assert again["mean_iou"] == pytest.approx(result["mean_iou"])
 
 
@@ -70,11 +71,11 @@ def test_changed_settings_refuse_the_old_checkpoint(smoke_run):
 
 def test_load_parser_names_the_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="parser_config.json"):
-        face_parser.load_parser(tmp_path)
+        parsing.load_trained_parser(tmp_path)
     with pytest.raises(FileNotFoundError, match="parser_config.json"):
-        facex.build_parser(ml_collections.ConfigDict({"parser": str(tmp_path)}))
-    assert facex.build_parser(ml_collections.ConfigDict({"parser": ""})) is None
-    assert facex.build_parser(ml_collections.ConfigDict({"method": "grad_cam"})) is None
+        parsing.parser_from_config(ml_collections.ConfigDict({"parser": str(tmp_path)}))
+    assert parsing.parser_from_config(ml_collections.ConfigDict({"parser": ""})) is None
+    assert parsing.parser_from_config(ml_collections.ConfigDict({"method": "grad_cam"})) is None
 
 
 def test_bad_data_settings_are_named():
@@ -109,12 +110,12 @@ def test_audit_takes_its_parse_maps_from_the_parser():
     indices = np.arange(12)
     cfg = ml_collections.ConfigDict(dict(method="grad_cam", target_mode="predicted", ior_mode="soft",
                                          patch_size=8, top_k=2, num_overlays=1))
-    own = facex.audit(clf, source, indices, "Male", cfg, 8)
-    truth = facex.audit(clf, source, indices, "Male", cfg, 8, parser=parsing.GroundTruthParser())
+    own = audit_lib.audit(clf, source, indices, "Male", cfg, 8)
+    truth = audit_lib.audit(clf, source, indices, "Male", cfg, 8, parser=parsing.GroundTruthParser())
     np.testing.assert_array_equal(own.ior, truth.ior)
     np.testing.assert_array_equal(own.counts, truth.counts)
 
-    skin_only = facex.audit(clf, source, indices, "Male", cfg, 8, parser=_AllSkinParser())
+    skin_only = audit_lib.audit(clf, source, indices, "Male", cfg, 8, parser=_AllSkinParser())
     skin = regions.region_id("skin")
     assert skin_only.counts[skin] == 12 and skin_only.counts.sum() == 12
     assert np.isnan(np.delete(skin_only.ior, skin)).all()

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from faceaudit_jax import regions
-from faceaudit_jax.experiments import classifier, facex, facex_tables as ft
+from faceaudit_jax.experiments import classifier, facex_tables as ft
+from faceaudit_jax.summary import audit as audit_lib
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,120 +46,12 @@ def col(name):
 # Pure helpers
 # ---------------------------------------------------------------------------
 
-def test_group_balanced_weights_match_loop_reference():
-    rng = np.random.default_rng(0)
-    table = (rng.random((500, regions.NUM_ATTRIBUTES)) < 0.3).astype(np.int8)
-    confs = ["Blond_Hair", "Wearing_Hat"]
-    w = ft.group_balanced_weights(table, "Male", confs)
-    keys = [tuple(row) for row in table[:, [col("Male")] + [col(c) for c in confs]]]
-    counts = {k: keys.count(k) for k in set(keys)}
-    expected = np.array([len(keys) / (len(counts) * counts[k]) for k in keys])
-    np.testing.assert_allclose(w, expected, rtol=1e-6)
-    assert w.dtype == np.float32 and w.mean() == pytest.approx(1.0, abs=1e-6)
-    for k in counts:  # every cell carries the same total weight
-        assert w[[i for i, kk in enumerate(keys) if kk == k]].sum() == pytest.approx(
-            len(keys) / len(counts), rel=1e-5)
-
-
-def test_group_balanced_weights_of_a_099_subset():
-    table = np.zeros((200, regions.NUM_ATTRIBUTES), np.int8)
-    table[:100, col("Male")] = 1
-    table[:99, col("Blond_Hair")] = 1      # 99 aligned men, 1 conflicting
-    table[100, col("Blond_Hair")] = 1      # 1 conflicting woman, 99 aligned
-    w = ft.group_balanced_weights(table, "Male", ["Blond_Hair"])
-    assert w[0] == pytest.approx(200 / (4 * 99)) and w[99] == pytest.approx(50.0)
-    assert w[100] == pytest.approx(50.0) and w[150] == pytest.approx(200 / (4 * 99))
-
-
-def test_group_balanced_weights_reject_unknown_values():
-    table = np.zeros((4, regions.NUM_ATTRIBUTES), np.int8)
-    table[2, col("Wearing_Hat")] = -1
-    with pytest.raises(ValueError, match="row 2"):
-        ft.group_balanced_weights(table, "Male", ["Wearing_Hat"])
-    with pytest.raises(ValueError, match="shape"):
-        ft.group_balanced_weights(table[:, :10], "Male", ["Wearing_Hat"])
-
-
-def test_attribute_correlations_match_corrcoef_and_exclusions():
-    rng = np.random.default_rng(1)
-    table = (rng.random((400, regions.NUM_ATTRIBUTES)) < 0.4).astype(np.int8)
-    table[:, col("Attractive")] = -1                 # undrawn
-    table[:, col("Bald")] = 0                        # constant
-    r = ft.attribute_correlations(table, "Male")
-    y = table[:, col("Male")].astype(float)
-    for j, name in enumerate(regions.ATTRIBUTES):
-        if name in ("Male", "Attractive", "Bald"):
-            assert np.isnan(r[j]), name
-        else:
-            assert r[j] == pytest.approx(np.corrcoef(table[:, j].astype(float), y)[0, 1], abs=1e-12)
-
-
-def test_top_correlated_attributes_order_and_region_filter():
-    rng = np.random.default_rng(2)
-    n = 2000
-    y = (rng.random(n) < 0.5).astype(np.int8)
-    table = (rng.random((n, regions.NUM_ATTRIBUTES)) < 0.5).astype(np.int8)
-    table[:, col("Male")] = y
-
-    def noisy(flip):
-        return np.where(rng.random(n) < flip, 1 - y, y).astype(np.int8)
-
-    table[:, col("Young")] = noisy(0.0)               # perfect, but tied to no region
-    table[:, col("Wearing_Lipstick")] = 1 - noisy(0.05)   # strong negative
-    table[:, col("Goatee")] = noisy(0.15)
-    table[:, col("Eyeglasses")] = noisy(0.3)
-    top = ft.top_correlated_attributes(table, "Male", 3)
-    assert [name for name, _ in top] == ["Wearing_Lipstick", "Goatee", "Eyeglasses"]
-    assert top[0][1] < -0.8 and 0.6 < top[1][1] < 0.8
-    with_young = ft.top_correlated_attributes(table, "Male", 1, require_regions=False)
-    assert with_young[0][0] == "Young" and with_young[0][1] == pytest.approx(1.0)
-    with pytest.raises(ValueError, match="k=0"):
-        ft.top_correlated_attributes(table, "Male", 0)
-
-
-def test_top_correlated_attributes_with_distinct_regions_skips_shared_regions():
-    rng = np.random.default_rng(3)
-    n = 2000
-    y = (rng.random(n) < 0.5).astype(np.int8)
-    table = (rng.random((n, regions.NUM_ATTRIBUTES)) < 0.5).astype(np.int8)
-    table[:, col("Male")] = y
-
-    def noisy(flip):
-        return np.where(rng.random(n) < flip, 1 - y, y).astype(np.int8)
-
-    table[:, col("Wearing_Lipstick")] = 1 - noisy(0.05)   # lips
-    table[:, col("Heavy_Makeup")] = 1 - noisy(0.10)       # skin, eyes, lips: shares lips
-    table[:, col("No_Beard")] = 1 - noisy(0.15)           # skin
-    table[:, col("5_o_Clock_Shadow")] = noisy(0.20)       # skin again
-    table[:, col("Wearing_Earrings")] = 1 - noisy(0.25)   # earrings
-    plain = [a for a, _ in ft.top_correlated_attributes(table, "Male", 4)]
-    assert plain == ["Wearing_Lipstick", "Heavy_Makeup", "No_Beard", "5_o_Clock_Shadow"]
-    distinct = [a for a, _ in ft.top_correlated_attributes(table, "Male", 3,
-                                                             distinct_regions=True)]
-    assert distinct == ["Wearing_Lipstick", "No_Beard", "Wearing_Earrings"]
-    used = [set(regions.regions_of(a)) for a in distinct]
-    assert all(not (used[i] & used[j]) for i in range(3) for j in range(i + 1, 3))
-
-
 def test_rp_helpers_and_parsing():
-    assert ft.ordered_rps([7, 2]) == [2, 7]
-    assert ft.ordered_rps([None, 4]) == [4, None]
-    assert ft.ordered_rps([None, None]) == [None, None]
-    assert ft.mean_rp([1, None, 4]) == pytest.approx(2.5)
-    assert ft.mean_rp([None]) is None
     assert ft.parse_confounder_set(" Eyeglasses + Wearing_Hat") == ("Eyeglasses", "Wearing_Hat")
     with pytest.raises(ValueError, match="Eyeglases"):
         ft.parse_confounder_set("Eyeglases+Wearing_Hat")
     with pytest.raises(ValueError, match="repeats"):
         ft.parse_confounder_set("Smiling+Smiling")
-
-
-def test_markdown_table():
-    text = ft.markdown_table(["a", "b", "c"], [["x", 3, None], ["y", 0.12345, float("nan")]])
-    assert text.splitlines() == ["| a | b | c |", "|---|---|---|", "| x | 3 | n/a |",
-                                 "| y | 0.123 | n/a |"]
-    with pytest.raises(ValueError, match="3 cells"):
-        ft.markdown_table(["a", "b", "c"], [["x"]])
 
 
 def test_case_config_sets_bias_without_touching_the_original():
@@ -201,7 +94,7 @@ def test_tables_logic_on_known_ior(tmp_path, monkeypatch):
         return {"name": spec.name, "ior_vector": ior,
                 "ranking": [{"rank": r, "region": n, "ior": v} for r, n, v in ior_lib_rank(ior)],
                 "confounder_rp": dict(zip(spec.confounders,
-                                          facex.confounder_rp(ior, list(spec.confounders)))),
+                                          audit_lib.confounder_rp(ior, list(spec.confounders)))),
                 "group_accuracy": {"accuracy": 0.8, "aligned_accuracy": 0.9,
                                    "conflicting_accuracy": 0.9 - gaps.get(spec.name, 0.0),
                                    "gap": gaps.get(spec.name, 0.0)}}
@@ -260,11 +153,11 @@ def test_figure5_trains_the_mitigated_model_until_it_beats_chance(tmp_path, monk
     assert "does NOT clearly beat chance" in ft.figure5_markdown(result)
 
 
-def test_run_tables_rejects_unknown_part(tmp_path):
+def test_run_rejects_unknown_part(tmp_path):
     c = tiny_config()
     c.tables.parts = ("table2",)
     with pytest.raises(ValueError, match="table2"):
-        ft.run_tables(c, tmp_path)
+        ft.run(c, tmp_path)
 
 
 def test_regionless_confounder_is_rejected(tmp_path):
@@ -283,7 +176,7 @@ def test_regionless_confounder_is_rejected(tmp_path):
 def smoke_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("facex_tables")
     config = tiny_config()
-    results = facex.run_tables(config, str(workdir))
+    results = ft.run(config, str(workdir))
     return config, workdir, results
 
 
@@ -346,7 +239,7 @@ def test_smoke_resume_reuses_audits_and_detects_changed_settings(smoke_run, monk
 
     monkeypatch.setattr(classifier, "train_classifier", no_training)
     start = time.perf_counter()
-    again = ft.run_tables(config, str(workdir))
+    again = ft.run(config, str(workdir))
     assert time.perf_counter() - start < 30
     assert again["table1"]["rows"] == results["table1"]["rows"]
     assert again["table4"]["rows"] == results["table4"]["rows"]
@@ -354,7 +247,7 @@ def test_smoke_resume_reuses_audits_and_detects_changed_settings(smoke_run, monk
     changed.train.lr = 3e-4
     changed.tables.parts = ("table1",)
     with pytest.raises(ValueError, match="other settings"):
-        ft.run_tables(changed, str(workdir))
+        ft.run(changed, str(workdir))
 
 
 
@@ -366,7 +259,7 @@ def test_smoke_changed_explanation_reaudits_without_retraining(smoke_run):
     changed = config.copy_and_resolve_references()
     changed.explain.method = "hires_cam"
     changed.tables.parts = ("table1",)
-    ft.run_tables(changed, str(workdir))
+    ft.run(changed, str(workdir))
     after = json.loads((workdir / "audits" / f"{name}.json").read_text())
     assert after["fingerprint"] != before["fingerprint"]
     assert after["model_fingerprint"] == before["model_fingerprint"]
@@ -394,3 +287,21 @@ def test_predict_logits_matches_classifier_and_compiles_once():
         np.testing.assert_allclose(g, classifier.predict_logits(c, source, indices, 16),
                                    rtol=1e-5, atol=1e-5)
     assert got[0].shape == (20,) and not np.allclose(got[0], got[1])
+
+
+def test_report_lays_out_a_fixed_result():
+    config = load_config("smoke")
+    table3 = {"rows": [{"target": "Male", "confounders": ["Eyeglasses", "Wearing_Hat"],
+                        "rp_per_confounder": {"Eyeglasses": 2, "Wearing_Hat": None},
+                        "rp1": 2, "rp2": None, "top_regions": "eye_g, hair, hat, nose",
+                        "accuracy": 0.8, "aligned_accuracy": 0.95, "conflicting_accuracy": 0.5,
+                        "model": "biased_Male_Eyeglasses+Wearing_Hat"}],
+              "summary": {"mean_rp1": 2.0, "mean_rp2": None, "num_cases": 1, "corr": 0.99}}
+    texts = ft.report(config, {"table3": table3}, link_prefix="results/x/")
+    assert set(texts) == {"table3", "tables.md", "summary.md"}
+    row = "| Male | Eyeglasses + Wearing_Hat | Eyeglasses: 2, Wearing_Hat: n/a | 2 | n/a |"
+    assert row in texts["table3"]
+    assert "Mean RP1 2.00, mean RP2 n/a." in texts["table3"]
+    assert texts["tables.md"].startswith("# FaceX reproduction on synthetic faces")
+    assert texts["summary.md"].startswith("### FaceX reproduction (`configs/facex_tables.py`)")
+    assert "#### Table 3: two confounders at once" in texts["summary.md"]

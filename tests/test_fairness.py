@@ -209,3 +209,23 @@ def test_paired_gap_change():
     assert not noisy["resolved"]
     single = fairness.paired_gap_change(runs([0.3], [0.1]), "x")
     assert single["se"] is None and not single["resolved"]
+
+
+def test_bias_group_report_counts_by_hand():
+    from faceaudit_jax import regions
+    from faceaudit_jax.metrics.fairness import bias_group_report
+
+    attrs = np.zeros((6, regions.NUM_ATTRIBUTES), np.int8)
+    male, lip = regions.attribute_id("Male"), regions.attribute_id("Wearing_Lipstick")
+    attrs[:3, male] = 1                    # men: rows 0-2
+    attrs[[2, 3, 4], lip] = 1              # lipstick: man 2 (conflicting), women 3, 4 (aligned)
+    logits = np.array([1.0, -1.0, 1.0, -1.0, 1.0, -1.0])   # right, wrong, right, right, wrong, right
+    # With Male=1 going with lipstick 0: aligned rows 0, 1, 3, 4; conflicting rows 2, 5.
+    report = bias_group_report(logits, attrs, "Male", ["Wearing_Lipstick"], (0,))
+    assert report["accuracy"] == pytest.approx(4 / 6)
+    assert report["aligned_accuracy"] == pytest.approx(2 / 4)
+    assert report["conflicting_accuracy"] == pytest.approx(2 / 2)
+    assert report["gap"] == pytest.approx(-0.5)
+    assert report["Male=1,Wearing_Lipstick=0"] == pytest.approx(0.5)
+    assert report["Male=0,Wearing_Lipstick=1"] == pytest.approx(0.5)
+    assert report["num_images"] == 6

@@ -153,3 +153,65 @@ def test_verification_pairs_are_identity_disjoint_across_folds():
             assert not people_per_fold[f] & people_per_fold[g]
     for f in range(10):
         assert np.sum(same[pairs["fold"] == f]) == 30
+
+
+# attribute correlations (moved from experiments/facex_tables.py)
+
+def test_attribute_correlations_match_corrcoef_and_exclusions():
+    rng = np.random.default_rng(1)
+    table = (rng.random((400, regions.NUM_ATTRIBUTES)) < 0.4).astype(np.int8)
+    table[:, regions.attribute_id("Attractive")] = -1                 # undrawn
+    table[:, regions.attribute_id("Bald")] = 0                        # constant
+    r = sampling.attribute_correlations(table, "Male")
+    y = table[:, regions.attribute_id("Male")].astype(float)
+    for j, name in enumerate(regions.ATTRIBUTES):
+        if name in ("Male", "Attractive", "Bald"):
+            assert np.isnan(r[j]), name
+        else:
+            assert r[j] == pytest.approx(np.corrcoef(table[:, j].astype(float), y)[0, 1], abs=1e-12)
+
+
+def _random_table_linked_to_male(seed: int, n: int = 2000):
+    """A random 0/1 attribute table and ``noisy(flip)``: Male with a share ``flip`` of rows flipped."""
+    rng = np.random.default_rng(seed)
+    y = (rng.random(n) < 0.5).astype(np.int8)
+    table = (rng.random((n, regions.NUM_ATTRIBUTES)) < 0.5).astype(np.int8)
+    table[:, regions.attribute_id("Male")] = y
+
+    def noisy(flip):
+        return np.where(rng.random(n) < flip, 1 - y, y).astype(np.int8)
+
+    return table, noisy
+
+
+def test_top_correlated_attributes_order_and_region_filter():
+    table, noisy = _random_table_linked_to_male(2)
+
+    table[:, regions.attribute_id("Young")] = noisy(0.0)               # perfect, but tied to no region
+    table[:, regions.attribute_id("Wearing_Lipstick")] = 1 - noisy(0.05)   # strong negative
+    table[:, regions.attribute_id("Goatee")] = noisy(0.15)
+    table[:, regions.attribute_id("Eyeglasses")] = noisy(0.3)
+    top = sampling.top_correlated_attributes(table, "Male", 3)
+    assert [name for name, _ in top] == ["Wearing_Lipstick", "Goatee", "Eyeglasses"]
+    assert top[0][1] < -0.8 and 0.6 < top[1][1] < 0.8
+    with_young = sampling.top_correlated_attributes(table, "Male", 1, require_regions=False)
+    assert with_young[0][0] == "Young" and with_young[0][1] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="k=0"):
+        sampling.top_correlated_attributes(table, "Male", 0)
+
+
+def test_top_correlated_attributes_with_distinct_regions_skips_shared_regions():
+    table, noisy = _random_table_linked_to_male(3)
+
+    table[:, regions.attribute_id("Wearing_Lipstick")] = 1 - noisy(0.05)   # lips
+    table[:, regions.attribute_id("Heavy_Makeup")] = 1 - noisy(0.10)       # skin, eyes, lips: shares lips
+    table[:, regions.attribute_id("No_Beard")] = 1 - noisy(0.15)           # skin
+    table[:, regions.attribute_id("5_o_Clock_Shadow")] = noisy(0.20)       # skin again
+    table[:, regions.attribute_id("Wearing_Earrings")] = 1 - noisy(0.25)   # earrings
+    plain = [a for a, _ in sampling.top_correlated_attributes(table, "Male", 4)]
+    assert plain == ["Wearing_Lipstick", "Heavy_Makeup", "No_Beard", "5_o_Clock_Shadow"]
+    distinct = [a for a, _ in sampling.top_correlated_attributes(table, "Male", 3,
+                                                             distinct_regions=True)]
+    assert distinct == ["Wearing_Lipstick", "No_Beard", "Wearing_Earrings"]
+    used = [set(regions.regions_of(a)) for a in distinct]
+    assert all(not (used[i] & used[j]) for i in range(3) for j in range(i + 1, 3))

@@ -67,20 +67,23 @@ def test_every_facex_report_carries_the_symmetry_check(tmp_path):
     import ml_collections
 
     from faceaudit_jax.data import pipeline
-    from faceaudit_jax.experiments import classifier, facex
     from faceaudit_jax.models import resnet
+    from faceaudit_jax.models import sources as model_sources
+    from faceaudit_jax.summary import audit as audit_lib
+    from faceaudit_jax.viz import figures
 
     model = resnet.build_model("small_resnet", 1)
     variables = resnet.init_variables(model, jax.random.PRNGKey(0), 64)
-    clf = classifier.TrainedClassifier(model, variables, "untrained", str(tmp_path))
+    clf = model_sources.Classifier(model, variables, "untrained", str(tmp_path))
     source = pipeline.SyntheticSource(seed=0, resolution=64)
     indices = np.arange(8)
     config = ml_collections.ConfigDict({
         "bias": {"target": "Male"},
         "explain": {"method": "grad_cam", "target_mode": "predicted", "ior_mode": "soft",
                     "patch_size": 16, "top_k": 2, "num_overlays": 1, "upsample": "aligned"}})
-    result = facex.audit(clf, source, indices, "Male", config.explain, 8)
-    facex._write_audit_report(tmp_path, "x", result, source, indices, config, {})
+    result = audit_lib.audit(clf, source, indices, "Male", config.explain, 8)
+    figures.write_audit_report(tmp_path / "report_x", result, source, indices, title="x",
+                               patch_size=16)
     stored = json.loads((tmp_path / "report_x" / "results.json").read_text())["extra"]
     expected = ior_lib.left_right_symmetry(result.ior)
     assert stored["symmetry_right_minus_left"] == pytest.approx(expected["mean_right_minus_left"])

@@ -278,3 +278,69 @@ def verification_pairs(identity, seed: int, *, num_folds: int = 10,
             out["b"].append(rng.choice(members[int(q)]))
             out["same"].append(False); out["fold"].append(fold)
     return {k: np.asarray(v, dtype=bool if k == "same" else np.int64) for k, v in out.items()}
+
+
+def attribute_table(attrs) -> np.ndarray:
+    """``attrs`` as an [N, 40] array (CelebA order); raises ValueError when it is not one or is empty."""
+    table = np.asarray(attrs)
+    if table.ndim != 2 or table.shape[1] != regions.NUM_ATTRIBUTES:
+        raise ValueError(f"attribute table has shape {table.shape}; expected "
+                         f"[N, {regions.NUM_ATTRIBUTES}] in CelebA order")
+    if table.shape[0] == 0:
+        raise ValueError("attribute table is empty; expected at least one row")
+    return table
+
+
+def attribute_correlations(attrs, target: str) -> np.ndarray:
+    """Pearson correlation (phi, for binary columns) of every attribute with ``target``.
+
+    Returns float64 [40]; NaN for the target itself, for columns holding any
+    unknown (-1) value (undrawn attributes) and for constant columns.
+    """
+    table = attribute_table(attrs)
+    t = regions.attribute_id(target)
+    y = table[:, t].astype(np.float64)
+    if np.any(y < 0):
+        raise ValueError(f"target {target!r} has unknown (-1) values; expected a labelled target")
+    x = table.astype(np.float64)
+    xc, yc = x - x.mean(0), y - y.mean()
+    sx, sy = np.sqrt((xc ** 2).mean(0)), np.sqrt((yc ** 2).mean())
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = (xc * yc[:, None]).mean(0) / (sx * sy)
+    usable = np.all(table >= 0, axis=0) & (sx > 0) & (sy > 0)
+    usable[t] = False
+    return np.where(usable, r, np.nan)
+
+
+def top_correlated_attributes(attrs, target: str, k: int, *,
+                              require_regions: bool = True,
+                              distinct_regions: bool = False) -> list[tuple[str, float]]:
+    """The ``k`` attributes most correlated with ``target`` by |Pearson r|, highest first.
+
+    Excludes the target, undrawn (-1) and constant attributes and, with
+    ``require_regions``, attributes tied to no face region (Young, Male, ...),
+    whose RP is undefined. With ``distinct_regions`` an attribute is skipped
+    when it shares a region with one already chosen (No_Beard and
+    5_o_Clock_Shadow both live on skin), so the k rows test k different
+    regions, as FaceX's Table 4 does (skin, lips, earrings, hair, necklace).
+    Returns [(name, r), ...] (fewer than k if fewer qualify); ties are broken
+    by attribute order.
+    """
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k={k!r}; expected a positive int")
+    r = attribute_correlations(attrs, target)
+    candidates = [j for j, name in enumerate(regions.ATTRIBUTES)
+                  if np.isfinite(r[j]) and (not require_regions or regions.regions_of(name))]
+    candidates.sort(key=lambda j: (-abs(r[j]), j))
+    if not distinct_regions:
+        return [(regions.ATTRIBUTES[j], float(r[j])) for j in candidates[:int(k)]]
+    chosen, used = [], set()
+    for j in candidates:
+        own = set(regions.regions_of(regions.ATTRIBUTES[j]))
+        if own & used:
+            continue
+        chosen.append((regions.ATTRIBUTES[j], float(r[j])))
+        used |= own
+        if len(chosen) == int(k):
+            break
+    return chosen

@@ -3,7 +3,7 @@
 ``run(config, workdir)`` loads the model ``config.model`` names (a train.py run
 directory or a torchvision state_dict, ``models.sources``), reads the test
 images of ``config.data`` (``data.sources.build_split``), balances them over
-``target`` x ``confounders``, explains the model there with ``facex.audit``
+``target`` x ``confounders``, explains the model there with ``summary.audit``
 and writes ``report.md``, ``results.json`` (``ior``: region -> IoR,
 ``ranking``, and under ``extra`` the model, accuracies and the ranking position
 of each confounder) and the figures straight into ``workdir``.
@@ -24,11 +24,14 @@ from typing import Optional
 import ml_collections
 import numpy as np
 
-from faceaudit_jax import regions
+from faceaudit_jax import parsing, regions
 from faceaudit_jax.data import sampling
 from faceaudit_jax.data import sources as data_sources
-from faceaudit_jax.experiments import classifier, facex
+from faceaudit_jax.experiments import classifier
+from faceaudit_jax.metrics import fairness
 from faceaudit_jax.models import sources as model_sources
+from faceaudit_jax.summary import audit as audit_lib
+from faceaudit_jax.viz import figures
 
 
 @dataclasses.dataclass
@@ -88,7 +91,7 @@ def prepare(config) -> AuditPlan:
     clf = model_sources.load_classifier(config.model, name="audited")
     source, pool = data_sources.build_split(config.data, "test")
     data_sources.require_attributes(source, [target] + confs)
-    parser = facex.build_parser(config.explain)
+    parser = parsing.parser_from_config(config.explain)
     if parser is None:
         data_sources.require_parse(source, "FaceX's region IoR (explain.parser='')")
     recorded = model_sources.trained_resolution(clf)
@@ -112,13 +115,8 @@ def prepare(config) -> AuditPlan:
             # A test set without a target x confounder link (e.g. a balanced folder) gives
             # no direction: per-cell accuracies are still reported, aligned/conflicting not.
             values = None
-    return AuditPlan(clf, source, facex.explain_source(config, source), indices, target, confs, values,
+    return AuditPlan(clf, source, audit_lib.at_explain_resolution(source, config.explain), indices, target, confs, values,
                      parser)
-
-
-def _report_config(config, target: str):
-    """The fields ``facex._write_audit_report`` reads (its title names ``bias.target``)."""
-    return ml_collections.ConfigDict({"bias": {"target": target}, "explain": config.explain.to_dict()})
 
 
 def run(config, workdir: str) -> dict:
@@ -134,7 +132,7 @@ def run(config, workdir: str) -> dict:
     if plan.confounders:
         known = plan.confounder_values is not None
         values = plan.confounder_values if known else (1,) * len(plan.confounders)
-        accuracy = classifier.group_report(logits, test_attrs, plan.target, plan.confounders, values)
+        accuracy = fairness.bias_group_report(logits, test_attrs, plan.target, plan.confounders, values)
         if known:
             classifier.print_report("audited", accuracy)
         else:  # the placeholder direction's aligned/conflicting split means nothing: drop it
@@ -146,12 +144,13 @@ def run(config, workdir: str) -> dict:
         truth = test_attrs[:, regions.attribute_id(plan.target)] == 1
         accuracy = {"accuracy": float(((logits > 0) == truth).mean()), "num_images": int(truth.size)}
         print(f"[audited] accuracy {accuracy['accuracy']:.3f}", flush=True)
-    result = facex.audit(plan.clf, plan.explain_source, plan.indices, plan.target, config.explain,
+    result = audit_lib.audit(plan.clf, plan.explain_source, plan.indices, plan.target, config.explain,
                          batch_size, desc="explain", parser=plan.parser)
-    rps = facex.confounder_rp(result.ior, plan.confounders)
-    payload = facex._write_audit_report(
-        work, "audited", result, plan.explain_source, plan.indices,
-        _report_config(config, plan.target), {
+    rps = audit_lib.confounder_rp(result.ior, plan.confounders)
+    payload = figures.write_audit_report(
+        work, result, plan.explain_source, plan.indices,
+        title=f"FaceX IoR: {plan.target} classifier (audited)",
+        patch_size=int(config.explain.patch_size), extra={
             "model": model_sources.describe(plan.clf, config.model),
             "data": {"source": str(config.data.source), "root": str(config.data.get("root", "")),
                      "test_root": str(config.data.get("test_root", "")),
@@ -159,8 +158,7 @@ def run(config, workdir: str) -> dict:
                      "explained_resolution": int(plan.explain_source.resolution)},
             "target": plan.target, "confounders": plan.confounders, "confounder_rp": rps,
             "confounder_values": None if plan.confounder_values is None else list(plan.confounder_values),
-            "group_accuracy": accuracy, "seconds": time.perf_counter() - t0},
-        out_dir=work)
+            "group_accuracy": accuracy, "seconds": time.perf_counter() - t0})
     top5 = ", ".join(f"{r['rank']}. {r['region']} ({r['ior']:.3f})" for r in payload["ranking"][:5])
     print(f"[audit] FaceX ranking: {top5}", flush=True)
     if plan.confounders:

@@ -11,7 +11,6 @@ on bias-aligned and bias-conflicting images.
 from __future__ import annotations
 
 import dataclasses
-import math
 from pathlib import Path
 from typing import Optional
 
@@ -19,9 +18,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from faceaudit_jax import losses, regions, train_lib, workdir as workdir_lib
+from faceaudit_jax import losses, train_lib, workdir as workdir_lib
 from faceaudit_jax.data import pipeline, sampling, sources
 from faceaudit_jax.experiments.registry import write_json
+from faceaudit_jax.metrics import fairness
 from faceaudit_jax.models import build_model
 from faceaudit_jax.models import sources as model_sources
 
@@ -193,33 +193,6 @@ def predict_logits(clf: TrainedClassifier, source, indices, batch_size: int) -> 
     return np.concatenate(out)
 
 
-def group_report(logits: np.ndarray, attrs: np.ndarray, target: str,
-                 confounders, confounder_values) -> dict[str, float]:
-    """Accuracy overall, on bias-aligned and bias-conflicting images, and per cell.
-
-    Aligned: every confounder takes the value that goes with the image's
-    target in the training bias (``confounder_values`` for target = 1).
-    """
-    y, aligned = sampling.group_labels(attrs, target, confounders, confounder_values)
-    correct = (logits > 0).astype(np.int32) == y
-    report = {
-        "accuracy": float(correct.mean()),
-        "aligned_accuracy": float(correct[aligned].mean()) if aligned.any() else math.nan,
-        "conflicting_accuracy": float(correct[~aligned].mean()) if (~aligned).any() else math.nan,
-        "num_images": int(y.size),
-    }
-    report["gap"] = report["aligned_accuracy"] - report["conflicting_accuracy"]
-    conf_cols = regions.attribute_ids(confounders)
-    for yv in (0, 1):
-        for combo in np.unique(attrs[:, conf_cols], axis=0):
-            sel = (y == yv) & np.all(attrs[:, conf_cols] == combo, axis=1)
-            if sel.any():
-                key = f"{target}={yv}," + ",".join(
-                    f"{n}={int(v)}" for n, v in zip(confounders, combo))
-                report[key] = float(correct[sel].mean())
-    return report
-
-
 def print_report(name: str, report: dict) -> None:
     print(f"[{name}] accuracy {report['accuracy']:.3f} | bias-aligned "
           f"{report['aligned_accuracy']:.3f} | bias-conflicting "
@@ -244,7 +217,7 @@ def train(config, workdir: str) -> dict:
     for name in names:
         clf = train_classifier(config, workdir, subsets[name], source, name)
         logits = predict_logits(clf, test_source, subsets["test"], int(config.test.batch_size))
-        results[name] = group_report(logits, test_attrs, config.bias.target, confs, values)
+        results[name] = fairness.bias_group_report(logits, test_attrs, config.bias.target, confs, values)
         print_report(name, results[name])
         models[name] = clf
     write_json(Path(workdir) / "classifier_results.json", results)

@@ -11,7 +11,7 @@ data set's published test split), and writes:
 - ``figure_examples.png``: image, ground truth and prediction for a few test
   images; ``figure_iou.png``: IoU per region.
 
-``load_parser(workdir)`` turns the trained model into a
+``parsing.load_trained_parser(workdir)`` turns the trained model into a
 ``parsing.NetworkParser``; FaceX audits take it through
 ``--config.explain.parser=<workdir>``.
 """
@@ -31,7 +31,7 @@ from faceaudit_jax.data import pipeline, sources
 from faceaudit_jax.experiments import registry
 from faceaudit_jax.models import parser_net
 
-_MODEL_DIR = "models/parser"
+_MODEL_DIR = parsing.PARSER_RUN_DIR
 
 
 def build_data(config) -> tuple[object, np.ndarray, np.ndarray]:
@@ -129,44 +129,6 @@ def train_parser(config, workdir: str, source, train_idx: np.ndarray):
     return model, train_lib.state_variables(state), num_steps
 
 
-def load_parser(workdir, **parser_kwargs) -> parsing.NetworkParser:
-    """The parser trained by this experiment in ``workdir`` (its last checkpoint)."""
-    run_dir = Path(workdir).expanduser() / _MODEL_DIR
-    cfg_path = run_dir / "parser_config.json"
-    if not cfg_path.exists():
-        raise FileNotFoundError(f"no trained parser in {workdir}: {cfg_path} is missing; train one with "
-                                "python explain.py --config configs/face_parser.py --workdir <dir>")
-    cfg = json.loads(cfg_path.read_text())
-    model = parser_net.ParserNet(widths=tuple(cfg["widths"]), norm_groups=int(cfg["norm_groups"]))
-    tx = train_lib.make_optimizer(cfg["train"], int(cfg["num_steps"]))
-    state = train_lib.create_train_state(model, jax.random.PRNGKey(0), int(cfg["resolution"]), tx)
-    restored = train_lib.restore_latest(state, str(run_dir))
-    if int(restored.step) == 0:
-        raise FileNotFoundError(f"{run_dir} has no checkpoint yet; finish training first")
-    parser_kwargs.setdefault("input_size", int(cfg["resolution"]))
-    return parsing.NetworkParser(model, train_lib.state_variables(restored), **parser_kwargs)
-
-
-def evaluate(model, variables, source, test_idx: np.ndarray, batch_size: int) -> dict:
-    """Per-region IoU over the test images (padding rows of the last batch dropped)."""
-
-    def batches():
-        for batch, valid in pipeline.iterate_batches(source, test_idx, batch_size):
-            if valid.all():
-                yield batch
-            else:
-                keep = int(valid.sum())
-                yield {"image": batch["image"][:keep], "parse": batch["parse"][:keep]}
-
-    return parser_net.evaluate_parser(model, variables, batches())
-
-
-def region_pixel_share(confusion: np.ndarray) -> np.ndarray:
-    """Share of test pixels whose true region is r: a rare region's IoU is noisier."""
-    rows = confusion.sum(1).astype(np.float64)
-    return rows / max(rows.sum(), 1.0)
-
-
 def table_markdown(result: Mapping) -> str:
     iou, share = np.asarray(result["per_region_iou"], float), np.asarray(result["pixel_share"], float)
     lines = ["| region | IoU | share of pixels |", "|---|---:|---:|"]
@@ -245,13 +207,14 @@ def run(config, workdir: str) -> dict:
           flush=True)
     model, variables, num_steps = train_parser(config, workdir, source, train_idx)
     trained = time.perf_counter()
-    scores = evaluate(model, variables, source, test_idx, int(config.test.batch_size))
+    scores = parser_net.evaluate_on_source(model, variables, source, test_idx,
+                                          int(config.test.batch_size))
     result = {
         "source": str(config.data.source), "resolution": int(config.data.resolution),
         "num_train": int(train_idx.size), "num_test": int(test_idx.size), "num_steps": int(num_steps),
         "per_region_iou": {n: float(v) for n, v in zip(regions.REGIONS, scores["per_region_iou"])},
         "mean_iou": scores["mean_iou"], "pixel_accuracy": scores["pixel_accuracy"],
-        "pixel_share": region_pixel_share(scores["confusion"]).tolist(),
+        "pixel_share": parser_net.region_pixel_share(scores["confusion"]).tolist(),
         "train_seconds": trained - start, "eval_seconds": time.perf_counter() - trained,
     }
     shown = test_idx[: int(config.test.num_examples)]

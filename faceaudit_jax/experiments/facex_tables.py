@@ -1,7 +1,7 @@
 """FaceX's bias experiments on synthetic faces: Tables 1, 3 and 4 and Figure 5.
 
 Every table is a set of classifiers trained on chosen subsets of the embedded
-synthetic faces, each audited with FaceX (:func:`facex.audit`) on a test set,
+synthetic faces, each audited with FaceX (``summary.audit``) on a test set,
 and scored by the ranking position (RP) of the regions tied to the attributes
 the training data links to the target:
 
@@ -46,16 +46,20 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import jax
 import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from faceaudit_jax import regions
+from faceaudit_jax import parsing, regions
 from faceaudit_jax.data import pipeline, sampling, sources
 from faceaudit_jax.experiments import classifier
+from faceaudit_jax.metrics import fairness
+from faceaudit_jax.mitigation import reweighting
+from faceaudit_jax.summary import audit as audit_lib
+from faceaudit_jax.viz.report import fmt, markdown_table
 from faceaudit_jax.experiments.registry import (
     check_fingerprint, overwrite_requested, readme_link_prefix, write_json)
 from faceaudit_jax.summary import ior as ior_lib
@@ -73,109 +77,6 @@ PAPER = {
 # Pure helpers (numpy in, numpy out)
 # ---------------------------------------------------------------------------
 
-def _attribute_table(attrs) -> np.ndarray:
-    table = np.asarray(attrs)
-    if table.ndim != 2 or table.shape[1] != regions.NUM_ATTRIBUTES:
-        raise ValueError(f"attribute table has shape {table.shape}; expected "
-                         f"[N, {regions.NUM_ATTRIBUTES}] in CelebA order")
-    if table.shape[0] == 0:
-        raise ValueError("attribute table is empty; expected at least one row")
-    return table
-
-
-def group_balanced_weights(attrs, target: str, confounders: Sequence[str]) -> np.ndarray:
-    """Per-sample weights inversely proportional to the size of its (y, a...) cell.
-
-    With G non-empty cells and n_g images in cell g, image i of cell g gets
-    w_i = N / (G * n_g): every cell carries the same total weight N / G and
-    the weights average exactly 1, so the loss keeps its scale.
-
-    Args:
-      attrs: int8 [N, 40] attribute table of the training images.
-      target, confounders: attribute names defining the cells.
-    Returns:
-      float32 [N].
-    """
-    table = _attribute_table(attrs)
-    names = [target] + list(confounders)
-    values = table[:, regions.attribute_ids(names)]
-    unknown = np.flatnonzero(np.any(values < 0, axis=1))
-    if unknown.size:
-        raise ValueError(f"row {int(unknown[0])} has an unknown (-1) value among {names}; "
-                         "expected every training image to be labelled for the cells")
-    _, inverse, counts = np.unique(values, axis=0, return_inverse=True, return_counts=True)
-    inverse = np.asarray(inverse).reshape(-1)
-    weights = table.shape[0] / (counts.size * counts[inverse].astype(np.float64))
-    return weights.astype(np.float32)
-
-
-def attribute_correlations(attrs, target: str) -> np.ndarray:
-    """Pearson correlation (phi, for binary columns) of every attribute with ``target``.
-
-    Returns float64 [40]; NaN for the target itself, for columns holding any
-    unknown (-1) value (undrawn attributes) and for constant columns.
-    """
-    table = _attribute_table(attrs)
-    t = regions.attribute_id(target)
-    y = table[:, t].astype(np.float64)
-    if np.any(y < 0):
-        raise ValueError(f"target {target!r} has unknown (-1) values; expected a labelled target")
-    x = table.astype(np.float64)
-    xc, yc = x - x.mean(0), y - y.mean()
-    sx, sy = np.sqrt((xc ** 2).mean(0)), np.sqrt((yc ** 2).mean())
-    with np.errstate(invalid="ignore", divide="ignore"):
-        r = (xc * yc[:, None]).mean(0) / (sx * sy)
-    usable = np.all(table >= 0, axis=0) & (sx > 0) & (sy > 0)
-    usable[t] = False
-    return np.where(usable, r, np.nan)
-
-
-def top_correlated_attributes(attrs, target: str, k: int, *,
-                              require_regions: bool = True,
-                              distinct_regions: bool = False) -> list[tuple[str, float]]:
-    """The ``k`` attributes most correlated with ``target`` by |Pearson r|, highest first.
-
-    Excludes the target, undrawn (-1) and constant attributes and, with
-    ``require_regions``, attributes tied to no face region (Young, Male, ...),
-    whose RP is undefined. With ``distinct_regions`` an attribute is skipped
-    when it shares a region with one already chosen (No_Beard and
-    5_o_Clock_Shadow both live on skin), so the k rows test k different
-    regions, as FaceX's Table 4 does (skin, lips, earrings, hair, necklace).
-    Returns [(name, r), ...] (fewer than k if fewer qualify); ties are broken
-    by attribute order.
-    """
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"k={k!r}; expected a positive int")
-    r = attribute_correlations(attrs, target)
-    candidates = [j for j, name in enumerate(regions.ATTRIBUTES)
-                  if np.isfinite(r[j]) and (not require_regions or regions.regions_of(name))]
-    candidates.sort(key=lambda j: (-abs(r[j]), j))
-    if not distinct_regions:
-        return [(regions.ATTRIBUTES[j], float(r[j])) for j in candidates[:int(k)]]
-    chosen, used = [], set()
-    for j in candidates:
-        own = set(regions.regions_of(regions.ATTRIBUTES[j]))
-        if own & used:
-            continue
-        chosen.append((regions.ATTRIBUTES[j], float(r[j])))
-        used |= own
-        if len(chosen) == int(k):
-            break
-    return chosen
-
-
-def ordered_rps(rps: Sequence[Optional[int]]) -> list[Optional[int]]:
-    """RPs sorted best first, unranked (None) last: [RP1, RP2, ...] of Table 3."""
-    found = sorted(rp for rp in rps if rp is not None)
-    return found + [None] * (len(rps) - len(found))
-
-
-def mean_rp(rps: Sequence[Optional[int]]) -> Optional[float]:
-    """Mean of the ranked RPs (None entries left out); None when none is ranked."""
-    found = [rp for rp in rps if rp is not None]
-    return float(np.mean(found)) if found else None
-
-
 def parse_confounder_set(spec: str) -> tuple[str, ...]:
     """'Eyeglasses+Wearing_Hat' -> ('Eyeglasses', 'Wearing_Hat'), names validated."""
     if not isinstance(spec, str) or not spec.strip():
@@ -186,25 +87,6 @@ def parse_confounder_set(spec: str) -> tuple[str, ...]:
     if len(set(names)) != len(names):
         raise ValueError(f"confounder set {spec!r} repeats an attribute")
     return names
-
-
-def _fmt(value, fmt: str = ".3f", missing: str = "n/a") -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return missing
-    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
-        return str(int(value))
-    return format(float(value), fmt)
-
-
-def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A GitHub Markdown table; None / NaN cells print as 'n/a', floats with 3 decimals."""
-    if any(len(row) != len(headers) for row in rows):
-        raise ValueError(f"every row needs {len(headers)} cells ({', '.join(headers)})")
-    cells = [[c if isinstance(c, str) else _fmt(c) for c in row] for row in rows]
-    lines = ["| " + " | ".join(headers) + " |",
-             "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in cells]
-    return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------------------
@@ -230,7 +112,7 @@ class ModelSpec:
 
 
 class TablesContext:
-    """Shared state of one ``run_tables`` call: config, paths, cached attribute pools."""
+    """Shared state of one ``run`` call: config, paths, cached attribute pools."""
 
     def __init__(self, config, workdir):
         self.config = config
@@ -241,8 +123,7 @@ class TablesContext:
         self.audits_dir.mkdir(parents=True, exist_ok=True)
         self._pools: dict = {}
         self.records: dict[str, dict] = {}
-        from faceaudit_jax.experiments import facex  # facex imports this module: import late
-        self.parser = facex.build_parser(config.explain)
+        self.parser = parsing.parser_from_config(config.explain)
 
     def source(self, independent: bool, split: str = "train"):
         """The source of a split: the renderer with or without attribute links, or the real
@@ -405,30 +286,24 @@ def counterfactual_record(clf: classifier.TrainedClassifier, config, spec: Model
     return {"effects": effects, "truth_rank": dict(zip(effects, ranks.tolist()))}
 
 
-def evaluate_model(ctx: TablesContext, spec: ModelSpec, corr: float = 0.0) -> dict:
-    """Train (resume / reload), test per group and FaceX-audit one model; cached on disk.
-
-    Returns the per-model record (also ``<workdir>/audits/<name>.json``):
-    ``ior`` per region, ``ranking``, ``confounder_rp``, ``group_accuracy`` and
-    timings, plus ``ior_vector`` [19] (float64, NaN where absent).
-    """
-    from faceaudit_jax.experiments import facex
-    from faceaudit_jax.viz import prototype
-
+def _cached_record(ctx: TablesContext, spec: ModelSpec, expected: str) -> Optional[dict]:
+    """The model's audit record from this run or from ``audits/<name>.json`` when its fingerprint matches."""
     if spec.name in ctx.records:
         return ctx.records[spec.name]
-    config = ctx.config
-    expected = audit_fingerprint(config, spec)
     json_path = ctx.audits_dir / f"{spec.name}.json"
     if json_path.exists():
         record = _load_record(json_path)
         if record.get("fingerprint") == expected:
             ctx.records[spec.name] = record
             return record
-        # Otherwise the test set or the explanation settings changed: audit
-        # again (the model is reused if it was trained with the same settings).
+    # Otherwise the test set or the explanation settings changed: audit
+    # again (the model is reused if it was trained with the same settings).
+    return None
 
-    model_fp = model_fingerprint(config, spec)
+
+def _train_model(ctx: TablesContext, spec: ModelSpec, corr: float):
+    """Train (resume / reload) the spec's classifier under ``models/<name>``; (clf, seconds)."""
+    config = ctx.config
     case = case_config(config, spec.target, spec.confounders, corr)
     if spec.num_epochs is not None:
         with case.unlocked():
@@ -440,32 +315,23 @@ def evaluate_model(ctx: TablesContext, spec: ModelSpec, corr: float = 0.0) -> di
                       classifier.model_fingerprint(case, spec.train_indices, spec.sample_weights,
                                                    train_source),
                       overwrite=overwrite_requested(config))
-    test_source = ctx.source(spec.test_independent, "test")
     start = time.perf_counter()
     clf = classifier.train_classifier(case, str(ctx.models_dir), spec.train_indices,
                                       train_source, spec.name, sample_weights=spec.sample_weights)
-    train_seconds = time.perf_counter() - start
-    batch_size = int(config.test.batch_size)
+    return clf, time.perf_counter() - start
+
+
+def _group_accuracy(clf, spec: ModelSpec, test_source, batch_size: int) -> dict:
     logits = predict_logits(clf, test_source, spec.test_indices, batch_size)
     if spec.confounders:
-        groups = classifier.group_report(logits, spec.test_attrs, spec.target,
-                                         list(spec.confounders), spec.confounder_values)
-    else:
-        groups = _target_accuracy(logits, spec.test_attrs, spec.target)
-    xsource = facex.explain_source(config, test_source)
-    result = facex.audit(clf, xsource, spec.test_indices, spec.target, config.explain,
-                         batch_size, desc=f"explain {spec.name}", parser=ctx.parser)
-    ranking = result.ranking()
-    confounder_rp = dict(zip(spec.confounders,
-                             facex.confounder_rp(result.ior, list(spec.confounders))))
-    heatmap = ctx.audits_dir / f"{spec.name}.png"
-    prototype.plot_prototype_heatmap(
-        result.ior, path=str(heatmap), dpi=int(config.tables.heatmap_dpi),
-        title=f"{spec.name}: FaceX IoR of the {spec.target} classifier")
-    counterfactual = None
-    if bool(config.explain.get("counterfactual", False)) and config.data.source == "synthetic":
-        counterfactual = counterfactual_record(clf, config, spec)
-    record = {
+        return fairness.bias_group_report(logits, spec.test_attrs, spec.target,
+                                       list(spec.confounders), spec.confounder_values)
+    return _target_accuracy(logits, spec.test_attrs, spec.target)
+
+
+def _audit_record(spec: ModelSpec, result: audit_lib.AuditResult) -> dict:
+    """The JSON record of one model's audit (without timings, fingerprints and accuracies)."""
+    return {
         "name": spec.name, "target": spec.target, "confounders": list(spec.confounders),
         "train_distribution": "independent" if spec.train_independent else "correlated",
         "test_distribution": "independent" if spec.test_independent else "correlated",
@@ -474,16 +340,51 @@ def evaluate_model(ctx: TablesContext, spec: ModelSpec, corr: float = 0.0) -> di
         "ior": dict(zip(regions.REGIONS, result.ior.tolist())),
         "counts": dict(zip(regions.REGIONS, np.asarray(result.counts).tolist())),
         "ior_vector": result.ior.astype(np.float64),
-        "ranking": [{"rank": r, "region": n, "ior": v} for r, n, v in ranking],
-        "confounder_rp": confounder_rp,
+        "ranking": [{"rank": r, "region": n, "ior": v} for r, n, v in result.ranking()],
+        "confounder_rp": dict(zip(spec.confounders,
+                                  audit_lib.confounder_rp(result.ior, list(spec.confounders)))),
+    }
+
+
+def evaluate_model(ctx: TablesContext, spec: ModelSpec, corr: float = 0.0) -> dict:
+    """Train (resume / reload), test per group and FaceX-audit one model; cached on disk.
+
+    Returns the per-model record (also ``<workdir>/audits/<name>.json``):
+    ``ior`` per region, ``ranking``, ``confounder_rp``, ``group_accuracy`` and
+    timings, plus ``ior_vector`` [19] (float64, NaN where absent).
+    """
+    from faceaudit_jax.viz import prototype
+
+    config = ctx.config
+    expected = audit_fingerprint(config, spec)
+    cached = _cached_record(ctx, spec, expected)
+    if cached is not None:
+        return cached
+    clf, train_seconds = _train_model(ctx, spec, corr)
+    test_source = ctx.source(spec.test_independent, "test")
+    batch_size = int(config.test.batch_size)
+    groups = _group_accuracy(clf, spec, test_source, batch_size)
+    xsource = audit_lib.at_explain_resolution(test_source, config.explain)
+    result = audit_lib.audit(clf, xsource, spec.test_indices, spec.target, config.explain,
+                             batch_size, desc=f"explain {spec.name}", parser=ctx.parser)
+    heatmap = ctx.audits_dir / f"{spec.name}.png"
+    prototype.plot_prototype_heatmap(
+        result.ior, path=str(heatmap), dpi=int(config.tables.heatmap_dpi),
+        title=f"{spec.name}: FaceX IoR of the {spec.target} classifier")
+    counterfactual = None
+    if bool(config.explain.get("counterfactual", False)) and config.data.source == "synthetic":
+        counterfactual = counterfactual_record(clf, config, spec)
+    record = {
+        **_audit_record(spec, result),
         "group_accuracy": groups,
         "accuracy_at_explained_resolution": result.accuracy,
         "train_seconds": train_seconds, "explain_seconds": result.seconds,
-        "heatmap": heatmap.name, "fingerprint": expected, "model_fingerprint": model_fp,
+        "heatmap": heatmap.name, "fingerprint": expected,
+        "model_fingerprint": model_fingerprint(config, spec),
         "symmetry": ior_lib.left_right_symmetry(result.ior),
         "counterfactual": counterfactual,
     }
-    write_json(json_path, record)
+    write_json(ctx.audits_dir / f"{spec.name}.json", record)
     ctx.records[spec.name] = record
     return record
 
@@ -522,7 +423,7 @@ def biased_spec(ctx: TablesContext, target: str, confounders: Sequence[str],
 def reweighted_spec(vanilla: ModelSpec, num_epochs: Optional[int] = None) -> ModelSpec:
     """The same training set as ``vanilla`` with group-balanced sample weights
     (trained for ``num_epochs`` when given; the name then says so)."""
-    weights = group_balanced_weights(vanilla.train_attrs, vanilla.target, vanilla.confounders)
+    weights = reweighting.group_balanced_weights(vanilla.train_attrs, vanilla.target, vanilla.confounders)
     suffix = "" if num_epochs is None else f"_{int(num_epochs)}ep"
     return dataclasses.replace(
         vanilla, name=f"reweighted_{vanilla.target}_{'+'.join(vanilla.confounders)}{suffix}",
@@ -565,17 +466,17 @@ def table1(ctx: TablesContext) -> dict:
         row["shortcut_learned"] = bool(row["gap"] is not None
                                        and row["gap"] >= float(cfg.learned_gap))
         rows.append(row)
-        tqdm.write(f"[table1] {target} x {conf}: RP {_fmt(row['rp'])} | aligned "
-                   f"{_fmt(row['aligned_accuracy'])} conflicting {_fmt(row['conflicting_accuracy'])}")
+        tqdm.write(f"[table1] {target} x {conf}: RP {fmt(row['rp'])} | aligned "
+                   f"{fmt(row['aligned_accuracy'])} conflicting {fmt(row['conflicting_accuracy'])}")
     rps = [r["rp"] for r in rows]
     learned = [r["rp"] for r in rows if r["shortcut_learned"]]
     found = [rp for rp in rps if rp is not None]
     summary = {
-        "mean_rp": mean_rp(rps), "worst_rp": max(found) if found else None,
+        "mean_rp": audit_lib.mean_rp(rps), "worst_rp": max(found) if found else None,
         "num_cases": len(rows), "num_unranked": len(rps) - len(found),
-        "mean_rp_where_shortcut_learned": mean_rp(learned),
+        "mean_rp_where_shortcut_learned": audit_lib.mean_rp(learned),
         "num_shortcut_learned": len(learned),
-        "mean_rp_by_target": {t: mean_rp([r["rp"] for r in rows if r["target"] == t])
+        "mean_rp_by_target": {t: audit_lib.mean_rp([r["rp"] for r in rows if r["target"] == t])
                               for t in cfg.targets},
         "corr": float(cfg.corr), "learned_gap_threshold": float(cfg.learned_gap),
     }
@@ -612,7 +513,7 @@ def table1_markdown(result: dict) -> str:
         ["Target", "Confounder", "RP", *truth_headers, "Top-3 regions", "Acc.", "Aligned acc.",
          "Conflicting acc.", "Shortcut learned"],
         [[r["target"], r["confounder"], r["rp"],
-          *([_fmt(r.get("ground_truth_rank"), ".0f"), r.get("ground_truth_top") or "n/a"]
+          *([fmt(r.get("ground_truth_rank"), ".0f"), r.get("ground_truth_top") or "n/a"]
             if with_truth else []),
           r["top_regions"], r["accuracy"],
           r["aligned_accuracy"], r["conflicting_accuracy"], "yes" if r["shortcut_learned"] else "no"]
@@ -623,15 +524,15 @@ def table1_markdown(result: dict) -> str:
                   "large RP is the explainer's miss; a large GT rank means the model leans on "
                   "something else." if with_truth else "")
     symmetry_note = (f" Left-right check over ear/eye/brow twins: mean IoR(right) - IoR(left) "
-                     f"{_fmt(s['right_minus_left'], '+.3f')}, right wins in "
-                     f"{_fmt(100 * s['right_wins_share'], '.0f')}% of pairs (0 and 50% on "
+                     f"{fmt(s['right_minus_left'], '+.3f')}, right wins in "
+                     f"{fmt(100 * s['right_wins_share'], '.0f')}% of pairs (0 and 50% on "
                      f"these left-right symmetric faces when the maps sit where the model looks)."
                      if s.get("right_minus_left") is not None else "")
     return (f"## Table 1: single-attribute bias (co-occurrence {s['corr']})\n\n{body}\n"
-            f"Mean RP {_fmt(s['mean_rp'], '.2f')}, worst RP {_fmt(s['worst_rp'])} "
+            f"Mean RP {fmt(s['mean_rp'], '.2f')}, worst RP {fmt(s['worst_rp'])} "
             f"({s['num_unranked']} of {s['num_cases']} unranked); mean RP where the shortcut was "
             f"learned (aligned - conflicting accuracy >= {s['learned_gap_threshold']}): "
-            f"{_fmt(s['mean_rp_where_shortcut_learned'], '.2f')} over "
+            f"{fmt(s['mean_rp_where_shortcut_learned'], '.2f')} over "
             f"{s['num_shortcut_learned']} models. {PAPER['table1']}.{truth_note}"
             f"{symmetry_note}\n")
 
@@ -651,7 +552,7 @@ def table3(ctx: TablesContext) -> dict:
         record = evaluate_model(ctx, biased_spec(ctx, cfg.target, confs, float(cfg.corr)),
                                 float(cfg.corr))
         per = [record["confounder_rp"][c] for c in confs]
-        rp1, rp2 = ordered_rps(per)
+        rp1, rp2 = audit_lib.ordered_rps(per)
         rows.append({
             "target": cfg.target, "confounders": list(confs),
             "rp_per_confounder": dict(zip(confs, per)), "rp1": rp1, "rp2": rp2,
@@ -661,9 +562,9 @@ def table3(ctx: TablesContext) -> dict:
             "conflicting_accuracy": _row(record, "conflicting_accuracy"),
             "model": record["name"],
         })
-        tqdm.write(f"[table3] {cfg.target} x {' + '.join(confs)}: RP1 {_fmt(rp1)} RP2 {_fmt(rp2)}")
-    summary = {"mean_rp1": mean_rp([r["rp1"] for r in rows]),
-               "mean_rp2": mean_rp([r["rp2"] for r in rows]),
+        tqdm.write(f"[table3] {cfg.target} x {' + '.join(confs)}: RP1 {fmt(rp1)} RP2 {fmt(rp2)}")
+    summary = {"mean_rp1": audit_lib.mean_rp([r["rp1"] for r in rows]),
+               "mean_rp2": audit_lib.mean_rp([r["rp2"] for r in rows]),
                "num_cases": len(rows), "corr": float(cfg.corr)}
     return {"rows": rows, "summary": summary}
 
@@ -674,11 +575,11 @@ def table3_markdown(result: dict) -> str:
         ["Target", "Confounders", "RP per confounder", "RP1", "RP2", "Top-4 regions",
          "Aligned acc.", "Conflicting acc."],
         [[r["target"], " + ".join(r["confounders"]),
-          ", ".join(f"{c}: {_fmt(v)}" for c, v in r["rp_per_confounder"].items()),
+          ", ".join(f"{c}: {fmt(v)}" for c, v in r["rp_per_confounder"].items()),
           r["rp1"], r["rp2"], r["top_regions"], r["aligned_accuracy"], r["conflicting_accuracy"]]
          for r in result["rows"]])
     return (f"## Table 3: two confounders at once (co-occurrence {s['corr']})\n\n{body}\n"
-            f"Mean RP1 {_fmt(s['mean_rp1'], '.2f')}, mean RP2 {_fmt(s['mean_rp2'], '.2f')}. "
+            f"Mean RP1 {fmt(s['mean_rp1'], '.2f')}, mean RP2 {fmt(s['mean_rp2'], '.2f')}. "
             f"{PAPER['table3']}. Aligned: both confounders agree with the target.\n")
 
 
@@ -700,9 +601,9 @@ def table4(ctx: TablesContext) -> dict:
         "independent": ModelSpec(name=f"natural_independent_{target}", train_independent=True,
                                  train_indices=ind_idx[tr_i], train_attrs=ind_attrs[tr_i], **common),
     }
-    top = top_correlated_attributes(corr_attrs[tr_c], target, int(cfg.top_k),
+    top = sampling.top_correlated_attributes(corr_attrs[tr_c], target, int(cfg.top_k),
                                     distinct_regions=bool(cfg.get("distinct_regions", True)))
-    r_independent = attribute_correlations(ind_attrs[tr_i], target)
+    r_independent = sampling.attribute_correlations(ind_attrs[tr_i], target)
     records = {k: evaluate_model(ctx, s) for k, s in
                tqdm(specs.items(), desc="table4", leave=False)}
     rows = []
@@ -715,12 +616,12 @@ def table4(ctx: TablesContext) -> dict:
                      "r_independent_train": float(r_independent[regions.attribute_id(name)]),
                      "rp_correlated_model": rps["correlated"],
                      "rp_independent_model": rps["independent"]})
-        tqdm.write(f"[table4] {name} (r={r:+.2f}): RP {_fmt(rps['correlated'])} (correlated) vs "
-                   f"{_fmt(rps['independent'])} (independent)")
+        tqdm.write(f"[table4] {name} (r={r:+.2f}): RP {fmt(rps['correlated'])} (correlated) vs "
+                   f"{fmt(rps['independent'])} (independent)")
     summary = {
         "target": target,
-        "mean_rp_correlated_model": mean_rp([r["rp_correlated_model"] for r in rows]),
-        "mean_rp_independent_model": mean_rp([r["rp_independent_model"] for r in rows]),
+        "mean_rp_correlated_model": audit_lib.mean_rp([r["rp_correlated_model"] for r in rows]),
+        "mean_rp_independent_model": audit_lib.mean_rp([r["rp_independent_model"] for r in rows]),
         "accuracy": {k: rec["group_accuracy"]["accuracy"] for k, rec in records.items()},
         "top_regions": {k: [r["region"] for r in rec["ranking"][:5]] for k, rec in records.items()},
         "models": {k: rec["name"] for k, rec in records.items()},
@@ -740,10 +641,10 @@ def table4_markdown(result: dict) -> str:
           r["r_independent_train"], r["rp_correlated_model"], r["rp_independent_model"]]
          for r in result["rows"]])
     return (f"## Table 4: no injected bias ({s['target']} classifiers)\n\n{body}\n"
-            f"Mean RP: {_fmt(s['mean_rp_correlated_model'], '.2f')} (trained on CelebA-like "
-            f"correlated faces, accuracy {_fmt(s['accuracy']['correlated'])}) vs "
-            f"{_fmt(s['mean_rp_independent_model'], '.2f')} (attribute-independent faces, accuracy "
-            f"{_fmt(s['accuracy']['independent'])}); both audited on the same correlated, "
+            f"Mean RP: {fmt(s['mean_rp_correlated_model'], '.2f')} (trained on CelebA-like "
+            f"correlated faces, accuracy {fmt(s['accuracy']['correlated'])}) vs "
+            f"{fmt(s['mean_rp_independent_model'], '.2f')} (attribute-independent faces, accuracy "
+            f"{fmt(s['accuracy']['independent'])}); both audited on the same correlated, "
             f"target-balanced test set. Top regions: correlated model "
             f"{', '.join(s['top_regions']['correlated'])}; independent model "
             f"{', '.join(s['top_regions']['independent'])}.\n")
@@ -794,8 +695,8 @@ def figure5(ctx: TablesContext) -> dict:
         "mitigated_beats_chance": bool(
             records["reweighted"]["group_accuracy"]["accuracy"] >= min_accuracy),
     }
-    tqdm.write(f"[figure5] RP of {cfg.confounder}: {_fmt(result['rp']['vanilla'])} (vanilla) -> "
-               f"{_fmt(result['rp']['reweighted'])} (reweighted)")
+    tqdm.write(f"[figure5] RP of {cfg.confounder}: {fmt(result['rp']['vanilla'])} (vanilla) -> "
+               f"{fmt(result['rp']['reweighted'])} (reweighted)")
     return result
 
 
@@ -815,12 +716,12 @@ def figure5_markdown(result: dict, link_prefix: str = "") -> str:
     tried = result.get("mitigated_schedule") or []
     note = ""
     if tried:
-        steps = ", ".join(f"{t['num_epochs'] or 'base'} epochs: accuracy {_fmt(t['accuracy'])}"
+        steps = ", ".join(f"{t['num_epochs'] or 'base'} epochs: accuracy {fmt(t['accuracy'])}"
                           for t in tried)
         verdict = ("clearly beats chance" if result.get("mitigated_beats_chance") else
                    "does NOT clearly beat chance, so this comparison tests little")
         note = (f"Reweighted model trained until its accuracy reached "
-                f"{_fmt(result.get('mitigated_min_accuracy'), '.2f')} ({steps}): it {verdict}.\n\n")
+                f"{fmt(result.get('mitigated_min_accuracy'), '.2f')} ({steps}): it {verdict}.\n\n")
     return (f"## Figure 5: {result['target']} x {result['confounder']} at {result['corr']}, "
             f"before and after group-balanced reweighting\n\n![figure 5]({link_prefix}{result['figure']})\n\n"
             f"{note}{summary}\n{per_region}")
@@ -834,41 +735,49 @@ _PARTS = {
 }
 
 
-def run_tables(config, workdir: str) -> dict:
-    """Run the configured parts (``config.tables.parts``), write JSON + Markdown, print tables."""
-    parts = tuple(config.tables.parts)
-    unknown = [p for p in parts if p not in _PARTS]
-    if unknown or not parts:
-        raise ValueError(f"tables.parts={parts!r}; expected a non-empty subset of {PARTS}")
-    ctx = TablesContext(config, workdir)
-    results, texts = {}, {}
-    for part in parts:
-        compute, render = _PARTS[part]
-        start = time.perf_counter()
-        result = compute(ctx)
-        result["seconds"] = time.perf_counter() - start
-        write_json(ctx.workdir / f"{part}.json", result)
-        texts[part] = render(result)
-        (ctx.workdir / f"{part}.md").write_text(texts[part])
-        results[part] = result
+def report(config, results: dict, link_prefix: str = "") -> dict[str, str]:
+    """Markdown of the computed parts: {part: section, "tables.md": page, "summary.md": README fragment}.
+
+    ``link_prefix`` goes before figure paths in the README fragment (see
+    ``registry.readme_link_prefix``); the page links relative to the workdir.
+    """
+    parts = [p for p in results if p in _PARTS]
+    texts = {part: _PARTS[part][1](results[part]) for part in parts}
     header = ("# FaceX reproduction on synthetic faces\n\n"
               f"Model {config.model.name} at {config.data.resolution} px, "
               f"{config.train.size} training images x {config.train.num_epochs} epochs "
               f"(batch {config.train.batch_size}), {config.test.size} test images, "
               f"{config.explain.method} with the {config.explain.target_mode}-class target, "
               f"{config.explain.ior_mode} IoR.\n\n")
-    (ctx.workdir / "tables.md").write_text(header + "\n".join(texts[p] for p in parts))
     # The README fragment (scripts/update_readme.py): same text, one heading level down,
     # the figure linked so that the link works from the README as well.
     readme_texts = dict(texts)
     if "figure5" in results:
-        readme_texts["figure5"] = figure5_markdown(results["figure5"],
-                                                   readme_link_prefix(ctx.workdir))
+        readme_texts["figure5"] = figure5_markdown(results["figure5"], link_prefix)
     body = "\n".join(readme_texts[p] for p in parts).replace("\n## ", "\n#### ")
     body = body[3:] if body.startswith("## ") else body
-    (ctx.workdir / "summary.md").write_text(
-        "### FaceX reproduction (`configs/facex_tables.py`)\n\n" + header.split("\n\n", 1)[1]
-        + ("#### " + body if not body.startswith("#### ") else body))
+    summary = ("### FaceX reproduction (`configs/facex_tables.py`)\n\n" + header.split("\n\n", 1)[1]
+               + ("#### " + body if not body.startswith("#### ") else body))
+    return {**texts, "tables.md": header + "\n".join(texts[p] for p in parts), "summary.md": summary}
+
+
+def run(config, workdir: str) -> dict:
+    """Run the configured parts (``config.tables.parts``), write JSON + Markdown, print tables."""
+    parts = tuple(config.tables.parts)
+    unknown = [p for p in parts if p not in _PARTS]
+    if unknown or not parts:
+        raise ValueError(f"tables.parts={parts!r}; expected a non-empty subset of {PARTS}")
+    ctx = TablesContext(config, workdir)
+    results = {}
+    for part in parts:
+        start = time.perf_counter()
+        result = _PARTS[part][0](ctx)
+        result["seconds"] = time.perf_counter() - start
+        write_json(ctx.workdir / f"{part}.json", result)
+        results[part] = result
+    texts = report(config, results, readme_link_prefix(ctx.workdir))
+    for name in (*parts, "tables.md", "summary.md"):
+        (ctx.workdir / (f"{name}.md" if name in parts else name)).write_text(texts[name])
     for part in parts:
         print("\n" + texts[part], flush=True)
     return results

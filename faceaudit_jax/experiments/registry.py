@@ -20,7 +20,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 EXPERIMENTS = {
     "facex": "faceaudit_jax.experiments.facex",
-    "facex_tables": "faceaudit_jax.experiments.facex",
+    "facex_tables": "faceaudit_jax.experiments.facex_tables",
     "classifier": "faceaudit_jax.experiments.classifier",
     "attribute_cams": "faceaudit_jax.experiments.attribute_cams",
     "corrrise": "faceaudit_jax.experiments.corrrise",
@@ -48,8 +48,7 @@ def run_experiment(config, workdir):
     """Run the config's experiment whole under ``workdir``; returns what its ``run`` returns."""
     path = prepare_workdir(workdir)
     module = _module(config)
-    entry = "run_tables" if config.experiment == "facex_tables" else "run"
-    result = getattr(module, entry)(config, str(path))
+    result = module.run(config, str(path))
     _save_config(config, path)
     return result
 

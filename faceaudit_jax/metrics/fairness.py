@@ -375,3 +375,37 @@ def paired_gap_change(runs: dict, name: str) -> dict[str, Any]:
     se = float(np.std(diffs, ddof=1) / math.sqrt(diffs.size)) if diffs.size > 1 else None
     return {"mean": mean, "se": se, "resolved": se is not None and abs(mean) > 2 * se,
             "num_narrower": int(np.sum(diffs < 0))}
+
+
+def bias_group_report(logits, attrs, target: str, confounders, confounder_values) -> dict[str, float]:
+    """Accuracy of a binary classifier overall, on bias-aligned and bias-conflicting images, and per cell.
+
+    ``logits`` [N] (positive = target 1), ``attrs`` int [N, 40] (CelebA order).
+    Aligned: every confounder takes the value that goes with the image's
+    target in the training bias (``confounder_values`` for target = 1).
+    Per-cell keys read "Male=1,Wearing_Lipstick=0". NaN where a group is empty.
+    """
+    import math
+
+    from faceaudit_jax import regions
+    from faceaudit_jax.data import sampling
+
+    logits, attrs = np.asarray(logits), np.asarray(attrs)
+    y, aligned = sampling.group_labels(attrs, target, confounders, confounder_values)
+    correct = (logits > 0).astype(np.int32) == y
+    report = {
+        "accuracy": float(correct.mean()),
+        "aligned_accuracy": float(correct[aligned].mean()) if aligned.any() else math.nan,
+        "conflicting_accuracy": float(correct[~aligned].mean()) if (~aligned).any() else math.nan,
+        "num_images": int(y.size),
+    }
+    report["gap"] = report["aligned_accuracy"] - report["conflicting_accuracy"]
+    conf_cols = regions.attribute_ids(confounders)
+    for yv in (0, 1):
+        for combo in np.unique(attrs[:, conf_cols], axis=0):
+            sel = (y == yv) & np.all(attrs[:, conf_cols] == combo, axis=1)
+            if sel.any():
+                key = f"{target}={yv}," + ",".join(
+                    f"{n}={int(v)}" for n, v in zip(confounders, combo))
+                report[key] = float(correct[sel].mean())
+    return report

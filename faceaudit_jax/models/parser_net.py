@@ -242,3 +242,24 @@ def evaluate_parser(model: nn.Module, variables: Mapping, batches: Iterable[Mapp
     iou = np.asarray(iou_from_confusion(confusion))
     return {"per_region_iou": iou, "mean_iou": float(np.nanmean(iou)),
             "pixel_accuracy": float(np.trace(confusion) / max(confusion.sum(), 1)), "confusion": confusion}
+
+
+def evaluate_on_source(model, variables, source, test_idx: np.ndarray, batch_size: int) -> dict:
+    """``evaluate_parser`` over ``source`` rows ``test_idx`` (padding rows of the last batch dropped)."""
+    from faceaudit_jax.data import pipeline
+
+    def batches():
+        for batch, valid in pipeline.iterate_batches(source, test_idx, batch_size):
+            if valid.all():
+                yield batch
+            else:
+                keep = int(valid.sum())
+                yield {"image": batch["image"][:keep], "parse": batch["parse"][:keep]}
+
+    return evaluate_parser(model, variables, batches())
+
+
+def region_pixel_share(confusion: np.ndarray) -> np.ndarray:
+    """Share of test pixels whose true region is r: a rare region's IoU is noisier."""
+    rows = confusion.sum(1).astype(np.float64)
+    return rows / max(rows.sum(), 1.0)

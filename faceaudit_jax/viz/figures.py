@@ -367,3 +367,35 @@ __all__ = [
     "plot_patch_gallery", "plot_cam_overlays", "plot_ior_comparison", "write_report",
     "to_json_compatible",
 ]
+
+
+def write_audit_report(out_dir, result, source, indices: np.ndarray, *, title: str,
+                       patch_size: int, extra: Optional[Mapping[str, Any]] = None) -> dict:
+    """A FaceX audit's figures, report.md and results.json under ``out_dir``; returns the payload.
+
+    ``result`` is a ``summary.audit.AuditResult`` of the images ``source`` rows
+    ``indices``; the payload is ``summary.audit.audit_payload(result)`` plus
+    ``extra``. Figures: prototype heatmap (titled ``title``), CAM overlays and
+    the top-patch gallery of the six regions with the highest IoR.
+    """
+    from faceaudit_jax.summary import audit as audit_lib
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"prototype": str(out / "prototype_heatmap.png"),
+             "overlays": str(out / "cam_overlays.png"),
+             "gallery": str(out / "patch_gallery.png")}
+    prototype.plot_prototype_heatmap(result.ior, path=paths["prototype"], title=title)
+    plot_cam_overlays(result.overlay_images, result.overlay_maps, result.overlay_titles,
+                      path=paths["overlays"])
+    gallery_regions = [r for r, _ in sorted(
+        ((n, v) for n, v in zip(REGIONS, result.ior) if not np.isnan(v) and n != "background"),
+        key=lambda t: -t[1])][:6]
+    needed = np.unique(result.top.image_ids[result.top.valid])
+    images = {int(i): np.asarray(img) for i, img in zip(
+        needed, source.batch(indices[needed])["image"])} if needed.size else {}
+    plot_patch_gallery(lambda i: images[int(i)], result.top, int(patch_size),
+                       regions=gallery_regions, path=paths["gallery"])
+    payload = {**audit_lib.audit_payload(result), **(extra or {})}
+    write_report(str(out), result.ior, result.counts, result.ranking(), paths, payload)
+    return payload
