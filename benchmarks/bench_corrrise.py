@@ -166,6 +166,26 @@ def torch_embedder(model_name: str, embedding_dim: int = 128):
     return lambda x: model((x - mean) / std)
 
 
+def fame_style_corrrise(model, a, b, masks):
+    """FAME's layout: masks in chunks of 32, both images, then Pearson maps."""
+    import torch
+    num_masks = masks.shape[0]
+    with torch.no_grad():
+        ea, eb = model(a), model(b)
+        scores_a, scores_b = [], []
+        for chunk in masks.split(32):
+            m = chunk[:, None]
+            scores_a.append(torch.nn.functional.cosine_similarity(model(a * m), eb))
+            scores_b.append(torch.nn.functional.cosine_similarity(model(b * m), ea))
+        flat = masks.reshape(num_masks, -1)
+        flat = flat - flat.mean(0)
+        maps = []
+        for s in (torch.cat(scores_a), torch.cat(scores_b)):
+            s = s - s.mean()
+            maps.append((s @ flat) / (s.norm() * flat.norm(dim=0)).clamp_min(1e-12))
+    return maps
+
+
 def torch_comparison(model_name: str, num_masks: int, jax_time: float,
                      jax_forward_time: float) -> None:
     try:
@@ -179,22 +199,8 @@ def torch_comparison(model_name: str, num_masks: int, jax_time: float,
     masks = torch.from_numpy(np.array(cr.generate_masks(jax.random.PRNGKey(0), num_masks,
                                                           IMAGE_SIZE)))
 
-    @torch.no_grad()
     def torch_corrrise():
-        # fame's layout: masks in chunks of 32, both images, then a Pearson map.
-        ea, eb = model(a), model(b)
-        scores_a, scores_b = [], []
-        for chunk in masks.split(32):
-            m = chunk[:, None]
-            scores_a.append(torch.nn.functional.cosine_similarity(model(a * m), eb))
-            scores_b.append(torch.nn.functional.cosine_similarity(model(b * m), ea))
-        flat = masks.reshape(num_masks, -1)
-        flat = flat - flat.mean(0)
-        maps = []
-        for s in (torch.cat(scores_a), torch.cat(scores_b)):
-            s = s - s.mean()
-            maps.append((s @ flat) / (s.norm() * flat.norm(dim=0)).clamp_min(1e-12))
-        return maps
+        return fame_style_corrrise(model, a, b, masks)
 
     @torch.no_grad()
     def torch_forwards():

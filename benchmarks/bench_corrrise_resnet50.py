@@ -37,7 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_corrrise import IMAGE_SIZE, build_embed_fn, interleaved_best_times, test_pair  # noqa: E402
+from bench_corrrise import (IMAGE_SIZE, build_embed_fn, fame_style_corrrise,  # noqa: E402
+                            interleaved_best_times, test_pair)
 
 from faceaudit_jax.explain import corrrise as cr  # noqa: E402
 from faceaudit_jax.models import resnet  # noqa: E402
@@ -84,26 +85,6 @@ def torch_resnet50_embedder(embedding_dim: int = 128):
     mean = torch.tensor(kw["mean"]).view(1, 3, 1, 1)
     std = torch.tensor(kw["std"]).view(1, 3, 1, 1)
     return lambda x: model((x - mean) / std)
-
-
-def fame_style_corrrise(model, a, b, masks):
-    """FAME's layout: masks in chunks of 32, both images, then Pearson maps."""
-    import torch
-    num_masks = masks.shape[0]
-    with torch.no_grad():
-        ea, eb = model(a), model(b)
-        scores_a, scores_b = [], []
-        for chunk in masks.split(32):
-            m = chunk[:, None]
-            scores_a.append(torch.nn.functional.cosine_similarity(model(a * m), eb))
-            scores_b.append(torch.nn.functional.cosine_similarity(model(b * m), ea))
-        flat = masks.reshape(num_masks, -1)
-        flat = flat - flat.mean(0)
-        maps = []
-        for s in (torch.cat(scores_a), torch.cat(scores_b)):
-            s = s - s.mean()
-            maps.append((s @ flat) / (s.norm() * flat.norm(dim=0)).clamp_min(1e-12))
-    return maps
 
 
 def speed(num_masks: int, chunk_size: int, repeats: int) -> None:
