@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Optional
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -102,9 +101,9 @@ def render_uint8(source, indices: np.ndarray, batch_size: int) -> tuple[np.ndarr
     return np.concatenate(images), np.concatenate(identity)
 
 
-def to_float(images_uint8) -> jax.Array:
-    """uint8 [..., H, W, 3] -> float32 in [0, 1]."""
-    return jnp.asarray(images_uint8, jnp.float32) / 255.0
+# uint8 [..., H, W, 3] -> float32 in [0, 1]: the pipeline's one conversion, under the name
+# the verification experiments import.
+to_float = pipeline.uint8_to_float
 
 
 def make_batch_fn(images: np.ndarray, labels: np.ndarray, batch_size: int, seed: int,

@@ -92,6 +92,7 @@ from faceaudit_jax.metrics import verification as verification_lib
 from faceaudit_jax.metrics.verification import cosine_similarity
 from faceaudit_jax.models import sources as model_sources
 from faceaudit_jax.models import vit
+from faceaudit_jax.viz import verification as verification_figures
 
 
 TECHNIQUE_LABELS = {"oim": "OIM", "um": "UM", "n_ium": "N-IUM"}
@@ -524,83 +525,18 @@ def perturbation_curves(bound: BoundEmbed, probes, galleries, saliencies: Mappin
 # ----------------------------------------------------------------------------- figures
 
 
-def _save(fig, path: Path, dpi: int = 110) -> str:
-    fig.savefig(path, dpi=dpi)
-    return str(path)
-
-
 def curves_figure(path: Path, curves: Mapping, num_positive: int, num_negative: int) -> str:
-    """Two panels: recall vs masked share (TP pairs), TNR vs masked share (TN pairs)."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(10, 4))
-    panels = (("positive", f"true-positive pairs (n={num_positive}): probe masked", "recall"),
-              ("negative", f"true-negative pairs (n={num_negative}): both masked", "TNR"))
-    for i, (side, title, ylabel) in enumerate(panels):
-        ax = fig.add_subplot(1, 2, i + 1)
-        data = curves[side]
-        for name in CURVE_METHODS:
-            if name not in data:
-                continue
-            style = "k:" if name == "random" else "-"
-            ax.plot(data["fractions"], data[name]["values"], style, linewidth=2 if
-                    name == "vit_heatmap" else 1.2,
-                    label=f"{CURVE_LABELS[name]} (AUC {data[name]['auc']:.3f})")
-        ax.set_xlabel("share of masked pixels")
-        ax.set_ylabel(ylabel)
-        ax.set_xlim(0, 1)
-        ax.set_ylim(-0.02, 1.02)
-        ax.set_title(title, fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle("Deletion by descending relevance (black fill); a faster drop is better",
-                 fontsize=9)
-    fig.tight_layout()
-    return _save(fig, path)
+    """``viz.verification.masking_curves_figure`` with this experiment's methods and labels."""
+    return verification_figures.masking_curves_figure(path, curves, num_positive, num_negative,
+                                                      CURVE_METHODS, CURVE_LABELS)
 
 
 def examples_figure(path: Path, probes, galleries, explained: Mapping, rows: Sequence[int],
                     positive: bool, method_label: str, fill: float = 0.0) -> str:
-    """One row per pair: probe, gallery, both attention maps, the probe with the selected
-    technique's mask removed (what SM scores), and the heatmap on the probe's luminance.
-
-    probes, galleries: uint8 [P, H, W, 3]; explained: ``explain_pair_batches``
-    output with maps; rows: pair indices to show.
-    """
-    from matplotlib.figure import Figure
-
-    rows = list(rows)
-    fig = Figure(figsize=(13, 2.35 * max(len(rows), 1)))
-    overlay = np.asarray(fv.overlay_on_luminance(to_float(probes[rows]),
-                                                 jnp.asarray(explained["heatmap"][rows])))
-    metric = "sm_plus" if positive else "sm_minus"
-    candidates = fv.POSITIVE_TECHNIQUES if positive else fv.NEGATIVE_TECHNIQUES
-    for r, i in enumerate(rows):
-        selected = int(explained["selected"][i])
-        mask = (explained["masks"][selected, i] if selected >= 0
-                else np.zeros(explained["heatmap"].shape[1:], bool))
-        sm_text = ", ".join(
-            f"{TECHNIQUE_LABELS[t]} {explained[metric][fv.TECHNIQUES.index(t), i]:.2f}"
-            for t in candidates)
-        chosen = TECHNIQUE_LABELS[fv.TECHNIQUES[selected]] if selected >= 0 else "none"
-        panels = [("probe", probes[i], None), ("gallery", galleries[i], None),
-                  ("attention P", explained["maps_p"][i], "viridis"),
-                  ("attention G", explained["maps_g"][i], "viridis"),
-                  (f"probe, {chosen} removed", np.where(mask[..., None], fill, probes[i] / 255.0),
-                   None),
-                  ("heatmap on probe", overlay[r], None)]
-        for c, (title, image, cmap) in enumerate(panels):
-            ax = fig.add_subplot(len(rows), len(panels), r * len(panels) + c + 1)
-            ax.imshow(image, cmap=cmap, vmin=0 if cmap else None, vmax=1 if cmap else None)
-            ax.set_title(title, fontsize=8)
-            ax.axis("off")
-        fig.text(0.01, 1 - (r + 0.5) / len(rows), f"d={explained['d'][i]:.3f}\n"
-                 f"{'SM+' if positive else 'SM-'}: {sm_text}", fontsize=7, va="center",
-                 rotation=90)
-    kind = "true-positive" if positive else "true-negative"
-    fig.suptitle(f"{kind} pairs, {method_label}", fontsize=9)
-    fig.tight_layout(rect=(0.03, 0, 1, 0.97))
-    return _save(fig, path)
+    """``viz.verification.pair_examples_figure`` with this experiment's technique labels."""
+    return verification_figures.pair_examples_figure(path, probes, galleries, explained, rows,
+                                                     positive, method_label, TECHNIQUE_LABELS,
+                                                     fill)
 
 
 # ----------------------------------------------------------------------------- markdown
