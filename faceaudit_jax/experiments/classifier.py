@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from faceaudit_jax import losses, train_lib, workdir as workdir_lib
+from faceaudit_jax import keys, losses, train_lib, workdir as workdir_lib
 from faceaudit_jax.data import pipeline, sampling, sources
 from faceaudit_jax.experiments.registry import write_json
 from faceaudit_jax.metrics import fairness
@@ -82,12 +82,14 @@ def make_subsets(config, source=None) -> dict:
                                         int(config.train.size), seed, confounder_values=values)
         # The baseline's set only when it is trained: a real data set's rare cell (men
         # wearing lipstick) often cannot fill a balanced set of the biased set's size.
-        balanced = (sampling.balanced_subset(train_attrs, target, confs, int(config.train.size), seed + 1)
+        balanced = (sampling.balanced_subset(train_attrs, target, confs, int(config.train.size),
+                                              keys.run_seed(seed, "balanced"))
                     if config.train.get("baseline", True) else np.zeros(0, np.int64))
     except ValueError as err:
         raise ValueError(f"training set ({where}): {err}") from None
     try:
-        test = sampling.balanced_subset(test_attrs, target, confs, int(config.test.size), seed + 2)
+        test = sampling.balanced_subset(test_attrs, target, confs, int(config.test.size),
+                                       keys.run_seed(seed, "test"))
     except ValueError as err:
         raise ValueError(f"test set ({sources.describe(test_source)}): {err}") from None
     return {"biased": train_idx[biased], "balanced": train_idx[balanced], "test": test_idx[test],

@@ -53,7 +53,7 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from faceaudit_jax import parsing, regions
+from faceaudit_jax import keys, parsing, regions
 from faceaudit_jax.data import pipeline, sampling, sources
 from faceaudit_jax.experiments import classifier
 from faceaudit_jax.metrics import fairness
@@ -412,7 +412,8 @@ def biased_spec(ctx: TablesContext, target: str, confounders: Sequence[str],
     values = ctx.confounder_values(target, confounders, train_idx)
     tr = sampling.biased_subset(train_attrs, target, confounders, float(corr),
                                 _train_size(config), seed, confounder_values=values)
-    te = sampling.balanced_subset(test_attrs, target, confounders, int(config.test.size), seed + 2)
+    te = sampling.balanced_subset(test_attrs, target, confounders, int(config.test.size),
+                                keys.run_seed(seed, "test"))
     return ModelSpec(
         name=f"biased_{target}_{'+'.join(confounders)}", target=target,
         confounders=confounders, train_independent=True, train_indices=train_idx[tr],
@@ -592,7 +593,8 @@ def table4(ctx: TablesContext) -> dict:
     test_idx, test_attrs = ctx.pool(False, "test", int(cfg.pool_size))
     tr_c = sampling.balanced_subset(corr_attrs, target, [], size, seed)
     tr_i = sampling.balanced_subset(ind_attrs, target, [], size, seed)
-    te = sampling.balanced_subset(test_attrs, target, [], int(config.test.size), seed + 2)
+    te = sampling.balanced_subset(test_attrs, target, [], int(config.test.size),
+                                keys.run_seed(seed, "test"))
     common = dict(target=target, confounders=(), test_independent=False,
                   test_indices=test_idx[te], test_attrs=test_attrs[te])
     specs = {
