@@ -282,13 +282,8 @@ def cosface_logits_from_cosines(
     return scale * (cosines - margin * one_hot)
 
 
-def arcface_logits(
-    embeddings: jax.Array,
-    class_weights: jax.Array,
-    labels: jax.Array,
-    scale: float = 64.0,
-    margin: float = 0.5,
-) -> jax.Array:
+def arcface_logits(embeddings: jax.Array, class_weights: jax.Array, labels: jax.Array,
+                   scale: float = 64.0, margin: float = 0.5) -> jax.Array:
     """ArcFace (additive angular margin) logits: s * cos(theta_y + m) for the true class.
 
     cos(theta + m) is computed as cos*cos(m) - sin*sin(m) with sin from a

@@ -88,24 +88,30 @@ def _image_hw(image_size) -> tuple[int, int]:
     return height, width
 
 
+def _check_two(first, second, names: tuple[str, str], ndim: int, expected: str):
+    """The two image arrays as float32 after the value contract and the shape checks
+    shared by pair batches (ndim 4) and single pairs (ndim 3)."""
+    for array, name in zip((first, second), names):
+        contracts.check_unit_range(array, name)
+    first, second = jnp.asarray(first, jnp.float32), jnp.asarray(second, jnp.float32)
+    if first.ndim != ndim or second.ndim != ndim:
+        raise ValueError(f"{names[0]} has shape {first.shape} and {names[1]} {second.shape}; "
+                         f"expected {expected}")
+    if first.shape != second.shape:
+        raise ValueError(
+            f"{names[0]} has shape {first.shape} but {names[1]} has shape {second.shape}; "
+            "the images of a pair must have the same size and channel count")
+    return first, second
+
+
 def check_pair_batch(images_a, images_b) -> tuple[jax.Array, jax.Array]:
     """Validates two pair batches [P, H, W, C] of equal shape; returns float32 arrays.
 
     The images' values must be float, finite and in [0, 1] (faceaudit_jax.contracts):
     NaN would turn every map to zeros, 0..255 or -1..1 into other maps.
     """
-    contracts.check_unit_range(images_a, "images_a")
-    contracts.check_unit_range(images_b, "images_b")
-    images_a = jnp.asarray(images_a, jnp.float32)
-    images_b = jnp.asarray(images_b, jnp.float32)
-    if images_a.ndim != 4 or images_b.ndim != 4:
-        raise ValueError(
-            f"images_a has shape {images_a.shape} and images_b {images_b.shape}; "
-            "expected pair batches [P, H, W, C]")
-    if images_a.shape != images_b.shape:
-        raise ValueError(
-            f"images_a has shape {images_a.shape} but images_b has shape {images_b.shape}; "
-            "the images of a pair must have the same size and channel count")
+    images_a, images_b = _check_two(images_a, images_b, ("images_a", "images_b"), 4,
+                                    "pair batches [P, H, W, C]")
     if images_a.shape[0] < 1:
         raise ValueError("the pair batch is empty; expected at least one pair")
     return images_a, images_b
@@ -113,25 +119,23 @@ def check_pair_batch(images_a, images_b) -> tuple[jax.Array, jax.Array]:
 
 def check_pair(image_a, image_b) -> tuple[jax.Array, jax.Array]:
     """Validates one pair of [H, W, C] images of equal shape, float with finite values in [0, 1]."""
-    contracts.check_unit_range(image_a, "image_a")
-    contracts.check_unit_range(image_b, "image_b")
-    image_a = jnp.asarray(image_a, jnp.float32)
-    image_b = jnp.asarray(image_b, jnp.float32)
-    if image_a.ndim != 3 or image_b.ndim != 3:
-        raise ValueError(
-            f"image_a has shape {image_a.shape} and image_b {image_b.shape}; "
-            "expected two images [H, W, C]")
-    if image_a.shape != image_b.shape:
-        raise ValueError(
-            f"image_a has shape {image_a.shape} but image_b has shape {image_b.shape}; "
-            "the images of a pair must have the same size and channel count")
-    return image_a, image_b
+    return _check_two(image_a, image_b, ("image_a", "image_b"), 3, "two images [H, W, C]")
 
 
 def check_positive_int(name: str, value, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise ValueError(f"{name}={value!r}; expected an integer >= {minimum}")
     return int(value)
+
+
+def check_square_fits(name: str, size, height: int, width: int, what: str) -> int:
+    """`size` as a positive int no larger than the image's shorter side."""
+    size = check_positive_int(name, size)
+    if size > min(height, width):
+        raise ValueError(
+            f"{name}={size} is larger than the image ({height} x {width}); "
+            f"expected {what} that fits inside the image")
+    return size
 
 
 def resolve_devices(devices, embed_fn=None) -> tuple:
@@ -294,11 +298,7 @@ def _mask_from_index(key, index, height: int, width: int, num_patches: int,
 
 def _check_mask_args(height, width, num_patches, patch_size, patch_value) -> PatchValue:
     check_positive_int("num_patches", num_patches)
-    check_positive_int("patch_size", patch_size)
-    if patch_size > min(height, width):
-        raise ValueError(
-            f"patch_size={patch_size} is larger than the image ({height} x {width}); "
-            "expected a patch that fits inside the image")
+    check_square_fits("patch_size", patch_size, height, width, "a patch")
     if isinstance(patch_value, str):
         if patch_value != "random":
             raise ValueError(f"patch_value={patch_value!r}; expected 'random' or a number")

@@ -27,7 +27,7 @@ from jax.sharding import PartitionSpec
 
 from faceaudit_jax.explain.corrrise import (
     ITEM_AXIS, EmbedFn, _image_hw, check_embeddings, check_pair, check_pair_batch,
-    check_positive_int, chunk_layout, masked_pair_scores, resolve_devices, run_sharded,
+    check_positive_int, check_square_fits, chunk_layout, masked_pair_scores, resolve_devices, run_sharded,
     to_first_device)
 from faceaudit_jax.metrics.verification import cosine_similarity
 
@@ -42,12 +42,8 @@ def _starts(size: int, patch_size: int, stride: int) -> np.ndarray:
 def occluder_positions(image_size, patch_size: int, stride: int) -> np.ndarray:
     """Top-left corners (row, col) of all occluder positions: int32 [Q, 2], row-major."""
     height, width = _image_hw(image_size)
-    check_positive_int("patch_size", patch_size)
+    check_square_fits("patch_size", patch_size, height, width, "an occluder")
     check_positive_int("stride", stride)
-    if patch_size > min(height, width):
-        raise ValueError(
-            f"patch_size={patch_size} is larger than the image ({height} x {width}); "
-            "expected an occluder that fits inside the image")
     rows = _starts(height, patch_size, stride)
     cols = _starts(width, patch_size, stride)
     grid = np.stack(np.meshgrid(rows, cols, indexing="ij"), axis=-1)

@@ -82,8 +82,10 @@ def _pad(k: int) -> tuple[tuple[int, int], tuple[int, int]]:
     return ((k // 2, k // 2), (k // 2, k // 2))
 
 
-class BasicBlock(nn.Module):
-    """Two 3x3 convs with a residual connection (ResNet-18/34). Output channels = ``features``."""
+class _ResidualBlock(nn.Module):
+    """A residual branch plus its shortcut: a strided 1x1 conv + norm where the
+    shape changes, else the identity. Subclasses give the branch and ``expansion``
+    (output channels = ``features * expansion``)."""
 
     features: int
     strides: int = 1
@@ -93,50 +95,52 @@ class BasicBlock(nn.Module):
 
     expansion = 1
 
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        norm = functools.partial(_make_norm, self.norm, self.norm_groups, train, self.dtype)
-        conv = functools.partial(nn.Conv, use_bias=False, kernel_init=_conv_init, dtype=self.dtype)
-        residual = x
-        y = conv(self.features, (3, 3), (self.strides, self.strides), padding=_pad(3), name="conv1")(x)
-        y = nn.relu(norm(name="norm1")(y))
-        y = conv(self.features, (3, 3), padding=_pad(3), name="conv2")(y)
-        y = norm(name="norm2")(y)
-        if self.strides != 1 or x.shape[-1] != self.features:
-            residual = conv(self.features, (1, 1), (self.strides, self.strides), padding="VALID",
-                            name="downsample_conv")(x)
-            residual = norm(name="downsample_norm")(residual)
-        return nn.relu(y + residual)
-
-
-class BottleneckBlock(nn.Module):
-    """1x1 -> 3x3 (strided) -> 1x1 convs (ResNet-50). Output channels = 4 * ``features``."""
-
-    features: int
-    strides: int = 1
-    norm: str = "batch"
-    norm_groups: int = 32
-    dtype: Any = jnp.float32
-
-    expansion = 4
+    @nn.nowrap
+    def branch(self, x: jax.Array, conv, norm) -> jax.Array:
+        raise NotImplementedError
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         norm = functools.partial(_make_norm, self.norm, self.norm_groups, train, self.dtype)
         conv = functools.partial(nn.Conv, use_bias=False, kernel_init=_conv_init, dtype=self.dtype)
         out_features = self.features * self.expansion
+        y = self.branch(x, conv, norm)
         residual = x
-        y = conv(self.features, (1, 1), padding="VALID", name="conv1")(x)
-        y = nn.relu(norm(name="norm1")(y))
-        y = conv(self.features, (3, 3), (self.strides, self.strides), padding=_pad(3), name="conv2")(y)
-        y = nn.relu(norm(name="norm2")(y))
-        y = conv(out_features, (1, 1), padding="VALID", name="conv3")(y)
-        y = norm(name="norm3")(y)
         if self.strides != 1 or x.shape[-1] != out_features:
             residual = conv(out_features, (1, 1), (self.strides, self.strides), padding="VALID",
                             name="downsample_conv")(x)
             residual = norm(name="downsample_norm")(residual)
         return nn.relu(y + residual)
+
+
+class BasicBlock(_ResidualBlock):
+    """Two 3x3 convs with a residual connection (ResNet-18/34). Output channels = ``features``."""
+
+    expansion = 1
+
+    @nn.nowrap
+    def branch(self, x: jax.Array, conv, norm) -> jax.Array:
+        stride = (self.strides, self.strides)
+        y = conv(self.features, (3, 3), stride, padding=_pad(3), name="conv1")(x)
+        y = nn.relu(norm(name="norm1")(y))
+        y = conv(self.features, (3, 3), padding=_pad(3), name="conv2")(y)
+        return norm(name="norm2")(y)
+
+
+class BottleneckBlock(_ResidualBlock):
+    """1x1 -> 3x3 (strided) -> 1x1 convs (ResNet-50). Output channels = 4 * ``features``."""
+
+    expansion = 4
+
+    @nn.nowrap
+    def branch(self, x: jax.Array, conv, norm) -> jax.Array:
+        stride = (self.strides, self.strides)
+        y = conv(self.features, (1, 1), padding="VALID", name="conv1")(x)
+        y = nn.relu(norm(name="norm1")(y))
+        y = conv(self.features, (3, 3), stride, padding=_pad(3), name="conv2")(y)
+        y = nn.relu(norm(name="norm2")(y))
+        y = conv(self.features * self.expansion, (1, 1), padding="VALID", name="conv3")(y)
+        return norm(name="norm3")(y)
 
 
 _BLOCKS: dict[str, type[nn.Module]] = {"basic": BasicBlock, "bottleneck": BottleneckBlock}
@@ -300,24 +304,22 @@ class ResNetClassifier(nn.Module):
         return logits, {"fmap": fmap, "pooled": pooled}
 
 
-# name -> (backbone fields, default norm, default GroupNorm groups)
+def _imagenet_resnet(stage_sizes: tuple[int, ...], block: str) -> dict:
+    """torchvision's ResNet layout (same field order as every entry, for stable JSON)."""
+    return dict(stage_sizes=stage_sizes, widths=(64, 128, 256, 512), block=block,
+                stem="imagenet", stem_width=64, stage_strides=(1, 2, 2, 2), norm="batch",
+                norm_groups=32)
+
+
+# name -> ResNetBackbone fields (norm and GroupNorm groups included)
 _ARCHITECTURES: dict[str, dict] = {
     "small_resnet": dict(
         stage_sizes=(1, 1, 1, 1), widths=(16, 32, 64, 128), block="basic", stem="small",
         stem_width=16, stage_strides=(1, 2, 2, 2), norm="group", norm_groups=8,
     ),
-    "resnet18": dict(
-        stage_sizes=(2, 2, 2, 2), widths=(64, 128, 256, 512), block="basic", stem="imagenet",
-        stem_width=64, stage_strides=(1, 2, 2, 2), norm="batch", norm_groups=32,
-    ),
-    "resnet34": dict(
-        stage_sizes=(3, 4, 6, 3), widths=(64, 128, 256, 512), block="basic", stem="imagenet",
-        stem_width=64, stage_strides=(1, 2, 2, 2), norm="batch", norm_groups=32,
-    ),
-    "resnet50": dict(
-        stage_sizes=(3, 4, 6, 3), widths=(64, 128, 256, 512), block="bottleneck", stem="imagenet",
-        stem_width=64, stage_strides=(1, 2, 2, 2), norm="batch", norm_groups=32,
-    ),
+    "resnet18": _imagenet_resnet((2, 2, 2, 2), "basic"),
+    "resnet34": _imagenet_resnet((3, 4, 6, 3), "basic"),
+    "resnet50": _imagenet_resnet((3, 4, 6, 3), "bottleneck"),
 }
 MODEL_NAMES: tuple[str, ...] = tuple(_ARCHITECTURES)
 

@@ -97,23 +97,27 @@ def _label(name: str) -> str:
     return name.replace("_", " ")
 
 
+def _attribute_by_model_cells(evaluations, attributes, names, columns, cell) -> list[list]:
+    """Rows: attributes; columns: model x `columns`; cell(model, column, attribute index)."""
+    return [[cell(model, column, list(names).index(attribute))
+             for model in evaluations for column in columns] for attribute in attributes]
+
+
 def figure2(path: Path, evaluations, reports, pairs, main_method, attributes, names) -> str:
     """Mean CAM per predicted class and attribute, both models (the paper's Figure 2)."""
     key = f"{main_method}/predicted"
     background, mask_mean = _background(next(iter(evaluations.values())))
     means = {m: _cam_means(evaluations[m], pairs.index((main_method, "predicted")), names)
              for m in evaluations}
-    cells = []
-    for attribute in attributes:
-        a = list(names).index(attribute)
-        row = []
-        for model in evaluations:
-            energy = reports[model]["energy"][key]
-            for side in ("positive", "negative"):
-                count = getattr(means[model], f"num_{side}")[a]
-                row.append(_Cell(getattr(means[model], side)[a], mask_mean[a],
-                                 f"n={count} E={fmt(energy[side][a], '.2f')}"))
-        cells.append(row)
+
+    def cell(model, side, a):
+        count = getattr(means[model], f"num_{side}")[a]
+        energy = reports[model]["energy"][key][side][a]
+        return _Cell(getattr(means[model], side)[a], mask_mean[a],
+                     f"n={count} E={fmt(energy, '.2f')}")
+
+    cells = _attribute_by_model_cells(evaluations, attributes, names,
+                                      ("positive", "negative"), cell)
     cols = [f"{model_label(m)}, {'z >= 0' if s == 'positive' else 'z < 0'}"
             for m in evaluations for s in ("positive", "negative")]
     return _cam_grid(path, background, cells, [_label(a) for a in attributes], cols,
@@ -147,19 +151,18 @@ def figure3(path: Path, evaluations, reports, pairs, methods, attributes, names)
 def figure4(path: Path, evaluations, reports, pairs, main_method, attributes, names) -> str:
     """Negatively predicted faces: positive target z vs predicted target |z| (Figure 4)."""
     background, mask_mean = _background(next(iter(evaluations.values())))
-    cells = []
-    for attribute in attributes:
-        a = list(names).index(attribute)
-        row = []
-        for model in evaluations:
-            for mode in ("positive", "predicted"):
-                means = _cam_means(evaluations[model], pairs.index((main_method, mode)), names)
-                energy = reports[model]["energy"][f"{main_method}/{mode}"]["negative"][a]
-                row.append(_Cell(means.negative[a], mask_mean[a],
-                                 f"n={means.num_negative[a]} E={fmt(energy, '.2f')}"))
-        cells.append(row)
+    modes = ("positive", "predicted")
+    means = {(m, mode): _cam_means(evaluations[m], pairs.index((main_method, mode)), names)
+             for m in evaluations for mode in modes}
+
+    def cell(model, mode, a):
+        energy = reports[model]["energy"][f"{main_method}/{mode}"]["negative"][a]
+        return _Cell(means[model, mode].negative[a], mask_mean[a],
+                     f"n={means[model, mode].num_negative[a]} E={fmt(energy, '.2f')}")
+
+    cells = _attribute_by_model_cells(evaluations, attributes, names, modes, cell)
     cols = [f"{model_label(m)}, target {'z' if mode == 'positive' else '|z|'}"
-            for m in evaluations for mode in ("positive", "predicted")]
+            for m in evaluations for mode in modes]
     return _cam_grid(path, background, cells, [_label(a) for a in attributes], cols,
                      f"Mean {METHOD_LABELS.get(main_method, main_method)} on negatively "
                      "predicted faces (z < 0): positive target z vs predicted target |z|")

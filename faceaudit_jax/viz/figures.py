@@ -22,14 +22,13 @@ from matplotlib.figure import Figure
 
 from faceaudit_jax.regions import REGION_LABELS, REGIONS
 from faceaudit_jax.viz import prototype
+from faceaudit_jax.viz.report import fmt, save_figure
 
 ImagesSource = Union[np.ndarray, Callable[[int], np.ndarray]]
 
 
 def _save(fig: Figure, path: Optional[str], dpi: int) -> None:
-    if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=dpi)
+    save_figure(fig, path or None, dpi)
 
 
 def _label(name: str) -> str:
@@ -47,6 +46,40 @@ def _to_display(image: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------
 # Patch gallery
 # --------------------------------------------------------------------------
+
+def _message_figure(message: str, path: Optional[str], dpi: int) -> Figure:
+    fig = Figure(figsize=(6, 1.5))
+    ax = fig.subplots()
+    ax.text(0.5, 0.5, message, ha="center", va="center", fontsize=10)
+    ax.axis("off")
+    _save(fig, path, dpi)
+    return fig
+
+
+def _gallery_row(axes, label: str, top_patches, r: int, shown: int, valid: np.ndarray,
+                 crop) -> None:
+    """Row `r` of the gallery: its label, then its first `shown` patches (grey where none)."""
+    axes[0].axis("off")
+    axes[0].text(0.95, 0.5, label, ha="right", va="center", fontsize=9,
+                 transform=axes[0].transAxes)
+    for j in range(shown):
+        ax = axes[j + 1]
+        ax.set_xticks([])
+        ax.set_yticks([])
+        for spine in ax.spines.values():
+            spine.set_linewidth(0.4)
+            spine.set_color("#999999")
+        if not valid[r, j]:
+            ax.set_facecolor("#f3f3f3")
+            continue
+        ax.imshow(_to_display(crop(top_patches.image_ids[r, j], top_patches.rows[r, j],
+                                   top_patches.cols[r, j])),
+                  interpolation="nearest", cmap="gray")
+        ax.set_title(f"{float(top_patches.values[r, j]):.3g}", fontsize=6, pad=2)
+    if not valid[r, :shown].any():
+        axes[1].text(0.0, 0.5, "  no patch", fontsize=8, va="center", color="#666666",
+                     transform=axes[1].transAxes)
+
 
 def plot_patch_gallery(images: ImagesSource, top_patches, patch_size: int,
                        regions: Optional[Sequence[str]] = None,
@@ -86,40 +119,15 @@ def plot_patch_gallery(images: ImagesSource, top_patches, patch_size: int,
         return cache[image_id][y:y + patch_size, x:x + patch_size]
 
     if not rows:
-        fig = Figure(figsize=(6, 1.5))
-        ax = fig.subplots()
-        ax.text(0.5, 0.5, "no high-impact patches (no region received attribution)",
-                ha="center", va="center", fontsize=10)
-        ax.axis("off")
-        _save(fig, path, dpi)
-        return fig
+        return _message_figure("no high-impact patches (no region received attribution)",
+                               path, dpi)
 
     cell = 0.85
     fig = Figure(figsize=(1.4 + cell * shown, 0.35 + 1.0 * len(rows)))
     axes = fig.subplots(len(rows), shown + 1, squeeze=False,
                         gridspec_kw=dict(width_ratios=[1.6] + [1.0] * shown))
     for i, r in enumerate(rows):
-        label_ax = axes[i, 0]
-        label_ax.axis("off")
-        label_ax.text(0.95, 0.5, _label(names[r]), ha="right", va="center", fontsize=9,
-                      transform=label_ax.transAxes)
-        for j in range(shown):
-            ax = axes[i, j + 1]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            for spine in ax.spines.values():
-                spine.set_linewidth(0.4)
-                spine.set_color("#999999")
-            if not valid[r, j]:
-                ax.set_facecolor("#f3f3f3")
-                continue
-            ax.imshow(_to_display(crop(top_patches.image_ids[r, j], top_patches.rows[r, j],
-                                       top_patches.cols[r, j])),
-                      interpolation="nearest", cmap="gray")
-            ax.set_title(f"{float(top_patches.values[r, j]):.3g}", fontsize=6, pad=2)
-        if not valid[r, :shown].any():
-            axes[i, 1].text(0.0, 0.5, "  no patch", fontsize=8, va="center", color="#666666",
-                            transform=axes[i, 1].transAxes)
+        _gallery_row(axes[i], _label(names[r]), top_patches, r, shown, valid, crop)
     fig.suptitle(title or f"highest-impact {patch_size}x{patch_size} patches per region "
                           "(value V = sum of attribution on the region inside the patch)",
                  fontsize=10)
@@ -273,8 +281,46 @@ def to_json_compatible(value: Any) -> Any:
     return str(value)
 
 
-def _fmt(value: Optional[float], fmt: str = ".4f", missing: str = "absent") -> str:
-    return missing if value is None or not math.isfinite(value) else format(value, fmt)
+def _report_markdown(title: str, values: np.ndarray, counts: np.ndarray, ranking: Sequence,
+                     relative: Mapping[str, str], extra: Optional[Mapping[str, Any]],
+                     names: Sequence[str]) -> str:
+    """report.md of `write_report`: the ranking table, exclusions, figures, extra results."""
+    absent = [n for n, v in zip(names, values) if not np.isfinite(v)]
+    lines = [f"# {title}", ""]
+    lines += ["Intersection over Region (IoR, FaceX eq. 3-4): the mean share of the "
+              "normalised attribution map on each region, averaged over the images where "
+              "the region is present (N_r). Higher means the model looks there more.", ""]
+    lines += ["## Region ranking", "", "| rank | region | IoR | images (N_r) |",
+              "|---:|---|---:|---:|"]
+    index = {n: i for i, n in enumerate(names)}
+    for r, n, v in ranking:
+        lines.append(f"| {r} | {_label(n)} (`{n}`) | {fmt(v, '.4f', 'absent')} | "
+                     f"{int(counts[index[n]])} |")
+    ranked = {name for _, name, _ in ranking}
+    excluded = [n for n in names if n not in ranked and n not in absent]
+    if excluded:
+        lines += ["", "Excluded from the ranking: " + ", ".join(
+            f"{_label(n)} (IoR {fmt(values[index[n]], '.4f', 'absent')})" for n in excluded) + "."]
+    if absent:
+        lines += ["", "Absent from every explained image (no IoR): "
+                  + ", ".join(_label(n) for n in absent) + "."]
+    for key, rel in relative.items():
+        lines += ["", f"## {key.replace('_', ' ')}", "", f"![{key}]({rel})"]
+    if extra:
+        scalars = {k: v for k, v in extra.items()
+                   if isinstance(v, (str, int, float, bool, np.integer, np.floating)) or v is None}
+        nested = {k: v for k, v in extra.items() if k not in scalars}
+        lines += ["", "## Further results", ""]
+        if scalars:
+            lines += ["| key | value |", "|---|---|"]
+            for k, v in scalars.items():
+                shown = fmt(float(v), ".4g") if isinstance(v, (float, np.floating)) else v
+                lines.append(f"| {k} | {shown} |")
+        if nested:
+            lines += ["", "```json", json.dumps(to_json_compatible(nested), indent=2,
+                                                allow_nan=False), "```"]
+    lines += ["", "All values: `results.json`.", ""]
+    return "\n".join(lines)
 
 
 def write_report(workdir: str, ior_r, counts, ranking: Optional[Sequence] = None,
@@ -323,43 +369,8 @@ def write_report(workdir: str, ior_r, counts, ranking: Optional[Sequence] = None
     json_path = work / "results.json"
     with open(json_path, "w") as f:
         json.dump(to_json_compatible(results), f, indent=2, allow_nan=False)
-
-    lines = [f"# {title}", ""]
-    lines += ["Intersection over Region (IoR, FaceX eq. 3-4): the mean share of the "
-              "normalised attribution map on each region, averaged over the images where "
-              "the region is present (N_r). Higher means the model looks there more.", ""]
-    lines += ["## Region ranking", "", "| rank | region | IoR | images (N_r) |",
-              "|---:|---|---:|---:|"]
-    index = {n: i for i, n in enumerate(names)}
-    for r, n, v in ranking:
-        lines.append(f"| {r} | {_label(n)} (`{n}`) | {_fmt(v)} | {int(counts[index[n]])} |")
-    ranked = {name for _, name, _ in ranking}
-    excluded = [n for n in names if n not in ranked and n not in absent]
-    if excluded:
-        lines += ["", "Excluded from the ranking: " + ", ".join(
-            f"{_label(n)} (IoR {_fmt(values[index[n]])})" for n in excluded) + "."]
-    if absent:
-        lines += ["", "Absent from every explained image (no IoR): "
-                  + ", ".join(_label(n) for n in absent) + "."]
-    for key, rel in relative.items():
-        lines += ["", f"## {key.replace('_', ' ')}", "", f"![{key}]({rel})"]
-    if extra:
-        scalars = {k: v for k, v in extra.items()
-                   if isinstance(v, (str, int, float, bool, np.integer, np.floating)) or v is None}
-        nested = {k: v for k, v in extra.items() if k not in scalars}
-        lines += ["", "## Further results", ""]
-        if scalars:
-            lines += ["| key | value |", "|---|---|"]
-            for k, v in scalars.items():
-                shown = (_fmt(float(v), ".4g", missing="n/a")
-                         if isinstance(v, (float, np.floating)) else v)
-                lines.append(f"| {k} | {shown} |")
-        if nested:
-            lines += ["", "```json", json.dumps(to_json_compatible(nested), indent=2,
-                                                allow_nan=False), "```"]
-    lines += ["", "All values: `results.json`.", ""]
     md_path = work / "report.md"
-    md_path.write_text("\n".join(lines))
+    md_path.write_text(_report_markdown(title, values, counts, ranking, relative, extra, names))
     return {"report": str(md_path), "results": str(json_path)}
 
 
