@@ -290,27 +290,18 @@ def _brow_colour(hair_cat: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------
 # Attributes and drawing parameters (vectorised numpy, no pixels).
 # ---------------------------------------------------------------------------
-def _draw(seed: int, indices: np.ndarray, images_per_identity: int, independent: bool,
-          with_params: bool = True):
-    """Attributes (and, with_params, drawing parameters) of images.
-
-    Binary attributes are comparisons of uniforms with constant
-    probabilities, so they are exactly reproducible and cost one hash each.
-
-    Returns (attrs int8 [N, 40], identity int32 [N], group int32 [N], params:
-    dict of float32 [N] / [N, k] arrays, or None without with_params).
-    """
-    indices = indices.astype(np.int64)
-    identity = indices // images_per_identity
-    ids = _Stream(seed, IDENTITY_STREAM, identity, _ID_UNIFORMS, _ID_NORMALS)
-    img = _Stream(seed, IMAGE_STREAM, indices, _IM_UNIFORMS, _IM_NORMALS)
-    M = MARGINAL_RATES
-
+def _probability(independent: bool):
+    """p(name, conditional): an attribute's probability, its marginal rate
+    (independent sampling) or the CelebA-like conditional (array [N])."""
     def p(name, conditional):
-        """Probability of an attribute: its marginal, or the conditional."""
-        return M[name] if independent else conditional
+        return MARGINAL_RATES[name] if independent else conditional
+    return p
 
-    # ---- identity level ----------------------------------------------------
+
+def _identity_attributes(ids: _Stream, p) -> dict[str, np.ndarray]:
+    """Identity-level binary attributes (bool [N]) and the skin-tone group
+    (int [N]); ``receding_draw`` is the receding hairline before baldness."""
+    M = MARGINAL_RATES
     male = ids.u("male") < M["Male"]
     female = ~male
     young = ids.u("young") < p("Young", np.where(male, 0.66, 0.85))
@@ -328,8 +319,14 @@ def _draw(seed: int, indices: np.ndarray, images_per_identity: int, independent:
     bags = ids.u("bags") < p("Bags_Under_Eyes", np.where(young, 0.13, 0.45))
     receding_draw = ids.u("receding") < p("Receding_Hairline", np.where(
         male, np.where(young, 0.06, 0.30), 0.02))
+    return dict(male=male, young=young, group=group, pale=pale, big_nose=big_nose,
+                big_lips=big_lips, chubby=chubby, double_chin=double_chin, bushy=bushy,
+                arched=arched, bags=bags, receding_draw=receding_draw)
 
-    # ---- image level: expression and accessories ----------------------------
+
+def _image_attributes(img: _Stream, male, young, p) -> dict[str, np.ndarray]:
+    """Image-level expression and accessory attributes, bool [N]."""
+    M = MARGINAL_RATES
     smiling = img.u("smiling") < M["Smiling"]
     mouth_open = img.u("open") < p("Mouth_Slightly_Open", np.where(smiling, 0.70, 0.27))
     lipstick = img.u("lipstick") < p("Wearing_Lipstick", np.where(male, 0.01, 0.80))
@@ -343,14 +340,22 @@ def _draw(seed: int, indices: np.ndarray, images_per_identity: int, independent:
         male, np.where(young, 0.05, 0.17), np.where(young, 0.035, 0.12)))
     narrow = img.u("narrow") < M["Narrow_Eyes"]
     rosy = img.u("rosy") < p("Rosy_Cheeks", np.where(male, 0.02, 0.10))
+    return dict(smiling=smiling, mouth_open=mouth_open, lipstick=lipstick, makeup=makeup,
+                earrings=earrings, necklace=necklace, necktie=necktie, hat=hat,
+                glasses=glasses, narrow=narrow, rosy=rosy)
 
-    # ---- hair ---------------------------------------------------------------
-    # Baldness and the usual hair colour belong to the identity; one image in
-    # seven shows another colour (dyed, lit differently), drawn from the same
-    # table so the rates do not change.
+
+def _hair_attributes(ids: _Stream, img: _Stream, male, young, receding_draw,
+                     independent: bool, p) -> dict[str, np.ndarray]:
+    """Baldness, hair category (int [N], BLACK..BALD) and hair attributes.
+
+    Baldness and the usual hair colour belong to the identity; one image in
+    seven shows another colour (dyed, lit differently), drawn from the same
+    table so the rates do not change.
+    """
     bald = ids.u("bald") < p("Bald", np.where(male, np.where(young, 0.005, 0.12), 0.0))
     if independent:
-        cum = np.broadcast_to(_HAIR_MARGINAL_CUM, (len(indices), len(_HAIR_MARGINAL_CUM)))
+        cum = np.broadcast_to(_HAIR_MARGINAL_CUM, (len(male), len(_HAIR_MARGINAL_CUM)))
     else:
         cum = _HAIR_CUM[2 * male.astype(np.int64) + young.astype(np.int64)]
     colour_u = np.where(img.u("hair_redraw") < 0.15, img.u("hair_cat"), ids.u("hair_cat"))
@@ -364,117 +369,149 @@ def _draw(seed: int, indices: np.ndarray, images_per_identity: int, independent:
     straight = has_hair & (texture_u >= wavy_p) & (texture_u < np.add(wavy_p, straight_p))
     sideburns = has_hair & (img.u("sideburns") < p("Sideburns", np.where(male, 0.13, 0.0)))
     receding = has_hair & receding_draw
+    return dict(bald=bald, hair_cat=hair_cat, has_hair=has_hair, bangs=bangs, wavy=wavy,
+                straight=straight, sideburns=sideburns, receding=receding)
 
-    # ---- facial hair (colour on skin) ---------------------------------------
+
+def _facial_hair_attributes(img: _Stream, male, p) -> dict[str, np.ndarray]:
+    """Stubble, goatee, moustache, full beard (colour on skin), bool [N]."""
     stubble = img.u("stubble") < p("5_o_Clock_Shadow", np.where(male, 0.26, 0.0))
     goatee = img.u("goatee") < p("Goatee", np.where(male, 0.15, 0.0))
     mustache = img.u("mustache") < p("Mustache", np.where(male, 0.10, 0.0))
     full_beard = img.u("beard") < p("full_beard", np.where(male, 0.12, 0.0))
-    no_beard = ~(goatee | mustache | full_beard)
+    return dict(stubble=stubble, goatee=goatee, mustache=mustache, full_beard=full_beard)
 
+
+def _attribute_table(a: dict[str, np.ndarray]) -> np.ndarray:
+    """int8 [N, 40] in regions.ATTRIBUTES order from the drawn flags ``a``
+    (1 / 0; -1 for the attributes the renderer does not draw)."""
+    hair_cat = a["hair_cat"]
     named = {
-        "5_o_Clock_Shadow": stubble, "Arched_Eyebrows": arched,
-        "Bags_Under_Eyes": bags, "Bald": bald, "Bangs": bangs,
-        "Big_Lips": big_lips, "Big_Nose": big_nose,
+        "5_o_Clock_Shadow": a["stubble"], "Arched_Eyebrows": a["arched"],
+        "Bags_Under_Eyes": a["bags"], "Bald": a["bald"], "Bangs": a["bangs"],
+        "Big_Lips": a["big_lips"], "Big_Nose": a["big_nose"],
         "Black_Hair": hair_cat == BLACK, "Blond_Hair": hair_cat == BLOND,
-        "Brown_Hair": hair_cat == BROWN, "Bushy_Eyebrows": bushy,
-        "Chubby": chubby, "Double_Chin": double_chin, "Eyeglasses": glasses,
-        "Goatee": goatee, "Gray_Hair": hair_cat == GRAY,
-        "Heavy_Makeup": makeup, "Male": male,
-        "Mouth_Slightly_Open": mouth_open, "Mustache": mustache,
-        "Narrow_Eyes": narrow, "No_Beard": no_beard, "Pale_Skin": pale,
-        "Receding_Hairline": receding, "Rosy_Cheeks": rosy,
-        "Sideburns": sideburns, "Smiling": smiling,
-        "Straight_Hair": straight, "Wavy_Hair": wavy,
-        "Wearing_Earrings": earrings, "Wearing_Hat": hat,
-        "Wearing_Lipstick": lipstick, "Wearing_Necklace": necklace,
-        "Wearing_Necktie": necktie, "Young": young,
+        "Brown_Hair": hair_cat == BROWN, "Bushy_Eyebrows": a["bushy"],
+        "Chubby": a["chubby"], "Double_Chin": a["double_chin"], "Eyeglasses": a["glasses"],
+        "Goatee": a["goatee"], "Gray_Hair": hair_cat == GRAY,
+        "Heavy_Makeup": a["makeup"], "Male": a["male"],
+        "Mouth_Slightly_Open": a["mouth_open"], "Mustache": a["mustache"],
+        "Narrow_Eyes": a["narrow"], "No_Beard": ~(a["goatee"] | a["mustache"] | a["full_beard"]),
+        "Pale_Skin": a["pale"], "Receding_Hairline": a["receding"],
+        "Rosy_Cheeks": a["rosy"], "Sideburns": a["sideburns"], "Smiling": a["smiling"],
+        "Straight_Hair": a["straight"], "Wavy_Hair": a["wavy"],
+        "Wearing_Earrings": a["earrings"], "Wearing_Hat": a["hat"],
+        "Wearing_Lipstick": a["lipstick"], "Wearing_Necklace": a["necklace"],
+        "Wearing_Necktie": a["necktie"], "Young": a["young"],
     }
     assert set(named) == set(DRAWN_ATTRIBUTES)
-    attrs = np.full((len(indices), regions.NUM_ATTRIBUTES), -1, np.int8)
+    attrs = np.full((len(hair_cat), regions.NUM_ATTRIBUTES), -1, np.int8)
     for name, value in named.items():
         attrs[:, regions.ATTRIBUTE_ID[name]] = value
-    identity = identity.astype(np.int32)
-    group = group.astype(np.int32)
-    if not with_params:
-        return attrs, identity, group, None
+    return attrs
 
-    # ---- continuous drawing parameters --------------------------------------
-    fm, fchub = male.astype(np.float64), chubby.astype(np.float64)
-    IZ, MZ, MU = ids.z, img.z, img.u
 
-    def clipped(z, mean, sd, lo, hi):
-        return np.clip(mean + sd * z, lo, hi)
+def _clipped(z, mean, sd, lo, hi):
+    """A normal draw z scaled to (mean, sd) and clipped to [lo, hi]."""
+    return np.clip(mean + sd * z, lo, hi)
 
-    def rgb(stream, prefix):
-        return np.stack([stream.u(prefix + c) for c in ("_r", "_g", "_b")], axis=-1)
 
-    age = np.where(young, 18.0 + 22.0 * ids.u("age"), 40.0 + 35.0 * ids.u("age"))
-    tone = SKIN_TONES[group] * (1.0 + 0.035 * np.stack(
+def _rgb(stream: _Stream, prefix: str) -> np.ndarray:
+    """Uniform colour [N, 3] from the draws prefix_r, prefix_g, prefix_b."""
+    return np.stack([stream.u(prefix + c) for c in ("_r", "_g", "_b")], axis=-1)
+
+
+def _face_parameters(ids: _Stream, img: _Stream, a) -> dict[str, np.ndarray]:
+    """Age, skin tone and face geometry (mostly identity-level). Male: a
+    little wider, squarer jaw, thicker brows and neck; the distributions
+    overlap."""
+    fm, fchub = a["male"].astype(np.float64), a["chubby"].astype(np.float64)
+    IZ, MZ = ids.z, img.z
+    age = np.where(a["young"], 18.0 + 22.0 * ids.u("age"), 40.0 + 35.0 * ids.u("age"))
+    tone = SKIN_TONES[a["group"]] * (1.0 + 0.035 * np.stack(
         [IZ("tone_r"), IZ("tone_g"), IZ("tone_b")], axis=-1))
-    tone = np.where(pale[:, None], 0.45 * tone + 0.55 * PALE_TONE, tone)
-    # Hair length: a per-identity habit plus per-image variation; men's hair is
-    # shorter on average, but the two distributions overlap strongly.
-    hair_len = np.clip(0.60 - 0.28 * fm + 0.19 * IZ("hair_len") + 0.16 * MZ("hair_len"), 0.0, 1.0)
-    params = dict(
+    tone = np.where(a["pale"][:, None], 0.45 * tone + 0.55 * PALE_TONE, tone)
+    big_nose, big_lips = a["big_nose"], a["big_lips"]
+    return dict(
         age=age, tone=tone,
-        # face geometry (identity); Male: a little wider, squarer jaw, thicker
-        # brows and neck; the distributions overlap.
-        face_r=clipped(IZ("face_width"), 0.410 + 0.010 * fm + 0.030 * fchub, 0.016, *_FACE_R_RANGE),
-        jaw_sq=clipped(IZ("jaw_square"), -0.05 + 0.35 * fm + 0.30 * fchub, 0.18, -0.4, 1.0),
-        chin=clipped(IZ("chin"), 0.50 + 0.015 * fm, 0.022, 0.44, 0.58),
-        top=clipped(IZ("top"), 0.60, 0.015, 0.55, 0.65),
-        eye_dx=clipped(IZ("eye_dx"), 0.17, 0.010, 0.145, 0.195),
-        eye_y=clipped(IZ("eye_y"), -0.035, 0.010, -0.065, -0.005),
-        eye_w=clipped(IZ("eye_w"), 0.071, 0.005, 0.058, 0.084),
-        eye_h=clipped(IZ("eye_h"), 0.031, 0.003, 0.023, 0.039) * np.where(narrow, 0.55, 1.0),
-        brow_thick=clipped(IZ("brow_thick"), 0.019 + 0.003 * fm, 0.002, 0.014, 0.026)
-        * np.where(bushy, 1.6, 1.0),
-        brow_gap=clipped(IZ("brow_gap"), 0.078, 0.007, 0.062, 0.095)
+        face_r=_clipped(IZ("face_width"), 0.410 + 0.010 * fm + 0.030 * fchub, 0.016, *_FACE_R_RANGE),
+        jaw_sq=_clipped(IZ("jaw_square"), -0.05 + 0.35 * fm + 0.30 * fchub, 0.18, -0.4, 1.0),
+        chin=_clipped(IZ("chin"), 0.50 + 0.015 * fm, 0.022, 0.44, 0.58),
+        top=_clipped(IZ("top"), 0.60, 0.015, 0.55, 0.65),
+        eye_dx=_clipped(IZ("eye_dx"), 0.17, 0.010, 0.145, 0.195),
+        eye_y=_clipped(IZ("eye_y"), -0.035, 0.010, -0.065, -0.005),
+        eye_w=_clipped(IZ("eye_w"), 0.071, 0.005, 0.058, 0.084),
+        eye_h=_clipped(IZ("eye_h"), 0.031, 0.003, 0.023, 0.039) * np.where(a["narrow"], 0.55, 1.0),
+        brow_thick=_clipped(IZ("brow_thick"), 0.019 + 0.003 * fm, 0.002, 0.014, 0.026)
+        * np.where(a["bushy"], 1.6, 1.0),
+        brow_gap=_clipped(IZ("brow_gap"), 0.078, 0.007, 0.062, 0.095)
         + 0.012 * np.clip(MZ("brow_raise"), -1.0, 1.0),
-        brow_tilt=clipped(IZ("brow_tilt"), 0.0, 0.008, -0.015, 0.015),
-        brow_arch=np.where(arched, 0.024, 0.007),
-        nose_len=clipped(IZ("nose_len"), 0.115, 0.010, 0.09, 0.14) + np.where(big_nose, 0.022, 0.0),
-        nose_w=clipped(IZ("nose_w"), 0.032, 0.004, 0.024, 0.042) + np.where(big_nose, 0.016, 0.0),
-        mouth_y=clipped(IZ("mouth_y"), 0.27, 0.010, 0.245, 0.30),
-        mouth_w=clipped(IZ("mouth_w"), 0.130, 0.010, 0.105, 0.155) + np.where(smiling, 0.012, 0.0),
-        lip_u=clipped(IZ("lip_u"), 0.030, 0.003, 0.022, 0.038) + np.where(big_lips, 0.010, 0.0),
-        lip_l=clipped(IZ("lip_l"), 0.038, 0.003, 0.030, 0.046) + np.where(big_lips, 0.012, 0.0),
-        neck_w=clipped(IZ("neck_w"), 0.155 + 0.015 * fm + 0.02 * fchub, 0.010, 0.13, 0.21),
+        brow_tilt=_clipped(IZ("brow_tilt"), 0.0, 0.008, -0.015, 0.015),
+        brow_arch=np.where(a["arched"], 0.024, 0.007),
+        nose_len=_clipped(IZ("nose_len"), 0.115, 0.010, 0.09, 0.14) + np.where(big_nose, 0.022, 0.0),
+        nose_w=_clipped(IZ("nose_w"), 0.032, 0.004, 0.024, 0.042) + np.where(big_nose, 0.016, 0.0),
+        mouth_y=_clipped(IZ("mouth_y"), 0.27, 0.010, 0.245, 0.30),
+        mouth_w=_clipped(IZ("mouth_w"), 0.130, 0.010, 0.105, 0.155)
+        + np.where(a["smiling"], 0.012, 0.0),
+        lip_u=_clipped(IZ("lip_u"), 0.030, 0.003, 0.022, 0.038) + np.where(big_lips, 0.010, 0.0),
+        lip_l=_clipped(IZ("lip_l"), 0.038, 0.003, 0.030, 0.046) + np.where(big_lips, 0.012, 0.0),
+        neck_w=_clipped(IZ("neck_w"), 0.155 + 0.015 * fm + 0.02 * fchub, 0.010, 0.13, 0.21),
         iris=_pick(IRIS_COLOURS, ids.u("iris")),
-        # pose and light (image)
+    )
+
+
+def _pose_light_parameters(img: _Stream) -> dict[str, np.ndarray]:
+    """Head pose, lighting and background (image-level)."""
+    MZ, MU = img.z, img.u
+    return dict(
         yaw=np.clip(0.20 * MZ("yaw"), -MAX_YAW, MAX_YAW),
-        roll=clipped(MZ("roll"), 0.0, 0.045, *_ROLL_RANGE),
-        scale=clipped(MZ("scale"), 1.11, 0.045, *_SCALE_RANGE),
-        tx=clipped(MZ("tx"), 0.0, 0.02, *_TX_RANGE),
-        ty=clipped(MZ("ty"), -0.10, 0.02, *_TY_RANGE),
-        brightness=clipped(MZ("brightness"), 0.97, 0.06, 0.82, 1.10),
+        roll=_clipped(MZ("roll"), 0.0, 0.045, *_ROLL_RANGE),
+        scale=_clipped(MZ("scale"), 1.11, 0.045, *_SCALE_RANGE),
+        tx=_clipped(MZ("tx"), 0.0, 0.02, *_TX_RANGE),
+        ty=_clipped(MZ("ty"), -0.10, 0.02, *_TY_RANGE),
+        brightness=_clipped(MZ("brightness"), 0.97, 0.06, 0.82, 1.10),
         light_angle=2.0 * np.pi * MU("light_angle"),
         light_amp=0.06 + 0.12 * MU("light_amp"),
-        bg=0.15 + 0.75 * rgb(img, "bg"),
-        bg2=0.15 + 0.75 * rgb(img, "bg2"),
-        # hair
-        has_hair=has_hair, hair_cat=hair_cat,
+        bg=0.15 + 0.75 * _rgb(img, "bg"),
+        bg2=0.15 + 0.75 * _rgb(img, "bg2"),
+    )
+
+
+def _hair_parameters(ids: _Stream, img: _Stream, a) -> dict[str, np.ndarray]:
+    """Hair colour, length, volume, style and its phases; brow colour (tied to
+    the hair category)."""
+    MZ, MU = img.z, img.u
+    hair_cat = a["hair_cat"]
+    # Hair length: a per-identity habit plus per-image variation; men's hair is
+    # shorter on average, but the two distributions overlap strongly.
+    fm = a["male"].astype(np.float64)
+    hair_len = np.clip(0.60 - 0.28 * fm + 0.19 * ids.z("hair_len") + 0.16 * MZ("hair_len"), 0.0, 1.0)
+    return dict(
+        has_hair=a["has_hair"], hair_cat=hair_cat,
         hair_colour=HAIR_COLOURS[hair_cat] * (1.0 + 0.08 * np.clip(MZ("hair_jitter"), -2.0, 2.0))[:, None],
         hair_len=hair_len,
-        hair_volume=clipped(MZ("hair_volume"), 0.035 + 0.02 * hair_len, 0.01, 0.018, 0.075),
-        bangs=bangs, wavy=wavy, sideburns=sideburns, receding=receding,
+        hair_volume=_clipped(MZ("hair_volume"), 0.035 + 0.02 * hair_len, 0.01, 0.018, 0.075),
+        bangs=a["bangs"], wavy=a["wavy"], sideburns=a["sideburns"], receding=a["receding"],
         hair_part=2.0 * MU("hair_part") - 1.0,
         bangs_phase=2.0 * np.pi * MU("bangs_phase"),
         wave_phase=2.0 * np.pi * MU("wave_phase"),
         salt=np.floor(MU("noise_phase") * (1 << 24)),
         brow_colour=_brow_colour(hair_cat),
-        # expression
-        smiling=smiling, mouth_open=mouth_open,
-        smile_amount=clipped(MZ("smile_amount"), 1.0, 0.2, 0.6, 1.4),
-        open_amount=clipped(MZ("open_amount"), 1.0, 0.2, 0.6, 1.4),
+    )
+
+
+def _appearance_parameters(img: _Stream, a) -> dict[str, np.ndarray]:
+    """Expression, skin details, accessories (flags, colours, shapes), cloth."""
+    MZ, MU = img.z, img.u
+    return dict(
+        smiling=a["smiling"], mouth_open=a["mouth_open"],
+        smile_amount=_clipped(MZ("smile_amount"), 1.0, 0.2, 0.6, 1.4),
+        open_amount=_clipped(MZ("open_amount"), 1.0, 0.2, 0.6, 1.4),
         gaze=np.stack([np.clip(0.25 * MZ("gaze_x"), -0.5, 0.5),
                        np.clip(0.15 * MZ("gaze_y"), -0.3, 0.3)], axis=-1),
-        # skin details and accessories
-        lipstick=lipstick, makeup=makeup, earrings=earrings, necklace=necklace,
-        necktie=necktie, hat=hat, glasses=glasses, rosy=rosy, bags=bags,
-        double_chin=double_chin, stubble=stubble, goatee=goatee,
-        mustache=mustache, full_beard=full_beard,
+        **{k: a[k] for k in ("lipstick", "makeup", "earrings", "necklace", "necktie", "hat",
+                             "glasses", "rosy", "bags", "double_chin", "stubble", "goatee",
+                             "mustache", "full_beard")},
         lipstick_colour=_pick(LIPSTICK_COLOURS, MU("lipstick_colour")),
         makeup_colour=_pick(EYESHADOW_COLOURS, MU("makeup_colour")),
         earring_colour=_pick(EARRING_COLOURS, MU("earring_colour")),
@@ -485,9 +522,39 @@ def _draw(seed: int, indices: np.ndarray, images_per_identity: int, independent:
         hat_colour=_pick(HAT_COLOURS, MU("hat_colour")),
         hat_brim=MU("hat_type") < 0.6,
         tie_colour=_pick(TIE_COLOURS, MU("tie_colour")),
-        cloth=0.10 + 0.70 * rgb(img, "cloth"),
+        cloth=0.10 + 0.70 * _rgb(img, "cloth"),
         v_neck=MU("neckline") < 0.4,
     )
+
+
+def _draw(seed: int, indices: np.ndarray, images_per_identity: int, independent: bool,
+          with_params: bool = True):
+    """Attributes (and, with_params, drawing parameters) of images.
+
+    Binary attributes are comparisons of uniforms with constant
+    probabilities, so they are exactly reproducible and cost one hash each.
+    Every draw is keyed by its name (see _Stream), so the helpers may ask for
+    them in any order.
+
+    Returns (attrs int8 [N, 40], identity int32 [N], group int32 [N], params:
+    dict of float32 [N] / [N, k] arrays, or None without with_params).
+    """
+    indices = indices.astype(np.int64)
+    identity = indices // images_per_identity
+    ids = _Stream(seed, IDENTITY_STREAM, identity, _ID_UNIFORMS, _ID_NORMALS)
+    img = _Stream(seed, IMAGE_STREAM, indices, _IM_UNIFORMS, _IM_NORMALS)
+    p = _probability(independent)
+    a = _identity_attributes(ids, p)
+    a.update(_image_attributes(img, a["male"], a["young"], p))
+    a.update(_hair_attributes(ids, img, a["male"], a["young"], a["receding_draw"], independent, p))
+    a.update(_facial_hair_attributes(img, a["male"], p))
+    attrs = _attribute_table(a)
+    identity = identity.astype(np.int32)
+    group = a["group"].astype(np.int32)
+    if not with_params:
+        return attrs, identity, group, None
+    params = {**_face_parameters(ids, img, a), **_pose_light_parameters(img),
+              **_hair_parameters(ids, img, a), **_appearance_parameters(img, a)}
     # Everything goes to the renderer as float32 (hair_cat as int32).
     params = {k: np.asarray(v, np.int32 if k == "hair_cat" else np.float32)
               for k, v in params.items()}
@@ -987,21 +1054,21 @@ def _mouth_geometry(p, pixel):
     return 0.4 * _nose_shift(p), p["mouth_y"], p["mouth_w"], lift, gap
 
 
-def _draw_mouth_window(canvas, f: _Frame, p, skin_visible, beard_colour):
-    """Nasolabial folds, moustache, goatee, nose, lips and mouth opening."""
+def _draw_mouth_skin(canvas, f: _Frame, p, skin_visible, beard_colour, mouth):
+    """Nasolabial folds (age), moustache over the upper lip and goatee on the
+    chin (colour on skin). ``mouth`` is :func:`_mouth_geometry`'s tuple."""
     px = f.pixel
     u = jnp.abs(f.fx)
     age = jnp.clip((p["age"] - 22.0) / 40.0, 0.0, 1.0)
-    mx, my, hw, lift, gap = _mouth_geometry(p, px)
+    mx, my, hw, _, gap = mouth
 
-    # Nasolabial folds (age): from the nose wing down past the mouth corner.
+    # Nasolabial folds: from the nose wing down past the mouth corner.
     t = jnp.clip((f.fy - p["nose_len"] - 0.01) / (my + 0.03 - p["nose_len"]), 0.0, 1.0)
     x_fold = p["nose_w"] + 0.03 + (hw - p["nose_w"]) * t
     d_fold = _intersect(jnp.abs(u - x_fold) - 0.003, jnp.abs(f.fy - 0.5 * (p["nose_len"] + my + 0.04))
                         - 0.5 * (my + 0.02 - p["nose_len"]))
     canvas = _darken(canvas, 0.18 * age * skin_visible * _coverage(d_fold, jnp.maximum(px, 0.006)))
 
-    # Moustache over the upper lip, goatee on the chin (colour on skin).
     grain = 0.75 + 0.5 * _hash_noise(f.ix + 7, f.iy, p["salt"])
     lip_top = my - gap - p["lip_u"]
     d_moustache = _intersect(_stroke(f.fy - (lip_top - 0.017 + 0.35 * (f.fx - mx) ** 2), 0.032),
@@ -1009,10 +1076,13 @@ def _draw_mouth_window(canvas, f: _Frame, p, skin_visible, beard_colour):
     canvas = _tint(canvas, jnp.minimum(0.95 * p["mustache"] * skin_visible * grain, 1.0)
                    * _coverage(d_moustache, px), beard_colour)
     d_goatee = _ellipse(f.fx, f.fy, mx, my + gap + p["lip_l"] + 0.055, 0.045, 0.05)
-    canvas = _tint(canvas, jnp.minimum(0.85 * p["goatee"] * skin_visible * grain, 1.0)
-                   * _coverage(d_goatee, 1.5 * px), beard_colour)
+    return _tint(canvas, jnp.minimum(0.85 * p["goatee"] * skin_visible * grain, 1.0)
+                 * _coverage(d_goatee, 1.5 * px), beard_colour)
 
-    # Nose: bridge widening into a rounded tip, shaded on the far side, nostrils.
+
+def _draw_nose(canvas, f: _Frame, p):
+    """Nose: bridge widening into a rounded tip, shaded on the far side, nostrils."""
+    px = f.pixel
     nx = _nose_shift(p)
     top = p["eye_y"] + 0.03
     tip_y, nw = p["nose_len"], p["nose_w"]
@@ -1025,9 +1095,14 @@ def _draw_mouth_window(canvas, f: _Frame, p, skin_visible, beard_colour):
     side = jnp.clip((f.fx - nx) * (2.0 / nw), -1.0, 1.0) * jnp.where(p["yaw"] >= 0, 1.0, -1.0)
     canvas = _paint(canvas, d_nose, p["tone"] * (0.90 - 0.07 * side)[..., None], px, _R["nose"])
     d_nostril = _ellipse(jnp.abs(f.fx - nx), f.fy, 0.55 * nw, tip_y - 0.004, 0.3 * nw, 0.009)
-    canvas = _tint(canvas, 0.75 * _coverage(jnp.maximum(d_nostril, d_nose), px), p["tone"] * 0.35)
+    return _tint(canvas, 0.75 * _coverage(jnp.maximum(d_nostril, d_nose), px), p["tone"] * 0.35)
 
-    # Lips and the opening between them; a smile lifts the corners.
+
+def _draw_lips(canvas, f: _Frame, p, mouth):
+    """Lips, the opening between them and teeth in a smile; a smile lifts the
+    corners. ``mouth`` is :func:`_mouth_geometry`'s tuple."""
+    px = f.pixel
+    mx, my, hw, lift, gap = mouth
     t = (f.fx - mx) * (1.0 / hw)
     env = jnp.clip(1.0 - t * t, 0.0, 1.0)
     centre = my - lift * t * t
@@ -1049,6 +1124,14 @@ def _draw_mouth_window(canvas, f: _Frame, p, skin_visible, beard_colour):
     # Teeth in the upper part of a smile's opening (colour; the region stays mouth).
     d_teeth = _intersect(d_open, f.fy - centre + 0.2 * half_gap)
     return _tint(canvas, p["smiling"] * _coverage(d_teeth, px), jnp.array([0.96, 0.95, 0.90]))
+
+
+def _draw_mouth_window(canvas, f: _Frame, p, skin_visible, beard_colour):
+    """Nasolabial folds, moustache, goatee, nose, lips and mouth opening."""
+    mouth = _mouth_geometry(p, f.pixel)
+    canvas = _draw_mouth_skin(canvas, f, p, skin_visible, beard_colour, mouth)
+    canvas = _draw_nose(canvas, f, p)
+    return _draw_lips(canvas, f, p, mouth)
 
 
 def _draw_hat(canvas, f: _Frame, p):
