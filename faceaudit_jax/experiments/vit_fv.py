@@ -1,33 +1,21 @@
 """ViT face-verification heatmaps for positive and negative decisions (Correia et al.).
 
-``run(config, workdir)``: a ViT face embedder (``model.source``: trained here
-with CosFace, ``models.vit_embedder``, or a checkpoint of such a run) is
-verified with the k-fold protocol on test pairs; its true-positive and
-true-negative pairs are explained by every attention method
-(``explain.fv_heatmaps.explain_pair_batches``: Otsu, OIM / UM / N-IUM, SM+ /
-SM-, heatmaps), reduced to the Table 1 analogue (``summary.verification``),
-and the selected heatmaps are compared with CorrRISE, RISE, occlusion and
-random on recall / TNR deletion curves (``explain.pair_saliency.
-decision_saliencies``, ``metrics.perturbation.decision_curves``).
-``report(results)`` renders the Markdown. Step-by-step protocol: docs/vit_fv.md.
-
-Test pairs (``data.verification.test_pairs``): drawn from identity-disjoint
-test identities (synthetic faces, or a real data set's test split with an
-identity column), or, with ``data.pairs`` = "lfw" | "rfw" | "folder", the
-data set's own pairs file under ``data.root`` (``data.sources.build_pairs``:
-LFW ``pairs.txt``, RFW ``txts/<Race>/<Race>_pairs.txt``, a folder's
-``pairs.csv``). With a pairs file and ``model.source=train`` the ViT trains
-on the training split of ``data.source`` at ``data.root`` (its published
-split, else a seeded identity-disjoint split, ``data.split_seed`` /
-``data.test_fraction``); the pairs file may name those identities too, so
-for unseen-identity numbers train elsewhere and pass
-``model.source=checkpoint`` (pairs-only layouts such as LFW need it).
-
-Outputs under ``workdir``: ``results.json``, ``per_pair.json`` (the main
-method's per-pair values), ``table1.md``, ``summary.md`` (the README
-fragment), ``perturbation_curves.png``, ``examples_positive.png`` /
-``examples_negative.png``. Paper's Table 1 (LFW, their ViT): mean SM+ OIM
-10.00 vs UM 4.80; mean SM- OIM 1.84, UM 1.56, N-IUM 1.70.
+``run(config, workdir)``: a ViT face embedder (``model.source``: "train", CosFace
+here via ``models.vit_embedder``, or "checkpoint" of such a run) is verified
+with the k-fold protocol on the test pairs of ``data.verification.test_pairs``
+(drawn from identity-disjoint test identities, or with ``data.pairs`` =
+"lfw" | "rfw" | "folder" the data set's own pairs file, read by
+``data.sources.build_pairs``). Its true-positive and true-negative pairs are
+explained by every attention method (``explain.fv_heatmaps``), reduced to
+the Table 1 analogue (``summary.verification``), and ranked against
+CorrRISE, RISE, occlusion and random on recall / TNR deletion curves
+(``explain.pair_saliency.decision_saliencies``,
+``metrics.perturbation.decision_curves``). ``report(results)`` renders the
+Markdown. With a pairs file and ``model.source=train`` the ViT trains on the
+training split of ``data.source`` at ``data.root``, whose identities the
+pairs file may also name (for unseen-identity numbers pass a checkpoint;
+pairs-only layouts such as LFW need one). Protocol, outputs and the paper's
+numbers: docs/vit_fv.md.
 """
 
 from __future__ import annotations
@@ -51,8 +39,7 @@ from faceaudit_jax.explain import pair_saliency
 from faceaudit_jax.explain.pair_saliency import CURVE_LABELS, CURVE_METHODS
 from faceaudit_jax.metrics import perturbation as perturbation_lib
 from faceaudit_jax.metrics import verification as verification_lib
-from faceaudit_jax.models import vit
-from faceaudit_jax.models import vit_embedder
+from faceaudit_jax.models import vit, vit_embedder
 from faceaudit_jax.summary import verification as fv_summary
 from faceaudit_jax.summary.verification import METHOD_LABELS, TECHNIQUE_LABELS
 from faceaudit_jax.viz import verification as verification_figures
@@ -93,20 +80,18 @@ def obtain_embedder(config, workdir: str) -> tuple[vit_embedder.TrainedEmbedder,
     if vit_embedder.check_model_source(config) == "checkpoint":
         return vit_embedder.load_checkpoint(config)
     images, identity = verification_data.load_images(config, "train")
-    return train_embedder(config, workdir, images, identity), {
-        "train_identities": int(np.unique(identity).size), "train_images": int(images.shape[0])}
+    info = {"train_identities": int(np.unique(identity).size), "train_images": int(images.shape[0])}
+    if verification_data.uses_pairs_file(config.data):  # the report names both data sets
+        info["train_source"] = verification_data.data_name(config.data)
+    return train(config, workdir, (images, identity)), info
 
 
-def train_embedder(config, workdir: str, images, identity) -> vit_embedder.TrainedEmbedder:
-    """``vit_embedder.train_embedder`` in ``<workdir>/models/vit_embedder`` (kept out of git)."""
-    models_dir = Path(workdir) / "models"
-    registry.ignore_models_folder(models_dir)
-    return vit_embedder.train_embedder(config, models_dir / "vit_embedder", images, identity)
-
-
-def train(config, workdir: str) -> vit_embedder.TrainedEmbedder:
-    """Train (or reload) the ViT embedder only (train.py)."""
-    return train_embedder(config, workdir, *verification_data.load_images(config, "train"))
+def train(config, workdir: str, loaded=None) -> vit_embedder.TrainedEmbedder:
+    """Train (or reload) the ViT in ``<workdir>/models/vit_embedder`` (kept out of git); ``loaded``:
+    the training split's (images, identity) when the caller has read them."""
+    images, identity = loaded or verification_data.load_images(config, "train")
+    registry.ignore_models_folder(Path(workdir) / "models")
+    return vit_embedder.train_embedder(config, Path(workdir) / "models" / "vit_embedder", images, identity)
 
 
 def _decide(config, pairs, trained) -> dict:
@@ -131,18 +116,12 @@ def _explain(config, methods, main_method, trained, decided) -> tuple[dict, dict
     explained, tables = {}, {}
     for method in methods:
         explained[method] = fv.explain_pair_batches(
-            decided["embed"], trained.params, decided["probes"], decided["galleries"], decided["positive"], method,
-            config.explain, trained.embedder.config.grid_shape, keep_maps=method == main_method,
-            centres=trained.centres)
+            decided["embed"], trained.params, decided["probes"], decided["galleries"],
+            decided["positive"], method, config.explain, trained.embedder.config.grid_shape,
+            keep_maps=method == main_method, centres=trained.centres)
         fv.warn_undefined(explained[method], decided["positive"])
         tables[method] = fv_summary.sm_table(explained[method], decided["positive"])
     return explained, tables
-
-
-def _subset(main: Mapping, rows: np.ndarray) -> dict:
-    """The main method's results for some pairs (pairs run along axis 1 of masks and [3, P])."""
-    return {k: (v[:, rows] if k == "masks" or (v.ndim == 2 and k in fv.SCALAR_KEYS) else v[rows])
-            for k, v in main.items()}
 
 
 def _curves(config, trained, decided, main: Mapping, lap) -> tuple[dict, int, int]:
@@ -153,8 +132,9 @@ def _curves(config, trained, decided, main: Mapping, lap) -> tuple[dict, int, in
     bound = vit_embedder.BoundEmbed(decided["embed"], trained.params)
     fill = float(config.explain.fill)
     key = jax.random.PRNGKey(keys.run_seed(int(config.seed), "vit_fv", "curves"))
+    maps = {k: main[k][rows] for k in ("heatmap", "maps_p", "maps_g")}
     saliencies = pair_saliency.decision_saliencies(
-        bound, decided["probes"][rows], decided["galleries"][rows], _subset(main, rows), decided["positive"][rows],
+        bound, decided["probes"][rows], decided["galleries"][rows], maps, decided["positive"][rows],
         config.curves, key, fill)
     lap("baseline_maps")
     probes = verification_data.to_float(decided["probes"][rows])
@@ -289,17 +269,17 @@ def _model_sentence(setup: Mapping) -> str:
     if setup.get("model_source") == "checkpoint":
         return f"The ViT face embedder of {setup['model_path']} ({arch})"
     return (f"A ViT face embedder ({arch}) trained with CosFace on {setup['train_identities']} "
-            f"identities of {setup.get('source', 'synthetic faces')} ({setup['train_images']} images, "
+            f"identities of {setup.get('train_source', setup.get('source', 'synthetic faces'))} "
+            f"({setup['train_images']} images, "
             f"{setup['num_epochs']} epochs)")
 
 
-def _target_clause(setup: Mapping) -> str:
-    if setup.get("explain_target", "pair") == "pair":
-        return ("explain each image's similarity to its partner (pair-conditioned maps; "
-                "`--config.explain.target=image` explains each image's own predicted-class cosine, "
-                "as the paper) ")
-    return ("explain each image's own predicted-class cosine against the CosFace class centres "
-            "(per-image, classification-focused maps, as the paper) ")
+_TARGET_CLAUSES = {
+    "pair": "explain each image's similarity to its partner (pair-conditioned maps; "
+            "`--config.explain.target=image` explains each image's own predicted-class cosine, "
+            "as the paper) ",
+    "image": "explain each image's own predicted-class cosine against the CosFace class centres "
+             "(per-image, classification-focused maps, as the paper) "}
 
 
 def _curves_paragraph(setup: Mapping, curves: Mapping) -> str:
@@ -326,7 +306,8 @@ def summary_markdown(results: Mapping, prefix: str = "") -> str:
         f"{100 * kfold['std_accuracy']:.1f}% 10-fold verification accuracy on "
         f"{protocol['num_pairs']} {tested}; {setup['main_method_label']} maps (Chefer et al.'s "
         "relevance rule without the gradient factor on the conservative-propagation graph; the "
-        "literal no-gradient rule would equal attention rollout) " + _target_clause(setup)
+        "literal no-gradient rule would equal attention rollout) "
+        + _TARGET_CLAUSES[setup.get("explain_target", "pair")]
         + f"and are binarised with Otsu, combined into OIM / UM / N-IUM and scored with SM+ / SM- "
         f"on {table['positive']['n']} true-positive and {table['negative']['n']} true-negative pairs "
         "(black fill).", "",
