@@ -202,7 +202,7 @@ def _fixed_results():
                   "model_path": "runs/vit", "test_identities": None, "main_method_label": "No-Grad ViT-LRP",
                   "model": {"name": "vit_tiny_face_p16", "image_size": 112, "grid": [7, 7], "num_layers": 12},
                   "explain_target": "pair", "curves": {"num_positive": 2, "num_negative": 3}},
-        "verification": {"num_pairs": 6000, "kfold": {"mean_accuracy": 0.9, "std_accuracy": 0.01}},
+        "verification": {"num_pairs": 6000, "num_folds": 10, "kfold": {"mean_accuracy": 0.9, "std_accuracy": 0.01}},
         "main_method": "nograd_lrp", "table1": {"nograd_lrp": table, "rollout": table},
         "curves": {"positive": curve, "negative": curve},
     }
@@ -220,7 +220,8 @@ def test_report_on_a_fixed_results_dict():
     assert "4 OIM SM-, 1 N-IUM SM-" in table1
     assert "| attention rollout | 12.50 / 4.00 | 25% | n/a / 1.50 / 2.00 | 0% |" in table1
     assert "The ViT face embedder of runs/vit" in summary
-    assert "6000 pairs of lfw (/data/lfw), lfw pairs file;" in summary
+    assert "90.0 ± 1.0% 10-fold verification accuracy on 6000 pairs of lfw (/data/lfw), lfw pairs file;" \
+        in summary
     assert "OIM wins by mean SM+ (OIM 12.50, UM 4.00; paper: OIM 10.00, UM 4.80)" in summary
     assert "OIM does not win by mean SM-: N-IUM does" in summary
     assert "UM is selected for the most pairs (75%; OIM 25%)" in summary

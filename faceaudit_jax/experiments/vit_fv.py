@@ -303,7 +303,7 @@ def summary_markdown(results: Mapping, prefix: str = "") -> str:
     return "\n".join([
         "### ViT face-verification heatmaps", "",
         f"{_model_sentence(setup)} reaches {100 * kfold['mean_accuracy']:.1f} ± "
-        f"{100 * kfold['std_accuracy']:.1f}% 10-fold verification accuracy on "
+        f"{100 * kfold['std_accuracy']:.1f}% {protocol['num_folds']}-fold verification accuracy on "
         f"{protocol['num_pairs']} {tested}; {setup['main_method_label']} maps (Chefer et al.'s "
         "relevance rule without the gradient factor on the conservative-propagation graph; the "
         "literal no-gradient rule would equal attention rollout) "
