@@ -38,8 +38,16 @@ partition (identity-disjoint; identity_CelebA.txt required), centre-cropped
 to 112 px; a folder with an ``identity`` column works the same way:
   python explain.py --config configs/vit_fv.py:celeba --workdir runs/vit_fv_celeba \
     --config.data.root=/data/CelebA
-The paper trains on VGGFace2 and tests on LFW / RFW pairs; those pairs files
-are read by ``data.sources.build_pairs``."""
+The paper trains on VGGFace2 and tests on LFW / RFW pairs. ``data.pairs``
+("lfw" | "rfw" | "folder") replaces the drawn test pairs with the data set's
+own pairs file under data.root (``data.sources.build_pairs``); the ``lfw``
+variant explains a ViT trained by another run on LFW's pairs.txt (10 folds,
+faces centre-cropped to data.resolution, which must match the checkpoint's):
+  python explain.py --config configs/vit_fv.py:lfw --workdir runs/vit_fv_lfw \
+    --config.data.root=/data/lfw --config.model.path=runs/vit_fv_celeba
+With ``model.source=train`` and a pairs file, the ViT trains on the training
+split of data.source at data.root (e.g. a folder with an identity column and
+a pairs.csv), whose identities the pairs file may also name."""
 
 import ml_collections
 
@@ -48,7 +56,7 @@ from faceaudit_jax.data import sources
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    a = parse_arg(arg, smoke=False, paper=False, celeba=False)
+    a = parse_arg(arg, smoke=False, paper=False, celeba=False, lfw=False)
     c = ml_collections.ConfigDict()
     c.experiment = "vit_fv"
     c.seed = 0
@@ -64,6 +72,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # Test identities start here: disjoint from the training ones.
     c.data.test_offset = 10_000_000
     c.data.render_batch = 100
+    # "" draws test pairs from test identities; "lfw" | "rfw" | "folder" reads the
+    # data set's own pairs file under data.root (data.sources.build_pairs).
+    c.data.pairs = ""
 
     c.model = ml_collections.ConfigDict()
     # model.source: "train" (CosFace here) | "checkpoint" (model.path: a vit_fv
@@ -193,4 +204,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.curves.chunk_size = 32
     if a.celeba:
         c.data.source = "celeba"
+    if a.lfw:
+        # LFW's own 10 folds of pairs.txt explain a ViT trained elsewhere (LFW has no
+        # training identities of its own here): model.path is a vit_fv workdir.
+        c.data.source = "lfw"
+        c.data.pairs = "lfw"
+        c.model.source = "checkpoint"
     return c

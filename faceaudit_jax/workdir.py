@@ -177,6 +177,13 @@ def read_jsonl(path) -> list[dict]:
     return records
 
 
+def last_record(path, kind: str) -> dict:
+    """The last record of a JSON-lines file whose "kind" is ``kind`` ({} when there is none),
+    e.g. the last ``{"kind": "train", ...}`` log that ``train_lib.fit`` wrote to metrics.jsonl."""
+    records = [r for r in read_jsonl(path) if r.get("kind") == kind]
+    return records[-1] if records else {}
+
+
 def rewrite_jsonl(path, records: Iterable[Mapping]) -> None:
     """Replace ``path`` with ``records``, one JSON object a line, atomically."""
     write_text_atomic(path, "".join(json.dumps(to_jsonable(r)) + "\n" for r in records))

@@ -228,6 +228,24 @@ def test_predicted_class_target_is_the_top_cosine_and_maps_ignore_the_partner(ti
         attention.image_attention_maps(apply_fn, params, images, centres[0], "grad_rollout")
 
 
+def test_targeted_pair_maps_dispatches_on_the_target(tiny):
+    _, params, images, apply_fn, _ = tiny
+    probes, galleries = images[:1], images[1:2]
+    centres = np.random.default_rng(1).normal(size=(int(apply_fn(params, images)[0].shape[1]), 3))
+    per_image = attention.image_attention_maps(apply_fn, params, images[:2], centres, "grad_rollout")
+    maps_p, maps_g = attention.targeted_pair_maps(apply_fn, params, probes, galleries, "grad_rollout",
+                                                  "image", centres)
+    np.testing.assert_allclose(np.asarray(maps_p), np.asarray(per_image[:1]), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(maps_g), np.asarray(per_image[1:]), atol=1e-6)
+    pair = attention.pair_attention_maps(apply_fn, params, probes, galleries, "grad_rollout")
+    got = attention.targeted_pair_maps(apply_fn, params, probes, galleries, "grad_rollout")
+    np.testing.assert_allclose(np.asarray(got[0]), np.asarray(pair[0]), atol=1e-6)
+    with pytest.raises(ValueError, match="explain.target='both'"):
+        attention.targeted_pair_maps(apply_fn, params, probes, galleries, "rollout", "both")
+    with pytest.raises(ValueError, match="class centres"):
+        attention.targeted_pair_maps(apply_fn, params, probes, galleries, "rollout", "image")
+
+
 @dataclasses.dataclass(frozen=True)
 class CountingApply:
     """apply_fn wrapper that counts how often it is traced (once per compilation)."""

@@ -152,3 +152,21 @@ def test_curve_auc_algorithm2_sum_is_the_right_riemann_sum():
         (values[0] - values[-1]) / 20)
     with pytest.raises(ValueError, match="rule="):
         pert.curve_auc(fractions, values, rule="simpson")
+
+
+def test_decision_curves_recall_and_tnr_hand_computed():
+    # Positive side = deletion_insertion's hand case (probe masked, gallery untouched):
+    # recall 1 1 1 0 0 and 1 1 1 1 0 -> mean 1 1 1 .5 0.
+    sal = {"m": (SALIENCY, SALIENCY)}
+    pos = P.decision_curves(flat_embed, IMAGES, IMAGES, sal, True, 0.25, 4, 0.0, 3)
+    np.testing.assert_allclose(pos["m"]["values"], [1, 1, 1, 0.5, 0])
+    assert pos["m"]["auc"] == pytest.approx(P.curve_auc(pos["fractions"], pos["m"]["values"]))
+    # Negative side, both images masked: P = IMAGE, G = its negative twin (cos = -1 < 0.5:
+    # rejected). Masking both by the same ranks keeps cos = -1 until all pixels are 0
+    # (cos 0 with the zero-norm rule: still rejected at 0.5).
+    gallery = -IMAGES
+    neg = P.decision_curves(flat_embed, IMAGES, gallery, sal, False, 0.5, 4, 0.0, 3)
+    np.testing.assert_allclose(neg["m"]["values"], [1, 1, 1, 1, 1])
+    # With threshold -2 everything is accepted: TNR 0 everywhere.
+    neg = P.decision_curves(flat_embed, IMAGES, gallery, sal, False, -2.0, 4, 0.0, 3)
+    np.testing.assert_allclose(neg["m"]["values"], [0, 0, 0, 0, 0])

@@ -107,3 +107,16 @@ def test_bad_inputs():
         V.roc_curve(np.zeros(3), np.ones(3, bool))
     with pytest.raises(ValueError, match=r"\[P, D\]"):
         V.pair_scores(np.zeros((2, 3)), np.zeros((2, 4)))
+
+
+def test_decisions_at_mean_threshold_against_per_fold_brute_force():
+    rng = np.random.default_rng(5)
+    scores, is_same = make_scores(rng, 60, ties=True)
+    folds = np.arange(60) % 3
+    out = V.decisions_at_mean_threshold(scores, is_same, folds)
+    thresholds = [brute_best_threshold(scores[folds != k], is_same[folds != k])[0] for k in range(3)]
+    assert out["threshold"] == pytest.approx(np.mean(thresholds))
+    np.testing.assert_array_equal(out["predicted_same"], scores >= out["threshold"])
+    assert out["rates"]["tp"] == int(np.sum(out["predicted_same"] & is_same))
+    assert out["rates"]["tn"] == int(np.sum(~out["predicted_same"] & ~is_same))
+    assert out["kfold"]["fold_accuracies"].shape == (3,)

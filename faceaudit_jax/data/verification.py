@@ -136,6 +136,26 @@ def embed_all(embed_fn, images_uint8: np.ndarray, batch_size: int) -> np.ndarray
     return np.concatenate(out)
 
 
+def select_pairs(same: np.ndarray, predicted_same: np.ndarray, decision: str, count: int,
+                 seed: int) -> np.ndarray:
+    """Indices of up to ``count`` true-positive ("tp") or true-negative ("tn") pairs, shuffled.
+
+    same, predicted_same: bool [P]. The order is a permutation drawn from
+    (seed, decision). Raises ValueError when the model made no such decision.
+    """
+    if decision == "tp":
+        pool = np.flatnonzero(same & predicted_same)
+    elif decision == "tn":
+        pool = np.flatnonzero(~same & ~predicted_same)
+    else:
+        raise ValueError(f"decision={decision!r}; expected 'tp' or 'tn'")
+    if pool.size == 0:
+        raise ValueError(f"the model made no {decision.upper()} decision on the test pairs; "
+                         "train longer or use more test pairs")
+    order = np.random.default_rng([int(seed), 0 if decision == "tp" else 1]).permutation(pool)
+    return order[:int(count)]
+
+
 def occluder_mask(parse: np.ndarray) -> np.ndarray:
     """bool [..., H, W]: pixels of the occluders (glasses, hat) in a parse map."""
     ids = [regions.region_id("eye_g"), regions.region_id("hat")]

@@ -514,3 +514,27 @@ def image_attention_maps(apply_fn: Callable, params: Any, images: jax.Array, cen
         raise ValueError(f"centres must be the class centres [D, C]; got shape {centres.shape}")
     return attention_maps(apply_fn, params, images, method, PredictedClassTarget(),
                           target_args=centres, **kwargs)
+
+
+TARGETS = ("pair", "image")
+
+
+def targeted_pair_maps(apply_fn: Callable, params: Any, probes: jax.Array, galleries: jax.Array,
+                       method: str, target: str = "pair", centres=None,
+                       **kwargs) -> tuple[jax.Array, jax.Array]:
+    """(maps_probe, maps_gallery) [B, H, W] of B pairs for an explanation ``target``.
+
+    "pair": each image's similarity to its partner (``pair_attention_maps``);
+    "image": each image's own predicted-class cosine against ``centres`` [D, C]
+    (``image_attention_maps``, one map per image whatever the pair). Rollout
+    methods use no target, so both give the same maps.
+    """
+    if target not in TARGETS:
+        raise ValueError(f"explain.target={target!r}; expected one of {TARGETS}")
+    if target == "pair":
+        return pair_attention_maps(apply_fn, params, probes, galleries, method, **kwargs)
+    if centres is None:
+        raise ValueError("explain.target='image' needs the classifier's class centres")
+    both = image_attention_maps(apply_fn, params, jnp.concatenate([probes, galleries]), centres,
+                                method, **kwargs)
+    return both[:probes.shape[0]], both[probes.shape[0]:]

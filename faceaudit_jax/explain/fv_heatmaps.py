@@ -42,6 +42,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from faceaudit_jax.data import pipeline
+from faceaudit_jax.explain import attention
+
 TECHNIQUES = ("oim", "um", "n_ium")
 POSITIVE_TECHNIQUES = ("oim", "um")  # the paper's candidates for SM+
 NEGATIVE_TECHNIQUES = ("oim", "um", "n_ium")  # and for SM-
@@ -452,6 +455,70 @@ def warn_undefined(result: Mapping[str, jax.Array], positive=None) -> None:
             warnings.warn(f"{int(unselected.sum())} pair(s) have no defined SM for any "
                           f"candidate technique: their heatmap is empty",
                           RuntimeWarning, stacklevel=3)
+
+
+# ----------------------------------------------------------------------------------------
+# Many pairs of a ViT: attention maps and explain_pairs in fixed-size batches.
+
+# Per-pair results of ``explain_pair_batches``: the scalars ([K, P] per technique or [P])
+# always, the maps only with keep_maps.
+SCALAR_KEYS = ("d", "d_pg", "d_pp", "d_npg", "ra", "sm_plus", "sm_minus", "selected",
+               "constant_p", "constant_g")
+MAP_KEYS = ("heatmap", "heatmap_raw", "binary_p", "binary_g")
+
+
+def _explain_one_batch(embed, params, probe, gallery, positive, method: str, explain_cfg,
+                       grid_shape, centres):
+    """(maps_p, maps_g, ``explain_pairs`` result) of one batch of float pairs."""
+    maps_p, maps_g = attention.targeted_pair_maps(
+        embed.apply, params, probe, gallery, method, str(explain_cfg.get("target", "pair")),
+        centres, readout=embed.apply.model.config.pool, grid_shape=grid_shape)
+    result = explain_pairs(
+        embed, probe, gallery, maps_p, maps_g, jnp.asarray(positive),
+        embed_params=params, fill=explain_cfg.fill, bins=int(explain_cfg.bins),
+        dilation_size=int(explain_cfg.dilation_size),
+        gaussian_size=int(explain_cfg.gaussian_size),
+        gaussian_variance=float(explain_cfg.gaussian_variance), warn=False)
+    return maps_p, maps_g, result
+
+
+def _concat_axis(key: str, part: np.ndarray) -> int:
+    """Pairs run along axis 1 of the masks and of per-technique scalars, else along axis 0."""
+    return 1 if key == "masks" or (part.ndim == 2 and key in SCALAR_KEYS) else 0
+
+
+def explain_pair_batches(embed, params, probes: np.ndarray, galleries: np.ndarray,
+                         positive: np.ndarray, method: str, explain_cfg, grid_shape,
+                         keep_maps: bool, centres=None) -> dict[str, np.ndarray]:
+    """Attention maps, masks, SM and heatmaps of a ViT for P pairs, ``explain_cfg.batch_pairs`` at a time.
+
+    embed: ``models.vit_embedder.ViTEmbed`` (its ``apply`` gives the attention);
+    probes, galleries: uint8 [P, H, W, 3]; positive: bool [P] (the decision).
+    ``explain_cfg``: batch_pairs, target ("pair" | "image", see
+    ``attention.targeted_pair_maps``; "image" needs ``centres`` [D, C]), fill,
+    bins, dilation_size, gaussian_size, gaussian_variance. Every batch has the
+    same size (the last one padded with its final pair), so each jitted step
+    compiles once. Returns numpy arrays: ``SCALAR_KEYS`` ([3, P] per technique
+    or [P]); with keep_maps also "maps_p", "maps_g" and ``MAP_KEYS`` [P, H, W]
+    and "masks" [3, P, H, W].
+    """
+    num_pairs = probes.shape[0]
+    collected: dict[str, list] = {}
+    for rows, real in pipeline.padded_index_batches(num_pairs, min(int(explain_cfg.batch_pairs), num_pairs)):
+        maps_p, maps_g, result = _explain_one_batch(
+            embed, params, pipeline.uint8_to_float(probes[rows]),
+            pipeline.uint8_to_float(galleries[rows]), positive[rows], method, explain_cfg,
+            grid_shape, centres)
+        kept = {key: result[key] for key in SCALAR_KEYS}
+        if keep_maps:
+            kept.update(maps_p=maps_p, maps_g=maps_g, masks=result["masks"],
+                        **{key: result[key] for key in MAP_KEYS})
+        for key, value in kept.items():
+            value = np.asarray(value)
+            part = value[:, :real] if _concat_axis(key, value) == 1 else value[:real]
+            collected.setdefault(key, []).append(part)
+    return {key: np.concatenate(parts, axis=_concat_axis(key, parts[0]))
+            for key, parts in collected.items()}
 
 
 # ----------------------------------------------------------------------------------------

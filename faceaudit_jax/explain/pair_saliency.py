@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from typing import Callable, NamedTuple, Optional
 
+import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import scipy.stats
 
@@ -61,10 +63,13 @@ def _explain_group(method: str, model: PairModel, a, b, key, ecfg):
         return corrrise_lib.similarity_cam(model.features_fn, model.head_fn, a, b, method=method)
     if method == "rise":
         return rise_lib.rise_batch(model.embed_fn, a, b, key, num_masks=int(ecfg.rise_masks),
-                                   grid_size=int(ecfg.rise_grid), chunk_size=int(ecfg.chunk_size))
+                                   grid_size=int(ecfg.rise_grid),
+                                   keep_prob=float(ecfg.get("rise_keep_prob", 0.5)),
+                                   chunk_size=int(ecfg.chunk_size))
     if method == "occlusion":
         return occlusion_lib.occlusion_batch(model.embed_fn, a, b, patch_size=int(ecfg.occlusion_patch),
                                              stride=int(ecfg.occlusion_stride),
+                                             fill_value=float(ecfg.get("fill", 0.0)),
                                              chunk_size=int(ecfg.chunk_size))
     return corrrise_lib.corrrise_batch(
         model.embed_fn, a, b, key, num_masks=int(ecfg.num_masks), num_patches=int(ecfg.num_patches),
@@ -76,8 +81,9 @@ def explain_pairs(method: str, model: PairModel, images_a, images_b, key, ecfg,
                   directory=None) -> tuple[np.ndarray, np.ndarray]:
     """Saliency (sal_a, sal_b) [P, H, W] of one method on uint8 pairs [P, H, W, 3].
 
-    ``ecfg`` holds the method settings (rise_masks, rise_grid, occlusion_patch,
-    occlusion_stride, num_masks, num_patches, patch_size, correlation,
+    ``ecfg`` holds the method settings (rise_masks, rise_grid, optional
+    rise_keep_prob (0.5), occlusion_patch, occlusion_stride, optional fill (the
+    occluder's value, 0.0), num_masks, num_patches, patch_size, correlation,
     chunk_size) and ``pairs_per_call``: the pairs go in groups of that many,
     the chunks of a ``sweeps.run_sweep``. In a multi-process job each process
     explains its groups and every process gets all maps; with a ``directory``
@@ -113,3 +119,69 @@ def negative_mass_share(saliency: np.ndarray, mask: np.ndarray) -> np.ndarray:
     inside = (neg * mask).sum(axis=(-2, -1))
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(total > 0, inside / np.where(total > 0, total, 1.0), np.nan)
+
+
+# ----------------------------------------------------------------------------- decision curves
+
+# What the masking curves of a ViT verification audit rank pixels by (``decision_saliencies``).
+CURVE_METHODS = ("vit_heatmap", "vit_attention", "corrrise", "rise", "occlusion", "random")
+CURVE_LABELS = {"vit_heatmap": "ViT heatmap (selected mask)", "vit_attention": "ViT attention map",
+                "corrrise": "CorrRISE", "rise": "RISE", "occlusion": "occlusion",
+                "random": "random"}
+
+
+def heatmap_ranking(heatmap: np.ndarray, fallback: np.ndarray) -> np.ndarray:
+    """Saliency whose descending order is the heatmap's, then ``fallback``'s outside its support.
+
+    heatmap >= 0, fallback in [0, 1], both [B, H, W]: pixels with heat get
+    1 + heat / max heat (> any fallback value), the others the fallback.
+    """
+    heatmap = np.asarray(heatmap, np.float32)
+    peak = heatmap.reshape(heatmap.shape[0], -1).max(axis=1)[:, None, None]
+    scaled = np.where(peak > 0, heatmap / np.where(peak > 0, peak, 1.0), 0.0)
+    return np.where(heatmap > 0, 1.0 + scaled, np.asarray(fallback, np.float32))
+
+
+def _black_box_settings(curves_cfg, fill: float, num_pairs: int) -> dict:
+    """A vit_fv ``curves`` block in the field names ``explain_pairs`` reads; every pair in one call."""
+    return ml_collections.ConfigDict({
+        "num_masks": int(curves_cfg.corrrise_masks), "num_patches": int(curves_cfg.corrrise_patches),
+        "patch_size": int(curves_cfg.corrrise_patch_size), "correlation": "pearson",
+        "rise_masks": int(curves_cfg.rise_masks), "rise_grid": int(curves_cfg.rise_grid),
+        "rise_keep_prob": float(curves_cfg.rise_keep_prob),
+        "occlusion_patch": int(curves_cfg.occlusion_patch),
+        "occlusion_stride": int(curves_cfg.occlusion_stride), "fill": float(fill),
+        "chunk_size": int(curves_cfg.chunk_size), "pairs_per_call": int(num_pairs)})
+
+
+def decision_saliencies(embed_fn: Callable, images_a, images_b, explained, positive, curves_cfg,
+                        key, fill: float = 0.0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{CURVE_METHODS name: (saliency_a, saliency_b)} [P, H, W] each; descending = mask first.
+
+    images_a, images_b: uint8 [P, H, W, 3]; embed_fn(images [B, H, W, 3] in [0, 1])
+    -> [B, D]; explained: a ViT's ``fv_heatmaps.explain_pair_batches`` output with
+    maps for these P pairs; positive: bool [P] (the decision). ViT heatmap: the
+    pair's selected-technique heatmap, then the image's own attention outside its
+    support (``heatmap_ranking``); ViT attention: each image's map. The black-box
+    methods (``explain_pairs``: CorrRISE, RISE, occlusion filled with ``fill``)
+    rank by their similarity saliency on positive pairs and by its negative on
+    negative pairs (the regions that lower the similarity first); random:
+    uniform noise. ``curves_cfg``: vit_fv's ``curves`` block.
+    """
+    sign = np.where(np.asarray(positive, bool), 1.0, -1.0).astype(np.float32)[:, None, None]
+    key_corr, key_rise, key_random = jax.random.split(key, 3)
+    model = PairModel(None, None, embed_fn)
+    settings = _black_box_settings(curves_cfg, fill, images_a.shape[0])
+    signed = {method: tuple(sign * np.asarray(s) for s in explain_pairs(
+        method, model, images_a, images_b, method_key, settings))
+        for method, method_key in (("corrrise", key_corr), ("rise", key_rise),
+                                   ("occlusion", None))}
+    noise = np.asarray(jax.random.uniform(key_random, (2,) + tuple(images_a.shape[:3])))
+    heat = explained["heatmap"]
+    return {
+        "vit_heatmap": (heatmap_ranking(heat, explained["maps_p"]),
+                        heatmap_ranking(heat, explained["maps_g"])),
+        "vit_attention": (explained["maps_p"], explained["maps_g"]),
+        **signed,
+        "random": (noise[0], noise[1]),
+    }

@@ -29,6 +29,7 @@ chunks of `chunk_size` items with `lax.map`.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any, Callable, Optional, Union
 
@@ -294,6 +295,55 @@ def _embed_chunks_impl(embed_fn, images, chunk_size):
 
 def _embed_in_chunks(embed_fn, images, chunk_size):
     return _embed_chunks_impl(embed_fn, images, int(min(chunk_size, images.shape[0])))
+
+
+@dataclasses.dataclass(frozen=True)
+class RejectionScore:
+    """score_fn for ``perturbation_curve`` on (probe, gallery) items: 1 where rejected.
+
+    TNR on mismatched pairs = mean of cos(f(P'), f(G')) < threshold (the
+    thresholds [P] travel as the context). Hashable by the embed_fn, so the
+    curves of one model share one compilation.
+    """
+
+    embed_fn: Callable
+
+    def __call__(self, perturbed, thresholds):
+        probes, galleries = perturbed
+        emb = self.embed_fn(jnp.concatenate([probes, galleries]))
+        half = probes.shape[0]
+        return (cosine_similarity(emb[:half], emb[half:]) < thresholds).astype(jnp.float32)
+
+
+def decision_curves(embed_fn: Callable, probes, galleries, saliencies, positive: bool,
+                    threshold: float, num_steps: int, fill: float, chunk_size: int) -> dict:
+    """Deletion curves of true decisions at a fixed threshold, one per saliency method.
+
+    positive=True: recall of matched pairs with the probe masked by its
+    saliency (gallery untouched, ``verification_curve``); False: TNR of
+    mismatched pairs with both images masked by their own saliency
+    (``RejectionScore``). probes, galleries: float [P, H, W, 3];
+    saliencies: {method: (saliency_p, saliency_g)} [P, H, W] each, descending =
+    removed first; removed pixels become ``fill``. Returns {"fractions": [S],
+    method: {"values": [S], "auc": trapezoid area}}.
+    """
+    out: dict[str, Any] = {}
+    thresholds = jnp.full((probes.shape[0],), threshold, jnp.float32)
+    scorer = RejectionScore(embed_fn)
+    for name, (sal_p, sal_g) in saliencies.items():
+        if positive:
+            fractions, values = verification_curve(
+                embed_fn, probes, galleries, sal_p, threshold, num_steps=num_steps,
+                mode="deletion", baseline=fill, chunk_size=chunk_size)
+        else:
+            fractions, per_pair = perturbation_curve(
+                scorer, (probes, galleries), (jnp.asarray(sal_p), jnp.asarray(sal_g)),
+                num_steps=num_steps, mode="deletion", baseline=fill, context=thresholds,
+                chunk_size=chunk_size)
+            values = np.asarray(per_pair).mean(axis=1)
+        out["fractions"] = np.asarray(fractions)
+        out[name] = {"values": np.asarray(values), "auc": curve_auc(fractions, values)}
+    return out
 
 
 def deletion_insertion(embed_fn: Callable, images_a, images_b, saliency_a,

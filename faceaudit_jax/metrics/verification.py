@@ -221,6 +221,22 @@ def verification_rates(scores, is_same, threshold: float) -> dict:
     }
 
 
+def decisions_at_mean_threshold(scores, is_same, folds) -> dict:
+    """The LFW protocol's decisions: k-fold accuracy, then one threshold for every pair.
+
+    scores [P] (cosine), is_same bool [P], folds int [P]. Returns "kfold"
+    (``kfold_verification_accuracy``), "threshold" (the mean of the fold
+    thresholds), "predicted_same" bool [P] (score >= threshold) and "rates"
+    (``verification_rates`` at that threshold). With L2-normalised embeddings
+    d = ||e_a - e_b||^2 = 2 - 2 cos, so the threshold in d is 2 - 2 * threshold.
+    """
+    scores = np.asarray(scores, np.float64)
+    kfold = kfold_verification_accuracy(scores, is_same, folds=folds)
+    threshold = float(kfold["mean_threshold"])
+    return {"kfold": kfold, "threshold": threshold, "predicted_same": scores >= threshold,
+            "rates": verification_rates(scores, is_same, threshold)}
+
+
 def roc_curve(scores, is_same) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """ROC points for thresholds at every distinct score, descending.
 
