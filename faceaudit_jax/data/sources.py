@@ -486,9 +486,13 @@ class FolderSource(FileSource):
 class CelebATfdsSource(FileSource):
     """tensorflow-datasets' ``celeb_a`` split, prepared under ``root`` in array_record format.
 
-    Random access goes through ``tfds.data_source`` (no tf.data pipeline);
-    prepare the data set beforehand with ``tfds build celeb_a
-    --file_format=array_record --data_dir ROOT`` (nothing downloads at run time).
+    Random access goes through ``tfds.data_source`` on the raw records (no
+    tf.data pipeline, no tensorflow): the attribute / identity table is read
+    once from the protobufs without decoding any image, and ``batch`` decodes
+    the JPEGs with PIL and crops them as the CelebA folder reader does, so
+    both give the same pixels for the same files. Prepare the data set
+    beforehand with ``tfds build celeb_a --file_format=array_record
+    --data_dir ROOT`` (nothing downloads at run time).
     """
 
     name = "celeba_tfds"
@@ -498,25 +502,24 @@ class CelebATfdsSource(FileSource):
         tfds = celeba.import_tfds()
         self.split = split
         try:
-            self.records = tfds.data_source("celeb_a", split=split, data_dir=root, download=False)
+            self.records = tfds.data_source("celeb_a", split=split, data_dir=root, download=False,
+                                            deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
         except Exception as err:  # tfds raises assorted types for an unprepared data set
             raise FileNotFoundError(
                 f"data.root={root!r}: tensorflow-datasets' celeb_a split {split!r} is not prepared "
                 "there in array_record format; prepare it with 'tfds build celeb_a "
                 f"--file_format=array_record --data_dir {root}': {err}") from err
-        table = np.full((len(self.records), regions.NUM_ATTRIBUTES), -1, np.int8)
-        for row in range(len(self.records)):
-            for name, value in self.records[row]["attributes"].items():
-                table[row, regions.ATTRIBUTE_ID[name]] = int(bool(value))
-        self.attrs = table
+        table = celeba.read_tfds_celeb_a_table(self.records, f"celeb_a[{split}]")
+        self.attrs, self.identity = table["attrs"], table["identity"]
 
     def load_row(self, row: int):
-        record = self.records[int(row)]
-        example = {"image": record["image"][None], "attributes": {k: np.asarray([v]) for k, v in
-                                                                   record["attributes"].items()},
-                   "landmarks": {k: np.asarray(v)[None] for k, v in record["landmarks"].items()}}
+        name = f"celeb_a[{self.split}][{row}] under {self.root}"
+        record = celeba.parse_tfds_celeb_a_record(self.records[int(row)], name)
+        example = {"image": celeba.decode_image_bytes(record["image"], name)[None],
+                   **{group: {k: np.asarray([v]) for k, v in record[group].items()}
+                      for group in ("attributes", "landmarks", "identity")}}
         batch = celeba.tfds_celeb_a_to_batch(example, self.resolution)
-        return {k: v[0] for k, v in batch.items()}, f"celeb_a[{self.split}][{row}]"
+        return {k: v[0] for k, v in batch.items()}, name
 
 
 # ---------------------------------------------------------------------------
