@@ -76,27 +76,34 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
     a = parse_arg(arg, smoke=False, celebamask_hq=False)
     if a.celebamask_hq:
-        # The masks' own 512 px halved; the data set's published train/test split.
-        c.data.source = "celebamask_hq"
-        c.data.resolution = 256
-        c.model.widths = (32, 64, 128, 256, 256)
-        c.train.size = 0                 # 0 = the whole training split
-        c.train.batch_size = 16
-        c.train.num_epochs = 20
-        c.train.ckpt_every = 1000
-        c.train.log_every = 100
-        c.test.size = 0                  # 0 = the whole test split
-    # After the data set's settings, so 'celebamask_hq,smoke' is a smoke-size run on real files.
-    if a.smoke:
-        c.data.resolution = 64
-        c.model.widths = (8, 16)
-        c.train.size = 32
-        c.train.batch_size = 8
-        c.train.num_epochs = 1
-        c.train.ckpt_every = 2
-        c.train.log_every = 2
-        c.test.size = 16
-        c.test.batch_size = 8
-        c.test.num_examples = 2
-        c.train.weight_sample = 16
+        _celebamask_hq(c)
+    if a.smoke:  # after the data set's settings: 'celebamask_hq,smoke' is a smoke-size run on real files
+        _smoke(c)
     return c
+
+
+def _celebamask_hq(c: ml_collections.ConfigDict) -> None:
+    # The masks' own 512 px halved; the data set's published train/test split.
+    c.data.source = "celebamask_hq"
+    c.data.resolution = 256
+    c.model.widths = (32, 64, 128, 256, 256)
+    c.train.size = 0                 # 0 = the whole training split
+    c.train.batch_size = 16
+    c.train.num_epochs = 20
+    c.train.ckpt_every = 1000
+    c.train.log_every = 100
+    c.test.size = 0                  # 0 = the whole test split
+
+
+def _smoke(c: ml_collections.ConfigDict) -> None:
+    c.data.resolution = 64
+    c.model.widths = (8, 16)
+    c.train.size = 32
+    c.train.batch_size = 8
+    c.train.num_epochs = 1
+    c.train.ckpt_every = 2
+    c.train.log_every = 2
+    c.test.size = 16
+    c.test.batch_size = 8
+    c.test.num_examples = 2
+    c.train.weight_sample = 16

@@ -225,6 +225,13 @@ def stack_examples(examples: Sequence[Mapping[str, np.ndarray]], paths: Sequence
     return {key: np.stack([ex[key] for ex in examples]) for key in examples[0]}
 
 
+def _check_batching(batch_size, on_decode_error: str) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if on_decode_error not in ("skip", "raise"):
+        raise ValueError(f"on_decode_error must be 'skip' or 'raise', got {on_decode_error!r}")
+
+
 def iter_example_batches(
     load_example: Callable[[int], tuple[dict, str]],
     indices: Iterable[int],
@@ -247,10 +254,7 @@ def iter_example_batches(
     ``num_workers`` > 0 decodes each batch's images in that many threads
     (PIL releases the GIL while decoding).
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    if on_decode_error not in ("skip", "raise"):
-        raise ValueError(f"on_decode_error must be 'skip' or 'raise', got {on_decode_error!r}")
+    _check_batching(batch_size, on_decode_error)
     report = skip_report if skip_report is not None else SkipReport()
     index_list = np.asarray(list(indices), dtype=np.int64).reshape(-1).tolist()
     pool = concurrent.futures.ThreadPoolExecutor(num_workers) if num_workers > 0 else None
