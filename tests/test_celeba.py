@@ -244,18 +244,25 @@ def test_tfds_conversion_and_missing_package(monkeypatch):
     rng = np.random.default_rng(0)
     example = {
         "image": rng.integers(0, 256, size=(2, 20, 16, 3), dtype=np.uint8),
-        "landmarks": {p: rng.integers(0, 16, size=(2, 2)) for p in celeba.LANDMARK_POINTS},
+        # tfds celeb_a 2.1.0's features: one int per landmark column, identity under Identity_No
+        "landmarks": {c: rng.integers(0, 16, size=2) for c in celeba.LANDMARK_COLUMNS},
         "attributes": {name: rng.integers(0, 2, size=2).astype(bool) for name in regions.ATTRIBUTES},
+        "identity": {"Identity_No": np.array([7, 9])},
     }
     batch = celeba.tfds_celeb_a_to_batch(example)
     np.testing.assert_allclose(batch["image"], example["image"] / 255.0, atol=1e-7)
     for name in regions.ATTRIBUTES:
         np.testing.assert_array_equal(batch["attrs"][:, regions.attribute_id(name)], example["attributes"][name])
-    np.testing.assert_array_equal(batch["landmarks"][:, 2], example["landmarks"]["nose"])
+    np.testing.assert_array_equal(batch["landmarks"][:, 2, 0], example["landmarks"]["nose_x"])
+    np.testing.assert_array_equal(batch["landmarks"][:, 2, 1], example["landmarks"]["nose_y"])
+    np.testing.assert_array_equal(batch["identity"], [7, 9])
     resized = celeba.tfds_celeb_a_to_batch(example, 8)
     assert resized["image"].shape == (2, 8, 8, 3)
-    nose = example["landmarks"]["nose"].astype(np.float64)
-    np.testing.assert_allclose(resized["landmarks"][:, 2, 1], (nose[:, 1] - 2 + 0.5) * 0.5 - 0.5, atol=1e-6)
+    nose_y = example["landmarks"]["nose_y"].astype(np.float64)
+    np.testing.assert_allclose(resized["landmarks"][:, 2, 1], (nose_y - 2 + 0.5) * 0.5 - 0.5, atol=1e-6)
+    del example["landmarks"]["rightmouth_y"]
+    with pytest.raises(ValueError, match="landmarks lack.*rightmouth_y"):
+        celeba.tfds_celeb_a_to_batch(example)
     # Without tensorflow-datasets the error names the extra to install.
     import builtins
     real_import = builtins.__import__

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from faceaudit_jax import cli, parsing, regions
-from faceaudit_jax.data import pipeline
+from faceaudit_jax.data import fixtures, folders, pipeline
 from faceaudit_jax.experiments import classifier, face_parser, registry
 from faceaudit_jax.summary import audit as audit_lib
 from faceaudit_jax.models import build_model, init_variables
@@ -21,27 +21,41 @@ def load_config(name, variant=""):
     return cli.load_config(f"{ROOT / 'configs' / name}.py:{variant}")
 
 
+TRAIN_HQ, TEST_HQ = 16, 8
+
+
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
+    """The ``:celebamask_hq,smoke`` run on a CelebAMask-HQ-layout folder of rendered faces
+    (HQ images 0..15 have CelebA train originals, 16..23 test ones: the published split)."""
+    data_root = tmp_path_factory.mktemp("celebamask_hq")
+    faces = fixtures.render_faces(TRAIN_HQ + TEST_HQ, 64, seed=0)
+    orig = np.r_[np.arange(TRAIN_HQ), folders.PUBLISHED_TEST_START + np.arange(TEST_HQ)]
+    fixtures.write_layout("celebamask_hq", data_root, faces, orig_index=orig)
     workdir = tmp_path_factory.mktemp("face_parser")
-    config = load_config("face_parser", "smoke")
+    config = load_config("face_parser", "celebamask_hq,smoke")
+    config.data.root = str(data_root)
     result = registry.run_experiment(config, str(workdir))
     return config, workdir, result
 
 
+@pytest.mark.slow
 def test_smoke_writes_results_and_figures(smoke_run):
     config, workdir, result = smoke_run
     saved = json.loads((workdir / "results.json").read_text())
+    assert saved["source"] == "celebamask_hq" and saved["resolution"] == 64
     assert list(saved["per_region_iou"]) == list(regions.REGIONS)
     assert 0.0 <= saved["mean_iou"] <= 1.0 and 0.0 <= saved["pixel_accuracy"] <= 1.0
-    assert saved["num_train"] == config.train.size and saved["num_test"] == config.test.size
+    # train.size = 32 and test.size = 16 cap the published split's 16 / 8 images
+    assert saved["num_train"] == TRAIN_HQ and saved["num_test"] == TEST_HQ
     assert abs(sum(saved["pixel_share"]) - 1.0) < 1e-6
     for name in ("figure_examples.png", "figure_iou.png", "table.md", "summary.md"):
         assert (workdir / name).stat().st_size > 0
-    assert "mean over present regions" in (workdir / "table.md").read_text()
+    assert (workdir / "summary.md").read_text() == face_parser.report(saved, "")["summary.md"]
     assert (workdir / "models" / ".gitignore").exists()
 
 
+@pytest.mark.slow
 def test_loaded_parser_reproduces_the_reported_iou(smoke_run):
     config, workdir, result = smoke_run
     parser = parsing.load_trained_parser(workdir)
@@ -53,6 +67,7 @@ def test_loaded_parser_reproduces_the_reported_iou(smoke_run):
     np.testing.assert_allclose(np.nanmean(iou), result["mean_iou"], atol=1e-6)
 
 
+@pytest.mark.slow
 def test_rerun_resumes_without_training(smoke_run):
     config, workdir, result = smoke_run
     metrics = (workdir / parsing.PARSER_RUN_DIR / "metrics.jsonl").read_text()
@@ -61,12 +76,39 @@ def test_rerun_resumes_without_training(smoke_run):
     assert again["mean_iou"] == pytest.approx(result["mean_iou"])
 
 
+@pytest.mark.slow
 def test_changed_settings_refuse_the_old_checkpoint(smoke_run):
     config, workdir, _ = smoke_run
     changed = ml_collections.ConfigDict(config.to_dict())
     changed.model.widths = (8, 8)
     with pytest.raises(ValueError, match="other settings"):
         registry.run_experiment(changed, str(workdir))
+
+
+def _fixed_results():
+    iou = {n: float("nan") if n == "hat" else 0.5 + 0.01 * r for r, n in enumerate(regions.REGIONS)}
+    share = [0.0 if n == "hat" else 1.0 / (regions.NUM_REGIONS - 1) for n in regions.REGIONS]
+    return {"source": "celebamask_hq", "resolution": 256, "num_train": 100, "num_test": 20,
+            "num_steps": 40, "per_region_iou": iou, "mean_iou": 0.6, "pixel_accuracy": 0.875,
+            "pixel_share": share}
+
+
+def test_report_on_fixed_results():
+    pages = face_parser.report(_fixed_results(), prefix="r/")
+    assert set(pages) == {"table.md", "summary.md"}
+    table = pages["table.md"].splitlines()
+    assert table[0] == "| region | IoU | share of pixels |"
+    assert len(table) == 2 + regions.NUM_REGIONS + 1
+    # Rows in regions.REGIONS order, absent regions named, shares in percent.
+    assert table[2] == f"| {regions.REGION_LABELS['background']} | 0.500 | 5.56% |"
+    hat = regions.REGIONS.index("hat")
+    assert table[2 + hat] == f"| {regions.REGION_LABELS['hat']} | absent | 0.00% |"
+    assert table[-1] == "| **mean over present regions** | **0.600** | |"
+    summary = pages["summary.md"]
+    assert "Face parser (celebamask_hq, 256 px, 100 training images, 40 steps; 20 held-out test images)" in summary
+    assert "**mean IoU 0.600**, pixel accuracy 0.875" in summary
+    assert "(r/figure_examples.png)" in summary and "(r/figure_iou.png)" in summary
+    assert pages["table.md"] in summary
 
 
 def test_load_parser_names_the_missing_file(tmp_path):

@@ -185,8 +185,9 @@ def _read_pose_table(path: str) -> tuple[list[str], np.ndarray]:
     return names, np.asarray(values, np.float32).reshape(-1, 3)
 
 
-def decode_mask(path: str, expected_size: int) -> np.ndarray:
-    """One region mask PNG -> bool [S, S] (nonzero first channel, as g_mask.py reads it)."""
+def decode_mask(path: str, expected_size: int, like: str = "every other CelebAMask-HQ mask") -> np.ndarray:
+    """One region mask PNG -> bool [S, S] (nonzero first channel, as g_mask.py reads it);
+    another size raises, naming the file and where ``expected_size`` comes from (``like``)."""
     require_file(path, "mask")
     try:
         with Image.open(path) as img:
@@ -199,7 +200,7 @@ def decode_mask(path: str, expected_size: int) -> np.ndarray:
     if array.shape != (expected_size, expected_size):
         raise ValueError(
             f"mask {path} is {array.shape[1]}x{array.shape[0]}; expected {expected_size}x{expected_size} "
-            "like every other CelebAMask-HQ mask")
+            f"like {like}")
     return array != 0
 
 

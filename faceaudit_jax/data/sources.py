@@ -126,6 +126,7 @@ class FileSource:
     prefetch = 2  # batches pipeline.iterate_batches / step_batch_fn decode ahead of the model
     identity: Optional[np.ndarray] = None
     group: Optional[np.ndarray] = None
+    table_path: Optional[str] = None  # the attribute table file, named in errors
 
     def __init__(self, root: str, resolution: int, num_workers: int):
         self.root = root
@@ -246,6 +247,7 @@ class CelebASource(FileSource):
     def __init__(self, root: str, resolution: int, num_workers: int):
         super().__init__(root, resolution, num_workers)
         self.reader = celeba.CelebA(root)
+        self.table_path = os.path.join(self.reader.root, celeba.CELEBA_ATTR_FILE)
         self.attrs = self.reader.attrs
         self.identity = self.reader.identity
         self.filenames = self.reader.filenames
@@ -271,6 +273,7 @@ class CelebAMaskHQSource(FileSource):
     def __init__(self, root: str, resolution: int, num_workers: int):
         super().__init__(root, resolution, num_workers)
         self.reader = folders.CelebAMaskHQ(root, mask_size=_celebamask_hq_mask_size(root))
+        self.table_path = os.path.join(root, folders.CELEBAMASK_HQ_ATTR_FILE)
         self.attrs = self.reader.attrs
         self.hq_indices = self.reader.hq_indices
 
@@ -333,7 +336,8 @@ def _label_ids(values: Sequence[str]) -> np.ndarray:
 
 
 def read_generic_table(path: str) -> dict:
-    """``attributes.csv`` of the generic layout -> {"files", "attrs", "identity", "group"}.
+    """``attributes.csv`` of the generic layout -> {"files", "attrs", "lines" (each row's line
+    number in the file), "identity", "group"}.
 
     Raises ValueError naming the file, line and column for an unknown column,
     a missing ``file`` column, a value other than 1 / 0 / empty, or an empty
@@ -381,7 +385,7 @@ def read_generic_table(path: str) -> dict:
                 if not cells[col[name]]:
                     raise ValueError(f"{path}: line {number} has an empty {name!r}; expected a label")
                 labels[name].append(cells[col[name]])
-    return {"files": files, "attrs": attrs,
+    return {"files": files, "attrs": attrs, "lines": [number for number, _ in lines],
             "identity": _label_ids(labels["identity"]) if "identity" in col else None,
             "group": _label_ids(labels["group"]) if "group" in col else None}
 
@@ -414,16 +418,19 @@ class FolderSource(FileSource):
     def __init__(self, root: str, resolution: int, num_workers: int):
         super().__init__(root, resolution, num_workers)
         self.csv_path = celeba.require_file(os.path.join(root, GENERIC_ATTR_FILE), "attribute CSV")
+        self.table_path = self.csv_path
         table = read_generic_table(self.csv_path)
         self.files, self.attrs = table["files"], table["attrs"]
         self.identity, self.group = table["identity"], table["group"]
         self.paths = [os.path.join(root, f) for f in self.files]
-        missing = [p for p in self.paths if not os.path.isfile(p)]
+        missing = [(p, n) for p, n in zip(self.paths, table["lines"]) if not os.path.isfile(p)]
         if missing:
-            raise FileNotFoundError(f"missing image: {missing[0]} (listed in {self.csv_path}; "
+            raise FileNotFoundError(f"missing image: {missing[0][0]} (line {missing[0][1]} of {self.csv_path}; "
                                     f"{len(missing)} listed images are missing)")
         self.mask_files = self._scan_masks(os.path.join(root, GENERIC_MASK_DIR))
         self.has_parse = self.mask_files is not None
+        if self.has_parse:  # a layout-wide mistake (masks of another size) fails here, not mid-run
+            self.square_parse(0)
 
     def _scan_masks(self, mask_dir: str):
         """Per row: a label PNG path (str) or [(region id, path)], or None without a mask folder."""
@@ -459,36 +466,49 @@ class FolderSource(FileSource):
             return decode_label_map(entry)
         with Image.open(entry[0][1]) as img:
             size = img.size[0]
-        masks = np.stack([folders.decode_mask(p, size) for _, p in entry])
+        masks = np.stack([folders.decode_mask(p, size, like=f"{entry[0][1]}, this image's first region mask")
+                          for _, p in entry])
         return folders.merge_region_masks(np.array([r for r, _ in entry]), masks)
+
+    def square_parse(self, row: int) -> np.ndarray:
+        """Row's parse map, int32 [S, S]: its centred square (the image's own crop).
+
+        A map whose aspect ratio differs from its image's raises, naming both files.
+        """
+        parse = self.load_parse(row)
+        with Image.open(self.paths[row]) as img:  # header only: the size, no decode
+            img_w, img_h = img.size
+        if parse.shape[0] * img_w != parse.shape[1] * img_h:
+            entry = self.mask_files[row]
+            mask = entry if isinstance(entry, str) else ", ".join(p for _, p in entry)
+            raise ValueError(f"parse map {mask} is {parse.shape[1]}x{parse.shape[0]} but its image "
+                             f"{self.paths[row]} is {img_w}x{img_h}; expected the same aspect ratio "
+                             "(any size: maps are resized with the image)")
+        pbox = celeba.center_square_box(parse.shape[1], parse.shape[0])
+        return parse[pbox[1]:pbox[3], pbox[0]:pbox[2]]
 
     def load_row(self, row: int):
         path = self.paths[row]
-        out_hw = (self.resolution, self.resolution)
         example = {"image": decode_square(path, self.resolution), "attrs": self.attrs[row]}
         if self.identity is not None:
             example["identity"] = self.identity[row]
         if self.group is not None:
             example["group"] = self.group[row]
         if self.mask_files is not None:
-            parse = self.load_parse(row)
-            with Image.open(path) as img:  # header only: the size, no decode
-                img_w, img_h = img.size
-            if parse.shape[0] * img_w != parse.shape[1] * img_h:
-                raise ValueError(f"parse map of {path} is {parse.shape[1]}x{parse.shape[0]}, image "
-                                 f"{img_w}x{img_h}; expected the same aspect ratio")
-            pbox = celeba.center_square_box(parse.shape[1], parse.shape[0])
-            square = parse[pbox[1]:pbox[3], pbox[0]:pbox[2]]
-            example["parse"] = folders.resize_parse(square, out_hw)
+            example["parse"] = folders.resize_parse(self.square_parse(row), (self.resolution, self.resolution))
         return example, path
 
 
 class CelebATfdsSource(FileSource):
     """tensorflow-datasets' ``celeb_a`` split, prepared under ``root`` in array_record format.
 
-    Random access goes through ``tfds.data_source`` (no tf.data pipeline);
-    prepare the data set beforehand with ``tfds build celeb_a
-    --file_format=array_record --data_dir ROOT`` (nothing downloads at run time).
+    Random access goes through ``tfds.data_source`` on the raw records (no
+    tf.data pipeline, no tensorflow): the attribute / identity table is read
+    once from the protobufs without decoding any image, and ``batch`` decodes
+    the JPEGs with PIL and crops them as the CelebA folder reader does, so
+    both give the same pixels for the same files. Prepare the data set
+    beforehand with ``tfds build celeb_a --file_format=array_record
+    --data_dir ROOT`` (nothing downloads at run time).
     """
 
     name = "celeba_tfds"
@@ -498,25 +518,24 @@ class CelebATfdsSource(FileSource):
         tfds = celeba.import_tfds()
         self.split = split
         try:
-            self.records = tfds.data_source("celeb_a", split=split, data_dir=root, download=False)
+            self.records = tfds.data_source("celeb_a", split=split, data_dir=root, download=False,
+                                            deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
         except Exception as err:  # tfds raises assorted types for an unprepared data set
             raise FileNotFoundError(
                 f"data.root={root!r}: tensorflow-datasets' celeb_a split {split!r} is not prepared "
                 "there in array_record format; prepare it with 'tfds build celeb_a "
                 f"--file_format=array_record --data_dir {root}': {err}") from err
-        table = np.full((len(self.records), regions.NUM_ATTRIBUTES), -1, np.int8)
-        for row in range(len(self.records)):
-            for name, value in self.records[row]["attributes"].items():
-                table[row, regions.ATTRIBUTE_ID[name]] = int(bool(value))
-        self.attrs = table
+        table = celeba.read_tfds_celeb_a_table(self.records, f"celeb_a[{split}]")
+        self.attrs, self.identity = table["attrs"], table["identity"]
 
     def load_row(self, row: int):
-        record = self.records[int(row)]
-        example = {"image": record["image"][None], "attributes": {k: np.asarray([v]) for k, v in
-                                                                   record["attributes"].items()},
-                   "landmarks": {k: np.asarray(v)[None] for k, v in record["landmarks"].items()}}
+        name = f"celeb_a[{self.split}][{row}] under {self.root}"
+        record = celeba.parse_tfds_celeb_a_record(self.records[int(row)], name)
+        example = {"image": celeba.decode_image_bytes(record["image"], name)[None],
+                   **{group: {k: np.asarray([v]) for k, v in record[group].items()}
+                      for group in ("attributes", "landmarks", "identity")}}
         batch = celeba.tfds_celeb_a_to_batch(example, self.resolution)
-        return {k: v[0] for k, v in batch.items()}, f"celeb_a[{self.split}][{row}]"
+        return {k: v[0] for k, v in batch.items()}, name
 
 
 # ---------------------------------------------------------------------------
@@ -532,6 +551,10 @@ _LAYOUTS = {
     "folder": GENERIC_LAYOUT,
     "celeba_tfds": "a tensorflow-datasets data_dir holding celeb_a in array_record format",
 }
+
+
+def _layout_name(kind: str) -> str:
+    return "generic-layout (data.source='folder')" if kind == "folder" else kind
 
 
 def _listing(root: str, limit: int = 8) -> str:
@@ -612,7 +635,7 @@ def build_source(data_cfg, *, root_field: str = "root", split: Optional[str] = N
         return factory(root, resolution, workers, **kwargs)
     except FileNotFoundError as err:
         raise FileNotFoundError(
-            f"data.{root_field}={root!r} is not a {kind} folder: {err}. Expected: {_LAYOUTS[kind]}. "
+            f"data.{root_field}={root!r} is not a {_layout_name(kind)} folder: {err}. Expected: {_LAYOUTS[kind]}. "
             f"Found: {_listing(root)}") from None
 
 
@@ -753,7 +776,9 @@ def require_attributes(source, names: Sequence[str], what: str = "attribute") ->
             raise ValueError(f"{what} {name!r} is not a CelebA attribute name; expected one of "
                              f"{', '.join(regions.ATTRIBUTES)}")
         if name not in source.annotated:
-            raise ValueError(f"{what} {name!r}: {describe(source)} does not annotate it; it annotates "
+            table = getattr(source, "table_path", None)
+            where = f" ({table} has no {name!r} column, or only unknown values in it)" if table else ""
+            raise ValueError(f"{what} {name!r}: {describe(source)} does not annotate it{where}; it annotates "
                              f"{', '.join(a for a in regions.ATTRIBUTES if a in source.annotated) or 'nothing'}")
 
 
@@ -807,7 +832,11 @@ def read_generic_pairs(root: str, *, check_files: bool = True) -> folders.Verifi
     pairs = folders.VerificationPairs(path_a, path_b, np.asarray(same, bool), np.asarray(fold, np.int32),
                                       name_a, name_b)
     if check_files:
-        pairs.check_files()
+        for (number, cells), a, b in zip(lines, path_a, path_b):
+            for column, image in (("file_a", a), ("file_b", b)):
+                if not os.path.isfile(image):
+                    raise FileNotFoundError(f"missing image: {image} ({column} on line {number} of {path}; "
+                                            "expected a path relative to the folder)")
     return pairs
 
 
@@ -837,7 +866,7 @@ def build_pairs(data_cfg, *, root_field: str = "root") -> folders.VerificationPa
             return folders.read_rfw_pairs(root, races, num_folds=int(_cfg(data_cfg, "num_folds", 10)))
         return read_generic_pairs(root)
     except FileNotFoundError as err:
-        raise FileNotFoundError(f"data.{root_field}={root!r} is not a {kind} pairs folder: {err}. "
+        raise FileNotFoundError(f"data.{root_field}={root!r} is not a {_layout_name(kind)} pairs folder: {err}. "
                                 f"Found: {_listing(root)}") from None
 
 

@@ -199,6 +199,14 @@ def summary_markdown(result: Mapping, prefix: str) -> str:
             + f"\n![parser examples]({prefix}figure_examples.png) ![IoU per region]({prefix}figure_iou.png)\n")
 
 
+def report(results: Mapping, prefix: str = "") -> dict[str, str]:
+    """{"table.md", "summary.md"}: the Markdown of a results dict as ``run`` writes it (pure;
+    ``per_region_iou`` a {region: IoU} dict in ``regions.REGIONS`` order, figures linked via
+    ``prefix``)."""
+    flat = dict(results, per_region_iou=[results["per_region_iou"][n] for n in regions.REGIONS])
+    return {"table.md": table_markdown(flat), "summary.md": summary_markdown(flat, prefix)}
+
+
 def run(config, workdir: str) -> dict:
     start = time.perf_counter()
     out = Path(workdir)
@@ -224,10 +232,9 @@ def run(config, workdir: str) -> dict:
                                            np.asarray(batch["parse"]), np.asarray(pred)),
                "iou": iou_figure(out / "figure_iou.png", scores["per_region_iou"])}
     result["figures"] = figures
-    flat = dict(result, per_region_iou=list(result["per_region_iou"].values()))
     registry.write_json(out / "results.json", result)
-    (out / "table.md").write_text(table_markdown(flat))
-    (out / "summary.md").write_text(summary_markdown(flat, registry.readme_link_prefix(workdir)))
+    for name, text in report(result, registry.readme_link_prefix(workdir)).items():
+        (out / name).write_text(text)
     print(f"[face_parser] mean IoU {result['mean_iou']:.3f}, pixel accuracy {result['pixel_accuracy']:.3f} "
           f"({time.perf_counter() - start:.0f}s)", flush=True)
     return result
