@@ -167,6 +167,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     if a.smoke:  # last: shrinks any combination (e.g. 'celeba,smoke')
         c.data.resolution = 64
         c.train.size = 64
+        c.train.batch_size = 32          # also for 'celeba,smoke' on a small folder
         c.train.num_epochs = 1
         c.train.ckpt_every = 2
         c.train.log_every = 1
