@@ -125,40 +125,38 @@ class SplitPools:
         return sources.bias_direction(bias, train_source, train_indices)
 
 
-def training_size(config, attrs: np.ndarray, values: tuple, where: str) -> int:
-    """How many training images to draw: ``train.size``, or what the training split can give.
+def training_size(requested: int, attrs: np.ndarray, target: str, confounders, corr: float,
+                  values: tuple, *, synthetic: bool, baseline: bool, where: str) -> int:
+    """How many training images to draw: ``requested`` (train.size), or what the split can give.
 
-    A real folder is what it is: ``train.size`` = 0, or a size above the
-    largest biased subset at ``bias.corr`` (and, with ``train.baseline``, the
-    largest balanced one, which has the same size) that ``attrs`` holds, takes
-    that largest size and prints which limit applied. A synthetic pool is a
-    config choice (``data.pool_size``): only ``train.size`` = 0 is resolved
+    A real folder is what it is: ``requested`` = 0, or a size above the
+    largest biased subset at ``corr`` that ``attrs`` [N, 40] holds (with
+    ``baseline``, also above the largest balanced one, which has the same
+    size), takes that largest size and prints which limit applied. A
+    synthetic pool is a config choice (``data.pool_size``): only 0 is resolved
     there; a size the pool cannot give is left to ``biased_subset``'s error.
     """
-    target, confs = config.bias.target, confounder_list(config.bias)
-    requested = int(config.train.size)
-    synthetic = str(config.data.source) == "synthetic"
+    requested, confounders = int(requested), list(confounders)
     if synthetic and requested:
         return requested
-    limits = {"biased": sampling.largest_biased_size(attrs, target, confs, float(config.bias.corr),
+    limits = {"biased": sampling.largest_biased_size(attrs, target, confounders, float(corr),
                                                     confounder_values=values)}
-    if config.train.get("baseline", True):
-        limits["balanced"] = sampling.largest_balanced_size(attrs, target, confs)
+    if baseline:
+        limits["balanced"] = sampling.largest_balanced_size(attrs, target, confounders)
     kind = min(limits, key=limits.get)
     largest = limits[kind]
     if requested and requested <= largest:
         return requested
+    cells = " x ".join([target] + confounders)
     if largest < 2:
-        raise ValueError(f"{where} cannot give a {kind} subset over "
-                         f"{' x '.join([target] + confs)} (a cell is empty)"
+        raise ValueError(f"{where} cannot give a {kind} subset over {cells} (a cell is empty)"
                          + ("; set train.baseline=False to train the biased model alone"
                             if kind == "balanced" else ""))
-    why = (f"the largest {kind} subset over {' x '.join([target] + confs)}"
-           + (f" at bias.corr={float(config.bias.corr)}" if kind == "biased" else "")
-           + f" that {where} holds")
-    baseline_note = (f"; train.baseline=False would allow {limits['biased']}"
-                     if kind == "balanced" and limits["biased"] > largest else "")
-    print(f"[subsets] train.size={requested} -> {largest}: {why}{baseline_note}", flush=True)
+    why = (f"the largest {kind} subset over {cells}"
+           + (f" at bias.corr={float(corr)}" if kind == "biased" else "") + f" that {where} holds")
+    note = (f"; train.baseline=False would allow {limits['biased']}"
+            if kind == "balanced" and limits["biased"] > largest else "")
+    print(f"[subsets] train.size={requested} -> {largest}: {why}{note}", flush=True)
     return largest
 
 
@@ -190,7 +188,9 @@ def make_subsets(config, source=None) -> dict:
     seed = int(config.seed)
     where = f"{sources.describe(train_source)}, bias {target} x {'+'.join(confs)}"
     try:
-        size = training_size(config, train_attrs, values, sources.describe(train_source))
+        size = training_size(config.train.size, train_attrs, target, confs, float(config.bias.corr),
+                             values, synthetic=synthetic, baseline=config.train.get("baseline", True),
+                             where=sources.describe(train_source))
         biased = sampling.biased_subset(train_attrs, target, confs, float(config.bias.corr),
                                         size, seed, confounder_values=values)
         # The baseline's set only when it is trained: a real data set's rare cell (men

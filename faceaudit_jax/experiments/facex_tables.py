@@ -29,7 +29,7 @@ import numpy as np
 from tqdm import tqdm
 
 from faceaudit_jax import classifiers, keys, parsing, regions
-from faceaudit_jax.data import sampling
+from faceaudit_jax.data import sampling, sources
 from faceaudit_jax.experiments.registry import readme_link_prefix, write_json
 from faceaudit_jax.metrics import fairness
 from faceaudit_jax.summary import audit as audit_lib
@@ -85,10 +85,7 @@ def _cached_record(ctx: TablesContext, spec: ModelSpec, expected: str) -> Option
 
 def _train_model(ctx: TablesContext, spec: ModelSpec, corr: float):
     """Train (resume / reload) the spec's classifier under ``models/<name>``; (clf, seconds).
-
-    ``train_classifier`` checks the model folder's fingerprint before any work:
-    a mismatch names the differing fields; config.overwrite retrains.
-    """
+    A folder trained with other settings raises, naming them (config.overwrite retrains)."""
     case = case_config(ctx.config, spec.target, spec.confounders, corr)
     if spec.num_epochs is not None:
         with case.unlocked():
@@ -168,8 +165,11 @@ def biased_spec(ctx: TablesContext, target: str, confounders: Sequence[str],
     seed = int(config.seed)
     values = ctx.confounder_values(target, confounders, train_idx,
                                     fixed=config.tables.get("confounder_value", None))
-    tr = sampling.biased_subset(train_attrs, target, confounders, float(corr),
-                                int(config.train.size), seed, confounder_values=values)
+    size = classifiers.training_size(config.train.size, train_attrs, target, confounders, corr,
+                                     values, synthetic=ctx.synthetic, baseline=False,
+                                     where=sources.describe(ctx.source(True, "train")))
+    tr = sampling.biased_subset(train_attrs, target, confounders, float(corr), size, seed,
+                                confounder_values=values)
     te = sampling.balanced_subset(test_attrs, target, confounders, int(config.test.size),
                                   keys.run_seed(seed, "test"))
     return ModelSpec(
