@@ -69,6 +69,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.model.name = "small_resnet"
 
     c.train = ml_collections.ConfigDict()
+    # Images in the biased training set (and the baseline's). A real folder that holds
+    # fewer (at bias.corr, every cell filled) trains on the largest subset it can give,
+    # printed as "[subsets] train.size=4000 -> N: ..."; 0 asks for that largest size.
     c.train.size = 4000
     c.train.batch_size = 32
     # 625 updates at batch 32: the shortcut is learned within ~250 (docs/design.md).

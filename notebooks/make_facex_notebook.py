@@ -59,7 +59,7 @@ print(config.bias)"""),
     ("code", """\
 source = classifiers.build_source(config.data)        # faces rendered on demand from their indices
 subsets = classifiers.make_subsets(config, source)    # biased training set, balanced test set
-workdir = tempfile.mkdtemp()                         # Orbax checkpoints and metrics.jsonl
+workdir = tempfile.mkdtemp()                          # Orbax checkpoints and metrics.jsonl
 clf = classifiers.train_classifier(config, workdir, subsets["biased"], source, "biased")
 
 result = audit_lib.audit(clf, source, subsets["test"], config.bias.target, config.explain,

@@ -138,11 +138,11 @@ def test_predict_logits_matches_the_forward_pass_and_compiles_once():
     before = classifiers._logit._cache_size()
     got = [classifiers.predict_logits(c, source, indices, 16) for c in clfs]
     assert classifiers._logit._cache_size() - before <= 1   # two models, one compilation
-    # Reference: the un-jitted forward pass over the same batches (16 + a padded 4).
+    # Reference: Flax's forward pass on all 20 images at once (no batching, no padding).
+    images = np.concatenate([source.batch(indices[:16])["image"], source.batch(indices[16:])["image"]])
+    forward = jax.jit(lambda v, x: model.apply(v, x, train=False)[0][:, 0])
     for c, g in zip(clfs, got):
-        images = np.concatenate([source.batch(indices[:16])["image"], source.batch(indices[16:])["image"]])
-        expected = np.asarray(model.apply(c.variables, images, train=False)[0])[:, 0]
-        np.testing.assert_allclose(g, expected, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(g, np.asarray(forward(c.variables, images)), rtol=1e-5, atol=1e-5)
     assert got[0].shape == (20,) and not np.allclose(got[0], got[1])
 
 

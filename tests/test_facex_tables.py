@@ -259,6 +259,7 @@ def test_smoke_resume_reuses_audits_and_detects_changed_settings(smoke_run, monk
     assert time.perf_counter() - start < 30
     assert again["table1"]["rows"] == results["table1"]["rows"]
     assert again["table3"]["rows"] == results["table3"]["rows"]
+    monkeypatch.undo()  # the model folder's own fingerprint check must stop the changed run
     changed = config.copy_and_resolve_references()
     changed.train.lr = 3e-4
     changed.tables.parts = ("table1",)
