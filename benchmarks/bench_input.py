@@ -31,7 +31,7 @@ import ml_collections
 import numpy as np
 
 from faceaudit_jax.data import fixtures, sources
-from faceaudit_jax.experiments import classifier
+from faceaudit_jax import classifiers
 from faceaudit_jax.summary import audit as audit_lib
 from faceaudit_jax.models import build_model, init_variables
 
@@ -93,7 +93,7 @@ def main() -> None:
 
         model = build_model("small_resnet", 1)
         variables = init_variables(model, jax.random.key(0), args.resolution)
-        clf = classifier.TrainedClassifier(model, variables, "bench", root)
+        clf = classifiers.TrainedClassifier(model, variables, "bench", root)
         explain_cfg = ml_collections.ConfigDict({
             "method": "grad_cam", "target_mode": "predicted", "ior_mode": "soft",
             "patch_size": 16, "top_k": 20, "num_overlays": 1})

@@ -48,7 +48,7 @@ def child(args) -> None:
 
     from faceaudit_jax import distributed
     from faceaudit_jax.data import pipeline
-    from faceaudit_jax.experiments import classifier
+    from faceaudit_jax import classifiers
     from faceaudit_jax.summary import audit as audit_lib
     from faceaudit_jax.models.resnet import build_model, init_variables
 
@@ -56,7 +56,7 @@ def child(args) -> None:
         distributed.initialize(f"127.0.0.1:{args.port}", args.num_processes, args.process_id,
                                timeout_s=120)
     model = build_model(args.model, 1)
-    clf = classifier.TrainedClassifier(model, init_variables(model, jax.random.key(0),
+    clf = classifiers.TrainedClassifier(model, init_variables(model, jax.random.key(0),
                                                              args.resolution), args.model, "")
     explain_cfg = ml_collections.ConfigDict(dict(
         target_mode="predicted", method="grad_cam", top_k=20, num_overlays=1,

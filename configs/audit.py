@@ -70,13 +70,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.source = "synthetic"
     c.data.resolution = 128
-    # Synthetic faces (data.source="synthetic"): as configs/facex.py, so the
-    # audited test images are those facex's train.py tests on.
+    # Synthetic faces (data.source="synthetic"): the fields of configs/facex.py
+    # (sources.SYNTHETIC_DATA_FIELDS), so the audited test images are those
+    # facex's train.py tests on.
     c.data.seed = 0
-    c.data.independent = True
-    c.data.images_per_identity = 10
-    c.data.pool_size = 100_000
-    c.data.test_offset = 50_000_000
+    sources.add_synthetic_fields(c.data)
     # Real data: data.root; data.test_root (a second folder of the same layout:
     # all its images are the test set), else the published split, else a
     # seeded identity-disjoint split (sources.REAL_DATA_FIELDS).

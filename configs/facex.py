@@ -47,13 +47,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.data.source = "synthetic"
     c.data.seed = 0
     c.data.resolution = 128
-    # Attributes sampled independently: the only link between target and
-    # confounder is the one the biased subset injects.
-    c.data.independent = True
-    c.data.images_per_identity = 10
-    c.data.pool_size = 100_000
-    # Test images come from an index range (and so identities) disjoint from training.
-    c.data.test_offset = 50_000_000
+    # Synthetic faces (sources.SYNTHETIC_DATA_FIELDS): independent attributes, so the only
+    # target x confounder link is the one the biased subset injects; test identities
+    # disjoint from training.
+    sources.add_synthetic_fields(c.data)
     # Real data: data.root, data.test_root, ... (sources.REAL_DATA_FIELDS).
     sources.add_data_fields(c.data)
 
@@ -72,6 +69,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.model.name = "small_resnet"
 
     c.train = ml_collections.ConfigDict()
+    # Images in the biased training set (and the baseline's). A real folder that holds
+    # fewer (at bias.corr, every cell filled) trains on the largest subset it can give,
+    # printed as "[subsets] train.size=4000 -> N: ..."; 0 asks for that largest size.
     c.train.size = 4000
     c.train.batch_size = 32
     # 625 updates at batch 32: the shortcut is learned within ~250 (docs/design.md).

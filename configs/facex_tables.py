@@ -108,6 +108,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.model.name = "small_resnet"
 
     c.train = ml_collections.ConfigDict()
+    # Per model. On a real folder, capped at the largest biased subset it holds (printed).
     c.train.size = 4000
     c.train.batch_size = 32
     c.train.num_epochs = 6

@@ -356,6 +356,15 @@ def sigmoid_bce_batch_loss(logits: jax.Array, batch: dict) -> jax.Array:
     return sigmoid_bce(logits, batch["label"], batch["label_mask"])
 
 
+def sigmoid_bce_weighted_batch_loss(logits: jax.Array, batch: dict) -> jax.Array:
+    """``sigmoid_bce_batch_loss`` with a per-image weight ``batch["weight"]`` [B] (sum(w * l) / #valid).
+
+    Group-balanced reweighting of a single-logit classifier: the weights ride
+    along in the batch, so one module-level loss serves every weighting.
+    """
+    return sigmoid_bce(logits, batch["label"], batch["label_mask"], class_weights=batch["weight"])
+
+
 def multi_attribute_class_weights(kind: str, p_train: Any) -> tuple[np.ndarray, np.ndarray]:
     """(w(+1), w(-1)) [A] for a loss kind: ones for "euclidean"/"bce", eq. 6 for "balanced".
 

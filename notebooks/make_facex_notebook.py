@@ -42,7 +42,7 @@ at the top."""),
 import importlib.util, tempfile
 from pathlib import Path
 import jax, jax.numpy as jnp, matplotlib, numpy as np
-from faceaudit_jax.experiments import classifier
+from faceaudit_jax import classifiers
 from faceaudit_jax.summary import audit as audit_lib
 from faceaudit_jax.explain import cams
 from faceaudit_jax.viz import figures, prototype
@@ -57,10 +57,10 @@ config = config_module.get_config("smoke")
 print(config.bias)"""),
     ("md", "## The audit in a dozen lines"),
     ("code", """\
-source = classifier.build_source(config.data)        # faces rendered on demand from their indices
-subsets = classifier.make_subsets(config, source)    # biased training set, balanced test set
-workdir = tempfile.mkdtemp()                         # Orbax checkpoints and metrics.jsonl
-clf = classifier.train_classifier(config, workdir, subsets["biased"], source, "biased")
+source = classifiers.build_source(config.data)        # faces rendered on demand from their indices
+subsets = classifiers.make_subsets(config, source)    # biased training set, balanced test set
+workdir = tempfile.mkdtemp()                          # Orbax checkpoints and metrics.jsonl
+clf = classifiers.train_classifier(config, workdir, subsets["biased"], source, "biased")
 
 result = audit_lib.audit(clf, source, subsets["test"], config.bias.target, config.explain,
                      batch_size=int(config.test.batch_size))

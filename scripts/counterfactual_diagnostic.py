@@ -43,7 +43,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from configs import facex_tables as tables_config  # noqa: E402
 from faceaudit_jax import regions  # noqa: E402
 from faceaudit_jax.data import pipeline, synthetic  # noqa: E402
-from faceaudit_jax.experiments import classifier, facex_tables  # noqa: E402
+from faceaudit_jax import classifiers  # noqa: E402
+from faceaudit_jax.experiments import facex_tables  # noqa: E402
+from faceaudit_jax.summary import facex_tables as tables_lib  # noqa: E402
 from faceaudit_jax.experiments.registry import write_json  # noqa: E402
 from faceaudit_jax.metrics import fairness  # noqa: E402
 from faceaudit_jax.explain import cams  # noqa: E402
@@ -102,24 +104,19 @@ def run_model(ctx, config, target, confounder, resolutions, log):
     spec = facex_tables.biased_spec(ctx, target, [confounder], float(config.table1.corr))
     case = facex_tables.case_config(config, target, [confounder], float(config.table1.corr))
     start = time.perf_counter()
-    clf = classifier.train_classifier(case, str(ctx.models_dir), spec.train_indices,
-                                      ctx.source(True), spec.name)
+    clf = classifiers.train_classifier(case, str(ctx.models_dir), spec.train_indices,
+                                       ctx.source(True), spec.name)
     train_seconds = time.perf_counter() - start
     batch_size = int(config.test.batch_size)
     test_source = ctx.source(True)
-    logits = facex_tables.predict_logits(clf, test_source, spec.test_indices, batch_size)
+    logits = classifiers.predict_logits(clf, test_source, spec.test_indices, batch_size)
     groups = fairness.bias_group_report(logits, spec.test_attrs, target, [confounder],
                                         spec.confounder_values)
     log(f"[{spec.name}] trained in {train_seconds:.0f} s; aligned acc "
         f"{groups['aligned_accuracy']:.3f}, conflicting {groups['conflicting_accuracy']:.3f}")
 
     start = time.perf_counter()
-    features_fn, head_fn = clf.fns()
-    forward = jax.jit(lambda x: head_fn(features_fn(x))[:, 0])
-    effects = cf.counterfactual_effects(
-        forward, int(config.data.seed), spec.test_indices, int(config.data.resolution),
-        batch_size=batch_size, independent=True,
-        images_per_identity=int(config.data.images_per_identity))
+    effects = tables_lib.counterfactual_record(clf, config, spec)["effects"]
     truth_order = sorted(effects, key=lambda a: -effects[a]["mean_abs_change"])
     log(f"[{spec.name}] ground truth (mean |logit change|) in {time.perf_counter() - start:.0f} s: "
         + ", ".join(f"{a} {effects[a]['mean_abs_change']:.2f}" for a in truth_order[:5]))

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from faceaudit_jax import cli, parsing, regions
+from faceaudit_jax import classifiers
 from faceaudit_jax.data import fixtures, folders, pipeline
-from faceaudit_jax.experiments import classifier, face_parser, registry
+from faceaudit_jax.experiments import face_parser, registry
 from faceaudit_jax.summary import audit as audit_lib
 from faceaudit_jax.models import build_model, init_variables
 from faceaudit_jax.models import parser_net
@@ -147,7 +148,7 @@ class _AllSkinParser:
 def test_audit_takes_its_parse_maps_from_the_parser():
     model = build_model("small_resnet", 1)
     variables = init_variables(model, jax.random.key(0), 64)
-    clf = classifier.TrainedClassifier(model, variables, "random", "")
+    clf = classifiers.TrainedClassifier(model, variables, "random", "")
     source = pipeline.SyntheticSource(seed=0, resolution=64)
     indices = np.arange(12)
     cfg = ml_collections.ConfigDict(dict(method="grad_cam", target_mode="predicted", ior_mode="soft",

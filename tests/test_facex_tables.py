@@ -1,5 +1,8 @@
-"""FaceX tables: the pure helpers against numpy references, the table logic on known
-IoR vectors, and the smoke variant end to end (train, audit, JSON, resume)."""
+"""FaceX tables experiment: the table logic on known IoR vectors, ``report`` on a fixed
+result, and one end-to-end run on fixture folders (train, audit, JSON, resume).
+
+The rows, summaries, Markdown and fingerprints themselves are tested in
+test_facex_tables_summary.py; subsets, training and predict_logits in test_classifiers.py."""
 
 import importlib.util
 import json
@@ -9,8 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from faceaudit_jax import regions
-from faceaudit_jax.experiments import classifier, facex_tables as ft
+from faceaudit_jax import classifiers, regions
+from faceaudit_jax.data import fixtures
+from faceaudit_jax.experiments import facex_tables as ft
+from faceaudit_jax.summary import facex_tables as tables_lib
 from faceaudit_jax.summary import audit as audit_lib
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,14 +50,6 @@ def col(name):
 # ---------------------------------------------------------------------------
 # Pure helpers
 # ---------------------------------------------------------------------------
-
-def test_rp_helpers_and_parsing():
-    assert ft.parse_confounder_set(" Eyeglasses + Wearing_Hat") == ("Eyeglasses", "Wearing_Hat")
-    with pytest.raises(ValueError, match="Eyeglases"):
-        ft.parse_confounder_set("Eyeglases+Wearing_Hat")
-    with pytest.raises(ValueError, match="repeats"):
-        ft.parse_confounder_set("Smiling+Smiling")
-
 
 def test_case_config_sets_bias_without_touching_the_original():
     c = load_config("smoke")
@@ -144,13 +141,13 @@ def test_figure5_trains_the_mitigated_model_until_it_beats_chance(tmp_path, monk
     assert [e for _, e in seen] == [None, 2, 4]          # stops once 0.7 >= 0.6
     assert seen[1][0].endswith("_2ep") and seen[2][0].endswith("_4ep")
     assert result["mitigated_beats_chance"] and result["models"]["reweighted"].endswith("_4ep")
-    assert "clearly beats chance" in ft.figure5_markdown(result)
+    assert "clearly beats chance" in tables_lib.figure5_markdown(result)
     # a schedule that never gets there says so
     c.figure5.mitigated_epochs = (2,)
     seen.clear()
     result = ft.figure5(ft.TablesContext(c, tmp_path))
     assert not result["mitigated_beats_chance"]
-    assert "does NOT clearly beat chance" in ft.figure5_markdown(result)
+    assert "does NOT clearly beat chance" in tables_lib.figure5_markdown(result)
 
 
 def test_run_rejects_unknown_part(tmp_path):
@@ -169,56 +166,68 @@ def test_regionless_confounder_is_rejected(tmp_path):
 
 
 # ---------------------------------------------------------------------------
-# End to end on the smoke variant (tiny budget: 5 models of 2 steps each)
+# End to end on fixture folders (3 models of 2 steps each)
 # ---------------------------------------------------------------------------
+
+CELLS = ("Male", "Blond_Hair", "Smiling", "Wearing_Earrings")
+
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("facex_tables")
+    """Tables 1, 3 and Figure 5 (the real-data parts) on two folders in the generic layout:
+    rendered faces balanced over Male x Blond_Hair x Smiling x Wearing_Earrings, with masks."""
+    root = tmp_path_factory.mktemp("folders")
+    train = fixtures.render_faces(64, 64, balance=CELLS, offset=0)
+    test = fixtures.render_faces(64, 64, balance=CELLS, offset=1_000_000)
+    fixtures.write_layout("folder", root / "train", train, pairs=False)
+    fixtures.write_layout("folder", root / "test", test, pairs=False)
     config = tiny_config()
+    config.data.source, config.data.resolution = "folder", 64
+    config.data.root, config.data.test_root = str(root / "train"), str(root / "test")
+    config.tables.parts = ("table1", "table3", "figure5")
+    # A subset of 4000 is more than the folder holds: capped at the largest it can give
+    # (8 images per Male x Smiling x Wearing_Earrings cell: 16 at co-occurrence 0.99).
+    config.train.size = 4000
+    workdir = tmp_path_factory.mktemp("facex_tables")
     results = ft.run(config, str(workdir))
-    return config, workdir, results
+    return config, workdir, results, train
 
 
 def _is_rp(value):
     return value is None or (type(value) is int and 1 <= value <= regions.NUM_REGIONS - 1)
 
 
+@pytest.mark.slow
 def test_smoke_writes_every_table(smoke_run):
-    config, workdir, _ = smoke_run
-    for part in ft.PARTS:
+    config, workdir, _, _ = smoke_run
+    for part in config.tables.parts:
         assert (workdir / f"{part}.json").is_file() and (workdir / f"{part}.md").is_file()
+    assert not (workdir / "table4.json").exists()
     assert (workdir / "figure5.png").stat().st_size > 10_000
-    assert (workdir / "tables.md").read_text().count("## ") == 4
+    assert (workdir / "tables.md").read_text().count("## ") == 3
     audits = sorted(p.stem for p in (workdir / "audits").glob("*.json"))
     assert audits == sorted(["biased_Male_Blond_Hair", "biased_Male_Smiling+Wearing_Earrings",
-                             "natural_correlated_Male", "natural_independent_Male",
                              "reweighted_Male_Blond_Hair_2ep"])
     for name in audits:
         assert (workdir / "models" / name / "checkpoints").is_dir()
         assert (workdir / "audits" / f"{name}.png").is_file()
 
 
+@pytest.mark.slow
 def test_smoke_json_structure_and_rp_types(smoke_run):
-    _, workdir, _ = smoke_run
+    _, workdir, _, train = smoke_run
     t1 = json.loads((workdir / "table1.json").read_text())
     (row,) = t1["rows"]
     assert row["target"] == "Male" and row["confounder"] == "Blond_Hair" and _is_rp(row["rp"])
     for key in ("accuracy", "aligned_accuracy", "conflicting_accuracy"):
         assert 0.0 <= row[key] <= 1.0
     assert t1["summary"]["mean_rp"] == (None if row["rp"] is None else float(row["rp"]))
+    assert row["ground_truth_rank"] is None  # no counterfactual renders of files on disk
     t3 = json.loads((workdir / "table3.json").read_text())
     (row3,) = t3["rows"]
     assert _is_rp(row3["rp1"]) and _is_rp(row3["rp2"])
     assert sorted(v for v in row3["rp_per_confounder"].values() if v is not None) == \
         [v for v in (row3["rp1"], row3["rp2"]) if v is not None]
-    t4 = json.loads((workdir / "table4.json").read_text())
-    assert len(t4["rows"]) == 3
-    for r in t4["rows"]:
-        assert r["attribute"] != "Male" and r["regions"]
-        assert _is_rp(r["rp_correlated_model"]) and _is_rp(r["rp_independent_model"])
-    # The correlated training set's strongest links are CelebA's (lipstick, make-up).
-    assert abs(t4["rows"][0]["r_correlated_train"]) > 0.5
     f5 = json.loads((workdir / "figure5.json").read_text())
     assert set(f5["rp"]) == {"vanilla", "reweighted"} and all(_is_rp(v) for v in f5["rp"].values())
     assert set(f5["ior_change"]) == set(regions.REGIONS)
@@ -229,20 +238,28 @@ def test_smoke_json_structure_and_rp_types(smoke_run):
     assert f5["models"]["vanilla"] == row["model"]
     record = json.loads((workdir / "audits" / "reweighted_Male_Blond_Hair_2ep.json").read_text())
     assert record["reweighted"] is True and len(record["ior_vector"]) == regions.NUM_REGIONS
+    # Training sets capped at what the folder holds, drawn from the training folder's faces.
+    sizes = {json.loads(p.read_text())["name"]: json.loads(p.read_text())["train_size"]
+             for p in (workdir / "audits").glob("*.json")}
+    assert sizes["biased_Male_Smiling+Wearing_Earrings"] == 16
+    assert sizes["biased_Male_Blond_Hair"] == 32   # 16 images per Male x Blond_Hair cell
+    assert record["test_size"] == 32 and train["attrs"].shape[0] == 64
 
 
+@pytest.mark.slow
 def test_smoke_resume_reuses_audits_and_detects_changed_settings(smoke_run, monkeypatch):
-    config, workdir, results = smoke_run
+    config, workdir, results, _ = smoke_run
 
     def no_training(*args, **kwargs):
         raise AssertionError("a finished model was trained again")
 
-    monkeypatch.setattr(classifier, "train_classifier", no_training)
+    monkeypatch.setattr(classifiers, "train_classifier", no_training)
     start = time.perf_counter()
     again = ft.run(config, str(workdir))
     assert time.perf_counter() - start < 30
     assert again["table1"]["rows"] == results["table1"]["rows"]
-    assert again["table4"]["rows"] == results["table4"]["rows"]
+    assert again["table3"]["rows"] == results["table3"]["rows"]
+    monkeypatch.undo()  # the model folder's own fingerprint check must stop the changed run
     changed = config.copy_and_resolve_references()
     changed.train.lr = 3e-4
     changed.tables.parts = ("table1",)
@@ -251,8 +268,9 @@ def test_smoke_resume_reuses_audits_and_detects_changed_settings(smoke_run, monk
 
 
 
+@pytest.mark.slow
 def test_smoke_changed_explanation_reaudits_without_retraining(smoke_run):
-    config, workdir, _ = smoke_run
+    config, workdir, _, _ = smoke_run
     name = "biased_Male_Blond_Hair"
     metrics = (workdir / "models" / name / "metrics.jsonl").read_text()
     before = json.loads((workdir / "audits" / f"{name}.json").read_text())
@@ -265,29 +283,6 @@ def test_smoke_changed_explanation_reaudits_without_retraining(smoke_run):
     assert after["model_fingerprint"] == before["model_fingerprint"]
     assert (workdir / "models" / name / "metrics.jsonl").read_text() == metrics  # not retrained
     assert after["group_accuracy"] == before["group_accuracy"]   # same model, same test set
-
-def test_predict_logits_matches_classifier_and_compiles_once():
-    import jax
-    from faceaudit_jax.models import build_model, init_variables
-
-    class RandomImages:  # a minimal source: random pixels, no renderer to compile
-        def batch(self, indices):
-            rng = np.random.default_rng(int(indices[0]))
-            return {"image": rng.random((len(indices), 64, 64, 3), dtype=np.float32)}
-
-    source, indices = RandomImages(), np.arange(20)
-    clfs = [classifier.TrainedClassifier(build_model("small_resnet", 1),
-                                         init_variables(build_model("small_resnet", 1),
-                                                        jax.random.key(k), 64), f"m{k}", "")
-            for k in (0, 1)]
-    before = ft._single_logit._cache_size()
-    got = [ft.predict_logits(c, source, indices, 16) for c in clfs]
-    assert ft._single_logit._cache_size() - before <= 1   # two models, one compilation
-    for c, g in zip(clfs, got):
-        np.testing.assert_allclose(g, classifier.predict_logits(c, source, indices, 16),
-                                   rtol=1e-5, atol=1e-5)
-    assert got[0].shape == (20,) and not np.allclose(got[0], got[1])
-
 
 def test_report_lays_out_a_fixed_result():
     config = load_config("smoke")

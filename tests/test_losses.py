@@ -251,3 +251,16 @@ def test_cosface_loss_on_cosines_matches_cosface_logits(rng):
                                losses.cosface_logits(e, w, y, scale=16.0, margin=0.3), rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="cosines"):
         losses.cosface_loss_on_cosines(cosines[0], y)
+
+
+def test_single_logit_batch_losses_read_labels_mask_and_weights(rng):
+    z = rng.normal(size=(8, 1)).astype(np.float32) * 2
+    y = rng.integers(0, 2, size=8).astype(np.float32)
+    mask = np.array([True] * 6 + [False] * 2)
+    w = rng.random(8).astype(np.float32) * 3
+    batch = {"label": y, "label_mask": mask, "weight": w}
+    per = _np_bce(z[:, 0], y)
+    np.testing.assert_allclose(losses.sigmoid_bce_batch_loss(z, batch), per[:6].mean(), rtol=1e-5)
+    # sum over the known images of w * l, divided by their count (not by the weights' sum)
+    np.testing.assert_allclose(losses.sigmoid_bce_weighted_batch_loss(z, batch),
+                               (w[:6] * per[:6]).sum() / 6, rtol=1e-5)

@@ -15,7 +15,8 @@ import pytest
 import jax
 import ml_collections
 
-from faceaudit_jax.experiments import classifier
+from faceaudit_jax import classifiers
+from faceaudit_jax.experiments import facex
 from faceaudit_jax.models import sources as model_sources
 
 
@@ -46,7 +47,7 @@ def test_run_dir_errors_name_the_field(tmp_path):
 def test_train_refuses_a_model_source_other_than_train():
     config = ml_collections.ConfigDict({"model": {"source": "checkpoint", "name": "small_resnet"}})
     with pytest.raises(ValueError, match="configs/audit.py"):
-        classifier.train(config, "/nonexistent")
+        facex.train(config, "/nonexistent")
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +78,7 @@ def test_torchvision_file_with_output_index_and_normalisation(torch_resnet18):
     np.testing.assert_allclose(got[:, 0], expected[:, 2], atol=1e-4, rtol=0)
     assert abs(expected[:, 2] - expected[:, 0]).max() > 1e-3  # output 2 is not output 0
     np.testing.assert_allclose(
-        classifier.predict_logits(clf, _ArraySource(images), np.arange(2), 2), expected[:, 2],
+        classifiers.predict_logits(clf, _ArraySource(images), np.arange(2), 2), expected[:, 2],
         atol=1e-4, rtol=0)
 
 

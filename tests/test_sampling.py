@@ -215,3 +215,44 @@ def test_top_correlated_attributes_with_distinct_regions_skips_shared_regions():
     assert distinct == ["Wearing_Lipstick", "No_Beard", "Wearing_Earrings"]
     used = [set(regions.regions_of(a)) for a in distinct]
     assert all(not (used[i] & used[j]) for i in range(3) for j in range(i + 1, 3))
+
+
+def _biased_fits(table, size, corr, value):
+    """Reference for one confounder: per class y, round(corr * n_y) aligned and the rest
+    conflicting images must exist (rows with the two attributes known)."""
+    male, lip = table[:, col("Male")], table[:, col("Wearing_Lipstick")]
+    known = (male >= 0) & (lip >= 0)
+    n_pos = int(round(size * 0.5))
+    for y, n_y in ((1, n_pos), (0, size - n_pos)):
+        aligned = value if y == 1 else 1 - value
+        n_aligned = int(round(corr * n_y))
+        rows = known & (male == y)
+        if n_aligned > np.sum(rows & (lip == aligned)) or n_y - n_aligned > np.sum(rows & (lip != aligned)):
+            return False
+    return True
+
+
+@pytest.mark.parametrize("corr, value", [(0.9, 0), (0.99, 0), (0.75, 1)])
+def test_largest_biased_size_is_the_largest_drawable(corr, value):
+    table = linked_table(n=600, seed=3)
+    largest = sampling.largest_biased_size(table, "Male", ["Wearing_Lipstick"], corr,
+                                           confounder_values=(value,))
+    expected = max([s for s in range(2, 601) if _biased_fits(table, s, corr, value)], default=0)
+    assert largest == expected > 0
+    sampling.biased_subset(table, "Male", ["Wearing_Lipstick"], corr, largest, 0,
+                           confounder_values=(value,))
+    with pytest.raises(ValueError, match="pool has only"):
+        sampling.biased_subset(table, "Male", ["Wearing_Lipstick"], corr, largest + 1, 0,
+                               confounder_values=(value,))
+
+
+def test_largest_balanced_size_is_cells_times_the_smallest_cell():
+    table = linked_table(n=600, seed=3)
+    male, lip = table[:, col("Male")], table[:, col("Wearing_Lipstick")]
+    smallest = min(np.sum((male == a) & (lip == b)) for a in (0, 1) for b in (0, 1))
+    assert sampling.largest_balanced_size(table, "Male", ["Wearing_Lipstick"]) == 4 * smallest
+    assert sampling.largest_balanced_size(table, "Male", []) == 2 * min(np.sum(male == 0),
+                                                                        np.sum(male == 1))
+    empty = table.copy()
+    empty[(male == 1) & (lip == 1), col("Wearing_Lipstick")] = 0
+    assert sampling.largest_balanced_size(empty, "Male", ["Wearing_Lipstick"]) == 0

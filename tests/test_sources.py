@@ -270,47 +270,6 @@ def test_bad_tables_and_attributes_are_named(folders_root, tmp_path):
         sources.build_source(data_cfg("folder", tmp_path / "bad"))
 
 
-def test_subsets_follow_the_link_and_empty_test_cells_fail_before_training(folders_root, tmp_path):
-    from faceaudit_jax.experiments import classifier
-
-    root, faces, _ = folders_root
-    config = ml_collections.ConfigDict({
-        "seed": 0, "data": data_cfg("folder", root / "folder", test_root=str(root / "folder_regions")),
-        "bias": {"target": "Male", "confounders": ("Wearing_Lipstick",), "corr": 0.9,
-                 "confounder_values": ml_collections.FieldReference(None, field_type=tuple)},
-        "train": {"size": 20, "baseline": False}, "test": {"size": 0}})
-    subsets = classifier.make_subsets(config)
-    assert subsets["confounder_values"] == (0,)  # the folder's link: women wear lipstick
-    chosen = faces["attrs"][subsets["biased"]]
-    # 10 men (1 with lipstick: the one conflicting man of the pool), 10 women (1 without).
-    assert np.sum((chosen[:, MALE] == 1) & (chosen[:, LIPSTICK] == 1)) == 1
-    assert np.sum((chosen[:, MALE] == 0) & (chosen[:, LIPSTICK] == 0)) == 1
-    assert subsets["test"].size == 4  # largest balanced test set: one image per cell
-    # Without the two conflicting faces (a woman without lipstick, a man with it) in the test
-    # folder, the balanced test set cannot be drawn.
-    lonely = subset(faces, slice(2, None))
-    fixtures.write_layout("folder", tmp_path / "test", lonely, pairs=False)
-    config.data.test_root = str(tmp_path / "test")
-    with pytest.raises(ValueError, match=r"test set \(data.source='folder' at .*test\).*"
-                                         r"cell \(Male=0, Wearing_Lipstick=0\)"):
-        classifier.make_subsets(config)
-    config.data = data_cfg("fairface", root / "fairface")
-    with pytest.raises(ValueError, match="Wearing_Lipstick.*does not annotate"):
-        classifier.make_subsets(config)
-
-
-def test_synthetic_main_job_pairs_lipstick_with_women():
-    from faceaudit_jax.experiments import classifier
-
-    config = load_config("facex", "smoke")
-    subsets = classifier.make_subsets(config)
-    assert subsets["confounder_values"] == (0,)
-    attrs = subsets["train_source"].attributes(subsets["biased"])["attrs"]
-    women = attrs[:, MALE] == 0
-    assert np.mean(attrs[women, LIPSTICK] == 1) == pytest.approx(0.99, abs=0.01)
-    assert np.mean(attrs[~women, LIPSTICK] == 0) == pytest.approx(0.99, abs=0.01)
-
-
 def test_prefetching_iterators_give_the_same_batches(folders_root):
     root, _, _ = folders_root
     source = sources.build_source(data_cfg("folder", root / "folder", num_workers=3))
@@ -372,8 +331,8 @@ def test_facex_tables_celeba_variant_reads_celeba_and_celebamask_hq(folders_root
     assert ctx.source(True, "test").name == "celebamask_hq" and ctx.source(False).name == "celeba"
     # CelebA-like link of the fixture: lipstick goes with Male = 0.
     assert ctx.confounder_values("Male", ["Wearing_Lipstick"], train_idx) == (0,)
-    config.tables.confounder_value = 1
-    assert ctx.confounder_values("Male", ["Wearing_Lipstick"], train_idx) == (1,)
+    # tables.confounder_value (biased_spec passes it) fixes the direction instead.
+    assert ctx.confounder_values("Male", ["Wearing_Lipstick"], train_idx, fixed=1) == (1,)
 
 
 def test_tfds_source_without_the_extra_names_it(tmp_path):
@@ -402,3 +361,14 @@ def test_a_pool_without_a_link_follows_celebas_sign(tmp_path, capsys):
         sources.bias_direction(bias, source, rows)
     bias.confounder_values = (1,)
     assert sources.bias_direction(bias, source, rows) == (1,)
+
+
+def test_facex_and_audit_configs_share_the_synthetic_fields():
+    data = ml_collections.ConfigDict({"source": "synthetic"})
+    sources.add_synthetic_fields(data, pool_size=7)
+    assert data.pool_size == 7 and data.test_offset == sources.SYNTHETIC_DATA_FIELDS["test_offset"]
+    with pytest.raises(ValueError, match=r"unknown field\(s\) \['pool_sise'\]"):
+        sources.add_synthetic_fields(data, pool_sise=7)
+    facex, audit = load_config("facex").data, load_config("audit").data
+    for name in ("seed", "resolution", *sources.SYNTHETIC_DATA_FIELDS):
+        assert facex[name] == audit[name], name

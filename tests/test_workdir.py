@@ -1,16 +1,16 @@
-"""Workdirs that never lie: fingerprints, atomic JSON, JSON lines cut by a kill, and the
-classifier's run directories checked against real trainings (tiny, 64 px)."""
+"""Workdirs that never lie: fingerprints, atomic JSON, JSON lines cut by a kill.
+
+The classifier run directories guarded by these fingerprints are checked against
+real trainings in test_classifiers.py."""
 
 import json
 import math
 import os
-import warnings
 
 import numpy as np
 import pytest
 
 from faceaudit_jax import cli, workdir
-from faceaudit_jax.experiments import classifier
 
 # ----------------------------------------------------------------------------- fingerprints
 
@@ -140,76 +140,6 @@ def test_keep_jsonl_rewrites_only_when_something_is_dropped(tmp_path):
     assert os.stat(path).st_mtime_ns == before
     workdir.keep_jsonl(path, lambda r: r["step"] <= 1)
     assert path.read_text() == '{"step": 1}\n'
-
-
-# ----------------------------------------------------------------------------- classifier run dirs
-
-
-def _tiny_config(**train):
-    config = cli.load_config("configs/facex.py:smoke")
-    config.data.resolution = 64
-    config.train.batch_size = 4
-    config.train.num_epochs = 1
-    config.train.ckpt_every = 1
-    config.train.log_every = 1
-    config.train.update(train)
-    return config
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """One classifier trained for 2 updates on 8 images: (config, workdir, indices, source)."""
-    config = _tiny_config()
-    source = classifier.build_source(config.data)
-    indices = np.arange(8)
-    work = tmp_path_factory.mktemp("clf")
-    classifier.train_classifier(config, str(work), indices, source, "biased")
-    return config, work, indices, source
-
-
-def _copy_run(tiny_run, tmp_path):
-    import shutil
-    config, work, indices, source = tiny_run
-    shutil.copytree(work, tmp_path / "w")
-    return str(tmp_path / "w"), indices, source
-
-
-@pytest.mark.parametrize("field, value, shown", [
-    ("train.lr", 0.01, "train.lr: 0.001 -> 0.01"),
-    ("model.name", "resnet18", "model.name: 'small_resnet' -> 'resnet18'"),
-])
-def test_changed_config_stops_before_reusing_the_model(tiny_run, tmp_path, field, value, shown):
-    work, indices, source = _copy_run(tiny_run, tmp_path)
-    config = _tiny_config()
-    section, key = field.split(".")
-    config[section][key] = value
-    metrics = (tmp_path / "w" / "biased" / "metrics.jsonl").read_text()
-    with pytest.raises(workdir.FingerprintMismatch, match=f"1 field\\(s\\) differ: {shown}"):
-        classifier.train_classifier(config, work, indices, source, "biased")
-    assert (tmp_path / "w" / "biased" / "metrics.jsonl").read_text() == metrics
-
-
-def test_other_training_images_are_a_mismatch_too(tiny_run, tmp_path):
-    work, indices, source = _copy_run(tiny_run, tmp_path)
-    with pytest.raises(workdir.FingerprintMismatch, match="train.images_sha256"):
-        classifier.train_classifier(_tiny_config(), work, indices + 1, source, "biased")
-
-
-def test_overwrite_retrains_with_the_new_settings(tiny_run, tmp_path):
-    work, indices, source = _copy_run(tiny_run, tmp_path)
-    first = (tmp_path / "w" / "biased" / "metrics.jsonl").read_text()
-    config = _tiny_config(lr=0.01)
-    config.overwrite = True
-    with pytest.warns(UserWarning, match="train.lr: 0.001 -> 0.01"):
-        classifier.train_classifier(config, work, indices, source, "biased")
-    run_dir = tmp_path / "w" / "biased"
-    assert json.loads((run_dir / "fingerprint.json").read_text())["train.lr"] == 0.01
-    records = workdir.read_jsonl(run_dir / "metrics.jsonl")
-    assert [r["step"] for r in records] == [1, 2]  # trained anew, not appended
-    assert (run_dir / "metrics.jsonl").read_text() != first
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # same settings again: resumes silently, trains nothing
-        classifier.train_classifier(config, work, indices, source, "biased")
 
 
 def test_facex_summary_links_the_heatmap_inside_its_workdir(tmp_path):

@@ -153,17 +153,57 @@ def biased_subset(attrs, target: str, confounders, corr: float, size: int, seed:
     names = [target] + confounders
     pools = _cell_pools(table, names)
     rng = np.random.default_rng(seed)
+    chosen = [_draw(rng, pools[key], count, _cell_name(names, key))
+              for key, count in _biased_cell_counts(size, corr, values, target_rate)]
+    return np.sort(np.concatenate(chosen))
+
+
+def _biased_cell_counts(size: int, corr: float, values, target_rate: float) -> list:
+    """[((y, a_1, ...), count)] of ``biased_subset``, in its draw order."""
     n_pos = int(round(size * target_rate))
-    chosen = []
+    cells = []
     for y, n_y in ((1, n_pos), (0, size - n_pos)):
         aligned = tuple(v if y == 1 else 1 - v for v in values)
         n_aligned = int(round(corr * n_y))
-        others = [c for c in itertools.product((0, 1), repeat=len(confounders)) if c != aligned]
+        others = [c for c in itertools.product((0, 1), repeat=len(values)) if c != aligned]
         counts = [n_aligned] + _split_evenly(n_y - n_aligned, len(others))
-        for combo, count in zip([aligned] + others, counts):
-            key = (y,) + combo
-            chosen.append(_draw(rng, pools[key], count, _cell_name(names, key)))
-    return np.sort(np.concatenate(chosen))
+        cells += [((y,) + combo, count) for combo, count in zip([aligned] + others, counts)]
+    return cells
+
+
+def largest_biased_size(attrs, target: str, confounders, corr: float, *,
+                        target_rate: float = 0.5, confounder_values=None) -> int:
+    """The largest ``size`` that ``biased_subset`` can draw from ``attrs`` with these settings.
+
+    Every cell's count grows with ``size`` (never shrinks), so the largest
+    size whose counts all fit the cells is found by bisection. 0 when not even
+    the smallest subset (size 2) fits.
+    """
+    table = _as_table(attrs)
+    confounders = _confounder_list(confounders)
+    values = (linked_values(table, target, confounders) if confounder_values is None
+              else check_confounder_values(confounder_values, confounders))
+    pools = _cell_pools(table, [target] + confounders)
+
+    def fits(size: int) -> bool:
+        return all(count <= pools[key].size
+                   for key, count in _biased_cell_counts(size, corr, values, target_rate))
+
+    if not fits(2):
+        return 0
+    low, high = 2, sum(p.size for p in pools.values())  # fits(low); the answer is <= high
+    while low < high:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid - 1)
+    return low
+
+
+def largest_balanced_size(attrs, target: str, confounders) -> int:
+    """The largest ``size`` that ``balanced_subset`` can draw: cells x the smallest cell (0 if one is empty)."""
+    table = _as_table(attrs)
+    confounders = [] if confounders in (None, (), []) else _confounder_list(confounders)
+    pools = _cell_pools(table, [target] + confounders)
+    return len(pools) * min(p.size for p in pools.values())
 
 
 def balanced_subset(attrs, target: str, confounders, size, seed: int) -> np.ndarray:

@@ -970,6 +970,29 @@ def add_data_fields(data_cfg, **overrides) -> None:
         setattr(data_cfg, name, value)
 
 
+# The renderer's fields with the main job's values (configs/facex.py). configs/audit.py
+# takes the same, so that by default it audits the very test images facex tests on.
+SYNTHETIC_DATA_FIELDS = {
+    # Attributes sampled independently: the only link between target and
+    # confounder is the one a biased subset injects.
+    "independent": True,
+    "images_per_identity": 10,
+    "pool_size": 100_000,
+    # Test images come from an index range (and so identities) disjoint from training.
+    "test_offset": 50_000_000,
+}
+
+
+def add_synthetic_fields(data_cfg, **overrides) -> None:
+    """Set the synthetic renderer's fields (``SYNTHETIC_DATA_FIELDS``, or ``overrides``) in place."""
+    unknown = sorted(set(overrides) - set(SYNTHETIC_DATA_FIELDS))
+    if unknown:
+        raise ValueError(f"add_synthetic_fields: unknown field(s) {unknown}; expected some of "
+                         f"{sorted(SYNTHETIC_DATA_FIELDS)}")
+    for name, default in SYNTHETIC_DATA_FIELDS.items():
+        setattr(data_cfg, name, overrides.get(name, default))
+
+
 def fingerprint_fields(data_cfg) -> dict:
     """The data settings that decide which images a run sees: for the synthetic renderer the
     real-data fields (and the decoding threads, always) are left out, so adding them to a

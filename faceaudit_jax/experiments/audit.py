@@ -24,10 +24,9 @@ from typing import Optional
 import ml_collections
 import numpy as np
 
-from faceaudit_jax import parsing, regions
+from faceaudit_jax import classifiers, parsing, regions
 from faceaudit_jax.data import sampling
 from faceaudit_jax.data import sources as data_sources
-from faceaudit_jax.experiments import classifier
 from faceaudit_jax.metrics import fairness
 from faceaudit_jax.models import sources as model_sources
 from faceaudit_jax.summary import audit as audit_lib
@@ -128,13 +127,13 @@ def run(config, workdir: str) -> dict:
     print(f"[audit] {plan.clf.arch} from {plan.clf.workdir} (output {plan.clf.output_index}), "
           f"{plan.indices.size} test images of {config.data.source}", flush=True)
     test_attrs = plan.source.attributes(plan.indices)["attrs"]
-    logits = classifier.predict_logits(plan.clf, plan.source, plan.indices, batch_size)
+    logits = classifiers.predict_logits(plan.clf, plan.source, plan.indices, batch_size)
     if plan.confounders:
         known = plan.confounder_values is not None
         values = plan.confounder_values if known else (1,) * len(plan.confounders)
         accuracy = fairness.bias_group_report(logits, test_attrs, plan.target, plan.confounders, values)
         if known:
-            classifier.print_report("audited", accuracy)
+            classifiers.print_group_report("audited", accuracy)
         else:  # the placeholder direction's aligned/conflicting split means nothing: drop it
             for key in ("aligned_accuracy", "conflicting_accuracy", "gap"):
                 accuracy.pop(key)

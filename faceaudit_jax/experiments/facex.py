@@ -18,9 +18,10 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from faceaudit_jax import parsing
-from faceaudit_jax.experiments import classifier
+from faceaudit_jax import classifiers, parsing
 from faceaudit_jax.experiments.registry import readme_link_prefix, write_json
+from faceaudit_jax.metrics import fairness
+from faceaudit_jax.models import sources as model_sources
 from faceaudit_jax.summary import audit as audit_lib
 from faceaudit_jax.viz import figures
 
@@ -33,26 +34,58 @@ def write_audit_report(out_dir, name: str, result: audit_lib.AuditResult, source
         patch_size=int(config.explain.patch_size), extra=extra)
 
 
+def train_and_test(config, workdir: str) -> dict:
+    """Biased model (and balanced baseline): train, test per bias group, write classifier_results.json.
+
+    Returns {"results": the per-model group reports, "models": name -> classifier,
+    "subsets": ``classifiers.make_subsets``, "source": the test source (the images
+    FaceX explains), "train_source"}.
+    """
+    if model_sources.model_source(config.model) != "train":
+        raise ValueError(f"model.source={config.model.source!r}: train.py trains a model "
+                         "(model.source='train'); audit an existing one with explain.py "
+                         "--config configs/audit.py")
+    subsets = classifiers.make_subsets(config)
+    source, test_source = subsets["train_source"], subsets["test_source"]
+    confs = classifiers.confounder_list(config.bias)
+    values = subsets["confounder_values"]
+    test_attrs = test_source.attributes(subsets["test"])["attrs"]
+    results = {"target": config.bias.target, "confounders": confs, "corr": float(config.bias.corr),
+               "confounder_values": list(values)}
+    if subsets["train_size"] != int(config.train.size):  # capped at what a real folder holds
+        results["train_size"] = subsets["train_size"]
+    models = {}
+    for name in ["biased"] + (["balanced"] if config.train.get("baseline", True) else []):
+        clf = classifiers.train_classifier(config, workdir, subsets[name], source, name)
+        logits = classifiers.predict_logits(clf, test_source, subsets["test"], int(config.test.batch_size))
+        results[name] = fairness.bias_group_report(logits, test_attrs, config.bias.target, confs, values)
+        classifiers.print_group_report(name, results[name])
+        models[name] = clf
+    write_json(Path(workdir) / "classifier_results.json", results)
+    return {"results": results, "models": models, "subsets": subsets, "source": test_source,
+            "train_source": source}
+
+
 def train(config, workdir: str) -> dict:
     """train.py for the main job: the biased classifier (and baseline), tested, not explained.
 
     Each model's run directory (``workdir/biased``, ``workdir/balanced``) is what
     ``configs/audit.py`` takes as ``model.path`` (``model.source=checkpoint``).
     """
-    if config.experiment != "facex":
+    if config.get("experiment", "facex") != "facex":
         raise ValueError(f"experiment {config.experiment!r} has no separate training step; "
                          "use explain.py to run it whole")
-    return classifier.train(config, workdir)
+    return train_and_test(config, workdir)
 
 
 def run(config, workdir: str) -> dict:
     """The main job: biased (and baseline) classifier, FaceX audit, report."""
     work = Path(workdir)
     t0 = time.perf_counter()
-    # classifier.train refuses model.source != "train" with a pointer to configs/audit.py.
-    trained = classifier.train(config, workdir)
+    # train_and_test refuses model.source != "train" with a pointer to configs/audit.py.
+    trained = train_and_test(config, workdir)
     source, subsets = trained["source"], trained["subsets"]
-    confs = classifier.confounder_list(config.bias)
+    confs = classifiers.confounder_list(config.bias)
     xsource = audit_lib.at_explain_resolution(source, config.explain)
     summary = {"classifier": trained["results"]}
     parser = parsing.parser_from_config(config.explain)
@@ -87,7 +120,7 @@ def summary_markdown(config, summary: dict, elapsed: float, link_prefix: str = "
     ``link_prefix`` goes before the heatmap's path inside the workdir (see
     ``registry.readme_link_prefix``): "" links relative to the workdir.
     """
-    confs = ", ".join(classifier.confounder_list(config.bias))
+    confs = ", ".join(classifiers.confounder_list(config.bias))
     baseline = "balanced" in summary
     num_test = summary["classifier"]["biased"]["num_images"]
     data = ("synthetic faces" if config.data.source == "synthetic"
@@ -96,7 +129,7 @@ def summary_markdown(config, summary: dict, elapsed: float, link_prefix: str = "
         "### Main job: FaceX audit of a shortcut (`configs/facex.py`)",
         "",
         f"{config.bias.target} classifier (`{config.model.name}`, {data}, {config.data.resolution} px, "
-        f"{config.train.size} training images x {config.train.num_epochs} epochs) with a "
+        f"{summary['classifier'].get('train_size', config.train.size)} training images x {config.train.num_epochs} epochs) with a "
         f"{config.bias.corr} {config.bias.target} x {confs} link"
         + (f", vs the same architecture on a same-size subset balanced over "
            f"{config.bias.target} x {confs}" if baseline else "")

@@ -21,7 +21,6 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 EXPERIMENTS = {
     "facex": "faceaudit_jax.experiments.facex",
     "facex_tables": "faceaudit_jax.experiments.facex_tables",
-    "classifier": "faceaudit_jax.experiments.classifier",
     "attribute_cams": "faceaudit_jax.experiments.attribute_cams",
     "corrrise": "faceaudit_jax.experiments.corrrise",
     "vit_fv": "faceaudit_jax.experiments.vit_fv",
