@@ -39,7 +39,8 @@ def train_and_test(config, workdir: str) -> dict:
 
     Returns {"results": the per-model group reports, "models": name -> classifier,
     "subsets": ``classifiers.make_subsets``, "source": the test source (the images
-    FaceX explains), "train_source"}.
+    FaceX explains), "train_source", "train_seconds": name -> seconds spent obtaining
+    the model (training, or a few seconds where a finished run dir is reloaded)}.
     """
     if model_sources.model_source(config.model) != "train":
         raise ValueError(f"model.source={config.model.source!r}: train.py trains a model "
@@ -54,16 +55,18 @@ def train_and_test(config, workdir: str) -> dict:
                "confounder_values": list(values)}
     if subsets["train_size"] != int(config.train.size):  # capped at what a real folder holds
         results["train_size"] = subsets["train_size"]
-    models = {}
+    models, train_seconds = {}, {}
     for name in ["biased"] + (["balanced"] if config.train.get("baseline", True) else []):
+        t0 = time.perf_counter()
         clf = classifiers.train_classifier(config, workdir, subsets[name], source, name)
+        train_seconds[name] = round(time.perf_counter() - t0, 1)
         logits = classifiers.predict_logits(clf, test_source, subsets["test"], int(config.test.batch_size))
         results[name] = fairness.bias_group_report(logits, test_attrs, config.bias.target, confs, values)
         classifiers.print_group_report(name, results[name])
         models[name] = clf
     write_json(Path(workdir) / "classifier_results.json", results)
     return {"results": results, "models": models, "subsets": subsets, "source": test_source,
-            "train_source": source}
+            "train_source": source, "train_seconds": train_seconds}
 
 
 def train(config, workdir: str) -> dict:
@@ -87,7 +90,7 @@ def run(config, workdir: str) -> dict:
     source, subsets = trained["source"], trained["subsets"]
     confs = classifiers.confounder_list(config.bias)
     xsource = audit_lib.at_explain_resolution(source, config.explain)
-    summary = {"classifier": trained["results"]}
+    summary = {"classifier": trained["results"], "train_seconds": trained["train_seconds"]}
     parser = parsing.parser_from_config(config.explain)
     for name, clf in trained["models"].items():
         result = audit_lib.audit(clf, xsource, subsets["test"], config.bias.target, config.explain,
@@ -135,8 +138,11 @@ def summary_markdown(config, summary: dict, elapsed: float, link_prefix: str = "
            f"{config.bias.target} x {confs}" if baseline else "")
         + f"; test set balanced over the cells of {config.bias.target} x {confs} "
         f"({num_test} images, disjoint identities). "
-        f"Whole run (training, testing, explaining, reports): {elapsed / 60:.1f} min "
-        f"wall on {os.cpu_count()} CPU cores ({jax.default_backend()}).",
+        f"This run (training, testing, explaining, reports): {elapsed / 60:.1f} min wall on "
+        f"{os.cpu_count()} CPU cores ({jax.default_backend()}), of which obtaining the models took "
+        + ", ".join(f"{s / 60:.1f} min ({n})" for n, s in summary.get("train_seconds", {}).items())
+        + " (a model already trained in the workdir with the same settings is reloaded, "
+        "not retrained).",
         "",
         "| model | accuracy | bias-aligned | bias-conflicting | gap | RP of confounder | top-3 regions |",
         "|---|---:|---:|---:|---:|---:|---|",
