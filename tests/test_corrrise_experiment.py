@@ -9,7 +9,9 @@ import pytest
 import scipy.stats
 
 from faceaudit_jax.data import fixtures
+from faceaudit_jax.data import verification as verification_data
 from faceaudit_jax.experiments import corrrise, registry
+from faceaudit_jax.explain import pair_saliency
 from faceaudit_jax.metrics import verification
 
 CONFIG_PATH = Path(__file__).resolve().parents[1] / "configs" / "corrrise.py"
@@ -50,9 +52,9 @@ def test_outputs_written(smoke_run):
 def test_results_structure(smoke_run):
     workdir, results = smoke_run
     stored = json.loads((workdir / "results.json").read_text())
-    assert set(stored["table"]) == set(corrrise.METHODS)
+    assert set(stored["table"]) == set(pair_saliency.METHODS)
     steps = tiny_config().explain.num_steps
-    for method in corrrise.METHODS:
+    for method in pair_saliency.METHODS:
         row = stored["table"][method]
         assert 0.0 <= row["deletion_auc"] <= 100.0
         assert 0.0 <= row["insertion_auc"] <= 100.0
@@ -88,7 +90,7 @@ def test_occluded_scenario_outputs(smoke_run):
     occ = results["occluded"]
     if occ is None:
         pytest.skip("this smoke draw has no occluded probe with a plain partner")
-    assert set(occ["table"]) == set(corrrise.METHODS)
+    assert set(occ["table"]) == set(pair_saliency.METHODS)
     assert 1 <= occ["num_pairs"] <= tiny_config().occluded.num_pairs
     assert 0.0 <= occ["occluder_area_share"] <= 1.0
     for name in ("figure_saliency_occluded.png", "figure_curves_occluded.png"):
@@ -105,17 +107,17 @@ def test_occluded_pairs_pick_an_occluded_probe_and_a_plain_partner():
     attrs[2, hat] = 1              # person 1: both occluded -> no pair
     attrs[3, glasses] = 1
     attrs[5, hat] = 1              # person 2: occluded probe 5, plain partner 4
-    a, b = corrrise.occluded_pairs(attrs, identity, count=10)
+    a, b = verification_data.occluded_pairs(attrs, identity, count=10)
     np.testing.assert_array_equal(a, [0, 5])
     np.testing.assert_array_equal(b, [1, 4])
-    a, _ = corrrise.occluded_pairs(attrs, identity, count=1)
+    a, _ = verification_data.occluded_pairs(attrs, identity, count=1)
     np.testing.assert_array_equal(a, [0])
 
 
 def test_negative_mass_share_against_hand_values():
     s = np.array([[[-1.0, -3.0], [0.5, 0.0]], [[0.2, 0.1], [0.3, 0.4]]])
     mask = np.array([[[True, False], [True, True]]] * 2)
-    share = corrrise.negative_mass_share(s, mask)
+    share = pair_saliency.negative_mass_share(s, mask)
     assert share[0] == pytest.approx(0.25)       # 1 of the 4 units of S- mass is inside
     assert np.isnan(share[1])                   # no S- at all
 
@@ -125,7 +127,7 @@ def test_map_rank_correlation_matches_scipy():
     x = rng.normal(size=(3, 5, 5))
     y = x + rng.normal(size=(3, 5, 5))
     y[2] = 1.0  # constant map -> 0, not NaN
-    got = corrrise.map_rank_correlation(x, y)
+    got = pair_saliency.map_rank_correlation(x, y)
     for i in range(2):
         assert got[i] == pytest.approx(scipy.stats.spearmanr(x[i].ravel(), y[i].ravel())[0])
     assert got[2] == 0.0
@@ -269,8 +271,8 @@ def test_bad_split_raises():
     c = tiny_config()
     c.data.test_offset = 3  # not a multiple of images_per_identity, overlaps training
     with pytest.raises(ValueError, match="test_offset"):
-        corrrise.split_indices(c)
+        verification_data.split_indices(c)
     c = tiny_config()
     c.test.num_identities = 5
     with pytest.raises(ValueError, match="num_identities"):
-        corrrise.split_indices(c)
+        verification_data.split_indices(c)

@@ -23,17 +23,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from faceaudit_jax import train_lib
-from faceaudit_jax.workdir import read_jsonl
+from faceaudit_jax.workdir import last_record
 from faceaudit_jax.data import pipeline
 from faceaudit_jax.data import verification as verification_data
-from faceaudit_jax.data.verification import split_indices, to_float  # noqa: F401  (tests use them)
 from faceaudit_jax.experiments import registry
 from faceaudit_jax.experiments.registry import write_json
 from faceaudit_jax.explain import pair_saliency
 from faceaudit_jax.explain.corrrise import numpy_embed_fn
-from faceaudit_jax.explain.pair_saliency import (  # noqa: F401  (re-exported for tests)
+from faceaudit_jax.explain.pair_saliency import (
     METHOD_LABELS, METHODS, PairModel, map_rank_correlation, negative_mass_share)
-from faceaudit_jax.data.verification import occluded_pairs, occluder_mask  # noqa: F401
+from faceaudit_jax.data.verification import occluded_pairs, occluder_mask, to_float
 from faceaudit_jax.metrics import perturbation, verification
 from faceaudit_jax.models import embedder as embedder_lib
 from faceaudit_jax.models import sources as model_sources
@@ -81,13 +80,7 @@ def train_embedder(config, workdir: str, images: np.ndarray, identity: np.ndarra
                           log_every=int(config.train.log_every), desc="train embedder (CosFace)")
     variables = embedder_lib.embedder_variables(train_lib.state_variables(state))
     return model.embedder, variables, {"num_steps": num_steps,
-                                       "last_train_record": _last_train_record(run_dir)}
-
-
-def _last_train_record(run_dir: Path) -> dict:
-    """The last "train" record of the run's metrics.jsonl ({} before the first log)."""
-    train_records = [r for r in read_jsonl(run_dir / "metrics.jsonl") if r.get("kind") == "train"]
-    return train_records[-1] if train_records else {}
+                                       "last_train_record": last_record(run_dir / "metrics.jsonl", "train")}
 
 
 def random_variables(model, config) -> dict:
