@@ -272,7 +272,7 @@ def train_state_from_variables(variables: Mapping, tx: optax.GradientTransformat
     params = variables["params"]
     return TrainState(step=jnp.asarray(0, jnp.int32), params=params,
                       batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
-                      rng=_raw_key(rng), tx=tx)
+                      rng=jnp.array(_raw_key(rng), copy=True), tx=tx)  # fit donates it
 
 
 def init_model_variables(model: Any, key: jax.Array, example_inputs: Sequence[Any]) -> dict:
