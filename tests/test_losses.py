@@ -251,3 +251,15 @@ def test_cosface_loss_on_cosines_matches_cosface_logits(rng):
                                losses.cosface_logits(e, w, y, scale=16.0, margin=0.3), rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="cosines"):
         losses.cosface_loss_on_cosines(cosines[0], y)
+
+
+def test_softmax_classification_loss_closed_form():
+    logits = jnp.array([[2.0, 0.0], [0.0, 1.0]])
+    batch = {"label": jnp.array([0, 0])}
+    logp = np.asarray(jax.nn.log_softmax(logits))
+    eps = 0.1
+    target = np.array([[1 - eps / 2, eps / 2]] * 2)
+    loss, metrics = losses.SoftmaxClassificationLoss(eps)(logits, batch)
+    assert float(loss) == pytest.approx(-(target * logp).sum(-1).mean(), rel=1e-6)
+    assert float(metrics["accuracy"]) == 0.5  # argmax 0 and 1 against labels 0 and 0
+    assert hash(losses.SoftmaxClassificationLoss(eps)) == hash(losses.SoftmaxClassificationLoss(eps))
