@@ -658,7 +658,10 @@ def _restore_step(directory: str, step: int, target: Any) -> tuple[Any, str | No
 def _restore(manager: ocp.CheckpointManager, state: TrainState) -> TrainState:
     """``state`` from the newest intact step; damaged newer steps are moved aside with a warning.
 
-    Raises CheckpointError naming the folder when steps exist but none is intact.
+    A step is damaged when it cannot be read, its arrays differ from the sha256
+    saved in its Orbax metadata (``tree_checksum``), or (saved before checksums)
+    it holds NaN/Inf or absurd magnitudes. Raises CheckpointError naming the
+    folder when steps exist but none is intact.
     """
     steps = sorted(manager.all_steps(), reverse=True)
     if not steps:
@@ -762,61 +765,36 @@ def _check_fit_args(num_steps: Any, ckpt_every: Any, log_every: Any, eval_fn: An
         raise ValueError(f"eval_every must be a positive int or None, got {eval_every!r}")
 
 
-def fit(
-    model: Any,
-    state: TrainState,
-    batch_fn: Callable[[int], Mapping[str, Any]],
-    num_steps: int,
-    workdir: str,
-    *,
-    loss_fn: Callable,
-    ckpt_every: int = 500,
-    log_every: int = 50,
-    eval_fn: Callable[[TrainState], Mapping[str, Any]] | None = None,
-    eval_every: int | None = None,
-    desc: str = "train",
-    max_to_keep: int = 3,
-    input_key: InputKey = "image",
-    augment_fn: AugmentFn | None = None,
-    log_window_mean: bool = False,
-    progress: bool = True,
-) -> TrainState:
+def fit(model: Any, state: TrainState, batch_fn: Callable[[int], Mapping[str, Any]], num_steps: int,
+        workdir: str, *, loss_fn: Callable, ckpt_every: int = 500, log_every: int = 50,
+        eval_fn: Callable[[TrainState], Mapping[str, Any]] | None = None, eval_every: int | None = None,
+        desc: str = "train", max_to_keep: int = 3, input_key: InputKey = "image",
+        augment_fn: AugmentFn | None = None, log_window_mean: bool = False,
+        progress: bool = True) -> TrainState:
     """Train until ``state.step == num_steps``, resuming from workdir/checkpoints if possible.
 
     Args:
       model: Flax module (see the module docstring).
       state: a fresh ``create_train_state`` / ``train_state_from_variables`` result
-        (replaced by the latest checkpoint if there is one). It is donated: do
-        not reuse it afterwards.
-      batch_fn: step -> batch dict; must be a deterministic function of the
-        step (a resumed run then sees the same batches).
+        (replaced by the latest checkpoint if there is one). It is donated.
+      batch_fn: step -> batch dict; a deterministic function of the step (a
+        resumed run then sees the same batches).
       num_steps: total number of updates of the run (not of this call).
-      workdir: everything goes here: checkpoints/ (Orbax, last ``max_to_keep``)
-        and metrics.jsonl (JSON lines: {"kind": "train", "step", "loss", "lr",
-        "grad_norm", "images_per_s", ...} every ``log_every`` steps and
-        {"kind": "eval", "step", ...} every ``eval_every`` steps and at the end).
+      workdir: checkpoints/ (Orbax, last ``max_to_keep``) and metrics.jsonl
+        ({"kind": "train", "step", "loss", "lr", "grad_norm", "images_per_s", ...}
+        every ``log_every`` steps, {"kind": "eval", "step", ...} every
+        ``eval_every`` steps and at the end).
       loss_fn: ``loss_fn(logits, batch)`` -> scalar or (scalar, metrics dict).
       ckpt_every: checkpoint period in steps; the final step is always saved.
       eval_fn: optional ``eval_fn(state)`` -> dict of scalars.
-      input_key, augment_fn: the model's inputs and the in-step augmentation
-        (see ``make_train_step``).
-      log_window_mean: train records hold the mean of each metric over the steps
-        since the previous record (e.g. per-epoch means with log_every = steps
-        per epoch) instead of the values of the logged step.
-    Returns:
-      the final state. Raises ValueError for an unwritable workdir before any
-      work is done.
-
-    Checkpoints are verified on restore: each step is saved with the sha256
-    of its arrays in its Orbax metadata (``tree_checksum``), and a step that
-    cannot be read, whose arrays differ from the checksum, or (saved before
-    checksums) holds NaN/Inf or absurd magnitudes, is damaged. Damaged newer
-    steps are moved to workdir/damaged_checkpoints with a warning naming them,
-    and training resumes from the newest intact step (replaying the same
-    updates, see the module docstring); if no step is intact, CheckpointError
-    names the folder. Stale Orbax tmp folders are removed when the folder
-    is opened; an incomplete last line of metrics.jsonl is dropped with a
-    warning.
+      input_key, augment_fn: model inputs and in-step augmentation (``make_train_step``).
+      log_window_mean: records hold each metric's mean since the previous record.
+    Returns the final state. An unwritable workdir raises ValueError before any
+    work. Checkpoints are verified on restore (``_restore``: checksums; damaged
+    newer steps are moved to workdir/damaged_checkpoints with a warning and the
+    run resumes from the newest intact one, replaying the same updates;
+    CheckpointError if none is intact); stale Orbax tmp folders are removed and
+    an incomplete last line of metrics.jsonl is dropped with a warning.
     """
     workdir = check_workdir(workdir)
     _check_fit_args(num_steps, ckpt_every, log_every, eval_fn, eval_every)
@@ -847,6 +825,26 @@ def fit(
         bar.close()
         manager.wait_until_finished()
     return state
+
+
+def fit_epochs(model: Any, state: TrainState, batch_fn: Callable[[int], Mapping[str, Any]],
+               epochs: int, steps_per_epoch: int, scratch_dir: str, **fit_args) -> tuple[TrainState, list[dict]]:
+    """``fit`` for whole epochs in a scratch folder, for runs whose final variables are all
+    that is kept (``save_variables``): a checkpoint per epoch (a killed run resumes at its
+    last epoch), then the folder is removed.
+
+    Returns (state, history): per epoch {"epoch", "loss", and the loss_fn's extra metrics},
+    each the mean over the epoch's steps (``log_window_mean``).
+    """
+    state = fit(model, state, batch_fn, int(epochs) * int(steps_per_epoch), scratch_dir,
+                ckpt_every=steps_per_epoch, log_every=steps_per_epoch, log_window_mean=True,
+                max_to_keep=1, progress=False, **fit_args)
+    history = [{"epoch": r["step"] // steps_per_epoch,
+                **{k: v for k, v in r.items() if k not in ("kind", "step", "lr", "grad_norm", "images_per_s")}}
+               for r in workdir_lib.read_jsonl(os.path.join(scratch_dir, "metrics.jsonl"))
+               if r["kind"] == "train"]
+    shutil.rmtree(scratch_dir)
+    return state, history
 
 
 # ----------------------------------------------------------------------------- final variables
@@ -888,3 +886,18 @@ def load_variables(directory: str, template: Any) -> Any | None:
         raise CheckpointError(f"saved variables in {directory} cannot be used: {problem}; "
                               "delete the folder to retrain")
     return tree
+
+
+def save_keyed_variables(directory: str, variables: Any, fingerprint: str,
+                         meta: Mapping | None = None) -> None:
+    """``save_variables`` plus the sidecar ``<directory>.json``: {"fingerprint", **meta} (e.g.
+    the training history), so a rerun reuses the model only under the same settings."""
+    save_variables(directory, variables)
+    workdir_lib.write_json(f"{os.path.abspath(directory)}.json", {"fingerprint": fingerprint, **(meta or {})})
+
+
+def load_keyed_variables(directory: str, template: Any, fingerprint: str) -> tuple[Any | None, dict]:
+    """(variables, sidecar) saved by ``save_keyed_variables`` under ``fingerprint``, else (None, {})."""
+    meta = workdir_lib.read_json_if(f"{os.path.abspath(directory)}.json", fingerprint)
+    variables = None if meta is None else load_variables(directory, template)
+    return (None, {}) if variables is None else (variables, meta)

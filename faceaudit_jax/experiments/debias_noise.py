@@ -22,9 +22,6 @@ instead of mixing runs. Departures from the paper: docs/deviations_debias_noise.
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -105,16 +102,7 @@ def validate_config(config) -> None:
                          "gender x confounder cell)")
 
 
-def fingerprint(*parts: Any) -> str:
-    """Short hash of JSON-serialisable settings (ConfigDicts via to_dict)."""
-    def plain(x):
-        if hasattr(x, "to_dict"):
-            return plain(x.to_dict())
-        if isinstance(x, dict):
-            return {str(k): plain(v) for k, v in sorted(x.items())}
-        return [plain(v) for v in x] if isinstance(x, (list, tuple)) else x
-    text = json.dumps([plain(p) for p in parts], sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+fingerprint = workdir_lib.settings_hash  # the settings hash of every cached model and result
 
 
 def select_subsets(config, confounder: str, train_attrs: np.ndarray, test_attrs: np.ndarray,
@@ -174,37 +162,6 @@ _classifier_optimizer = functools.lru_cache(pn.confounded_classifier_optimizer)
 _patch_optimizer = functools.lru_cache(pn.patch_net_optimizer)
 
 
-def save_variables(folder: Path, variables: Any, fp: str, meta: Optional[dict] = None) -> None:
-    """The variables as a verified Orbax checkpoint (`train_lib.save_variables`) plus a
-    JSON sidecar ``<folder>.json`` (fingerprint and `meta`, e.g. the training history)."""
-    train_lib.save_variables(str(folder), variables)
-    write_json(folder.parent / f"{folder.name}.json", {"fingerprint": fp, **(meta or {})})
-
-
-def load_variables(folder: Path, template: Any, fp: str) -> tuple[Optional[Any], dict]:
-    """(variables, sidecar meta) if saved with the same settings (fingerprint `fp`),
-    else (None, {}). `template`: the variables' structure (arrays or shapes)."""
-    meta_path = folder.parent / f"{folder.name}.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
-    if meta.get("fingerprint") != fp:
-        return None, {}
-    variables = train_lib.load_variables(str(folder), template)
-    return (None, {}) if variables is None else (variables, meta)
-
-
-def _fit(model, state, batch_fn, epochs: int, per_epoch: int, folder: Path, **fit_args):
-    """``train_lib.fit`` for ``epochs`` epochs in the scratch ``folder`` (a checkpoint per
-    epoch, so a killed training resumes there), then the folder is removed:
-    (state, per-epoch history of mean loss / accuracy)."""
-    state = train_lib.fit(model, state, batch_fn, epochs * per_epoch, str(folder),
-                          ckpt_every=per_epoch, log_every=per_epoch, log_window_mean=True,
-                          max_to_keep=1, progress=False, **fit_args)
-    history = [{"epoch": r["step"] // per_epoch, "loss": r["loss"], "accuracy": r["accuracy"]}
-               for r in workdir_lib.read_jsonl(folder / "metrics.jsonl") if r["kind"] == "train"]
-    shutil.rmtree(folder)
-    return state, history
-
-
 def _log(message: str) -> None:
     print(f"[debias_noise {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
@@ -249,12 +206,6 @@ class _Fingerprints:
         return fingerprint(self.train(name, repeat), self.test)
 
 
-def _read_if(path: Path, fp: str) -> Optional[dict]:
-    """The JSON at `path` if it exists and was made with fingerprint `fp`, else None."""
-    saved = json.loads(path.read_text()) if path.exists() else {}
-    return saved if saved.get("fingerprint") == fp else None
-
-
 def _read_cache(path: Path, fp: str) -> Optional[dict]:
     """The attribution cache (npz) if made with fingerprint `fp`, else None."""
     if not path.exists():
@@ -283,7 +234,7 @@ def _patch_net(config, confounder: str, data: dict, path: Path, fp: str):
     """The confounder's patch region classifier: (variables, train history), loaded or trained
     on the balanced set (gender carries no information about its label there)."""
     pc, model, inputs = config.patch_net, patch_model(config.patch_net), _example_inputs(config, "patch")
-    pvars, meta = load_variables(path, train_lib.variables_template(model, inputs), fp)
+    pvars, meta = train_lib.load_keyed_variables(str(path), train_lib.variables_template(model, inputs), fp)
     if pvars is not None:
         return pvars, meta.get("train_history")
     t0 = time.time()
@@ -297,14 +248,14 @@ def _patch_net(config, confounder: str, data: dict, path: Path, fp: str):
     batch_fn = pipeline.array_batch_fn(images, int(pc.batch_size),
                                        _name_seed(config.seed, confounder, "patch_order"),
                                        label=labels)
-    state, history = _fit(
-        model, state, batch_fn, int(pc.epochs), per_epoch, path.parent / f"{path.name}.training",
+    state, history = train_lib.fit_epochs(
+        model, state, batch_fn, int(pc.epochs), per_epoch, str(path.parent / f"{path.name}.training"),
         loss_fn=losses.SoftmaxClassificationLoss(float(pc.label_smoothing)),
         augment_fn=pn.PatchSampler(int(config.data.resolution), int(pc.patch_size), int(pc.grid)),
         input_key=_PATCH_INPUTS)
     pvars = train_lib.state_variables(state)
-    save_variables(path, pvars, fp, {"train_history": history,
-                                     "train_seconds": round(time.time() - t0, 1)})
+    train_lib.save_keyed_variables(str(path), pvars, fp, {"train_history": history,
+                                                          "train_seconds": round(time.time() - t0, 1)})
     _log(f"{confounder}: patch net trained in {time.time() - t0:.0f} s, last epoch loss "
          f"{history[-1]['loss']:.3f} patch accuracy {history[-1]['accuracy']:.3f}")
     return pvars, history
@@ -376,9 +327,9 @@ def _train_gender_classifier(config, confounder: str, name: str, repeat: int, da
                               float(cc.weight_decay)),
         run_key(config.seed, confounder, name, "train", *extra))
     augment = noise.SelectionAugment(float(config.debias.mask_fill), float(config.debias.noise_std))
-    state, history = _fit(model, state, batches("classifier_order"), _epochs_for(config, method),
-                          per_epoch, folder, loss_fn=losses.SoftmaxClassificationLoss(),
-                          augment_fn=augment)
+    state, history = train_lib.fit_epochs(
+        model, state, batches("classifier_order"), _epochs_for(config, method), per_epoch,
+        str(folder), loss_fn=losses.SoftmaxClassificationLoss(), augment_fn=augment)
     variables = train_lib.recalibrate_batch_stats(
         model, train_lib.state_variables(state), batches("bn_order"),
         int(cc.bn_recalibration_passes) * per_epoch,
@@ -394,12 +345,12 @@ def _evaluate_run(config, confounder: str, job: tuple, data: dict, maps: dict,
     method, q = parse_run_name(name)
     model, path = classifier_model(cc), model_dir / repeat_stem(name, repeat)
     template = train_lib.variables_template(model, _example_inputs(config, "classifier"))
-    variables, meta = load_variables(path, template, fps.train(*job))
+    variables, meta = train_lib.load_keyed_variables(str(path), template, fps.train(*job))
     reloaded = variables is not None
     if not reloaded:
         variables, meta = _train_gender_classifier(config, confounder, name, repeat, data, maps,
                                                    path.parent / f"{path.name}.training")
-        save_variables(path, variables, fps.train(*job), meta)
+        train_lib.save_keyed_variables(str(path), variables, fps.train(*job), meta)
     test, bs = data["test"], int(config.test.batch_size)
     logits = train_lib.predict(model, variables, (pipeline.uint8_to_float(test["images"][i:i + bs])
                                                   for i in range(0, test["images"].shape[0], bs)))
@@ -453,10 +404,10 @@ def run_confounder(config, confounder: str, workdir: Path, pools: dict) -> dict[
     names, repeats = planned_runs(config, confounder), int(config.classifier.get("repeats", 1))
     # Repeat-major: a job stopped part-way holds whole repeats of the table.
     jobs = [(name, r) for r in range(repeats) for name in names]
-    done = {job: _read_if(paths["runs"] / f"{repeat_stem(*job)}.json", fps.result(*job))
+    done = {job: workdir_lib.read_json_if(paths["runs"] / f"{repeat_stem(*job)}.json", fps.result(*job))
             for job in jobs}
     done = {job: record for job, record in done.items() if record is not None}
-    patch_result = _read_if(paths["runs"] / "patch_net.json", fps.patch_result)
+    patch_result = workdir_lib.read_json_if(paths["runs"] / "patch_net.json", fps.patch_result)
     cache = _read_cache(paths["models"] / "attribution.npz", fps.attribution)
     pending = [job for job in jobs if job not in done]
     if pending or patch_result is None or cache is None:
@@ -526,20 +477,6 @@ def models_fingerprint(config) -> dict:
     return fields
 
 
-FIGURE_KEYS = {"figure7_gaps.png": "figure7", "figure8_quantiles.png": "figure8",
-               "figure_maps.png": "maps"}
-
-
-def _write_report(made: dict, workdir: Path) -> dict[str, str]:
-    """Lay out ``summary_lib.report``'s texts and figures; {figure key: file name}."""
-    for name in ("table1.md", "summary.md"):
-        (workdir / name).write_text(made[name])
-    dpi = {**summary_lib.FIGURE_DPI}
-    for name, fig in made["figures"].items():
-        fig.savefig(workdir / name, dpi=dpi.get(name, 120))
-    return {FIGURE_KEYS.get(name, name[:-len(".png")]): name for name in made["figures"]}
-
-
 def run(config, workdir) -> dict[str, Any]:
     """The whole experiment; returns the results dict also written to results.json."""
     validate_config(config)
@@ -556,7 +493,7 @@ def run(config, workdir) -> dict[str, Any]:
     setup = _setup(config, per_confounder)
     out = {"experiment": "debias_noise", "setup": setup,
            **summary_lib.tables(setup, results), "results": results}
-    figures = _write_report(summary_lib.report(
+    figures = summary_lib.write_report(summary_lib.report(
         {**out, "examples": {c: v["examples"] for c, v in per_confounder.items()}},
         registry.readme_link_prefix(workdir)), workdir)
     out.update(figures=figures, paper={"blond_hair_gap": summary_lib.PAPER_BLOND_HAIR_GAP,

@@ -5,11 +5,13 @@ The results dict is what `faceaudit_jax.experiments.debias_noise` writes to resu
 ``setup`` (what was run: confounders, methods, quantiles, sizes), ``results``
 ({confounder: {"runs": {run id: the cell over its repeated trainings}, "patch_net": ...}})
 and the derived ``table1`` / ``sweep`` / ``comparison`` (`tables`). `report` is pure:
-it returns the Markdown texts and the figures (`viz.debiasing`), writing nothing.
+it returns the Markdown texts and the figures (`viz.debiasing`), writing nothing;
+`write_report` lays them out.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -17,7 +19,7 @@ import numpy as np
 from faceaudit_jax.metrics import calibration, fairness
 from faceaudit_jax.mitigation.debias_runs import BASELINES, METHODS, method_spec, run_name
 from faceaudit_jax.viz import debiasing as figures_lib
-from faceaudit_jax.viz.report import markdown_table
+from faceaudit_jax.viz.report import markdown_table, save_figure
 
 LABELS = {"original": "Original (biased)", "balanced": "Balanced",
           "general_noise": "General noise", "general_mask": "General mask",
@@ -328,6 +330,9 @@ def tables(setup: dict, results: dict) -> dict[str, Any]:
 
 
 FIGURE_DPI = {"figure7_gaps.png": 110, "figure8_quantiles.png": 110, "figure_maps.png": 100}
+# results.json's names of the figures ({key: file name}); reliability_<C> keep their stem.
+FIGURE_KEYS = {"figure7_gaps.png": "figure7", "figure8_quantiles.png": "figure8",
+               "figure_maps.png": "maps"}
 
 
 def figures(results: dict) -> dict[str, Any]:
@@ -377,3 +382,13 @@ def report(results: dict, link_prefix: str = "") -> dict[str, Any]:
             "summary.md": summary_markdown(setup, results["results"], results["comparison"],
                                            results["sweep"], link_prefix),
             "figures": figures(results)}
+
+
+def write_report(made: dict, workdir) -> dict[str, str]:
+    """Lay out ``report``'s texts and figures under ``workdir``; returns {figure key: file name}."""
+    workdir = Path(workdir)
+    for name in ("table1.md", "summary.md"):
+        (workdir / name).write_text(made[name])
+    for name, fig in made["figures"].items():
+        save_figure(fig, workdir / name, dpi=FIGURE_DPI.get(name, 120))
+    return {FIGURE_KEYS.get(name, Path(name).stem): name for name in made["figures"]}
