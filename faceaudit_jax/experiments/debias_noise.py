@@ -162,6 +162,12 @@ _classifier_optimizer = functools.lru_cache(pn.confounded_classifier_optimizer)
 _patch_optimizer = functools.lru_cache(pn.patch_net_optimizer)
 
 
+def _scratch(path: Path, fp: str) -> str:
+    """The training folder of the model saved at ``path`` (removed once it is saved); named by
+    the settings hash, so a killed training resumes only under the same settings."""
+    return str(path.parent / f"{path.name}.training-{fp}")
+
+
 def _log(message: str) -> None:
     print(f"[debias_noise {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
@@ -249,7 +255,7 @@ def _patch_net(config, confounder: str, data: dict, path: Path, fp: str):
                                        _name_seed(config.seed, confounder, "patch_order"),
                                        label=labels)
     state, history = train_lib.fit_epochs(
-        model, state, batch_fn, int(pc.epochs), per_epoch, str(path.parent / f"{path.name}.training"),
+        model, state, batch_fn, int(pc.epochs), per_epoch, _scratch(path, fp),
         loss_fn=losses.SoftmaxClassificationLoss(float(pc.label_smoothing)),
         augment_fn=pn.PatchSampler(int(config.data.resolution), int(pc.patch_size), int(pc.grid)),
         input_key=_PATCH_INPUTS)
@@ -304,7 +310,7 @@ def _attribution(config, biased: dict, subset: np.ndarray, pvars, fp: str,
 
 
 def _train_gender_classifier(config, confounder: str, name: str, repeat: int, data: dict,
-                             maps: dict, folder: Path) -> tuple[dict, dict]:
+                             maps: dict, folder: str) -> tuple[dict, dict]:
     """Train one gender classifier of run `name` (baseline or augmentation), then
     re-estimate its batch-norm statistics: (variables, {train_history, train_seconds}).
     Within a repeat every run shares the initialisation and batch order, so the
@@ -329,7 +335,7 @@ def _train_gender_classifier(config, confounder: str, name: str, repeat: int, da
     augment = noise.SelectionAugment(float(config.debias.mask_fill), float(config.debias.noise_std))
     state, history = train_lib.fit_epochs(
         model, state, batches("classifier_order"), _epochs_for(config, method), per_epoch,
-        str(folder), loss_fn=losses.SoftmaxClassificationLoss(), augment_fn=augment)
+        folder, loss_fn=losses.SoftmaxClassificationLoss(), augment_fn=augment)
     variables = train_lib.recalibrate_batch_stats(
         model, train_lib.state_variables(state), batches("bn_order"),
         int(cc.bn_recalibration_passes) * per_epoch,
@@ -349,7 +355,7 @@ def _evaluate_run(config, confounder: str, job: tuple, data: dict, maps: dict,
     reloaded = variables is not None
     if not reloaded:
         variables, meta = _train_gender_classifier(config, confounder, name, repeat, data, maps,
-                                                   path.parent / f"{path.name}.training")
+                                                   _scratch(path, fps.train(*job)))
         train_lib.save_keyed_variables(str(path), variables, fps.train(*job), meta)
     test, bs = data["test"], int(config.test.batch_size)
     logits = train_lib.predict(model, variables, (pipeline.uint8_to_float(test["images"][i:i + bs])
