@@ -18,6 +18,7 @@ concrete arrays; under ``jit`` the inputs are traced and only shapes are checked
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -221,6 +222,22 @@ def label_smoothed_cross_entropy(logits: jax.Array, labels_int: jax.Array, smoot
     targets = jax.nn.one_hot(labels_int, num_classes) * (1.0 - smoothing) + smoothing / num_classes
     log_probs = jax.nn.log_softmax(logits, axis=-1)
     return -jnp.mean(jnp.sum(targets * log_probs, axis=-1))
+
+
+@dataclasses.dataclass(frozen=True)
+class SoftmaxClassificationLoss:
+    """``loss_fn(logits [B, K], batch) -> (loss, {"accuracy"})`` for ``train_lib.fit``:
+    ``label_smoothed_cross_entropy`` against ``batch[label_key]`` (ints [B]) and the
+    argmax accuracy. Frozen and hashable by value, so ``train_lib.make_train_step``
+    reuses one compiled update for every run with the same settings."""
+
+    label_smoothing: float = 0.0
+    label_key: str = "label"
+
+    def __call__(self, logits: jax.Array, batch: dict) -> tuple[jax.Array, dict]:
+        labels = batch[self.label_key]
+        loss = label_smoothed_cross_entropy(logits, labels, self.label_smoothing)
+        return loss, {"accuracy": jnp.mean(jnp.argmax(logits, -1) == labels)}
 
 
 def l2_normalize(x: jax.Array, axis: int = -1, eps: float = _NORM_EPS) -> jax.Array:

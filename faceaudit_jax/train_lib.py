@@ -258,16 +258,48 @@ def create_train_state(model: Any, key: jax.Array, image_size, tx: optax.Gradien
     from faceaudit_jax.models.resnet import init_variables  # models import nothing from here
 
     init_key, run_key = jax.random.split(key)
-    variables = init_variables(model, init_key, image_size)
+    return train_state_from_variables(init_variables(model, init_key, image_size), tx, run_key)
+
+
+def train_state_from_variables(variables: Mapping, tx: optax.GradientTransformation,
+                               rng: jax.Array) -> TrainState:
+    """Step-0 state of a run starting from given variables ({"params", ["batch_stats"]}).
+
+    ``rng``: the run's key (typed or raw); update ``step`` draws from
+    ``fold_in(rng, step)``. ``fit`` donates the state, so pass variables that
+    are not used elsewhere (e.g. ``jax.tree.map(jnp.copy, shared)``).
+    """
     params = variables["params"]
-    return TrainState(
-        step=jnp.asarray(0, jnp.int32),
-        params=params,
-        batch_stats=variables.get("batch_stats", {}),
-        opt_state=tx.init(params),
-        rng=_raw_key(run_key),
-        tx=tx,
-    )
+    return TrainState(step=jnp.asarray(0, jnp.int32), params=params,
+                      batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
+                      rng=jnp.array(_raw_key(rng), copy=True), tx=tx)  # fit donates it
+
+
+def init_model_variables(model: Any, key: jax.Array, example_inputs: Sequence[Any]) -> dict:
+    """``model.init`` on positional ``example_inputs`` (train=False), jitted and memoised per
+    (hashable) module: {"params", ["batch_stats"]}. The "params" and "dropout" init streams
+    draw from ``split(key)``; for models whose input is not one image (see
+    ``create_train_state`` for those)."""
+    params_key, dropout_key = jax.random.split(key)
+    try:
+        init = _jitted_init(model)
+    except TypeError:  # unhashable module: no memo
+        init = jax.jit(functools.partial(model.init, train=False))
+    variables = init({"params": params_key, "dropout": dropout_key}, *example_inputs)
+    return {k: v for k, v in variables.items() if k in ("params", "batch_stats")}
+
+
+@functools.lru_cache(maxsize=16)
+def _jitted_init(model: Any) -> Callable:
+    return jax.jit(functools.partial(model.init, train=False))
+
+
+def variables_template(model: Any, example_inputs: Sequence[Any]) -> dict:
+    """Shapes of ``init_model_variables``' result without running or compiling the
+    initialiser: the ``template`` of ``load_variables``."""
+    rngs = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
+    shapes = jax.eval_shape(lambda: model.init(rngs, *example_inputs, train=False))
+    return {k: v for k, v in shapes.items() if k in ("params", "batch_stats") and v}
 
 
 # ----------------------------------------------------------------------------- steps
@@ -277,44 +309,77 @@ def _logits_of(output: Any) -> jax.Array:
     return output[0] if isinstance(output, tuple) else output
 
 
-def make_train_step(model: Any, loss_fn: Callable, *, input_key: str = "image") -> Callable:
+InputKey = str | tuple[str, ...]
+# ``augment_fn(key, batch) -> batch``: runs inside the jitted step before the forward pass
+# (e.g. noise on selected pixels, or patch sampling that adds the model's inputs).
+AugmentFn = Callable[[jax.Array, Mapping[str, jax.Array]], Mapping[str, jax.Array]]
+
+
+def _model_inputs(batch: Mapping, input_key: InputKey) -> tuple:
+    """The model's positional inputs: batch[input_key], or one per name of a tuple."""
+    return tuple(batch[k] for k in input_key) if isinstance(input_key, tuple) else (batch[input_key],)
+
+
+def _augment_and_dropout_key(rng: jax.Array, step: jax.Array, batch: Mapping,
+                             augment_fn: AugmentFn | None) -> tuple[Mapping, jax.Array]:
+    """(batch after ``augment_fn``, dropout key) of update ``step``.
+
+    Without augmentation the dropout key is ``fold_in(rng, step)``; with it, that
+    key is split into (augmentation key, dropout key).
+    """
+    step_key = jax.random.fold_in(rng, step)
+    if augment_fn is None:
+        return batch, step_key
+    augment_key, dropout_key = jax.random.split(step_key)
+    return augment_fn(augment_key, batch), dropout_key
+
+
+def _train_mode_apply(model: Any, variables: Mapping, inputs: tuple, dropout_key: jax.Array,
+                      batch_stats: Any) -> tuple[Any, Any]:
+    """(output, new batch_stats) of a train-mode forward pass (batch_stats as given if none)."""
+    if not batch_stats:
+        return model.apply(variables, *inputs, train=True, rngs={"dropout": dropout_key}), batch_stats
+    output, updates = model.apply({**variables, "batch_stats": batch_stats}, *inputs, train=True,
+                                  rngs={"dropout": dropout_key}, mutable=["batch_stats"])
+    return output, updates["batch_stats"]
+
+
+def make_train_step(model: Any, loss_fn: Callable, *, input_key: InputKey = "image",
+                    augment_fn: AugmentFn | None = None) -> Callable:
     """Jitted ``train_step(state, batch) -> (state, metrics)``; ``state`` is donated.
 
     ``loss_fn(logits, batch)`` returns a scalar, or (scalar, dict of scalar
-    metrics). The model sees ``batch[input_key]`` in training mode; BatchNorm
-    statistics are updated; the dropout key is fold_in(state.rng, state.step).
-    metrics: "loss", "lr" (rate used by this update), "grad_norm" and any extras.
-    Compiles once per batch shape/dtype. The jitted function is memoised on
-    (model, loss_fn, input_key), so repeated ``fit`` calls in one process (e.g.
-    a resume) reuse the compiled update.
+    metrics). The model sees ``batch[input_key]`` (or ``*(batch[k] for k in
+    input_key)`` for a tuple of names) in training mode, after the optional
+    ``augment_fn(key, batch) -> batch``; BatchNorm statistics are updated; keys
+    as in ``_augment_and_dropout_key`` (the dropout key is fold_in(state.rng,
+    state.step) without augmentation). metrics: "loss", "lr" (rate used by this
+    update), "grad_norm" and any extras. Compiles once per batch shape/dtype.
+    The jitted function is memoised on (model, loss_fn, input_key, augment_fn),
+    so repeated ``fit`` calls in one process (e.g. a resume) reuse it.
     """
     try:
-        return _cached_train_step(model, loss_fn, input_key)
+        return _cached_train_step(model, loss_fn, input_key, augment_fn)
     except TypeError:  # an unhashable model or loss: build without the memo
-        return _build_train_step(model, loss_fn, input_key)
+        return _build_train_step(model, loss_fn, input_key, augment_fn)
 
 
 @functools.lru_cache(maxsize=16)
-def _cached_train_step(model: Any, loss_fn: Callable, input_key: str) -> Callable:
-    return _build_train_step(model, loss_fn, input_key)
+def _cached_train_step(model: Any, loss_fn: Callable, input_key: InputKey,
+                       augment_fn: AugmentFn | None) -> Callable:
+    return _build_train_step(model, loss_fn, input_key, augment_fn)
 
 
-def _build_train_step(model: Any, loss_fn: Callable, input_key: str) -> Callable:
+def _build_train_step(model: Any, loss_fn: Callable, input_key: InputKey,
+                      augment_fn: AugmentFn | None) -> Callable:
 
     def train_step(state: TrainState, batch: Mapping[str, jax.Array]):
-        dropout_key = jax.random.fold_in(state.rng, state.step)
-        has_batch_stats = bool(state.batch_stats)
+        batch, dropout_key = _augment_and_dropout_key(state.rng, state.step, batch, augment_fn)
 
         def compute_loss(params):
-            variables = {"params": params}
-            if has_batch_stats:
-                variables["batch_stats"] = state.batch_stats
-                output, updates = model.apply(variables, batch[input_key], train=True,
-                                              rngs={"dropout": dropout_key}, mutable=["batch_stats"])
-                new_batch_stats = updates["batch_stats"]
-            else:
-                output = model.apply(variables, batch[input_key], train=True, rngs={"dropout": dropout_key})
-                new_batch_stats = state.batch_stats
+            output, new_batch_stats = _train_mode_apply(
+                model, {"params": params}, _model_inputs(batch, input_key), dropout_key,
+                state.batch_stats)
             result = loss_fn(_logits_of(output), batch)
             loss, extras = result if isinstance(result, tuple) else (result, {})
             return loss, (new_batch_stats, extras)
@@ -330,8 +395,58 @@ def _build_train_step(model: Any, loss_fn: Callable, input_key: str) -> Callable
     return jax.jit(train_step, donate_argnums=0)
 
 
+def recalibrate_batch_stats(model: Any, variables: Mapping, batch_fn: Callable[[int], Mapping],
+                            num_steps: int, rng: jax.Array, *, input_key: InputKey = "image",
+                            augment_fn: AugmentFn | None = None) -> dict:
+    """Re-estimate BatchNorm running statistics with the weights frozen.
+
+    ``num_steps`` train-mode forward passes (no gradient) over ``batch_fn(0..)``,
+    each batch augmented and keyed as update ``step`` of ``fit`` would be with
+    ``rng`` as the run's key. The running averages of a model trained at a
+    large learning rate trail its final weights; these passes bring them to the
+    final weights' statistics (old values decay by the BatchNorm momentum per
+    batch). Returns the variables with the new batch_stats (params unchanged);
+    as given when ``num_steps`` is 0 or the model has no batch_stats.
+    """
+    if num_steps <= 0 or not variables.get("batch_stats"):
+        return dict(variables)
+    stats_step = _cached_stats_step(model, input_key, augment_fn)
+    rng = _raw_key(rng)
+    variables = dict(variables)
+    for step in range(int(num_steps)):
+        variables["batch_stats"] = stats_step(variables, batch_fn(step), rng,
+                                              jnp.asarray(step, jnp.int32))
+    return variables
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_stats_step(model: Any, input_key: InputKey, augment_fn: AugmentFn | None) -> Callable:
+
+    @jax.jit
+    def stats_step(variables, batch, rng, step):
+        batch, dropout_key = _augment_and_dropout_key(rng, step, batch, augment_fn)
+        return _train_mode_apply(model, {"params": variables["params"]},
+                                 _model_inputs(batch, input_key), dropout_key,
+                                 variables["batch_stats"])[1]
+
+    return stats_step
+
+
 def make_eval_step(model: Any) -> Callable:
-    """Jitted ``eval_step(variables, images) -> logits`` in eval mode (running BN statistics, no dropout)."""
+    """Jitted ``eval_step(variables, images) -> logits`` in eval mode (running BN statistics,
+    no dropout); memoised per (hashable) model, so repeated ``predict`` calls compile once."""
+    try:
+        return _cached_eval_step(model)
+    except TypeError:  # unhashable model
+        return _build_eval_step(model)
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_eval_step(model: Any) -> Callable:
+    return _build_eval_step(model)
+
+
+def _build_eval_step(model: Any) -> Callable:
 
     def eval_step(variables, images):
         return _logits_of(model.apply(variables, images, train=False))
@@ -543,7 +658,10 @@ def _restore_step(directory: str, step: int, target: Any) -> tuple[Any, str | No
 def _restore(manager: ocp.CheckpointManager, state: TrainState) -> TrainState:
     """``state`` from the newest intact step; damaged newer steps are moved aside with a warning.
 
-    Raises CheckpointError naming the folder when steps exist but none is intact.
+    A step is damaged when it cannot be read, its arrays differ from the sha256
+    saved in its Orbax metadata (``tree_checksum``), or (saved before checksums)
+    it holds NaN/Inf or absurd magnitudes. Raises CheckpointError naming the
+    folder when steps exist but none is intact.
     """
     steps = sorted(manager.all_steps(), reverse=True)
     if not steps:
@@ -592,117 +710,141 @@ def _to_python(metrics: Mapping) -> dict:
     return {k: (float(v) if np.ndim(v) == 0 else np.asarray(v).tolist()) for k, v in metrics.items()}
 
 
-def _batch_size(batch: Mapping, input_key: str) -> int:
-    return int(np.shape(batch[input_key])[0])
+def _batch_size(batch: Mapping, input_key: InputKey) -> int:
+    """Examples in a batch: the leading size of its (first) model input, or of its first
+    array when an ``augment_fn`` makes the inputs inside the step."""
+    first = input_key[0] if isinstance(input_key, tuple) else input_key
+    return int(np.shape(batch[first] if first in batch else jax.tree.leaves(batch)[0])[0])
 
 
-def fit(
-    model: Any,
-    state: TrainState,
-    batch_fn: Callable[[int], Mapping[str, Any]],
-    num_steps: int,
-    workdir: str,
-    *,
-    loss_fn: Callable,
-    ckpt_every: int = 500,
-    log_every: int = 50,
-    eval_fn: Callable[[TrainState], Mapping[str, Any]] | None = None,
-    eval_every: int | None = None,
-    desc: str = "train",
-    max_to_keep: int = 3,
-    input_key: str = "image",
-    progress: bool = True,
-) -> TrainState:
-    """Train until ``state.step == num_steps``, resuming from workdir/checkpoints if possible.
+class _TrainLog:
+    """metrics.jsonl records and the progress bar of one ``fit`` call.
 
-    Args:
-      model: Flax module (see the module docstring).
-      state: a fresh ``create_train_state`` result (replaced by the latest
-        checkpoint if there is one). It is donated: do not reuse it afterwards.
-      batch_fn: step -> batch dict; must be a deterministic function of the
-        step (a resumed run then sees the same batches).
-      num_steps: total number of updates of the run (not of this call).
-      workdir: everything goes here: checkpoints/ (Orbax, last ``max_to_keep``)
-        and metrics.jsonl (JSON lines: {"kind": "train", "step", "loss", "lr",
-        "grad_norm", "images_per_s", ...} every ``log_every`` steps and
-        {"kind": "eval", "step", ...} every ``eval_every`` steps and at the end).
-      loss_fn: ``loss_fn(logits, batch)`` -> scalar or (scalar, metrics dict).
-      ckpt_every: checkpoint period in steps; the final step is always saved.
-      eval_fn: optional ``eval_fn(state)`` -> dict of scalars.
-    Returns:
-      the final state. Raises ValueError for an unwritable workdir before any
-      work is done.
-
-    Checkpoints are verified on restore: each step is saved with the sha256
-    of its arrays in its Orbax metadata (``tree_checksum``), and a step that
-    cannot be read, whose arrays differ from the checksum, or (saved before
-    checksums) holds NaN/Inf or absurd magnitudes, is damaged. Damaged newer
-    steps are moved to workdir/damaged_checkpoints with a warning naming them,
-    and training resumes from the newest intact step (replaying the same
-    updates, see the module docstring); if no step is intact, CheckpointError
-    names the folder. Stale Orbax tmp folders are removed when the folder
-    is opened; an incomplete last line of metrics.jsonl is dropped with a
-    warning.
+    Throughput: images and wall time between log points, minus the time spent
+    checkpointing and evaluating; the first (compiling) step of the call is left
+    out. With ``window_mean`` a train record holds the means of the metrics over
+    the steps since the previous record (kept on device until then), else the
+    metrics of its own step.
     """
-    workdir = check_workdir(workdir)
+
+    def __init__(self, metrics_file, bar, window_mean: bool):
+        self.file, self.bar, self.window_mean = metrics_file, bar, window_mean
+        self.start, self.images, self.steps, self.paused = None, 0, 0, 0.0
+        self.window: list = []
+
+    def step(self, metrics: Mapping, batch_images: int) -> None:
+        if self.start is None:
+            jax.block_until_ready(metrics["loss"])
+            self.start = time.perf_counter()
+        else:
+            self.images += batch_images
+            self.steps += 1
+        if self.window_mean:
+            self.window.append(metrics)
+        self.bar.update(1)
+
+    def train_record(self, done: int, metrics: Mapping) -> None:
+        if self.window_mean:
+            metrics = jax.tree.map(lambda *x: jnp.mean(jnp.stack(x)), *self.window)
+        values = _to_python(jax.device_get(metrics))
+        elapsed = time.perf_counter() - self.start - self.paused
+        rate = self.images / elapsed if self.steps and elapsed > 0 else float("nan")
+        self.write({"kind": "train", "step": done, **values, "images_per_s": rate})
+        self.bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}", img_s=f"{rate:.0f}")
+        self.start, self.images, self.steps, self.paused, self.window = time.perf_counter(), 0, 0, 0.0, []
+
+    def write(self, record: Mapping) -> None:
+        workdir_lib.append_jsonl(self.file, record)
+
+
+def _check_fit_args(num_steps: Any, ckpt_every: Any, log_every: Any, eval_fn: Any, eval_every: Any) -> None:
     for name, value in (("num_steps", num_steps), ("ckpt_every", ckpt_every), ("log_every", log_every)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < (0 if name == "num_steps" else 1):
             raise ValueError(f"{name} must be a {'non-negative' if name == 'num_steps' else 'positive'} int, got {value!r}")
     if eval_fn is not None and eval_every is not None and eval_every < 1:
         raise ValueError(f"eval_every must be a positive int or None, got {eval_every!r}")
-    metrics_path = os.path.join(workdir, "metrics.jsonl")
 
-    manager = _checkpoint_manager(workdir, max_to_keep)
-    try:
+
+def fit(model: Any, state: TrainState, batch_fn: Callable[[int], Mapping[str, Any]], num_steps: int,
+        workdir: str, *, loss_fn: Callable, ckpt_every: int = 500, log_every: int = 50,
+        eval_fn: Callable[[TrainState], Mapping[str, Any]] | None = None, eval_every: int | None = None,
+        desc: str = "train", max_to_keep: int = 3, input_key: InputKey = "image",
+        augment_fn: AugmentFn | None = None, log_window_mean: bool = False,
+        progress: bool = True) -> TrainState:
+    """Train until ``state.step == num_steps``, resuming from workdir/checkpoints if possible.
+
+    Args:
+      model: Flax module (see the module docstring).
+      state: a fresh ``create_train_state`` / ``train_state_from_variables`` result
+        (replaced by the latest checkpoint if there is one). It is donated.
+      batch_fn: step -> batch dict; a deterministic function of the step (a
+        resumed run then sees the same batches).
+      num_steps: total number of updates of the run (not of this call).
+      workdir: checkpoints/ (Orbax, last ``max_to_keep``) and metrics.jsonl
+        ({"kind": "train", "step", "loss", "lr", "grad_norm", "images_per_s", ...}
+        every ``log_every`` steps, {"kind": "eval", "step", ...} every
+        ``eval_every`` steps and at the end).
+      loss_fn: ``loss_fn(logits, batch)`` -> scalar or (scalar, metrics dict).
+      ckpt_every: checkpoint period in steps; the final step is always saved.
+      eval_fn: optional ``eval_fn(state)`` -> dict of scalars.
+      input_key, augment_fn: model inputs and in-step augmentation (``make_train_step``).
+      log_window_mean: records hold each metric's mean since the previous record.
+    Returns the final state. An unwritable workdir raises ValueError before any
+    work. Checkpoints are verified on restore (``_restore``: checksums; damaged
+    newer steps are moved to workdir/damaged_checkpoints with a warning and the
+    run resumes from the newest intact one, replaying the same updates;
+    CheckpointError if none is intact); stale Orbax tmp folders are removed and
+    an incomplete last line of metrics.jsonl is dropped with a warning.
+    """
+    workdir = check_workdir(workdir)
+    _check_fit_args(num_steps, ckpt_every, log_every, eval_fn, eval_every)
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    with _checkpoint_manager(workdir, max_to_keep) as manager:
         state = _restore(manager, state)
         start = int(state.step)
         _truncate_metrics(metrics_path, start)
         if start >= num_steps:
             return state
-
-        train_step = make_train_step(model, loss_fn, input_key=input_key)
+        train_step = make_train_step(model, loss_fn, input_key=input_key, augment_fn=augment_fn)
         bar = tqdm(total=num_steps, initial=start, desc=desc, disable=not progress, dynamic_ncols=True)
-        # Throughput window: images and wall time between log points, minus the
-        # time spent checkpointing and evaluating; the first (compiling) step
-        # of this call is left out.
-        window_start, window_images, window_steps, window_paused = None, 0, 0, 0.0
         with open(metrics_path, "a") as metrics_file:
-
-            def write(record):
-                workdir_lib.append_jsonl(metrics_file, record)
-
+            log = _TrainLog(metrics_file, bar, log_window_mean)
             for step in range(start, num_steps):
                 batch = batch_fn(step)
                 state, metrics = train_step(state, batch)
                 done = step + 1
-                if window_start is None:
-                    jax.block_until_ready(metrics["loss"])
-                    window_start = time.perf_counter()
-                else:
-                    window_images += _batch_size(batch, input_key)
-                    window_steps += 1
-                bar.update(1)
-
+                log.step(metrics, _batch_size(batch, input_key))
                 if done % log_every == 0 or done == num_steps:
-                    values = _to_python(jax.device_get(metrics))
-                    elapsed = time.perf_counter() - window_start - window_paused
-                    rate = window_images / elapsed if window_steps and elapsed > 0 else float("nan")
-                    write({"kind": "train", "step": done, **values, "images_per_s": rate})
-                    bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}",
-                                    img_s=f"{rate:.0f}")
-                    window_start, window_images, window_steps, window_paused = time.perf_counter(), 0, 0, 0.0
-
+                    log.train_record(done, metrics)
                 paused_from = time.perf_counter()
                 if done % ckpt_every == 0 or done == num_steps:
                     save_checkpoint(manager, state)
                 if eval_fn is not None and ((eval_every and done % eval_every == 0) or done == num_steps):
-                    write({"kind": "eval", "step": done, **_to_python(eval_fn(state))})
-                window_paused += time.perf_counter() - paused_from
+                    log.write({"kind": "eval", "step": done, **_to_python(eval_fn(state))})
+                log.paused += time.perf_counter() - paused_from
         bar.close()
         manager.wait_until_finished()
-    finally:
-        manager.close()
     return state
+
+
+def fit_epochs(model: Any, state: TrainState, batch_fn: Callable[[int], Mapping[str, Any]],
+               epochs: int, steps_per_epoch: int, scratch_dir: str, **fit_args) -> tuple[TrainState, list[dict]]:
+    """``fit`` for whole epochs in a scratch folder, for runs whose final variables are all
+    that is kept (``save_variables``): a checkpoint per epoch (a killed run resumes at its
+    last epoch), then the folder is removed.
+
+    Returns (state, history): per epoch {"epoch", "loss", and the loss_fn's extra metrics},
+    each the mean over the epoch's steps (``log_window_mean``).
+    """
+    state = fit(model, state, batch_fn, int(epochs) * int(steps_per_epoch), scratch_dir,
+                ckpt_every=steps_per_epoch, log_every=steps_per_epoch, log_window_mean=True,
+                max_to_keep=1, progress=False, **fit_args)
+    history = [{"epoch": r["step"] // steps_per_epoch,
+                **{k: v for k, v in r.items() if k not in ("kind", "step", "lr", "grad_norm", "images_per_s")}}
+               for r in workdir_lib.read_jsonl(os.path.join(scratch_dir, "metrics.jsonl"))
+               if r["kind"] == "train"]
+    shutil.rmtree(scratch_dir)
+    return state, history
 
 
 # ----------------------------------------------------------------------------- final variables
@@ -744,3 +886,18 @@ def load_variables(directory: str, template: Any) -> Any | None:
         raise CheckpointError(f"saved variables in {directory} cannot be used: {problem}; "
                               "delete the folder to retrain")
     return tree
+
+
+def save_keyed_variables(directory: str, variables: Any, fingerprint: str,
+                         meta: Mapping | None = None) -> None:
+    """``save_variables`` plus the sidecar ``<directory>.json``: {"fingerprint", **meta} (e.g.
+    the training history), so a rerun reuses the model only under the same settings."""
+    save_variables(directory, variables)
+    workdir_lib.write_json(f"{os.path.abspath(directory)}.json", {"fingerprint": fingerprint, **(meta or {})})
+
+
+def load_keyed_variables(directory: str, template: Any, fingerprint: str) -> tuple[Any | None, dict]:
+    """(variables, sidecar) saved by ``save_keyed_variables`` under ``fingerprint``, else (None, {})."""
+    meta = workdir_lib.read_json_if(f"{os.path.abspath(directory)}.json", fingerprint)
+    variables = None if meta is None else load_variables(directory, template)
+    return (None, {}) if variables is None else (variables, meta)

@@ -147,6 +147,13 @@ def read_json(path) -> Any:
                            f"{OVERWRITE_HINT}") from None
 
 
+def read_json_if(path, fingerprint: str) -> Any:
+    """The JSON record at ``path`` if it exists and its "fingerprint" field is ``fingerprint``
+    (made with the same settings), else None: a cached result to reuse or redo."""
+    saved = read_json(path) if Path(path).exists() else {}
+    return saved if isinstance(saved, dict) and saved.get("fingerprint") == fingerprint else None
+
+
 # ----------------------------------------------------------------------------- JSON lines
 
 
@@ -225,6 +232,20 @@ def array_digest(*arrays: Any) -> str:
         h.update(f"{a.dtype.str}{a.shape};".encode())
         h.update(a.tobytes())
     return h.hexdigest()
+
+
+def settings_hash(*parts: Any) -> str:
+    """16 hex digits of sha256 over JSON-serialisable settings (ConfigDicts via to_dict, dict
+    keys sorted, tuples as lists, anything else by ``str``): the key under which a run's
+    models and results are cached, so that other settings never reuse them."""
+    def plain(x):
+        if hasattr(x, "to_dict"):
+            return plain(x.to_dict())
+        if isinstance(x, dict):
+            return {str(k): plain(v) for k, v in sorted(x.items())}
+        return [plain(v) for v in x] if isinstance(x, (list, tuple)) else x
+    text = json.dumps([plain(p) for p in parts], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def config_fields(config, names: Sequence[str]) -> dict:

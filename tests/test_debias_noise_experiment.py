@@ -1,20 +1,19 @@
-"""Noise-debiasing experiment: smoke run end to end, resume, pieces against references."""
+"""Noise-debiasing experiment: one smoke run end to end (slow: resume, outputs), the report on a
+fixed results dict, pieces against references."""
 
 import importlib.util
 import json
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from faceaudit_jax import regions, train_lib
 from faceaudit_jax.data import synthetic
 from faceaudit_jax.experiments import debias_noise as dn
-from faceaudit_jax.experiments import debias_noise_report as report_lib
 from faceaudit_jax.experiments import registry
 from faceaudit_jax.metrics import fairness
+from faceaudit_jax.summary import debias_noise as report_lib
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,6 +44,7 @@ def _stems(config, confounder):
             for name in dn.planned_runs(config, confounder)]
 
 
+@pytest.mark.slow
 def test_smoke_writes_every_output(smoke_run):
     config, workdir, _ = smoke_run
     for name in ("results.json", "table1.md", "summary.md", "config.json"):
@@ -72,7 +72,8 @@ def test_smoke_writes_every_output(smoke_run):
     assert blond_row.count(" ± ") == 6  # every column of the gap table
     # Repeats are different trainings (initialisation, batch order, keys), not copies.
     models = workdir / "models" / "Blond_Hair"
-    template = dn._Toolkit(config).classifier_template
+    template = train_lib.variables_template(dn.classifier_model(config.classifier),
+                                            dn._example_inputs(config, "classifier"))
     first, second = (train_lib.load_variables(str(models / stem), template)
                      for stem in ("original", "original.rep1"))
     assert not np.array_equal(np.asarray(first["params"]["net"]["head"]["kernel"]),
@@ -107,6 +108,7 @@ def test_planned_runs_cover_table_and_sweep():
     assert dn.repeat_stem("general_noise_q0.7", 2) == "general_noise_q0.7.rep2"
 
 
+@pytest.mark.slow
 def test_smoke_results_are_consistent(smoke_run):
     config, workdir, returned = smoke_run
     results = json.loads((workdir / "results.json").read_text())
@@ -169,6 +171,7 @@ def test_smoke_results_are_consistent(smoke_run):
     assert returned["table1"] == rows
 
 
+@pytest.mark.slow
 def test_attribution_cache_is_a_normalised_map(smoke_run):
     config, workdir, _ = smoke_run
     with np.load(workdir / "models" / "Blond_Hair" / "attribution.npz") as cache:
@@ -182,6 +185,7 @@ def test_attribution_cache_is_a_normalised_map(smoke_run):
         assert m.min() == pytest.approx(0.0) and m.max() == pytest.approx(1.0)
 
 
+@pytest.mark.slow
 def test_rerun_resumes_without_training(smoke_run):
     config, workdir, first = smoke_run
     run_dir = workdir / "runs" / "Wearing_Hat"
@@ -202,6 +206,7 @@ def test_rerun_resumes_without_training(smoke_run):
     assert second["table1"] == first["table1"]
 
 
+@pytest.mark.slow
 def test_rerun_with_other_model_settings_stops_naming_the_field(smoke_run):
     from faceaudit_jax.workdir import FingerprintMismatch
     config, workdir, _ = smoke_run
@@ -300,24 +305,27 @@ def _fixed_results(config):
                 "cells": {c: 0.5 for c in fairness.SUBGROUP_CELLS},
                 "repeats": [{"accuracy": 0.5, "men": men, "women": women, "gap": gap + d}
                             for d in (-0.01, 0.01)]}
+    reliability = {"bin_edges": [0.0, 0.5, 1.0], "accuracy": [0.4, 0.6],
+                   "mean_confidence": [0.3, 0.7], "counts": [5, 7]}
     results = {}
     for confounder in config.confounders:
         runs = {name: record(0.2) for name in dn.planned_runs(config, confounder)}
         runs["original"], runs["balanced"] = record(0.4), record(0.1)
-        results[confounder] = {"runs": runs, "patch_net": {"patch_accuracy": 0.5, "ece": 0.1}}
+        results[confounder] = {"runs": runs, "patch_net": {
+            "patch_accuracy": 0.5, "ece": 0.1, "num_images": 3, "reliability": reliability}}
     return results
 
 
 def test_report_on_fixed_results():
     config = get_config("smoke")
     results = _fixed_results(config)
-    out = {"setup": {"classifier_steps": {"plain": 2, "mask": 2}}, "results": results,
-           **report_lib.tables(config, results),
+    setup = dn._setup(config, {c: {"subsets": {}} for c in config.confounders})
+    out = {"setup": setup, "results": results, **report_lib.tables(setup, results),
            "examples": {c: {"image": np.zeros((8, 8, 3), np.uint8),
                             "general_map": np.linspace(0, 1, 64).reshape(8, 8),
                             "specific_map": np.linspace(1, 0, 64).reshape(8, 8)}
                         for c in config.confounders}}
-    made = report_lib.report(config, out, link_prefix="x/")
+    made = report_lib.report(out, link_prefix="x/")
     comp = out["comparison"]
     for method in config.debias.methods:
         m = comp["per_method"][method]
@@ -326,15 +334,21 @@ def test_report_on_fixed_results():
         assert m["num_resolved_reduced"] == len(config.confounders)
     assert comp["blond_hair"]["ours"] == {"original": 0.4, "balanced": 0.1,
                                           "general_noise": 0.2}
+    assert [r["quantile"] for r in out["sweep"]] == [0.7, 0.95]
     summary = made["summary.md"]
     assert "gap 0.40 ± 0.01 (original) -> 0.10 ± 0.01 (balanced) -> 0.20 ± 0.01" in summary
     assert "both narrowings are resolved" in summary
     # Patch accuracy 0.5 < 0.55: the summary warns that the maps locate nothing.
     assert "The patch net did not learn Blond Hair, Wearing Hat" in summary
     assert "[table1.md](x/table1.md)" in summary
+    assert "16 men without the confounder and 12 + 4 women" in summary  # setup, not config
     table = made["table1.md"]
     assert table.count("| Blond Hair |") == 6
     assert "| Blond Hair | Original (biased) | 0.500 | 0.700 | 0.300 | 0.400 ± 0.010 |" in table
     assert "| 0.7 | 0.500 | 0.600 | 0.400 | 0.200 ± 0.010 |" in table  # the sweep at q = 0.7
     assert sorted(made["figures"]) == ["figure7_gaps.png", "figure8_quantiles.png",
-                                       "figure_maps.png"]
+                                       "figure_maps.png", "reliability_Blond_Hair.png",
+                                       "reliability_Wearing_Hat.png"]
+    # The results as read back from results.json (no examples): no maps figure, same texts.
+    again = report_lib.report({k: v for k, v in out.items() if k != "examples"}, link_prefix="x/")
+    assert "figure_maps.png" not in again["figures"] and again["summary.md"] == summary

@@ -264,3 +264,15 @@ def test_single_logit_batch_losses_read_labels_mask_and_weights(rng):
     # sum over the known images of w * l, divided by their count (not by the weights' sum)
     np.testing.assert_allclose(losses.sigmoid_bce_weighted_batch_loss(z, batch),
                                (w[:6] * per[:6]).sum() / 6, rtol=1e-5)
+
+
+def test_softmax_classification_loss_closed_form():
+    logits = jnp.array([[2.0, 0.0], [0.0, 1.0]])
+    batch = {"label": jnp.array([0, 0])}
+    logp = np.asarray(jax.nn.log_softmax(logits))
+    eps = 0.1
+    target = np.array([[1 - eps / 2, eps / 2]] * 2)
+    loss, metrics = losses.SoftmaxClassificationLoss(eps)(logits, batch)
+    assert float(loss) == pytest.approx(-(target * logp).sum(-1).mean(), rel=1e-6)
+    assert float(metrics["accuracy"]) == 0.5  # argmax 0 and 1 against labels 0 and 0
+    assert hash(losses.SoftmaxClassificationLoss(eps)) == hash(losses.SoftmaxClassificationLoss(eps))

@@ -1,4 +1,4 @@
-"""Patch region classifier, confounded classifier and their training recipe."""
+"""Patch region classifier, confounded classifier, their optimiser recipes and the patch sampling hook."""
 
 import jax
 import jax.numpy as jnp
@@ -6,8 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from faceaudit_jax.data import pipeline
-from faceaudit_jax.mitigation import noise
+from faceaudit_jax import losses, train_lib
 from faceaudit_jax.models import patch_net as pn
 
 
@@ -141,6 +140,7 @@ def test_schedules():
 
 
 def test_patch_training_learns_a_regional_cue():
+    """PatchNet through train_lib's step: PatchSampler draws the patches inside the jit."""
     # Label 1 images carry a bright top-left quadrant; the rest is noise.
     size, k, grid = 16, 4, 4
     key = jax.random.PRNGKey(0)
@@ -149,155 +149,37 @@ def test_patch_training_learns_a_regional_cue():
     images = images.at[:, :8, :8].add(0.5 * labels[:, None, None, None])
     positions = pn.grid_positions(size, k, grid)
     model = pn.PatchNet(num_classes=2, num_positions=grid * grid, patch_size=k, widths=(8, 16))
-    state = pn.create_train_state(key, model, (jnp.zeros((1, k, k, 3)), jnp.zeros(1, jnp.int32)),
-                                  optax.adam(1e-2))
-    step = pn.make_patch_train_step(positions, k, label_smoothing=0.1)
-    losses = []
-    for i in range(60):
-        state, metrics = step(state, images, labels, jax.random.PRNGKey(i))
-        losses.append(float(metrics["loss"]))
-    assert state.batch_stats  # batch-norm statistics were updated in the step
-    assert np.mean(losses[-10:]) < np.mean(losses[:10]) - 0.05
+    variables = train_lib.init_model_variables(
+        model, key, (jnp.zeros((1, k, k, 3)), jnp.zeros(1, jnp.int32)))
+    state = train_lib.train_state_from_variables(variables, optax.adam(1e-2), jax.random.key(1))
+    step = train_lib.make_train_step(model, losses.SoftmaxClassificationLoss(0.1),
+                                     input_key=("patches", "position_ids"),
+                                     augment_fn=pn.PatchSampler(size, k, grid))
+    step_losses = []
+    for _ in range(60):
+        state, metrics = step(state, {"image": images, "label": labels})
+        step_losses.append(float(metrics["loss"]))
+    assert step._cache_size() == 1
+    assert np.mean(step_losses[-10:]) < np.mean(step_losses[:10]) - 0.05
     # Patches in the cue's quadrant are classified far better than the rest.
     from faceaudit_jax.explain import patches as P
     conf, pred = P.confidence_maps(pn.make_patch_apply_fn(model), images, k, positions,
-                                   variables=pn.state_variables(state))
+                                   variables=train_lib.state_variables(state))
     accuracy = np.mean(np.asarray(pred) == np.asarray(labels)[:, None, None], axis=0)
     assert accuracy[:2, :2].mean() > 0.9 and accuracy[:2, :2].mean() > accuracy[2:, 2:].mean() + 0.2
 
 
-def test_classifier_step_applies_augmentation_inside():
-    model = pn.SmallConvNet(num_classes=2, widths=(4, 8, 8))
-    images = jax.random.uniform(jax.random.PRNGKey(0), (4, 16, 16, 3))
-    labels = jnp.array([0, 1, 0, 1])
-    state = pn.create_train_state(jax.random.PRNGKey(1), model, (images[:1],),
-                                  pn.confounded_classifier_optimizer(5, learning_rate=1e-2))
-    # An augmentation that greys the pixels where attribution > 0. One compiled
-    # step serves both calls: augmenting inside the step (attribution 1) must
-    # equal feeding already-greyed images with the augmentation off (0).
-    grey_out = lambda key, x, attribution: jnp.where(attribution[None, :, :, None] > 0, 0.5, x)
-    step = pn.make_classifier_train_step(grey_out)
-    key = jax.random.PRNGKey(7)
-    new_state, metrics = step(state, images, labels, key, jnp.ones((16, 16)))
-    pre_greyed, metrics_pre = step(state, jnp.full_like(images, 0.5), labels, key, jnp.zeros((16, 16)))
-    _, metrics_kept = step(state, images, labels, key, jnp.zeros((16, 16)))
-    assert float(metrics["loss"]) == pytest.approx(float(metrics_pre["loss"]), rel=1e-6)
-    for a, b in zip(jax.tree_util.tree_leaves(new_state.params), jax.tree_util.tree_leaves(pre_greyed.params)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
-    assert abs(float(metrics_kept["loss"]) - float(metrics["loss"])) > 1e-4
-    assert int(new_state.step) == 1
-    changed = jax.tree_util.tree_map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))),
-                                     state.batch_stats, new_state.batch_stats)
-    assert any(jax.tree_util.tree_leaves(changed))     # running statistics moved
-
-
-def test_smoothed_cross_entropy_closed_form():
-    logits = jnp.array([[2.0, 0.0], [0.0, 1.0]])
-    labels = jnp.array([0, 0])
-    logp = np.asarray(jax.nn.log_softmax(logits))
-    eps = 0.1
-    target = np.array([[1 - eps / 2, eps / 2]] * 2)
-    want = -(target * logp).sum(-1).mean()
-    assert float(pn.smoothed_cross_entropy(logits, labels, eps)) == pytest.approx(want, 1e-6)
-
-
-# ----------------------------------------------------------------------------- training loops over uint8 arrays
-
-
-def test_batches_reject_bad_selections():
-    images = np.zeros((8, 16, 16, 3), np.uint8)
-    labels = np.zeros(8, np.int32)
-    with pytest.raises(ValueError, match="needs a pixel selection"):
-        pn.train_classifier(None, None, images, labels, noise.AUGMENT_NOISE, None, batch_size=4,
-                            epochs=1, seed=0, key=jax.random.key(0))
-    with pytest.raises(ValueError, match=r"\[H, W\] or \[N, H, W\]"):
-        pn.train_classifier(None, None, images, labels, noise.AUGMENT_MASK,
-                            np.zeros((8, 16), bool), batch_size=4, epochs=1, seed=0,
-                            key=jax.random.key(0))
-    with pytest.raises(ValueError, match="must be bool"):
-        pn.train_classifier(None, None, images, labels, noise.AUGMENT_MASK,
-                            np.zeros((16, 16), np.float32), batch_size=4, epochs=1, seed=0,
-                            key=jax.random.key(0))
-    with pytest.raises(ValueError, match="mode=7"):
-        pn.train_classifier(None, None, images, labels, 7, None, batch_size=4, epochs=1,
-                            seed=0, key=jax.random.key(0))
-
-
-def test_batches_follow_the_step_order():
-    images = np.random.default_rng(0).integers(0, 255, (8, 16, 16, 3), dtype=np.uint8)
-    selection = np.zeros((8, 16, 16), bool)
-    selection[:, :4] = True
-    batches = pn.AugmentedBatches(images, np.arange(8), noise.AUGMENT_MASK, selection, 4, seed=5)
-    for step in range(4):
-        x, y, spec = batches(step)
-        idx = pipeline.step_indices(np.arange(8), 4, 5, step)
-        np.testing.assert_array_equal(np.asarray(y), idx)
-        np.testing.assert_allclose(np.asarray(x), images[idx] / 255.0, atol=1e-7)
-        assert spec["selection"].shape == (4, 16, 16) and int(spec["mode"]) == noise.AUGMENT_MASK
-
-
-def test_every_augmentation_shares_one_compiled_step():
-    model = pn.PooledSmallConvNet(widths=(2, 2, 2), input_pool=2)
-    optimizer = pn.confounded_classifier_optimizer(2, 1e-2)
-    state0 = pn.with_array_step(pn.create_train_state(
-        jax.random.key(0), model, (jnp.zeros((1, 16, 16, 3)),), optimizer))
-    step = pn.make_classifier_train_step(noise.make_selection_augment_fn())
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 255, (8, 16, 16, 3), dtype=np.uint8)
-    labels = rng.integers(0, 2, 8).astype(np.int32)
-    maps = rng.random((8, 16, 16)).astype(np.float32)
-    runs = [(noise.AUGMENT_NONE, None, 0.7), (noise.AUGMENT_NOISE, maps[0], 0.7),
-            (noise.AUGMENT_MASK, maps, 0.7), (noise.AUGMENT_NOISE, maps[0], 0.95)]
-    for mode, m, q in runs:
-        selection = None if m is None else noise.quantile_selections(m, q)
-        state, history = pn.train_classifier(step, state0, images, labels, mode, selection,
-                                             batch_size=4, epochs=2, seed=0,
-                                             key=jax.random.key(1))
-        assert len(history) == 2 and int(state.step) == 4
-    assert step._cache_size() == 1
-
-
-def test_pooled_classifier_and_batch_stat_recalibration():
-    """PooledSmallConvNet = SmallConvNet on 2 x 2 block means; and with the whole data set
-    in one batch, re-estimated running statistics equal the batch statistics, so
-    eval-mode logits equal train-mode ones (no dropout)."""
-    model = pn.PooledSmallConvNet(widths=(3, 4, 5), conv_dropout=0.0, head_dropout=0.0,
-                                  input_pool=2)
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 255, (8, 16, 16, 3), dtype=np.uint8)
-    x = pipeline.uint8_to_float(images)
-    # Random weights from the variables' shapes (eval_shape: no initialiser to compile),
-    # running statistics at their initial values (mean 0, variance 1).
-    shapes = jax.eval_shape(model.init, jax.random.key(1), x)
-    variables = {
-        "params": jax.tree_util.tree_map(
-            lambda s: jnp.asarray(rng.normal(0.0, 0.5, s.shape), jnp.float32), shapes["params"]),
-        "batch_stats": jax.tree_util.tree_map(
-            lambda s: jnp.zeros(s.shape) if len(s.shape) else s, shapes["batch_stats"])}
-    variables["batch_stats"] = jax.tree_util.tree_map_with_path(
-        lambda path, v: jnp.ones_like(v) if path[-1].key == "var" else v,
-        variables["batch_stats"])
-    evaluate = jax.jit(model.apply)
-    train_mode = jax.jit(lambda v: model.apply(v, x, train=True, mutable=["batch_stats"])[0])
-
-    pooled = x.reshape(8, 8, 2, 8, 2, 3).mean(axis=(2, 4))
-    reference = jax.jit(pn.SmallConvNet(widths=(3, 4, 5), conv_dropout=0.0,
-                                        head_dropout=0.0).apply)(
-        {"params": variables["params"]["net"], "batch_stats": variables["batch_stats"]["net"]},
-        pooled)
-    before = evaluate(variables, x)
-    np.testing.assert_allclose(np.asarray(before), np.asarray(reference), rtol=1e-5, atol=1e-5)
-
-    assert not np.allclose(np.asarray(before), np.asarray(train_mode(variables)), atol=1e-3)
-    stats_step = pn.make_batch_stats_step(model, noise.make_selection_augment_fn())
-    labels = np.zeros(8, np.int32)
-    recalibrated = pn.recalibrate_batch_stats(
-        stats_step, variables, images, labels, noise.AUGMENT_NONE, None, batch_size=8,
-        passes=150, seed=0, key=jax.random.key(3))
-    np.testing.assert_allclose(np.asarray(evaluate(recalibrated, x)),
-                               np.asarray(train_mode(variables)), rtol=1e-3, atol=1e-3)
-    assert recalibrated["params"] is variables["params"]
-    # passes = 0 leaves the variables alone.
-    assert pn.recalibrate_batch_stats(stats_step, variables, images, labels, noise.AUGMENT_NONE,
-                                      None, batch_size=8, passes=0, seed=0,
-                                      key=jax.random.key(3)) is variables
+def test_patch_sampler_crops_the_batch_images():
+    """The hook adds one grid patch per image: the crop at the drawn position."""
+    images = jax.random.uniform(jax.random.key(0), (5, 12, 12, 3))
+    batch = {"image": images, "label": jnp.zeros(5, jnp.int32)}
+    out = pn.PatchSampler(12, 4, 3)(jax.random.key(1), batch)
+    assert set(out) == {"image", "label", "patches", "position_ids"}
+    positions = pn.grid_positions(12, 4, 3)
+    patches_ref, ids_ref = pn.sample_patches(jax.random.key(1), images, 4, positions)
+    np.testing.assert_array_equal(np.asarray(out["position_ids"]), np.asarray(ids_ref))
+    for b, i in enumerate(np.asarray(out["position_ids"])):
+        x, y = positions[i]
+        np.testing.assert_array_equal(np.asarray(out["patches"][b]),
+                                      np.asarray(images[b, y:y + 4, x:x + 4]))
+    assert hash(pn.PatchSampler(12, 4, 3)) == hash(pn.PatchSampler(12, 4, 3))

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 
 from faceaudit_jax import losses, train_lib
@@ -288,3 +289,98 @@ def test_config_may_be_a_plain_mapping():
     # sgd with momentum 0.9 and L2 1e-4: first update = -lr * (g + wd * p)
     np.testing.assert_allclose(updates, -0.1 * (1 + 1e-4) * np.ones(2), rtol=1e-6)
     assert isinstance(train_lib.default_optimizer_config(), ml_collections.ConfigDict)
+
+
+# ----------------------------------------------------------------------------- hooks: augmentation, window means, BN recalibration
+
+
+def _small_bn_net():
+    from faceaudit_jax.models import patch_net
+    return patch_net.SmallConvNet(num_classes=2, widths=(2, 2, 2), conv_dropout=0.2, head_dropout=0.2)
+
+
+def _grey_where_flagged(key, batch):
+    """An augmentation that greys the top half of the flagged images (ignores its key)."""
+    flag = batch["flag"][:, None, None, None]
+    top = (jnp.arange(batch["image"].shape[1]) < batch["image"].shape[1] // 2)[None, :, None, None]
+    return {**batch, "image": jnp.where(flag & top, 0.5, batch["image"])}
+
+
+def test_augment_fn_runs_inside_the_step_with_split_keys():
+    """Augmenting inside the step equals feeding pre-augmented images, and the dropout
+    key is the second half of split(fold_in(rng, step)) (reference: a hand-written forward)."""
+    model = _small_bn_net()
+    images = jax.random.uniform(jax.random.key(0), (4, 8, 8, 3))
+    labels = jnp.array([0, 1, 0, 1])
+    variables = train_lib.init_model_variables(model, jax.random.key(1), (images[:1],))
+    rng, tx = jax.random.key(7), optax.sgd(0.1)
+    loss_fn = losses.SoftmaxClassificationLoss()
+    step = train_lib.make_train_step(model, loss_fn, augment_fn=_grey_where_flagged)
+    fresh = lambda: train_lib.train_state_from_variables(  # noqa: E731  donated: one per call
+        jax.tree.map(jnp.copy, variables), tx, rng)
+    greyed = _grey_where_flagged(None, {"image": images, "flag": jnp.ones(4, bool)})["image"]
+    inside, m_inside = step(fresh(), {"image": images, "label": labels, "flag": jnp.ones(4, bool)})
+    outside, m_outside = step(fresh(), {"image": greyed, "label": labels, "flag": jnp.zeros(4, bool)})
+    assert float(m_inside["loss"]) == float(m_outside["loss"])
+    for a, b in zip(jax.tree.leaves(inside.params), jax.tree.leaves(outside.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    dropout_key = jax.random.split(jax.random.fold_in(jax.random.key_data(rng), 0))[1]
+    logits, _ = model.apply(variables, greyed, train=True, rngs={"dropout": dropout_key},
+                            mutable=["batch_stats"])
+    assert float(m_inside["loss"]) == pytest.approx(float(loss_fn(logits, {"label": labels})[0]), rel=1e-6)
+    assert int(inside.step) == 1 and step._cache_size() == 1
+
+
+def test_fit_window_mean_logs_the_mean_of_each_window(model, recipe_tx, tmp_path):
+    """log_window_mean: each train record holds the mean loss of the steps since the last one
+    (reference: the same updates by hand with make_train_step, the same compiled step)."""
+    fresh = lambda: train_lib.create_train_state(model, jax.random.PRNGKey(3), IMAGE_SIZE, recipe_tx)  # noqa: E731
+    train_lib.fit(model, fresh(), _bright_dark_batch, 4, str(tmp_path), loss_fn=_bce_on_label,
+                  log_every=2, log_window_mean=True, progress=False)
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    step, state, by_hand = train_lib.make_train_step(model, _bce_on_label), fresh(), []
+    for i in range(4):
+        state, metrics = step(state, _bright_dark_batch(i))
+        by_hand.append((float(metrics["loss"]), float(metrics["lr"])))
+    assert [r["step"] for r in records] == [2, 4]
+    for record, window in zip(records, (by_hand[:2], by_hand[2:])):
+        assert record["loss"] == pytest.approx(np.mean([v[0] for v in window]), rel=1e-6)
+        assert record["lr"] == pytest.approx(np.mean([v[1] for v in window]), rel=1e-6)
+    assert by_hand[0][0] != by_hand[1][0]  # a window of different values, not a copy
+
+
+def test_recalibrated_statistics_are_the_batch_statistics():
+    """PooledSmallConvNet = SmallConvNet on 2 x 2 block means; and with the whole data set
+    in one batch, re-estimated running statistics equal the batch statistics, so
+    eval-mode logits equal train-mode ones (no dropout)."""
+    from faceaudit_jax.data import pipeline
+    from faceaudit_jax.models import patch_net as pn
+    model = pn.PooledSmallConvNet(widths=(3, 4, 5), conv_dropout=0.0, head_dropout=0.0,
+                                  input_pool=2)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (8, 16, 16, 3), dtype=np.uint8)
+    x = pipeline.uint8_to_float(images)
+    # Random weights, running statistics at their initial values (mean 0, variance 1).
+    shapes = train_lib.variables_template(model, (x,))
+    variables = {
+        "params": jax.tree.map(lambda s: jnp.asarray(rng.normal(0.0, 0.5, s.shape), jnp.float32),
+                               shapes["params"]),
+        "batch_stats": jax.tree_util.tree_map_with_path(
+            lambda path, s: jnp.ones(s.shape) if path[-1].key == "var" else jnp.zeros(s.shape),
+            shapes["batch_stats"])}
+    evaluate = jax.jit(model.apply)
+    train_mode = jax.jit(lambda v: model.apply(v, x, train=True, mutable=["batch_stats"])[0])
+    pooled = x.reshape(8, 8, 2, 8, 2, 3).mean(axis=(2, 4))
+    reference = jax.jit(pn.SmallConvNet(widths=(3, 4, 5), conv_dropout=0.0, head_dropout=0.0).apply)(
+        {"params": variables["params"]["net"], "batch_stats": variables["batch_stats"]["net"]}, pooled)
+    before = evaluate(variables, x)
+    np.testing.assert_allclose(np.asarray(before), np.asarray(reference), rtol=1e-5, atol=1e-5)
+    assert not np.allclose(np.asarray(before), np.asarray(train_mode(variables)), atol=1e-3)
+    batch_fn = pipeline.array_batch_fn(images, 8, 0)
+    recalibrated = train_lib.recalibrate_batch_stats(model, variables, batch_fn, 150, jax.random.key(3))
+    np.testing.assert_allclose(np.asarray(evaluate(recalibrated, x)),
+                               np.asarray(train_mode(variables)), rtol=1e-3, atol=1e-3)
+    assert recalibrated["params"] is variables["params"]
+    # No steps leaves the statistics alone.
+    unchanged = train_lib.recalibrate_batch_stats(model, variables, batch_fn, 0, jax.random.key(3))
+    assert unchanged["batch_stats"] is variables["batch_stats"]

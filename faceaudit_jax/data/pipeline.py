@@ -113,6 +113,24 @@ def step_indices(indices: np.ndarray, batch_size: int, seed: int, step: int) -> 
     return indices[order[within * batch_size:(within + 1) * batch_size]]
 
 
+def array_batch_fn(images_u8: np.ndarray, batch_size: int, seed: int,
+                   **columns: np.ndarray) -> Callable[[int], dict]:
+    """``batch_fn(step)`` for train_lib.fit over in-memory arrays: {"image": float32 [B, H, W, 3]
+    in [0, 1], name: column[rows] for each of ``columns`` (arrays indexed by example)}, rows
+    ``step_indices(arange(N), batch_size, seed, step)`` (epoch-wise shuffles, drop remainder)."""
+    order = np.arange(np.shape(images_u8)[0])
+    for name, column in columns.items():
+        if np.shape(column)[0] != order.size:
+            raise ValueError(f"column {name!r} has {np.shape(column)[0]} rows for {order.size} images")
+
+    def batch_fn(step: int) -> dict:
+        idx = step_indices(order, batch_size, seed, step)
+        return {"image": uint8_to_float(images_u8[idx]),
+                **{name: jnp.asarray(column[idx]) for name, column in columns.items()}}
+
+    return batch_fn
+
+
 def padded_index_batches(num: int, batch_size: int):
     """(index array of length batch_size, number of real rows) covering 0..num-1.
 

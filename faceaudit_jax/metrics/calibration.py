@@ -123,11 +123,18 @@ def reliability_diagram_data(confidences: Array, correct: Array,
 
 def plot_reliability_diagram(data: ReliabilityData, path: str,
                              title: Optional[str] = None) -> str:
-    """Save a reliability diagram: per-bin accuracy bars, the gap to each bin's
-    mean confidence, the identity diagonal and the ECE in the title.
+    """Save ``reliability_figure(data, title)`` at ``path`` (format from its extension,
+    e.g. .png / .pdf, parents created); returns the path written."""
+    fig = reliability_figure(data, title)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return path
 
-    Returns the path written (format from its extension, e.g. .png / .pdf).
-    """
+
+def reliability_figure(data: ReliabilityData, title: Optional[str] = None):
+    """A reliability diagram (matplotlib Figure): per-bin accuracy bars, the gap to each
+    bin's mean confidence, the identity diagonal and the ECE in the title."""
     from matplotlib.figure import Figure  # no pyplot state: safe in threads and tests
 
     edges = np.asarray(data.bin_edges)
@@ -156,7 +163,4 @@ def plot_reliability_diagram(data: ReliabilityData, path: str,
     ax.set_title(f"{title}\n{heading}" if title else heading)
     ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    return path
+    return fig

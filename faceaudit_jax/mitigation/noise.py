@@ -20,17 +20,19 @@ ties at the threshold go to the lower pixel index (row-major). q must lie in
 (0, 1]; q = 1 selects nothing.
 
 Everything is jittable with q, mode, scope, fill and std static, so the
-augmentation runs inside the jitted train step
-(`faceaudit_jax.models.patch_net.make_classifier_train_step(make_augment_fn(...))`).
+augmentation runs inside a jitted train step.
 
 For many runs with one compiled step, `quantile_selections` ranks each map once
 (a sort per step costs as much as the CNN's update on a CPU) and
 `make_selection_augment_fn` takes the selection and the mode (AUGMENT_NONE /
-AUGMENT_NOISE / AUGMENT_MASK) as data.
+AUGMENT_NOISE / AUGMENT_MASK) as data; `SelectionAugment` and
+`selection_batch_fn` are that augmentation and its batches for
+`train_lib.fit(..., augment_fn=SelectionAugment(fill, std))`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Callable
 
@@ -160,7 +162,7 @@ def make_augment_fn(q: float, mode: str = "noise", scope: str = "general",
                     fill: float = 0.5, std: float = 0.5) -> Callable[[Array, Array, Array], Array]:
     """`augment_fn(key, images, attribution)` with the settings bound (validated now).
 
-    For `patch_net.make_classifier_train_step(augment_fn)`.
+    For a jitted step that augments inside (e.g. ``train_lib.make_train_step``'s hook).
     """
     q = _check_quantile(q)
     if mode not in MODES:
@@ -204,8 +206,8 @@ def quantile_selections(maps: np.ndarray, q: float, batch_size: int = 100) -> np
 
 
 def make_selection_augment_fn(fill: float = 0.5, std: float = 0.5) -> Callable:
-    """`augment_fn(key, images, spec)` for `patch_net.make_classifier_train_step`, with
-    the augmentation chosen at run time.
+    """`augment_fn(key, images, spec)` with the augmentation chosen at run time (the
+    batch-level form for ``train_lib.fit`` is ``SelectionAugment``).
 
     spec: {"selection": bool [B, H, W], each image's top-(1 - q) pixels
     (`quantile_selections` of the general map, broadcast, or of the specific
@@ -230,6 +232,53 @@ def make_selection_augment_fn(fill: float = 0.5, std: float = 0.5) -> Callable:
                               key, images, spec["selection"])
 
     return augment_fn
+
+
+@dataclasses.dataclass(frozen=True)
+class SelectionAugment:
+    """``augment_fn(key, batch) -> batch`` for ``train_lib.fit``: ``make_selection_augment_fn``
+    on batch["image"] with batch["selection"] and batch["mode"] (see ``selection_batch_fn``).
+    Hashable by value, so every run with the same fill / std shares one compiled step."""
+
+    fill: float = 0.5
+    std: float = 0.5
+
+    def __call__(self, key: Array, batch: dict) -> dict:
+        spec = {"selection": batch["selection"], "mode": batch["mode"]}
+        return {**batch, "image": make_selection_augment_fn(self.fill, self.std)(key, batch["image"], spec)}
+
+
+def selection_batch_fn(images_u8: np.ndarray, labels: np.ndarray, mode: int,
+                       selection: np.ndarray | None, batch_size: int, seed: int) -> Callable[[int], dict]:
+    """``batch_fn(step)`` of one augmented run: {"image", "label", "selection" bool [B, H, W], "mode"}.
+
+    Args:
+      images_u8: [N, H, W, 3]; labels: int [N]; rows as ``pipeline.array_batch_fn``.
+      mode: AUGMENT_NONE, AUGMENT_NOISE or AUGMENT_MASK.
+      selection: bool pixels to alter (``quantile_selections``): [H, W] for every
+        image (broadcast once), [N, H, W] per image (gathered per batch), or None
+        with AUGMENT_NONE.
+    """
+    n, height, width = np.shape(images_u8)[:3]
+    if mode not in (AUGMENT_NONE, AUGMENT_NOISE, AUGMENT_MASK):
+        raise ValueError(f"mode={mode!r}; expected AUGMENT_NONE, AUGMENT_NOISE or AUGMENT_MASK")
+    if selection is None:
+        if mode != AUGMENT_NONE:
+            raise ValueError("an augmentation needs a pixel selection; got None")
+        selection = np.zeros((height, width), bool)
+    selection = np.asarray(selection)
+    if selection.dtype != bool:
+        raise ValueError(f"selection must be bool (from quantile_selections), got dtype {selection.dtype}")
+    if selection.shape not in ((n, height, width), (height, width)):
+        raise ValueError(f"selection must be [H, W] or [N, H, W] for images {np.shape(images_u8)}, "
+                         f"got {selection.shape}")
+    mode = jnp.asarray(mode, jnp.int32)
+    if selection.ndim == 3:
+        rows = pipeline.array_batch_fn(images_u8, batch_size, seed, label=labels, selection=selection)
+        return lambda step: {**rows(step), "mode": mode}
+    rows = pipeline.array_batch_fn(images_u8, batch_size, seed, label=labels)
+    shared = jnp.broadcast_to(jnp.asarray(selection), (int(batch_size), height, width))
+    return lambda step: {**rows(step), "selection": shared, "mode": mode}
 
 
 _quantile_mask_jit = jax.jit(quantile_mask, static_argnums=1)

@@ -17,14 +17,11 @@ Backbones: "small" (`SmallPatchBackbone`, a fast conv stack for CPU) and
 the shared `ResNetBackbone` takes 3-channel images).
 
 Pure helpers (`grid_positions`, `crop_patches`, `sample_patches`) are
-jit-friendly and shared with the sliding-window attribution. The training
-recipe functions build optax optimizers with the papers' schedules and jitted
-train steps; they handle `batch_stats` (batch norm) and dropout keys
-explicitly. The training loops over uint8 image arrays (`train_patch_net`,
-`train_classifier` with `AugmentedBatches`, `recalibrate_batch_stats`) run
-them with step-indexed batches and keys, so reruns repeat the same updates;
-they do not go through `train_lib.fit` (their state is this module's
-`TrainState`, their models are saved by `train_lib.save_variables`).
+jit-friendly and shared with the sliding-window attribution; `PatchSampler`
+is the region classifier's in-step augmentation for `train_lib.fit` (one
+random grid patch per image). Both classifiers train through `train_lib.fit`;
+this module adds only their optimiser recipes (optax transformations with the
+papers' schedules).
 
 Paper-scale settings (region classifier): 128 x 128 images, k = 32, a 49 x 49
 grid (p = 2401, stride 2 px), ResNet-18, AdamW lr 1e-3 divided by 10 every 40
@@ -34,17 +31,16 @@ epochs, 90 epochs, batch 256, cross-entropy with label smoothing 0.1. See
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Optional, Sequence
+import dataclasses
+import functools
+from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax.training import train_state
 
-from faceaudit_jax.data import pipeline
-from faceaudit_jax.mitigation import noise
 from faceaudit_jax.models import resnet
 
 Array = jax.Array
@@ -308,34 +304,33 @@ class SmallConvNet(nn.Module):
         return nn.Dense(self.num_classes, name="head")(x)
 
 
+class PooledSmallConvNet(nn.Module):
+    """`patch_net.SmallConvNet` behind an `input_pool` x `input_pool` average pool.
+
+    The pool keeps the 128 px images (and the augmentations, applied before
+    the model) while the convolutions run at 64 px: the CPU budget of this
+    experiment. input_pool = 1 is the plain SmallConvNet.
+    [B, H, W, 3] -> logits [B, num_classes].
+    """
+
+    num_classes: int = 2
+    widths: Sequence[int] = (32, 64, 128)
+    conv_dropout: float = 0.1
+    head_dropout: float = 0.5
+    input_pool: int = 1
+
+    @nn.compact
+    def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
+        if self.input_pool > 1:
+            window = (self.input_pool, self.input_pool)
+            images = nn.avg_pool(images, window, strides=window)
+        return SmallConvNet(self.num_classes, tuple(self.widths), self.conv_dropout,
+                            self.head_dropout, name="net")(images, train=train)
+
+
 # ---------------------------------------------------------------------------
-# Training recipe
+# Training recipe: the papers' optimisers and the patch sampling of the region classifier
 # ---------------------------------------------------------------------------
-
-class TrainState(train_state.TrainState):
-    """optax train state plus batch-norm statistics ({} for models without any)."""
-
-    batch_stats: Any = None
-
-
-def create_train_state(key: Array, model: nn.Module, example_inputs: Sequence[Array],
-                       optimizer: optax.GradientTransformation) -> TrainState:
-    """Initialise `model` on `example_inputs` (a tuple of positional inputs)."""
-    params_key, dropout_key = jax.random.split(key)
-    # One compiled init instead of op-by-op dispatch (much faster on CPU).
-    init = jax.jit(lambda rngs, *inputs: model.init(rngs, *inputs, train=False))
-    variables = init({"params": params_key, "dropout": dropout_key}, *example_inputs)
-    return TrainState.create(apply_fn=model.apply, params=variables["params"],
-                             tx=optimizer, batch_stats=variables.get("batch_stats", {}))
-
-
-def state_variables(state: TrainState) -> dict[str, Any]:
-    """The variables dict for `model.apply` (params, and batch_stats when present)."""
-    variables = {"params": state.params}
-    if state.batch_stats:
-        variables["batch_stats"] = state.batch_stats
-    return variables
-
 
 def patch_net_schedule(steps_per_epoch: int, learning_rate: float = 1e-3,
                        decay_every_epochs: int = 40, decay_factor: float = 0.1,
@@ -375,313 +370,33 @@ def confounded_classifier_optimizer(steps_per_epoch: int, learning_rate: float =
     return optax.adamw(schedule, weight_decay=weight_decay)
 
 
-def smoothed_cross_entropy(logits: Array, labels: Array, label_smoothing: float = 0.0) -> Array:
-    """Mean softmax cross-entropy against integer labels with label smoothing."""
-    num_classes = logits.shape[-1]
-    targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing) \
-        if label_smoothing > 0 else jax.nn.one_hot(labels, num_classes)
-    return jnp.mean(optax.softmax_cross_entropy(logits, targets))
+@dataclasses.dataclass(frozen=True)
+class PatchSampler:
+    """``augment_fn(key, batch) -> batch`` for ``train_lib.fit`` of a `PatchNet`: adds
+    "patches" [B, k, k, 3] and "position_ids" int32 [B], one uniformly random grid patch
+    of each batch["image"] [B, H, W, 3] (`sample_patches` over `grid_positions(image_size,
+    patch_size, grid)`). Hashable by value: one compiled step per setting."""
+
+    image_size: int | tuple[int, int]
+    patch_size: int
+    grid: int
+
+    def __call__(self, key: Array, batch: Mapping[str, Array]) -> dict[str, Array]:
+        positions = jnp.asarray(grid_positions(self.image_size, self.patch_size, self.grid))
+        patches, position_ids = sample_patches(key, batch["image"], self.patch_size, positions)
+        return {**batch, "patches": patches, "position_ids": position_ids}
 
 
-def _train_update(state: TrainState, inputs: tuple, labels: Array, dropout_key: Array,
-                  label_smoothing: float) -> tuple[TrainState, dict[str, Array]]:
-    """One gradient step of `state.apply_fn(*inputs, train=True)` on cross-entropy."""
-    has_stats = bool(state.batch_stats)
-
-    def loss_fn(params):
-        variables = {"params": params}
-        if has_stats:
-            variables["batch_stats"] = state.batch_stats
-            logits, updates = state.apply_fn(variables, *inputs, train=True,
-                                             rngs={"dropout": dropout_key},
-                                             mutable=["batch_stats"])
-        else:
-            logits = state.apply_fn(variables, *inputs, train=True,
-                                    rngs={"dropout": dropout_key})
-            updates = {}
-        loss = smoothed_cross_entropy(logits, labels, label_smoothing)
-        return loss, (logits, updates)
-
-    (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    state = state.apply_gradients(grads=grads)
-    if has_stats:
-        state = state.replace(batch_stats=updates["batch_stats"])
-    accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
-    return state, {"loss": loss, "accuracy": accuracy}
-
-
-def make_patch_train_step(positions: Array, patch_size: int, label_smoothing: float = 0.1
-                          ) -> Callable[..., tuple[TrainState, dict[str, Array]]]:
-    """Jitted region-classifier step: one random grid patch per image, smoothed CE.
-
-    Returns `train_step(state, images [B, H, W, 3], labels int [B], key)` ->
-    (state, {"loss", "accuracy"}). The patch sampling runs inside the jit.
-    """
-    positions = jnp.asarray(positions, jnp.int32)
-
-    @jax.jit
-    def train_step(state, images, labels, key):
-        patch_key, dropout_key = jax.random.split(key)
-        patches, position_ids = sample_patches(patch_key, images, patch_size, positions)
-        return _train_update(state, (patches, position_ids), labels, dropout_key,
-                             label_smoothing)
-
-    return train_step
-
-
-def make_classifier_train_step(augment_fn: Optional[Callable[..., Array]] = None,
-                               label_smoothing: float = 0.0
-                               ) -> Callable[..., tuple[TrainState, dict[str, Array]]]:
-    """Jitted step for a whole-image classifier (e.g. `SmallConvNet`).
-
-    Args:
-      augment_fn: optional `augment_fn(key, images, attribution) -> images`
-        applied inside the jit before the forward pass, e.g.
-        `faceaudit_jax.mitigation.noise.make_augment_fn(q, mode, scope)`.
-      label_smoothing: 0 by default (plain cross-entropy).
-
-    Returns `train_step(state, images [B, H, W, 3], labels int [B], key,
-    attribution=None)` -> (state, {"loss", "accuracy"}). `attribution` is the
-    data-set mean map [H, W] (general scope) or the batch's own maps
-    [B, H, W] (specific scope).
-    """
-
-    @jax.jit
-    def train_step(state, images, labels, key, attribution=None):
-        augment_key, dropout_key = jax.random.split(key)
-        if augment_fn is not None:
-            images = augment_fn(augment_key, images, attribution)
-        return _train_update(state, (images,), labels, dropout_key, label_smoothing)
-
-    return train_step
-
-
+@functools.lru_cache(maxsize=16)
 def make_patch_apply_fn(model: PatchNet) -> Callable[[Mapping, Array, Array], Array]:
     """Eval-mode `apply_fn(variables, patches, position_ids)` -> logits.
 
-    Pass it with `variables=state_variables(state)` to
+    Pass it with `variables=train_lib.state_variables(state)` to
     `faceaudit_jax.explain.patches.confidence_maps`: the function object is
-    stable, so repeated calls reuse one compilation.
+    memoised per (hashable) model, so repeated calls reuse one compilation.
     """
 
     def apply_fn(variables, patches, position_ids):
         return model.apply(variables, patches, position_ids, train=False)
 
     return apply_fn
-
-
-def make_predict_fn(model: nn.Module) -> Callable[[Mapping, Array], Array]:
-    """Jitted eval-mode `predict(variables, images)` -> logits for a whole-image model."""
-
-    @jax.jit
-    def predict(variables, images):
-        return model.apply(variables, images, train=False)
-
-    return predict
-
-
-# ---------------------------------------------------------------------------
-# Training loops over uint8 image arrays (the noise-debiasing experiment)
-# ---------------------------------------------------------------------------
-
-class PooledSmallConvNet(nn.Module):
-    """`patch_net.SmallConvNet` behind an `input_pool` x `input_pool` average pool.
-
-    The pool keeps the 128 px images (and the augmentations, applied before
-    the model) while the convolutions run at 64 px: the CPU budget of this
-    experiment. input_pool = 1 is the plain SmallConvNet.
-    [B, H, W, 3] -> logits [B, num_classes].
-    """
-
-    num_classes: int = 2
-    widths: Sequence[int] = (32, 64, 128)
-    conv_dropout: float = 0.1
-    head_dropout: float = 0.5
-    input_pool: int = 1
-
-    @nn.compact
-    def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
-        if self.input_pool > 1:
-            window = (self.input_pool, self.input_pool)
-            images = nn.avg_pool(images, window, strides=window)
-        return SmallConvNet(self.num_classes, tuple(self.widths), self.conv_dropout,
-                               self.head_dropout, name="net")(images, train=train)
-
-
-def train_patch_net(train_step: Callable, init_variables: Any, model: PatchNet,
-                    optimizer: optax.GradientTransformation, images_u8: np.ndarray,
-                    labels: np.ndarray, *, batch_size: int, epochs: int, key: jax.Array,
-                    seed: int) -> tuple[TrainState, list[dict]]:
-    """The region classifier: one random grid patch per image per step (inside the jit).
-
-    Args:
-      train_step: `patch_net.make_patch_train_step(positions, k, label_smoothing)`.
-      init_variables: the initial variables of `model` (params, batch_stats).
-      optimizer: e.g. `patch_net.patch_net_optimizer(steps_per_epoch, ...)`.
-      images_u8: [N, H, W, 3]; labels: int [N] (the confounder, 0/1).
-      key: randomness of the patch positions and dropout; seed: batch order.
-
-    Returns:
-      (state, per-epoch history of mean loss / accuracy).
-    """
-    batch_size, epochs = int(batch_size), int(epochs)
-    per_epoch = pipeline.steps_per_epoch(images_u8.shape[0], batch_size)
-    state = with_array_step(TrainState.create(
-        apply_fn=model.apply, params=init_variables["params"], tx=optimizer,
-        batch_stats=init_variables.get("batch_stats", {})))
-    order = np.arange(images_u8.shape[0])
-    history = []
-    for epoch in range(epochs):
-        metrics = []
-        for within in range(per_epoch):
-            step = epoch * per_epoch + within
-            idx = pipeline.step_indices(order, batch_size, seed, step)
-            state, m = train_step(state, pipeline.uint8_to_float(images_u8[idx]), jnp.asarray(labels[idx]),
-                                  jax.random.fold_in(key, step))
-            metrics.append(m)
-        mean = jax.device_get(jax.tree_util.tree_map(lambda *x: jnp.mean(jnp.stack(x)), *metrics))
-        history.append({"epoch": epoch + 1, "loss": float(mean["loss"]),
-                        "accuracy": float(mean["accuracy"])})
-    return state, history
-
-
-def with_array_step(state: TrainState) -> TrainState:
-    """TrainState.create starts `step` as the Python int 0, a weakly typed jit input;
-    the step returns an int32 array, so the second call would compile the train step
-    again. Starting from an int32 array keeps one compilation."""
-    return state.replace(step=jnp.zeros((), jnp.int32))
-
-
-class AugmentedBatches:
-    """Training batches of one run: (images, labels, augmentation spec) of step `step`.
-
-    The spec is the `make_selection_augment_fn` input: {"selection": bool
-    [B, H, W], "mode"}. A shared [H, W] selection is broadcast once; per-image
-    selections are gathered per batch.
-    """
-
-    def __init__(self, images_u8: np.ndarray, labels: np.ndarray, mode: int,
-                 selection: Optional[np.ndarray], batch_size: int, seed: int):
-        n = images_u8.shape[0]
-        height, width = images_u8.shape[1:3]
-        self.batch_size = int(batch_size)
-        self.steps_per_epoch = pipeline.steps_per_epoch(n, self.batch_size)
-        if mode not in (noise.AUGMENT_NONE, noise.AUGMENT_NOISE, noise.AUGMENT_MASK):
-            raise ValueError(f"mode={mode!r}; expected AUGMENT_NONE, AUGMENT_NOISE or "
-                             "AUGMENT_MASK (mitigation.noise)")
-        if selection is None:
-            if mode != noise.AUGMENT_NONE:
-                raise ValueError("an augmentation needs a pixel selection; got None")
-            selection = np.zeros((height, width), bool)
-        selection = np.asarray(selection)
-        if selection.dtype != bool:
-            raise ValueError(f"selection must be bool (from quantile_selections), got dtype "
-                             f"{selection.dtype}")
-        self.per_image = selection.shape == images_u8.shape[:3]
-        if not self.per_image and selection.shape != (height, width):
-            raise ValueError(f"selection must be [H, W] or [N, H, W] for images "
-                             f"{images_u8.shape}, got {selection.shape}")
-        self.shared = None if self.per_image else jnp.broadcast_to(
-            jnp.asarray(selection), (self.batch_size, height, width))
-        self.images_u8, self.labels, self.selection = images_u8, labels, selection
-        self.mode = jnp.asarray(mode, jnp.int32)
-        self.seed = int(seed)
-        self.order = np.arange(n)
-
-    def __call__(self, step: int) -> tuple[jax.Array, jax.Array, dict]:
-        idx = pipeline.step_indices(self.order, self.batch_size, self.seed, step)
-        selection = jnp.asarray(self.selection[idx]) if self.per_image else self.shared
-        return (pipeline.uint8_to_float(self.images_u8[idx]), jnp.asarray(self.labels[idx]),
-                {"selection": selection, "mode": self.mode})
-
-
-def train_classifier(train_step: Callable, state: TrainState, images_u8: np.ndarray,
-                     labels: np.ndarray, mode: int, selection: Optional[np.ndarray], *,
-                     batch_size: int, epochs: int, seed: int, key: jax.Array
-                     ) -> tuple[TrainState, list[dict]]:
-    """Train a whole-image classifier with `train_step` =
-    `patch_net.make_classifier_train_step(make_selection_augment_fn(...))`.
-
-    Args:
-      mode: noise.AUGMENT_NONE, noise.AUGMENT_NOISE or noise.AUGMENT_MASK.
-      selection: bool, the pixels to alter (`quantile_selections`): [H, W] for
-        every image (general scope), [N, H, W] per training image (specific
-        scope; each batch gets its own rows), or None with noise.AUGMENT_NONE.
-      seed: batch order (`pipeline.step_indices`: epoch-wise shuffles, the
-        same for every run, so runs differ only in what they are asked to vary).
-
-    Returns (state, per-epoch mean loss / accuracy).
-    """
-    batches = AugmentedBatches(images_u8, labels, mode, selection, batch_size, seed)
-    history = []
-    for epoch in range(int(epochs)):
-        metrics = []
-        for within in range(batches.steps_per_epoch):
-            step = epoch * batches.steps_per_epoch + within
-            images, batch_labels, spec = batches(step)
-            state, m = train_step(state, images, batch_labels, jax.random.fold_in(key, step),
-                                  spec)
-            metrics.append(m)
-        mean = jax.device_get(jax.tree_util.tree_map(lambda *x: jnp.mean(jnp.stack(x)), *metrics))
-        history.append({"epoch": epoch + 1, "loss": float(mean["loss"]),
-                        "accuracy": float(mean["accuracy"])})
-    return state, history
-
-
-def make_batch_stats_step(model: nn.Module, augment_fn: Callable) -> Callable:
-    """Jitted `stats_step(variables, images, key, spec)` -> the batch-norm statistics
-    after one train-mode forward pass (no gradient) on the augmented batch."""
-
-    @jax.jit
-    def stats_step(variables, images, key, spec):
-        augment_key, dropout_key = jax.random.split(key)
-        images = augment_fn(augment_key, images, spec)
-        _, updates = model.apply(variables, images, train=True, rngs={"dropout": dropout_key},
-                                 mutable=["batch_stats"])
-        return updates["batch_stats"]
-
-    return stats_step
-
-
-def recalibrate_batch_stats(stats_step: Callable, variables: dict, images_u8: np.ndarray,
-                            labels: np.ndarray, mode: int, selection: Optional[np.ndarray], *,
-                            batch_size: int, passes: int, seed: int, key: jax.Array) -> dict:
-    """Re-estimate the batch-norm running statistics with the final weights.
-
-    The running averages (momentum 0.9) trail the weights; with the large
-    learning rate this CPU budget needs they lag enough to flip the eval-mode
-    predictions of the small CNN (measured: train-mode accuracy 0.84, eval-mode
-    0.53 with every face called a man). `passes` epochs of the run's own
-    (augmented) training batches with the weights frozen bring them to the
-    final weights' statistics (the old values decay by 0.9 per batch).
-
-    Returns the variables with the new batch_stats (params unchanged).
-    """
-    if passes <= 0 or "batch_stats" not in variables:
-        return variables
-    batches = AugmentedBatches(images_u8, labels, mode, selection, batch_size, seed)
-    variables = dict(variables)
-    for step in range(int(passes) * batches.steps_per_epoch):
-        images, _, spec = batches(step)
-        variables["batch_stats"] = stats_step(variables, images, jax.random.fold_in(key, step),
-                                              spec)
-    return variables
-
-
-def predict_labels(predict: Callable, variables: Any, images_u8: np.ndarray,
-                   batch_size: int) -> np.ndarray:
-    """Argmax class per image, int [N], in fixed-shape batches."""
-    batch_size = int(min(batch_size, images_u8.shape[0]))
-    out = []
-    for idx, real in pipeline.padded_index_batches(images_u8.shape[0], batch_size):
-        logits = predict(variables, pipeline.uint8_to_float(images_u8[idx]))
-        out.append(np.asarray(jnp.argmax(logits, -1))[:real])
-    return np.concatenate(out).astype(np.int32)
-
-
-def variables_template(model: nn.Module, inputs: tuple) -> dict:
-    """Shapes of a model's variables (params, batch_stats) without running or compiling
-    its initialiser: the target structure for restoring saved variables."""
-    rngs = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
-    shapes = jax.eval_shape(lambda: model.init(rngs, *inputs, train=False))
-    return {k: v for k, v in shapes.items() if k in ("params", "batch_stats") and v}

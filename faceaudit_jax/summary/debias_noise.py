@@ -1,9 +1,12 @@
-"""Report of the noise-debiasing experiment: Table 1, the paper comparison, the README
-fragment and the figures, from the results dict alone (no training, no I/O but the
-figure files `write_report` lays out).
+"""Tables and text of the noise-debiasing study (De Coninck et al.): Table 1, the quantile
+sweep, the comparison with the paper and the README fragment, from a results dict alone.
 
-`report(config, results)` is pure: it returns the Markdown texts and the
-figures; `write_report` saves them under the workdir.
+The results dict is what `faceaudit_jax.experiments.debias_noise` writes to results.json:
+``setup`` (what was run: confounders, methods, quantiles, sizes), ``results``
+({confounder: {"runs": {run id: the cell over its repeated trainings}, "patch_net": ...}})
+and the derived ``table1`` / ``sweep`` / ``comparison`` (`tables`). `report` is pure:
+it returns the Markdown texts and the figures (`viz.debiasing`), writing nothing;
+`write_report` lays them out.
 """
 
 from __future__ import annotations
@@ -13,10 +16,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from faceaudit_jax.metrics import fairness
+from faceaudit_jax.metrics import calibration, fairness
 from faceaudit_jax.mitigation.debias_runs import BASELINES, METHODS, method_spec, run_name
 from faceaudit_jax.viz import debiasing as figures_lib
-from faceaudit_jax.viz.report import markdown_table
+from faceaudit_jax.viz.report import markdown_table, save_figure
 
 LABELS = {"original": "Original (biased)", "balanced": "Balanced",
           "general_noise": "General noise", "general_mask": "General mask",
@@ -41,31 +44,25 @@ PAPER_QUANTILE = 0.7
 UNLEARNED_PATCH_ACCURACY = 0.55
 
 
+def table_methods(setup: dict) -> list[str]:
+    return list(BASELINES) + list(setup["debias"]["methods"])
 
 
-def table_methods(config) -> list[str]:
-    return list(BASELINES) + list(config.debias.methods)
-
-
-def main_run(config, method: str) -> str:
+def main_run(setup: dict, method: str) -> str:
     """The run id of a Table 1 column: a baseline, or a method at the main quantile."""
-    return run_name(method, None if method in BASELINES else config.debias.quantile)
+    return run_name(method, None if method in BASELINES else setup["quantile"])
 
 
 ROW_KEYS = ("accuracy", "men", "women", "gap", "gap_std", "accuracy_std", "num_repeats")
 
 
-def num_repeats(config) -> int:
-    return int(config.classifier.get("repeats", 1))
-
-
-def table1_rows(config, results: dict) -> list[dict]:
+def table1_rows(setup: dict, results: dict) -> list[dict]:
     """One row per confounder x training set (main quantile); metrics are means
     over the repeats."""
     rows = []
-    for confounder in config.confounders:
-        for method in table_methods(config):
-            name = main_run(config, method)
+    for confounder in setup["confounders"]:
+        for method in table_methods(setup):
+            name = main_run(setup, method)
             r = results[confounder]["runs"][name]
             rows.append({"confounder": confounder, "method": method, "run": name,
                          **{k: r[k] for k in ROW_KEYS}, "cells": r["cells"]})
@@ -78,14 +75,14 @@ def _gap_text(r: dict, digits: int = 2) -> str:
     return text + (f" ± {r['gap_std']:.{digits}f}" if r.get("num_repeats", 1) > 1 else "")
 
 
-def table1_markdown(config, rows: Sequence[dict], sweep: Sequence[dict] = ()) -> str:
-    repeats = num_repeats(config)
+def table1_markdown(setup: dict, rows: Sequence[dict], sweep: Sequence[dict] = ()) -> str:
+    repeats = setup["repeats"]
     headers = ["Confounder", "Training set", "Accuracy", "Men", "Women", "Gap",
                "Men w/", "Women w/o"]
     body = [[r["confounder"].replace("_", " "), LABELS[r["method"]], r["accuracy"], r["men"],
              r["women"], _gap_text(r, 3), r["cells"]["men_with"], r["cells"]["women_without"]]
             for r in rows]
-    q = config.debias.quantile
+    q = setup["quantile"]
     note = (f"Table 1 analogue: gender accuracy on a test set balanced over gender x "
             f"confounder; gap = |men - women|; augmentations at q = {q} (the top "
             f"{round((1 - q) * 100)}% of pixels by attribution). 'Men w/' and 'Women w/o' are "
@@ -96,37 +93,37 @@ def table1_markdown(config, rows: Sequence[dict], sweep: Sequence[dict] = ()) ->
                  "deviation across them.")
     text = note + "\n\n" + markdown_table(headers, body)
     if sweep:
-        text += (f"\nQuantile sweep (Figure 8 analogue): {LABELS[config.sweep.method].lower()} "
-                 f"on {config.sweep.confounder.replace('_', ' ')}.\n\n")
+        text += (f"\nQuantile sweep (Figure 8 analogue): {LABELS[setup['sweep']['method']].lower()} "
+                 f"on {setup['sweep']['confounder'].replace('_', ' ')}.\n\n")
         text += markdown_table(["q", "Accuracy", "Men", "Women", "Gap"],
                                [[f"{r['quantile']:g}", r["accuracy"], r["men"], r["women"],
                                  _gap_text(r, 3)] for r in sweep])
     return text
 
 
-def gap_table_markdown(config, results: dict) -> str:
-    methods = table_methods(config)
+def gap_table_markdown(setup: dict, results: dict) -> str:
+    methods = table_methods(setup)
     headers = ["Confounder"] + [SHORT_LABELS[m] for m in methods]
     body = []
-    for confounder in config.confounders:
+    for confounder in setup["confounders"]:
         runs = results[confounder]["runs"]
         body.append([confounder.replace("_", " ")] + [
-            f"{_gap_text(runs[main_run(config, m)])} ({runs[main_run(config, m)]['accuracy']:.2f})"
+            f"{_gap_text(runs[main_run(setup, m)])} ({runs[main_run(setup, m)]['accuracy']:.2f})"
             for m in methods])
     return markdown_table(headers, body)
 
 
-def comparison(config, results: dict) -> dict[str, Any]:
+def comparison(setup: dict, results: dict) -> dict[str, Any]:
     """How each augmentation moved the gap relative to the original biased model."""
-    q = config.debias.quantile
+    q = setup["quantile"]
     per_method = {}
-    for method in config.debias.methods:
+    for method in setup["debias"]["methods"]:
         deltas = {c: results[c]["runs"][run_name(method, q)]["gap"]
-                  - results[c]["runs"]["original"]["gap"] for c in config.confounders}
+                  - results[c]["runs"]["original"]["gap"] for c in setup["confounders"]}
         acc = {c: results[c]["runs"][run_name(method, q)]["accuracy"]
-               - results[c]["runs"]["original"]["accuracy"] for c in config.confounders}
+               - results[c]["runs"]["original"]["accuracy"] for c in setup["confounders"]}
         change = {c: fairness.paired_gap_change(results[c]["runs"], run_name(method, q))
-                  for c in config.confounders}
+                  for c in setup["confounders"]}
         paired = {c: v["num_narrower"] for c, v in change.items()}
         per_method[method] = {
             "paired_change": change,
@@ -139,12 +136,12 @@ def comparison(config, results: dict) -> dict[str, Any]:
             "mean_gap_change": float(np.mean(list(deltas.values()))),
             "repeats_gap_reduced": paired,
             "num_paired_gap_reduced": int(sum(paired.values())),
-            "num_paired": len(config.confounders) * num_repeats(config),
+            "num_paired": len(setup["confounders"]) * setup["repeats"],
         }
     balanced = {c: results[c]["runs"]["balanced"]["gap"] - results[c]["runs"]["original"]["gap"]
-                for c in config.confounders}
+                for c in setup["confounders"]}
     out = {"per_method": per_method, "balanced_gap_change": balanced}
-    if "Blond_Hair" in config.confounders and "general_noise" in config.debias.methods:
+    if "Blond_Hair" in setup["confounders"] and "general_noise" in setup["debias"]["methods"]:
         runs = results["Blond_Hair"]["runs"]
         out["blond_hair"] = {
             "ours": {"original": runs["original"]["gap"], "balanced": runs["balanced"]["gap"],
@@ -157,15 +154,15 @@ def comparison(config, results: dict) -> dict[str, Any]:
     return out
 
 
-def sweep_rows(config, results: dict) -> list[dict]:
-    runs = results[config.sweep.confounder]["runs"]
-    return [{"quantile": float(q), "run": run_name(config.sweep.method, q),
-             **{k: runs[run_name(config.sweep.method, q)][k] for k in ROW_KEYS}}
-            for q in sorted(config.sweep.quantiles)]
+def sweep_rows(setup: dict, results: dict) -> list[dict]:
+    runs = results[setup["sweep"]["confounder"]]["runs"]
+    return [{"quantile": float(q), "run": run_name(setup["sweep"]["method"], q),
+             **{k: runs[run_name(setup["sweep"]["method"], q)][k] for k in ROW_KEYS}}
+            for q in sorted(setup["sweep"]["quantiles"])]
 
 
-def _scale_text(ts) -> str:
-    scale = 3000 / int(ts.n_target)
+def _scale_text(ts: dict) -> str:
+    scale = 3000 / int(ts["men_without"])
     if scale == 1:
         return ""
     if abs(scale - round(scale)) < 1e-9:
@@ -179,28 +176,26 @@ def _updates_text(steps: dict) -> str:
     return f"{steps['plain']} updates per model ({steps['mask']} with masks)"
 
 
-def _setup_paragraph(config, setup: dict, results: dict) -> str:
+def _setup_paragraph(setup: dict, results: dict) -> str:
     """The summary's first paragraph: what was trained on what, and how."""
-    q = config.debias.quantile
-    ts = config.train_set
-    pool = "CelebA-like correlated" if not config.data.independent else "attribute-independent"
-    pc = config.patch_net
-    cc = config.classifier
+    q = setup["quantile"]
+    ts, pc = setup["train_set"], setup["patch_net"]
+    pool = "CelebA-like correlated" if setup["pool"] == "correlated" else "attribute-independent"
     patch_acc = ", ".join(
         f"{c.replace('_', ' ')} {results[c]['patch_net']['patch_accuracy']:.2f} / "
-        f"{results[c]['patch_net']['ece']:.3f}" for c in config.confounders)
+        f"{results[c]['patch_net']['ece']:.3f}" for c in setup['confounders'])
     return (
         f"Per confounder, a gender classifier (small CNN, three conv layers) is trained on "
-        f"{ts.n_target} men without the confounder and {ts.n_other_with} + "
-        f"{ts.n_other_without} women with / without it ({pool} synthetic faces, "
-        f"{config.data.resolution} px; the paper's 3000 / 2000 + 1000{_scale_text(ts)}), "
+        f"{ts['men_without']} men without the confounder and {ts['women_with']} + "
+        f"{ts['women_without']} women with / without it ({pool} synthetic faces, "
+        f"{setup['resolution']} px; the paper's 3000 / 2000 + 1000{_scale_text(ts)}), "
         f"on a same-size set balanced over gender x "
         f"confounder, and on the biased set with the four attribution-guided augmentations "
         f"at q = {q}; the attribution comes from a patch region classifier "
-        f"({pc.patch_size} px patches, {pc.grid} x {pc.grid} grid, {pc.confidence} confidence) "
+        f"({pc['patch_size']} px patches, {pc['grid']} x {pc['grid']} grid, {pc['confidence']} confidence) "
         f"trained to predict the confounder (patch accuracy / ECE: {patch_acc}). "
-        f"Test: {config.test.size} faces balanced over gender x confounder; "
-        f"{_updates_text(setup['classifier_steps'])}, lr {cc.learning_rate} (paper 1e-5). "
+        f"Test: {setup['test_size']} faces balanced over gender x confounder; "
+        f"{_updates_text(setup['classifier_steps'])}, lr {setup['classifier_learning_rate']} (paper 1e-5). "
         f"Cells: gap |acc(men) - acc(women)| (overall accuracy).\n")
 
 
@@ -219,9 +214,9 @@ def _paired_outcome(pb: dict, pg: dict) -> str:
             "confirmed nor refuted here.")
 
 
-def _blond_hair_verdict(config, results: dict, comp: dict) -> list[str]:
+def _blond_hair_verdict(setup: dict, results: dict, comp: dict) -> list[str]:
     """The comparison with the paper's Blond_Hair row (0.26 -> 0.05 -> 0.09)."""
-    q = config.debias.quantile
+    q = setup["quantile"]
     b = comp["blond_hair"]["ours"]
     runs_b = results["Blond_Hair"]["runs"]
     out = [f"Blond_Hair: gap {_gap_text(runs_b['original'])} (original) -> "
@@ -230,7 +225,7 @@ def _blond_hair_verdict(config, results: dict, comp: dict) -> list[str]:
            f"the paper reports 0.26 -> 0.05 -> 0.09."]
     reduced_b = b["balanced"] < b["original"]
     reduced_n = b["general_noise"] < b["original"]
-    repeats = num_repeats(config)
+    repeats = setup["repeats"]
     if repeats > 1:
         pb, pg = (comp["blond_hair"]["paired_change"][k] for k in ("balanced", "general_noise"))
         out.append(f"Paired by repeat, the Blond_Hair gap moves by "
@@ -251,9 +246,9 @@ def _blond_hair_verdict(config, results: dict, comp: dict) -> list[str]:
     return out
 
 
-def _unlearned_note(config, results: dict) -> list[str]:
+def _unlearned_note(setup: dict, results: dict) -> list[str]:
     """A warning for confounders the patch net did not learn (their maps locate nothing)."""
-    unlearned = [c for c in config.confounders
+    unlearned = [c for c in setup["confounders"]
                  if results[c]["patch_net"]["patch_accuracy"] < UNLEARNED_PATCH_ACCURACY]
     if not unlearned:
         return []
@@ -264,32 +259,32 @@ def _unlearned_note(config, results: dict) -> list[str]:
             f"augmentations alter the wrong pixels: {rows} not test the method."]
 
 
-def _per_method_verdict(config, comp: dict) -> str:
+def _per_method_verdict(setup: dict, comp: dict) -> str:
     """How often each augmentation narrowed the gap, over confounders (and repeats)."""
-    repeats = num_repeats(config)
+    repeats = setup["repeats"]
     parts = []
     for method, m in comp["per_method"].items():
         paired = (f"; narrower in {m['num_paired_gap_reduced']}/{m['num_paired']} paired "
                   f"trainings; resolved narrowing for {m['num_resolved_reduced']}, widening "
                   f"for {m['num_resolved_increased']} confounders" if repeats > 1 else "")
-        parts.append(f"{LABELS[method].lower()} {m['num_gap_reduced']}/{len(config.confounders)}"
+        parts.append(f"{LABELS[method].lower()} {m['num_gap_reduced']}/{len(setup['confounders'])}"
                      f" (mean change {m['mean_gap_change']:+.2f}{paired})")
     return ("Gap narrowed relative to the original model, per augmentation (of "
-            f"{len(config.confounders)} confounders" +
+            f"{len(setup['confounders'])} confounders" +
             (", by the mean over repeats" if repeats > 1 else "") + "): "
             + "; ".join(parts) + ".")
 
 
-def _repeats_note(config, results: dict) -> str:
+def _repeats_note(setup: dict, results: dict) -> str:
     """What a cell is (one training, or mean ± s.d. of several) and how far to trust it."""
-    repeats = num_repeats(config)
+    repeats = setup["repeats"]
     if repeats == 1:
         return ("Each cell is one training run; at this budget, runs that differ only "
                 "in their random keys (batch noise, dropout) move a gap by more than "
                 "the test-set standard error, so single cells are indicative, not "
                 "conclusive (set classifier.repeats to average several).")
-    stds = [results[c]["runs"][main_run(config, m)]["gap_std"]
-            for c in config.confounders for m in table_methods(config)]
+    stds = [results[c]["runs"][main_run(setup, m)]["gap_std"]
+            for c in setup["confounders"] for m in table_methods(setup)]
     return (f"Each cell is the mean ± standard deviation over {repeats} trainings that differ "
             f"in initialisation, batch order and noise keys (within a repeat every column "
             f"shares them); the median standard deviation of a gap across trainings is "
@@ -297,80 +292,103 @@ def _repeats_note(config, results: dict) -> str:
             f"errors: with {repeats} repeats a loose screen, not a significance test.")
 
 
-def summary_markdown(config, setup: dict, results: dict, comp: dict, sweep: Sequence[dict],
+def summary_markdown(setup: dict, results: dict, comp: dict, sweep: Sequence[dict],
                      link_prefix: str) -> str:
     """The README fragment: setup, the gap table, the paper comparison, links."""
-    ses = [results[c]["runs"][main_run(config, m)]["gap_se"]
-           for c in config.confounders for m in table_methods(config)]
-    per_cell = int(config.test.size) // 4
+    ses = [results[c]["runs"][main_run(setup, m)]["gap_se"]
+           for c in setup["confounders"] for m in table_methods(setup)]
+    per_cell = int(setup["test_size"]) // 4
     verdict = [f"With {per_cell} test faces per cell a gap has a standard error of about "
                f"{np.mean(ses):.2f}, so differences below ~{2 * np.mean(ses):.2f} are noise."]
     if "blond_hair" in comp:
-        verdict += _blond_hair_verdict(config, results, comp)
-    verdict += _unlearned_note(config, results)
-    verdict.append(_per_method_verdict(config, comp))
+        verdict += _blond_hair_verdict(setup, results, comp)
+    verdict += _unlearned_note(setup, results)
+    verdict.append(_per_method_verdict(setup, comp))
     if sweep:
         sweep_text = ", ".join(f"q = {r['quantile']:g}: {_gap_text(r)} ({r['accuracy']:.2f})"
                                for r in sweep)
-        verdict.append(f"Quantile sweep ({LABELS[config.sweep.method].lower()}, "
-                       f"{config.sweep.confounder.replace('_', ' ')}), gap (accuracy): "
+        verdict.append(f"Quantile sweep ({LABELS[setup['sweep']['method']].lower()}, "
+                       f"{setup['sweep']['confounder'].replace('_', ' ')}), gap (accuracy): "
                        f"{sweep_text}.")
-    verdict.append(_repeats_note(config, results))
+    verdict.append(_repeats_note(setup, results))
     files = ["table1.md", "figure7_gaps.png", "figure8_quantiles.png", "figure_maps.png"]
-    files += [f"reliability_{c}.png" for c in config.confounders]
+    files += [f"reliability_{c}.png" for c in setup['confounders']]
     links = "Full table and figures: " + ", ".join(
         f"[{f}]({link_prefix}{f})" for f in files) + ".\n"
     return "\n".join(["### Patch attribution and noise debiasing\n",
-                      _setup_paragraph(config, setup, results),
-                      gap_table_markdown(config, results), " ".join(verdict) + "\n", links])
+                      _setup_paragraph(setup, results),
+                      gap_table_markdown(setup, results), " ".join(verdict) + "\n", links])
 
 
 # ----------------------------------------------------------------------------- report
 
 
-def tables(config, results: dict) -> dict[str, Any]:
+def tables(setup: dict, results: dict) -> dict[str, Any]:
     """The derived tables of the results: Table 1 rows, the sweep rows, the comparison."""
-    return {"table1": table1_rows(config, results), "sweep": sweep_rows(config, results),
-            "comparison": comparison(config, results)}
+    return {"table1": table1_rows(setup, results), "sweep": sweep_rows(setup, results),
+            "comparison": comparison(setup, results)}
 
 
-def report(config, out: dict, link_prefix: str = "") -> dict[str, Any]:
+FIGURE_DPI = {"figure7_gaps.png": 110, "figure8_quantiles.png": 110, "figure_maps.png": 100}
+# results.json's names of the figures ({key: file name}); reliability_<C> keep their stem.
+FIGURE_KEYS = {"figure7_gaps.png": "figure7", "figure8_quantiles.png": "figure8",
+               "figure_maps.png": "maps"}
+
+
+def figures(results: dict) -> dict[str, Any]:
+    """{file name: matplotlib Figure}: Figures 7 and 8, the patch nets' reliability diagrams
+    and, when ``results`` carries ``examples`` ({confounder: attribution cache}), the maps."""
+    setup, per_confounder = results["setup"], results["results"]
+    sweep_setup = setup["sweep"]
+    runs = {c: {m: per_confounder[c]["runs"][main_run(setup, m)] for m in table_methods(setup)}
+            for c in setup["confounders"]}
+    sweep_runs = per_confounder[sweep_setup["confounder"]]["runs"]
+    out = {
+        "figure7_gaps.png": figures_lib.plot_gaps(runs, LABELS, setup["quantile"]),
+        "figure8_quantiles.png": figures_lib.plot_sweep(
+            results["sweep"], sweep_runs["original"]["gap"], sweep_runs["balanced"]["gap"],
+            f"{LABELS[sweep_setup['method']]}, {sweep_setup['confounder'].replace('_', ' ')}"),
+    }
+    if "examples" in results:
+        out["figure_maps.png"] = figures_lib.plot_maps(
+            results["examples"], setup["quantile"],
+            {LABELS[m].lower(): method_spec(m) for m in METHODS},
+            float(setup["debias"]["noise_std"]), float(setup["debias"]["mask_fill"]))
+    for confounder in setup["confounders"]:
+        patch = per_confounder[confounder]["patch_net"]
+        rel = patch["reliability"]
+        data = calibration.ReliabilityData(
+            np.asarray(rel["bin_edges"]), np.asarray(rel["accuracy"], np.float64),
+            np.asarray(rel["mean_confidence"], np.float64), np.asarray(rel["counts"]),
+            float(patch["ece"]))
+        out[f"reliability_{confounder}.png"] = calibration.reliability_figure(
+            data, f"Patch net, {confounder.replace('_', ' ')} ({patch['num_images']} test images)")
+    return out
+
+
+def report(results: dict, link_prefix: str = "") -> dict[str, Any]:
     """Texts and figures of a finished run; pure (nothing is written).
 
     Args:
-      out: the results.json dict (`setup`, `results`, `table1`, `sweep`,
-        `comparison`, and `examples`: {confounder: the attribution cache}).
+      results: the results dict (``setup``, ``results``, ``table1``, ``sweep``,
+        ``comparison``; optional ``examples`` for the maps figure).
+      link_prefix: goes before the file names linked from summary.md (see
+        ``registry.readme_link_prefix``).
     Returns:
       {"table1.md": str, "summary.md": str, "figures": {file name: Figure}}.
     """
-    results, sweep = out["results"], out["sweep"]
-    methods = table_methods(config)
-    runs = {c: {m: results[c]["runs"][main_run(config, m)] for m in methods}
-            for c in config.confounders}
-    sweep_runs = results[config.sweep.confounder]["runs"]
-    figures = {
-        "figure7_gaps.png": figures_lib.plot_gaps(runs, LABELS, config.debias.quantile),
-        "figure8_quantiles.png": figures_lib.plot_sweep(
-            sweep, sweep_runs["original"]["gap"], sweep_runs["balanced"]["gap"],
-            f"{LABELS[config.sweep.method]}, {config.sweep.confounder.replace('_', ' ')}"),
-        "figure_maps.png": figures_lib.plot_maps(
-            out["examples"], config.debias.quantile,
-            {LABELS[m].lower(): method_spec(m) for m in METHODS},
-            float(config.debias.noise_std), float(config.debias.mask_fill)),
-    }
-    return {"table1.md": table1_markdown(config, out["table1"], sweep),
-            "summary.md": summary_markdown(config, out["setup"], results, out["comparison"],
-                                           sweep, link_prefix),
-            "figures": figures}
+    setup = results["setup"]
+    return {"table1.md": table1_markdown(setup, results["table1"], results["sweep"]),
+            "summary.md": summary_markdown(setup, results["results"], results["comparison"],
+                                           results["sweep"], link_prefix),
+            "figures": figures(results)}
 
 
-def write_report(config, out: dict, workdir: Path, link_prefix: str = "") -> dict[str, str]:
-    """Lay out `report(config, out)` under workdir; returns {figure key: file name}."""
-    made = report(config, out, link_prefix)
+def write_report(made: dict, workdir) -> dict[str, str]:
+    """Lay out ``report``'s texts and figures under ``workdir``; returns {figure key: file name}."""
+    workdir = Path(workdir)
     for name in ("table1.md", "summary.md"):
-        (Path(workdir) / name).write_text(made[name])
-    dpi = {"figure_maps.png": 100}
+        (workdir / name).write_text(made[name])
     for name, fig in made["figures"].items():
-        fig.savefig(Path(workdir) / name, dpi=dpi.get(name, 110))
-    return {"figure7": "figure7_gaps.png", "figure8": "figure8_quantiles.png",
-            "maps": "figure_maps.png"}
+        save_figure(fig, workdir / name, dpi=FIGURE_DPI.get(name, 120))
+    return {FIGURE_KEYS.get(name, Path(name).stem): name for name in made["figures"]}
