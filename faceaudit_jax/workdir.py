@@ -348,3 +348,24 @@ def clear_directory(path) -> None:
             shutil.rmtree(child)
         else:
             child.unlink()
+
+
+# The repository's root: summaries under results/ link from the README.
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def ignore_models_folder(models_dir) -> None:
+    """Checkpoints stay out of git: models/.gitignore ignores everything in models/."""
+    models_dir = Path(models_dir)
+    models_dir.mkdir(parents=True, exist_ok=True)
+    gitignore = models_dir / ".gitignore"
+    if not gitignore.exists():
+        gitignore.write_text("# Orbax checkpoints and training logs: not for git.\n*\n")
+
+
+def readme_link_prefix(workdir) -> str:
+    """Prefix that makes links in a summary.md work from the README (workdir inside the repo)."""
+    try:
+        return Path(workdir).resolve().relative_to(REPO_ROOT).as_posix() + "/"
+    except ValueError:
+        return ""

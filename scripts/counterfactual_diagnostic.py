@@ -27,7 +27,6 @@ Writes ``results.json`` and ``summary.md`` (the README picks it up) under the wo
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -46,7 +45,7 @@ from faceaudit_jax.data import pipeline, synthetic  # noqa: E402
 from faceaudit_jax import classifiers  # noqa: E402
 from faceaudit_jax.experiments import facex_tables  # noqa: E402
 from faceaudit_jax.summary import facex_tables as tables_lib  # noqa: E402
-from faceaudit_jax.experiments.registry import write_json  # noqa: E402
+from faceaudit_jax.workdir import write_json  # noqa: E402
 from faceaudit_jax.metrics import fairness  # noqa: E402
 from faceaudit_jax.explain import cams  # noqa: E402
 from faceaudit_jax.summary import counterfactual as cf  # noqa: E402

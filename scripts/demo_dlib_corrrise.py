@@ -91,7 +91,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
-    from faceaudit_jax.experiments.registry import readme_link_prefix, write_json
+    from faceaudit_jax.workdir import readme_link_prefix, write_json
     from faceaudit_jax.explain import corrrise
     from faceaudit_jax.models import dlib_face
 

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from faceaudit_jax import losses, regions
+from faceaudit_jax import regions
 from faceaudit_jax.experiments import attribute_cams as ac
 from faceaudit_jax.experiments import registry
 from faceaudit_jax.explain import attribute_audit

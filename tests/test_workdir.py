@@ -143,11 +143,11 @@ def test_keep_jsonl_rewrites_only_when_something_is_dropped(tmp_path):
 
 
 def test_facex_summary_links_the_heatmap_inside_its_workdir(tmp_path):
-    from faceaudit_jax.experiments import facex, registry
+    from faceaudit_jax.experiments import facex
     config = cli.load_config("configs/facex.py:smoke")
     outside = facex.summary_markdown(config, {"classifier": {"biased": {"num_images": 8}}}, 1.0,
-                                     link_prefix=registry.readme_link_prefix(tmp_path))
+                                     link_prefix=workdir.readme_link_prefix(tmp_path))
     assert "](report_biased/prototype_heatmap.png)" in outside
     inside = facex.summary_markdown(config, {"classifier": {"biased": {"num_images": 8}}}, 1.0,
-                                    link_prefix=registry.readme_link_prefix(registry.REPO_ROOT / "results" / "x"))
+                                    link_prefix=workdir.readme_link_prefix(workdir.REPO_ROOT / "results" / "x"))
     assert "](results/x/report_biased/prototype_heatmap.png)" in inside

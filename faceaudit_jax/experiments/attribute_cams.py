@@ -34,7 +34,7 @@ import numpy as np
 
 from faceaudit_jax import losses, regions, train_lib
 from faceaudit_jax.data import celeba, pipeline, sources
-from faceaudit_jax.experiments import registry
+from faceaudit_jax import workdir as workdir_lib
 from faceaudit_jax.explain import attribute_masks as masks_lib
 from faceaudit_jax.explain.attribute_audit import cam_pairs, explain_test_set
 from faceaudit_jax.metrics import fairness
@@ -181,7 +181,7 @@ def train_model(config, workdir: str, name: str, source, train_idx: np.ndarray,
     is part of the train state's static structure).
     """
     models_dir = Path(workdir) / "models"
-    registry.ignore_models_folder(models_dir)
+    workdir_lib.ignore_models_folder(models_dir)
     run_dir = models_dir / name
     check_fingerprint(run_dir, _fingerprint(config, names, loss),
                       overwrite=overwrite_requested(config))
@@ -253,7 +253,7 @@ markdown_outputs = report  # the earlier name
 
 
 def _write_report(results: dict, out: Path) -> str:
-    for filename, text in report(results, registry.readme_link_prefix(out)).items():
+    for filename, text in report(results, workdir_lib.readme_link_prefix(out)).items():
         (out / filename).write_text(text)
     return (out / "summary.md").read_text()
 

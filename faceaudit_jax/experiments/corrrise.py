@@ -26,8 +26,8 @@ from faceaudit_jax import train_lib
 from faceaudit_jax.workdir import last_record
 from faceaudit_jax.data import pipeline
 from faceaudit_jax.data import verification as verification_data
-from faceaudit_jax.experiments import registry
-from faceaudit_jax.experiments.registry import write_json
+from faceaudit_jax import workdir as workdir_lib
+from faceaudit_jax.workdir import write_json
 from faceaudit_jax.explain import pair_saliency
 from faceaudit_jax.explain.corrrise import numpy_embed_fn
 from faceaudit_jax.explain.pair_saliency import (
@@ -57,17 +57,17 @@ def train_embedder(config, workdir: str, images: np.ndarray, identity: np.ndarra
     model = embedder_lib.build_embedder_with_margin(
         int(classes.size), name=str(config.model.name), embedding_dim=int(config.model.embedding_dim))
     models_dir = Path(workdir) / "models"
-    registry.ignore_models_folder(models_dir)
+    workdir_lib.ignore_models_folder(models_dir)
     run_dir = models_dir / "embedder"
     batch_size = int(config.train.batch_size)
     num_steps = pipeline.steps_per_epoch(images.shape[0], batch_size) * int(config.train.num_epochs)
     # A resumed run must not restore a checkpoint of other settings.
-    registry.check_fingerprint(run_dir, {
+    workdir_lib.check_fingerprint(run_dir, {
         "model": str(config.model.name), "embedding_dim": int(config.model.embedding_dim),
         "resolution": int(config.data.resolution), "num_images": int(images.shape[0]),
         "num_classes": int(classes.size), "batch_size": batch_size, "num_steps": int(num_steps),
         "loss": str(config.train.loss), "lr": float(config.train.lr), "seed": int(config.seed)},
-        overwrite=registry.overwrite_requested(config))
+        overwrite=workdir_lib.overwrite_requested(config))
     tx = train_lib.make_optimizer(config.train, num_steps)
     state = train_lib.create_train_state(model, jax.random.PRNGKey(int(config.seed)),
                                          int(config.data.resolution), tx)
@@ -301,7 +301,7 @@ def run(config, workdir: str) -> dict:
         "seconds": time.perf_counter() - t0,
     }
     write_json(out / "results.json", results)
-    for name, text in report(results, registry.readme_link_prefix(out)).items():
+    for name, text in report(results, workdir_lib.readme_link_prefix(out)).items():
         (out / name).write_text(text)
     print(f"[corrrise] done in {results['seconds']:.0f}s -> {out}", flush=True)
     return results

@@ -32,7 +32,6 @@ import numpy as np
 from faceaudit_jax import keys, losses, regions, train_lib
 from faceaudit_jax import workdir as workdir_lib
 from faceaudit_jax.data import pipeline, sampling, sources
-from faceaudit_jax.experiments import registry
 from faceaudit_jax.explain import patches as patches_lib
 from faceaudit_jax.metrics import fairness
 from faceaudit_jax.mitigation import noise
@@ -501,7 +500,7 @@ def run(config, workdir) -> dict[str, Any]:
            **summary_lib.tables(setup, results), "results": results}
     figures = summary_lib.write_report(summary_lib.report(
         {**out, "examples": {c: v["examples"] for c, v in per_confounder.items()}},
-        registry.readme_link_prefix(workdir)), workdir)
+        workdir_lib.readme_link_prefix(workdir)), workdir)
     out.update(figures=figures, paper={"blond_hair_gap": summary_lib.PAPER_BLOND_HAIR_GAP,
                                        "quantile": summary_lib.PAPER_QUANTILE},
                seconds_this_invocation=round(time.time() - t_start, 1),

@@ -28,7 +28,7 @@ import numpy as np
 
 from faceaudit_jax import parsing, regions, train_lib
 from faceaudit_jax.data import pipeline, sources
-from faceaudit_jax.experiments import registry
+from faceaudit_jax import workdir as workdir_lib
 from faceaudit_jax.models import parser_net
 
 _MODEL_DIR = parsing.PARSER_RUN_DIR
@@ -102,10 +102,10 @@ def class_weights(config, source, train_idx: np.ndarray):
 def train_parser(config, workdir: str, source, train_idx: np.ndarray):
     """Train (or resume, or reload when finished) the parser under ``workdir/models/parser``."""
     models_dir = Path(workdir) / "models"
-    registry.ignore_models_folder(models_dir)
+    workdir_lib.ignore_models_folder(models_dir)
     run_dir = Path(workdir) / _MODEL_DIR
-    registry.check_fingerprint(run_dir, _fingerprint(config, train_idx.size),
-                               overwrite=registry.overwrite_requested(config))
+    workdir_lib.check_fingerprint(run_dir, _fingerprint(config, train_idx.size),
+                               overwrite=workdir_lib.overwrite_requested(config))
     model = build_model(config)
     batch_size = int(config.train.batch_size)
     num_steps = pipeline.steps_per_epoch(train_idx.size, batch_size) * int(config.train.num_epochs)
@@ -232,8 +232,8 @@ def run(config, workdir: str) -> dict:
                                            np.asarray(batch["parse"]), np.asarray(pred)),
                "iou": iou_figure(out / "figure_iou.png", scores["per_region_iou"])}
     result["figures"] = figures
-    registry.write_json(out / "results.json", result)
-    for name, text in report(result, registry.readme_link_prefix(workdir)).items():
+    workdir_lib.write_json(out / "results.json", result)
+    for name, text in report(result, workdir_lib.readme_link_prefix(workdir)).items():
         (out / name).write_text(text)
     print(f"[face_parser] mean IoU {result['mean_iou']:.3f}, pixel accuracy {result['pixel_accuracy']:.3f} "
           f"({time.perf_counter() - start:.0f}s)", flush=True)

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from faceaudit_jax import classifiers, parsing
-from faceaudit_jax.experiments.registry import readme_link_prefix, write_json
+from faceaudit_jax.workdir import readme_link_prefix, write_json
 from faceaudit_jax.metrics import fairness
 from faceaudit_jax.models import sources as model_sources
 from faceaudit_jax.summary import audit as audit_lib
@@ -121,7 +121,7 @@ def summary_markdown(config, summary: dict, elapsed: float, link_prefix: str = "
     """The README fragment for the main job: group accuracies and the FaceX ranking.
 
     ``link_prefix`` goes before the heatmap's path inside the workdir (see
-    ``registry.readme_link_prefix``): "" links relative to the workdir.
+    ``workdir_lib.readme_link_prefix``): "" links relative to the workdir.
     """
     confs = ", ".join(classifiers.confounder_list(config.bias))
     baseline = "balanced" in summary

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from faceaudit_jax import classifiers, keys, parsing, regions
 from faceaudit_jax.data import sampling, sources
-from faceaudit_jax.experiments.registry import readme_link_prefix, write_json
+from faceaudit_jax.workdir import readme_link_prefix, write_json
 from faceaudit_jax.metrics import fairness
 from faceaudit_jax.summary import audit as audit_lib
 from faceaudit_jax.summary import facex_tables as tables_lib
@@ -304,7 +304,7 @@ def report(config, results: dict, link_prefix: str = "") -> dict[str, str]:
     """Markdown of the computed parts: {part: section, "tables.md": page, "summary.md": README fragment}.
 
     Pure (no I/O). ``link_prefix`` goes before figure paths in the README
-    fragment (see ``registry.readme_link_prefix``); the page links relative to the workdir.
+    fragment (see ``workdir_lib.readme_link_prefix``); the page links relative to the workdir.
     """
     parts = [p for p in results if p in tables_lib.MARKDOWN]
     texts = {part: tables_lib.MARKDOWN[part](results[part]) for part in parts}

@@ -4,8 +4,6 @@ Each experiment module defines ``run(config, workdir)`` (the whole job) and
 may define ``train(config, workdir)`` (training only, for train.py).
 ``config.overwrite`` (False when the config has no such field) lets a run
 replace run directories made with other settings (see faceaudit_jax.workdir).
-``write_json``, ``check_fingerprint`` and ``prepare_workdir`` are re-exported
-from faceaudit_jax.workdir, the one place they live.
 """
 
 from __future__ import annotations
@@ -13,10 +11,7 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
-from faceaudit_jax.workdir import (  # noqa: F401  (re-exported for experiment modules)
-    check_fingerprint, overwrite_requested, prepare_workdir, write_json, write_text_atomic)
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from faceaudit_jax.workdir import prepare_workdir, write_text_atomic
 
 EXPERIMENTS = {
     "facex": "faceaudit_jax.experiments.facex",
@@ -62,20 +57,3 @@ def run_training(config, workdir):
     result = module.train(config, str(path))
     _save_config(config, path)
     return result
-
-
-def ignore_models_folder(models_dir) -> None:
-    """Checkpoints stay out of git: models/.gitignore ignores everything in models/."""
-    models_dir = Path(models_dir)
-    models_dir.mkdir(parents=True, exist_ok=True)
-    gitignore = models_dir / ".gitignore"
-    if not gitignore.exists():
-        gitignore.write_text("# Orbax checkpoints and training logs: not for git.\n*\n")
-
-
-def readme_link_prefix(workdir) -> str:
-    """Prefix that makes links in a summary.md work from the README (workdir inside the repo)."""
-    try:
-        return Path(workdir).resolve().relative_to(REPO_ROOT).as_posix() + "/"
-    except ValueError:
-        return ""

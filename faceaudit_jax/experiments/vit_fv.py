@@ -32,7 +32,7 @@ import numpy as np
 from faceaudit_jax import keys
 from faceaudit_jax.data import sources
 from faceaudit_jax.data import verification as verification_data
-from faceaudit_jax.experiments import registry
+from faceaudit_jax import workdir as workdir_lib
 from faceaudit_jax.explain import attention as attention_lib
 from faceaudit_jax.explain import fv_heatmaps as fv
 from faceaudit_jax.explain import pair_saliency
@@ -90,7 +90,7 @@ def train(config, workdir: str, loaded=None) -> vit_embedder.TrainedEmbedder:
     """Train (or reload) the ViT in ``<workdir>/models/vit_embedder`` (kept out of git); ``loaded``:
     the training split's (images, identity) when the caller has read them."""
     images, identity = loaded or verification_data.load_images(config, "train")
-    registry.ignore_models_folder(Path(workdir) / "models")
+    workdir_lib.ignore_models_folder(Path(workdir) / "models")
     return vit_embedder.train_embedder(config, Path(workdir) / "models" / "vit_embedder", images, identity)
 
 
@@ -337,7 +337,7 @@ def report(results: Mapping, prefix: str = "") -> dict[str, str]:
 
 def write_reports(workdir, results: Mapping) -> None:
     """table1.md and summary.md of ``report(results)`` in ``workdir``."""
-    for name, text in report(results, registry.readme_link_prefix(workdir)).items():
+    for name, text in report(results, workdir_lib.readme_link_prefix(workdir)).items():
         (Path(workdir) / name).write_text(text)
 
 

@@ -27,7 +27,7 @@ import importlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp

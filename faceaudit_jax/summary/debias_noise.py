@@ -373,7 +373,7 @@ def report(results: dict, link_prefix: str = "") -> dict[str, Any]:
       results: the results dict (``setup``, ``results``, ``table1``, ``sweep``,
         ``comparison``; optional ``examples`` for the maps figure).
       link_prefix: goes before the file names linked from summary.md (see
-        ``registry.readme_link_prefix``).
+        ``workdir_lib.readme_link_prefix``).
     Returns:
       {"table1.md": str, "summary.md": str, "figures": {file name: Figure}}.
     """

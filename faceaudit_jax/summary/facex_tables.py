@@ -449,7 +449,7 @@ def _mitigation_note(result: dict) -> str:
 
 def figure5_markdown(result: dict, link_prefix: str = "") -> str:
     """Figure 5's section; ``link_prefix`` goes before the figure's file name
-    (see ``registry.readme_link_prefix``)."""
+    (see ``workdir_lib.readme_link_prefix``)."""
     acc = result["group_accuracy"]
     summary = markdown_table(
         ["Model", f"RP of {result['confounder']}", "Acc.", "Aligned acc.", "Conflicting acc.",
