@@ -163,6 +163,9 @@ def main(entry: str, argv: Sequence[str] | None = None) -> None:
         "multihost", False, "Join a multi-process JAX job (docs/scale.md): coordinator from "
         "JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID or SLURM; also started "
         "without the flag when those variables describe a job.")
+    timeout_flag = flags.DEFINE_float(
+        "multihost_timeout_s", 300.0, "With --multihost: seconds to wait for the coordinator and "
+        "for every process to register before stopping with a message naming the missing ones.")
     flags.mark_flags_as_required(["config", "workdir"])
     run = {"explain": registry.run_experiment, "train": registry.run_training}[entry]
 
@@ -177,10 +180,10 @@ def main(entry: str, argv: Sequence[str] | None = None) -> None:
         try:
             try:
                 if multihost_flag.value or distributed.multihost_requested():
-                    distributed.initialize()
+                    distributed.initialize(timeout_s=timeout_flag.value)
                     distributed.check_same_config(config)
                 run(config, workdir_flag.value)
-            except USER_ERRORS as err:
+            except USER_ERRORS + (distributed.CoordinatorUnreachableError,) as err:
                 _exit_with(err, debug)
         except BaseException as err:  # noqa: BLE001  re-raised unless in a multi-process job
             if distributed.is_multiprocess():

@@ -126,6 +126,23 @@ def _peers_missing_message(process_id: int, num_processes: int, address: str,
             f"num_processes={num_processes}, its own process id and this coordinator address")
 
 
+def _job_arguments(coordinator_address: Optional[str], num_processes: Optional[int],
+                   process_id: Optional[int]) -> tuple[Optional[str], Optional[int], Optional[int]]:
+    """The arguments, with those left None read from the JAX_* variables, checked."""
+    coordinator_address = coordinator_address or os.environ.get(ENV_COORDINATOR) or None
+    if num_processes is None:
+        num_processes = _env_int(ENV_NUM_PROCESSES)
+    if process_id is None:
+        process_id = _env_int(ENV_PROCESS_ID)
+    if num_processes is not None and num_processes < 1:
+        raise ValueError(f"num_processes={num_processes}; expected an integer >= 1")
+    if process_id is not None and num_processes is not None and not 0 <= process_id < num_processes:
+        raise ValueError(
+            f"process_id={process_id}; expected an id in 0..{num_processes - 1} "
+            f"for num_processes={num_processes}")
+    return coordinator_address, num_processes, process_id
+
+
 def initialize(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
                process_id: Optional[int] = None, *, timeout_s: float = 300.0,
                heartbeat_timeout_s: int = 100,
@@ -146,17 +163,8 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Optiona
     """
     if jax.distributed.is_initialized():
         return jax.process_count() > 1
-    coordinator_address = coordinator_address or os.environ.get(ENV_COORDINATOR) or None
-    if num_processes is None:
-        num_processes = _env_int(ENV_NUM_PROCESSES)
-    if process_id is None:
-        process_id = _env_int(ENV_PROCESS_ID)
-    if num_processes is not None and num_processes < 1:
-        raise ValueError(f"num_processes={num_processes}; expected an integer >= 1")
-    if process_id is not None and num_processes is not None and not 0 <= process_id < num_processes:
-        raise ValueError(
-            f"process_id={process_id}; expected an id in 0..{num_processes - 1} "
-            f"for num_processes={num_processes}")
+    coordinator_address, num_processes, process_id = _job_arguments(
+        coordinator_address, num_processes, process_id)
     if timeout_s <= 0:
         raise ValueError(f"timeout_s={timeout_s}; expected a positive number of seconds")
     # CPU collectives (all-gathers of the accumulators) need a transport
