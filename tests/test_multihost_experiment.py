@@ -3,13 +3,13 @@
 The FaceX main job (``configs/facex.py:smoke``, cut to 2 training steps and 16
 test images) runs once as one process and once as a 2-process job started by
 ``scripts/launch_local_multihost.sh`` (gloo on localhost, one CPU device per
-process), from the one-process run's trained model: each process checks its
-fingerprint (process 0 alone writes), restores it, explains its half of the
-test images, and process 0 alone writes the reports and JSON. (A job training
-the same model on every process with checkpoints written once, uneven blocks,
-a job's checkpoint read back by ``configs/audit.py``'s loader, and
-``on_primary``'s error sharing are checked in tests/test_distributed.py,
-where they cost no extra compile of a ResNet.)
+process). Every process trains the same model (process 0's copy is broadcast),
+each explains its half of the test images, and process 0 alone writes the
+fingerprint, model.json, metrics.jsonl, reports and JSON (Orbax's checkpoint
+save is collective; process 0 writes the files). (Uneven blocks, a job's
+checkpoint read back by ``configs/audit.py``'s loader, and ``on_primary``'s
+error sharing are checked in tests/test_distributed.py, where they cost no
+extra compile of a ResNet.)
 
 Tolerance: IoR values are sums over images reduced in another order (per
 process, then across processes), so they agree to 1e-5 absolute (measured:
@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
+from faceaudit_jax.models import sources as model_sources
 import multihost_launch as launch
 
 pytestmark = pytest.mark.slow
@@ -80,27 +81,25 @@ def test_facex_on_two_processes_equals_one_process(tmp_path):
     cache = tmp_path / "jax_cache"
     one, two = tmp_path / "one", tmp_path / "two"
     _explain(FACEX, one, cache, 1)
-    # The job starts from the one-process run's finished model (its fingerprint matches):
-    # training it again on the second process would cost a cold compile of the update
-    # (process 1 cannot use JAX's compilation cache, keyed by device id), ~25 s here.
-    # Every process training the same model in a job is checked in test_distributed.py.
-    shutil.copytree(one / "biased", two / "biased")
     log = _explain(FACEX, two, cache, 2)
 
     _assert_same_audit(_read(one / "report_biased" / "results.json"),
                        _read(two / "report_biased" / "results.json"))
     assert _read(two / "classifier_results.json") == _read(one / "classifier_results.json")
+    # The job saved the very model one process trains (same keys, same batches).
+    weights = [jax.tree.leaves(model_sources.restore_variables(run / "biased")) for run in (one, two)]
+    for a, b in zip(*weights):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     # Both processes ended with the same (global) ranking; each printed it.
+    assert "[0] " in log and "[1] " in log
     lines = [line for line in log.split("\n") if "FaceX ranking" in line]
-    assert sorted(line[:3] for line in lines) == ["[0]", "[1]"], lines
-    rankings = {line[line.index("FaceX ranking"):] for line in lines}
-    assert len(rankings) == 1, rankings
-    # One writer: the model restored, not saved again; metrics.jsonl kept as it was; no
-    # temporary files left; reports and config.json written.
-    assert sorted(os.listdir(two / "biased" / "checkpoints")) == ["2"]
+    assert len(lines) == 2 and len({line[line.index("FaceX ranking"):] for line in lines}) == 1, lines
+    # One writer: one metrics record per log step, one checkpoint step, no temporary
+    # files left; reports and config.json written.
     records = [[json.loads(line) for line in (run / "biased" / "metrics.jsonl").read_text().split("\n")
                 if line] for run in (one, two)]
-    assert records[1] == records[0] and len(records[0]) == 1
+    assert [r["step"] for r in records[1]] == [r["step"] for r in records[0]] == [2]
+    assert sorted(os.listdir(two / "biased" / "checkpoints")) == ["2"]
     assert not [p for p in two.rglob("*") if ".tmp-" in p.name or "orbax-checkpoint-tmp" in p.name]
     for name in ("report_biased/cam_overlays.png", "report_biased/report.md", "summary.md",
                  "config.json"):
