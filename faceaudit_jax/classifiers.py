@@ -26,7 +26,7 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from faceaudit_jax import keys, losses, train_lib, workdir as workdir_lib
+from faceaudit_jax import distributed, keys, losses, train_lib, workdir as workdir_lib
 from faceaudit_jax.data import pipeline, sampling, sources
 from faceaudit_jax.models import build_model
 from faceaudit_jax.models import sources as model_sources
@@ -266,14 +266,10 @@ def train_classifier(config, workdir: str, indices: np.ndarray, source, name: st
     weight the BCE per image (group-balanced reweighting).
     """
     run_dir = Path(workdir) / name
-    workdir_lib.check_fingerprint(
-        run_dir, model_fingerprint(config, indices, sample_weights, source),
-        overwrite=workdir_lib.overwrite_requested(config))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    # model.json makes the run dir loadable by model.source=checkpoint (explain.py configs/audit.py).
-    model_sources.record_classifier(run_dir, arch=str(config.model.name), outputs=[config.bias.target],
-                                    resolution=int(source.resolution),
-                                    data_source=str(config.data.source))
+    # Process 0 alone checks and records the run dir; a mismatch stops every process.
+    distributed.on_primary(_record_run_dir, config, run_dir,
+                           model_fingerprint(config, indices, sample_weights, source),
+                           int(source.resolution))
     model = build_model(config.model.name, 1)
     batch_size, seed = int(config.train.batch_size), int(config.seed)
     num_steps = pipeline.steps_per_epoch(indices.size, batch_size) * int(config.train.num_epochs)
@@ -291,8 +287,19 @@ def train_classifier(config, workdir: str, indices: np.ndarray, source, name: st
         model, state, batch_fn, num_steps, str(run_dir), loss_fn=loss_fn,
         ckpt_every=int(config.train.ckpt_every), log_every=int(config.train.log_every),
         desc=f"train {name}")
-    return TrainedClassifier(model, train_lib.state_variables(state), name, str(run_dir),
-                             arch=str(config.model.name))
+    # Every process of a job trained the same model (same keys and batches; Orbax's
+    # save is collective); process 0's copy makes them bit-identical on any hardware.
+    variables = distributed.broadcast_from_primary(train_lib.state_variables(state))
+    return TrainedClassifier(model, variables, name, str(run_dir), arch=str(config.model.name))
+
+
+def _record_run_dir(config, run_dir: Path, fingerprint: dict, resolution: int) -> None:
+    workdir_lib.check_fingerprint(run_dir, fingerprint,
+                                  overwrite=workdir_lib.overwrite_requested(config))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    # model.json makes the run dir loadable by model.source=checkpoint (explain.py configs/audit.py).
+    model_sources.record_classifier(run_dir, arch=str(config.model.name), outputs=[config.bias.target],
+                                    resolution=resolution, data_source=str(config.data.source))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3))

@@ -163,6 +163,9 @@ def main(entry: str, argv: Sequence[str] | None = None) -> None:
         "multihost", False, "Join a multi-process JAX job (docs/scale.md): coordinator from "
         "JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID or SLURM; also started "
         "without the flag when those variables describe a job.")
+    timeout_flag = flags.DEFINE_float(
+        "multihost_timeout_s", 300.0, "With --multihost: seconds to wait for the coordinator and "
+        "for every process to register before stopping with a message naming the missing ones.")
     flags.mark_flags_as_required(["config", "workdir"])
     run = {"explain": registry.run_experiment, "train": registry.run_training}[entry]
 
@@ -173,13 +176,40 @@ def main(entry: str, argv: Sequence[str] | None = None) -> None:
         if overwrite is not None or "overwrite" not in config:
             with config.unlocked():
                 config.overwrite = bool(overwrite)
+        from faceaudit_jax import distributed
         try:
-            from faceaudit_jax import distributed
-            if multihost_flag.value or distributed.multihost_requested():
-                distributed.initialize()
-                distributed.check_same_config(config)
-            run(config, workdir_flag.value)
-        except USER_ERRORS as err:
-            _exit_with(err, debug)
+            try:
+                if multihost_flag.value or distributed.multihost_requested():
+                    distributed.initialize(timeout_s=timeout_flag.value)
+                    distributed.check_same_config(config)
+                run(config, workdir_flag.value)
+            except USER_ERRORS + (distributed.CoordinatorUnreachableError,) as err:
+                _exit_with(err, debug)
+        except BaseException as err:  # noqa: BLE001  re-raised unless in a multi-process job
+            if distributed.is_multiprocess():
+                _leave_job(err)
+            raise
 
     app.run(_main, argv=argv)
+
+
+def _leave_job(err: BaseException) -> None:
+    """End this process of a multi-process job at once: err's message, exit status 1.
+
+    A normal exit would wait in jax.distributed's shutdown barrier for peers
+    that may themselves wait in a collective for this process: the job would
+    hang instead of failing. The launcher (scripts/launch_local_multihost.sh,
+    srun --kill-on-bad-exit) stops the others; left alone, they stop when the
+    coordinator misses this process's heartbeat.
+    """
+    import traceback
+    if isinstance(err, SystemExit):
+        if err.code in (None, 0):
+            os._exit(0)
+        if isinstance(err.code, str):
+            print(err.code, file=sys.stderr)
+    else:
+        traceback.print_exception(err)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(err.code if isinstance(err, SystemExit) and isinstance(err.code, int) else 1)

@@ -126,6 +126,23 @@ def _peers_missing_message(process_id: int, num_processes: int, address: str,
             f"num_processes={num_processes}, its own process id and this coordinator address")
 
 
+def _job_arguments(coordinator_address: Optional[str], num_processes: Optional[int],
+                   process_id: Optional[int]) -> tuple[Optional[str], Optional[int], Optional[int]]:
+    """The arguments, with those left None read from the JAX_* variables, checked."""
+    coordinator_address = coordinator_address or os.environ.get(ENV_COORDINATOR) or None
+    if num_processes is None:
+        num_processes = _env_int(ENV_NUM_PROCESSES)
+    if process_id is None:
+        process_id = _env_int(ENV_PROCESS_ID)
+    if num_processes is not None and num_processes < 1:
+        raise ValueError(f"num_processes={num_processes}; expected an integer >= 1")
+    if process_id is not None and num_processes is not None and not 0 <= process_id < num_processes:
+        raise ValueError(
+            f"process_id={process_id}; expected an id in 0..{num_processes - 1} "
+            f"for num_processes={num_processes}")
+    return coordinator_address, num_processes, process_id
+
+
 def initialize(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
                process_id: Optional[int] = None, *, timeout_s: float = 300.0,
                heartbeat_timeout_s: int = 100,
@@ -146,17 +163,8 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Optiona
     """
     if jax.distributed.is_initialized():
         return jax.process_count() > 1
-    coordinator_address = coordinator_address or os.environ.get(ENV_COORDINATOR) or None
-    if num_processes is None:
-        num_processes = _env_int(ENV_NUM_PROCESSES)
-    if process_id is None:
-        process_id = _env_int(ENV_PROCESS_ID)
-    if num_processes is not None and num_processes < 1:
-        raise ValueError(f"num_processes={num_processes}; expected an integer >= 1")
-    if process_id is not None and num_processes is not None and not 0 <= process_id < num_processes:
-        raise ValueError(
-            f"process_id={process_id}; expected an id in 0..{num_processes - 1} "
-            f"for num_processes={num_processes}")
+    coordinator_address, num_processes, process_id = _job_arguments(
+        coordinator_address, num_processes, process_id)
     if timeout_s <= 0:
         raise ValueError(f"timeout_s={timeout_s}; expected a positive number of seconds")
     # CPU collectives (all-gathers of the accumulators) need a transport
@@ -241,13 +249,19 @@ def check_same_config(config: Any) -> str:
 # --------------------------------------------------------------------------
 
 def process_shard(items, process_index: Optional[int] = None,
-                  process_count: Optional[int] = None) -> tuple[np.ndarray, int]:
+                  process_count: Optional[int] = None, *,
+                  uneven: bool = False) -> tuple[np.ndarray, int]:
     """(this process's contiguous block of ``items``, its offset in ``items``).
 
     Process p of P takes items[p * n : (p + 1) * n] with n = len(items) / P.
     The length must divide evenly: then every process runs the same number of
     batches and ``offset + position`` is a global position. One process gets
     everything at offset 0.
+
+    ``uneven=True`` accepts any length: n = ceil(len(items) / P), so the last
+    block(s) are shorter (possibly empty) and every item is kept. For loops
+    with no collective per batch (the FaceX audit): each process pads its own
+    last batch with masked rows, as one process does with its last batch.
     """
     items = np.asarray(items)
     if items.ndim != 1:
@@ -257,6 +271,10 @@ def process_shard(items, process_index: Optional[int] = None,
     if count < 1 or not 0 <= index < count:
         raise ValueError(f"process {index} of {count}; expected 0 <= index < count")
     total = items.shape[0]
+    if uneven:
+        size = -(-total // count)
+        start = min(index * size, total)
+        return items[start:min(start + size, total)], start
     if total % count:
         lower = total - total % count
         raise ValueError(
@@ -343,6 +361,77 @@ def global_top_patch_state(state):
     return merge_top_patch_states(allgather(state))
 
 
+def is_primary() -> bool:
+    """True on process 0, the one process that writes reports, JSON and figures."""
+    return jax.process_index() == 0
+
+
+def _json_default(value):
+    if hasattr(value, "tolist"):  # numpy arrays and scalars
+        return value.tolist()
+    if hasattr(value, "to_dict"):  # ml_collections configs
+        return value.to_dict()
+    raise TypeError(f"{type(value).__name__} is not JSON-serializable")
+
+
+def _broadcast_bytes(data: bytes) -> bytes:
+    """Process 0's ``data`` on every process (two broadcasts: the length, then the bytes)."""
+    size = int(multihost_utils.broadcast_one_to_all(np.asarray(len(data), np.int64)))
+    buffer = np.zeros(max(size, 1), np.uint8)
+    if is_primary():
+        buffer[:size] = np.frombuffer(data, np.uint8)
+    return np.asarray(multihost_utils.broadcast_one_to_all(buffer))[:size].tobytes()
+
+
+class PrimaryProcessError(ValueError):
+    """Raised on processes 1..P-1 when a step that process 0 runs alone failed there."""
+
+
+def on_primary(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` run by process 0 alone; its result on every process.
+
+    For the steps of a job that write shared files (fingerprints, reports,
+    JSON, figures): the other processes never race on the same paths. The
+    result must be JSON-serializable (numpy values allowed); processes
+    1..P-1 get its JSON round trip (tuples as lists, numpy as lists and
+    numbers). The broadcast is also a barrier: no process goes on before
+    process 0 is done. If ``fn`` raises on process 0, process 0 re-raises it
+    and every other process raises ``PrimaryProcessError`` with its message,
+    so a bad input stops the whole job at once. With one process: just
+    ``fn(*args, **kwargs)``.
+    """
+    if jax.process_count() == 1:
+        return fn(*args, **kwargs)
+    result, error, text = None, None, b""
+    if is_primary():
+        try:
+            result = fn(*args, **kwargs)
+            text = json.dumps({"result": result}, default=_json_default).encode()
+        except Exception as err:  # noqa: BLE001  reported on every process below
+            error = err
+            text = json.dumps({"error": f"{type(err).__name__}: {err}"}).encode()
+    text = _broadcast_bytes(text)
+    if error is not None:
+        raise error
+    shared = json.loads(text)
+    if "error" in shared:
+        raise PrimaryProcessError(f"process 0 failed, so process {jax.process_index()} stops: "
+                                  f"{shared['error']}")
+    return result if is_primary() else shared["result"]
+
+
+def broadcast_from_primary(tree):
+    """Process 0's arrays on every process (numpy leaves); one process: ``tree`` unchanged.
+
+    Every process then holds bit-identical values even where the processes'
+    own computations could differ in the last bits (e.g. a model trained on
+    each host with different convolution algorithms).
+    """
+    if jax.process_count() == 1:
+        return tree
+    return jax.tree.map(np.asarray, multihost_utils.broadcast_one_to_all(jax.device_get(tree)))
+
+
 def barrier(name: str) -> None:
     """Wait until every process reaches ``name`` (no-op with one process)."""
     if jax.process_count() > 1:
@@ -354,5 +443,6 @@ __all__ = [
     "CoordinatorUnreachableError", "multihost_requested", "wait_for_coordinator", "initialize",
     "is_multiprocess", "config_fingerprint", "check_same_config", "process_shard",
     "global_mesh", "host_local_to_global", "allgather", "allgather_rows", "global_sum", "global_ior_state",
-    "global_top_patch_state", "barrier",
+    "global_top_patch_state", "is_primary", "PrimaryProcessError", "on_primary",
+    "broadcast_from_primary", "barrier",
 ]

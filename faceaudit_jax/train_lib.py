@@ -582,8 +582,16 @@ def _checkpoint_manager(workdir: str, max_to_keep: int) -> ocp.CheckpointManager
 
 
 def save_checkpoint(manager: ocp.CheckpointManager, state: TrainState) -> None:
-    """Save ``state`` at its step with the checksum of its arrays in the step's metadata."""
+    """Save ``state`` at its step with the checksum of its arrays in the step's metadata.
+
+    In a multi-process job every process calls this (Orbax's save is
+    collective: process 0 writes, all meet at its barriers) with the same
+    state; the arrays go as numpy, which Orbax writes from process 0 only
+    (it refuses process-local jax.Arrays there).
+    """
     tree = state.checkpoint_tree()
+    if jax.process_count() > 1:
+        tree = jax.device_get(tree)
     checksum = tree_checksum(tree)
     manager.save(int(state.step), args=ocp.args.StandardSave(tree), force=True,
                  custom_metadata=None if checksum is None else {CHECKSUM_KEY: checksum})
@@ -802,12 +810,15 @@ def fit(model: Any, state: TrainState, batch_fn: Callable[[int], Mapping[str, An
     with _checkpoint_manager(workdir, max_to_keep) as manager:
         state = _restore(manager, state)
         start = int(state.step)
-        _truncate_metrics(metrics_path, start)
+        # One writer of metrics.jsonl: process 0 of a multi-process job.
+        log_here = jax.process_index() == 0
+        if log_here:
+            _truncate_metrics(metrics_path, start)
         if start >= num_steps:
             return state
         train_step = make_train_step(model, loss_fn, input_key=input_key, augment_fn=augment_fn)
         bar = tqdm(total=num_steps, initial=start, desc=desc, disable=not progress, dynamic_ncols=True)
-        with open(metrics_path, "a") as metrics_file:
+        with open(metrics_path if log_here else os.devnull, "a") as metrics_file:
             log = _TrainLog(metrics_file, bar, log_window_mean)
             for step in range(start, num_steps):
                 batch = batch_fn(step)

@@ -11,7 +11,9 @@
 # emulated CPU devices; faceaudit_jax.distributed.initialize reads them (and
 # selects gloo for the CPU collectives). Output of process i is prefixed with
 # [i]. The script exits with the first non-zero status, and stops the other
-# processes when one fails (as a cluster scheduler would).
+# processes when one fails (as a cluster scheduler would): SIGTERM, then
+# SIGKILL 3 s later for those still running (JAX takes SIGTERM as a preemption
+# notice and does not stop).
 set -euo pipefail
 if [[ $# -lt 3 ]]; then
   echo "usage: $0 NUM_PROCESSES DEVICES_PER_PROCESS COMMAND [ARGS...]" >&2
@@ -25,7 +27,15 @@ fi
 port=${MULTIHOST_PORT:-$(python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
 here=$(cd "$(dirname "$0")/.." && pwd)
 pids=()
-cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; }
+cleanup() {
+  local alive=() pid
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null && alive+=("$pid"); done
+  # JAX takes SIGTERM for a preemption notice and keeps running: SIGKILL after a grace period.
+  if ((${#alive[@]})); then
+    sleep 3
+    for pid in "${alive[@]}"; do kill -9 "$pid" 2>/dev/null || true; done
+  fi
+}
 trap cleanup EXIT
 for ((i = 0; i < num_processes; i++)); do
   (

@@ -52,7 +52,7 @@ def log_tail(out_dir: Path, mode: str, chars: int = 3000) -> str:
     return "\n".join(texts)
 
 
-def wait_all(procs, out_dir: Path, mode: str, timeout: float = 240) -> list[int]:
+def wait_all(procs, out_dir: Path, mode: str, timeout: float = 600) -> list[int]:
     """Exit codes; on a timeout every process is killed and the logs are shown."""
     codes = []
     try:

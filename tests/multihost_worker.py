@@ -42,20 +42,91 @@ def tiny_classifier(num_outputs: int):
 
 
 def audit_result():
-    """FaceX audit of a random tiny classifier on 16 synthetic faces (each process: its block)."""
+    """FaceX audit of a random tiny classifier on 15 synthetic faces (each process: its block).
+
+    15 does not divide over 2 processes: blocks of 8 and 7 (the shorter one's
+    last batch padded with masked rows). The overlays are the first 10 images
+    overall, more than process 0's block, so they are gathered across processes.
+    """
     import ml_collections
     from faceaudit_jax.summary import audit as audit_lib
     explain_cfg = ml_collections.ConfigDict(dict(
-        target_mode="predicted", method="grad_cam", top_k=5, num_overlays=1,
+        target_mode="predicted", method="grad_cam", top_k=5, num_overlays=10,
         ior_mode="soft", patch_size=8))
     source = pipeline.SyntheticSource(seed=1, resolution=RESOLUTION)
-    result = audit_lib.audit(tiny_classifier(1), source, np.arange(100, 100 + NUM_AUDIT_IMAGES),
-                         "Male", explain_cfg, batch_size=4)
+    result = audit_lib.audit(tiny_classifier(1), source,
+                             np.arange(100, 100 + NUM_AUDIT_IMAGES - 1), "Male", explain_cfg,
+                             batch_size=4)
     return {"ior": result.ior, "counts": result.counts, "accuracy": np.asarray(result.accuracy),
             "num_images": np.asarray(result.num_images),
             "ior_by_true": result.ior_by_true, "top_values": result.top.values,
             "top_ids": result.top.image_ids, "top_rows": result.top.rows,
-            "top_cols": result.top.cols}
+            "top_cols": result.top.cols, "overlay_images": result.overlay_images,
+            "overlay_maps": result.overlay_maps, "overlay_titles": np.asarray(result.overlay_titles)}
+
+
+def _tiny_linear():
+    import flax.linen as nn
+
+    class TinyLinear(nn.Module):
+        """Mean colour -> one logit: a real Flax model whose train step compiles in a second."""
+
+        @nn.compact
+        def __call__(self, x, train: bool = False):
+            return nn.Dense(1)(x.mean(axis=(1, 2)))
+
+    return TinyLinear()
+
+
+def _tiny_loss(logits, batch):
+    return jnp.mean((logits[:, 0] - batch["label"]) ** 2)
+
+
+def checkpoint_result(out_dir):
+    """``train_lib.fit`` for 2 steps (a checkpoint each) in ``out_dir/fit``, then read back.
+
+    In a multi-process job every process trains the same model, Orbax's save
+    is collective and process 0 alone writes the files and metrics.jsonl.
+    The checkpoint is then restored by ``restore_latest`` and by
+    ``models.sources.restore_variables`` (configs/audit.py's loader).
+    """
+    import optax
+    from faceaudit_jax import train_lib
+    from faceaudit_jax.models import sources as model_sources
+    model, tx, run_dir = _tiny_linear(), optax.sgd(0.1), os.path.join(out_dir, "fit")
+
+    def batch_fn(step):
+        images = jax.random.uniform(jax.random.key(step), (4, 8, 8, 3))
+        return {"image": images, "label": images.mean(axis=(1, 2, 3))}
+
+    fresh = lambda: train_lib.create_train_state(model, jax.random.key(0), 8, tx)  # noqa: E731
+    trained = train_lib.fit(model, fresh(), batch_fn, 2, run_dir, loss_fn=_tiny_loss,
+                            ckpt_every=1, log_every=1, progress=False)
+    restored = train_lib.restore_latest(fresh(), run_dir)
+    loaded = model_sources.restore_variables(run_dir)
+    return {"trained": np.asarray(trained.params["Dense_0"]["kernel"]),
+            "restored": np.asarray(restored.params["Dense_0"]["kernel"]),
+            "restored_step": np.asarray(restored.step),
+            "loaded": np.asarray(loaded["params"]["Dense_0"]["kernel"])}
+
+
+def _fail_on_primary():
+    raise ValueError(f"bad input seen by process {jax.process_index()}")
+
+
+def primary_result():
+    """``on_primary`` (a result, then an error) and ``broadcast_from_primary``."""
+    shared = distributed.on_primary(lambda: {"who": jax.process_index(), "values": np.arange(3)})
+    try:
+        distributed.on_primary(_fail_on_primary)
+        error = ""
+    except distributed.PrimaryProcessError as err:
+        error = f"PrimaryProcessError: {err}"
+    except ValueError as err:
+        error = f"ValueError: {err}"
+    own = {"w": np.full(3, jax.process_index(), np.float32)}
+    return {"who": np.asarray(shared["who"]), "values": np.asarray(shared["values"]),
+            "error": np.asarray(error), "w": distributed.broadcast_from_primary(own)["w"]}
 
 
 def _pair_images():
@@ -195,6 +266,8 @@ def main(argv):
         except ValueError as error:
             shard_error = str(error)
         _save(out_dir, "audit", audit_result())
+        _save(out_dir, "primary", primary_result())
+        _save(out_dir, "checkpoint", checkpoint_result(out_dir))
         _save(out_dir, "cams", cam_result())
         _save(out_dir, "patch_map", patch_map_result())
         _save(out_dir, "global", global_array_check())

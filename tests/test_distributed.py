@@ -15,6 +15,7 @@ missing peer) give their messages.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -60,10 +61,37 @@ def _assert_equal_results(reference, result, exact=()):
 def test_audit_matches_one_process(runs):
     one, two, _ = runs
     reference = launch.load(one, "audit", 0)
-    assert int(reference["num_images"]) == 16
+    # 15 images: blocks of 8 and 7 over 2 processes, none dropped
+    assert int(reference["num_images"]) == 15 and reference["overlay_maps"].shape == (10, 64, 64)
     for process in (0, 1):  # every process ends with the global result
         _assert_equal_results(reference, launch.load(two, "audit", process),
-                              exact=("top_ids", "top_rows", "top_cols"))
+                              exact=("top_ids", "top_rows", "top_cols", "overlay_titles"))
+
+
+def test_checkpoints_saved_by_every_process_written_once(runs):
+    one, two, _ = runs
+    reference = launch.load(one, "checkpoint", 0)
+    assert int(reference["restored_step"]) == 2
+    np.testing.assert_array_equal(reference["restored"], reference["trained"])
+    np.testing.assert_array_equal(reference["loaded"], reference["trained"])
+    for process in (0, 1):  # the same model on every process, as saved and read back
+        _assert_equal_results(reference, launch.load(two, "checkpoint", process))
+    # Process 0 alone logs: one record per step, not one per process.
+    records = (two / "fit" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["step"] for r in records] == [1, 2]
+    assert sorted(p.name for p in (two / "fit" / "checkpoints").iterdir()) == ["1", "2"]
+
+
+def test_on_primary_shares_results_and_errors(runs):
+    _, two, _ = runs
+    results = [launch.load(two, "primary", p) for p in (0, 1)]
+    for result in results:  # process 0's result and arrays on both
+        assert int(result["who"]) == 0
+        np.testing.assert_array_equal(result["values"], [0, 1, 2])
+        np.testing.assert_array_equal(result["w"], np.zeros(3, np.float32))
+    assert str(results[0]["error"]) == "ValueError: bad input seen by process 0"
+    assert str(results[1]["error"]) == ("PrimaryProcessError: process 0 failed, so process 1 "
+                                        "stops: ValueError: bad input seen by process 0")
 
 
 def test_attribute_cam_energies_match_one_process(runs):
@@ -186,7 +214,15 @@ def test_process_shard_blocks_and_errors():
     with pytest.raises(ValueError, match="expected 0 <= index < count"):
         distributed.process_shard(items, 3, 3)
     local, offset = distributed.process_shard(items)  # one process: everything
-    np.testing.assert_array_equal(local, items) and offset == 0
+    np.testing.assert_array_equal(local, items)
+    assert offset == 0
+    # uneven: blocks of ceil(12 / 5) = 3, the last ones shorter or empty, every item once
+    blocks = [distributed.process_shard(items, p, 5, uneven=True) for p in range(5)]
+    assert [b.size for b, _ in blocks] == [3, 3, 3, 3, 0]
+    assert [offset for _, offset in blocks] == [0, 3, 6, 9, 12]
+    np.testing.assert_array_equal(np.concatenate([b for b, _ in blocks]), items)
+    blocks = [distributed.process_shard(items[:1], p, 2, uneven=True)[0] for p in range(2)]
+    assert [b.tolist() for b in blocks] == [[10], []]
 
 
 def test_config_fingerprint_is_order_free_and_value_sensitive():
@@ -281,7 +317,9 @@ def test_launch_script_starts_a_job_and_stops_it_when_one_process_fails(tmp_path
     assert out.returncode == 0, out.stdout + out.stderr
     for process in (0, 1):
         assert f"[{process}] process {process} devices 4 sum 3" in out.stdout, out.stdout
-    failing = ("import os, sys, time\n"
+    # Process 0 ignores SIGTERM, as a JAX process does (its preemption notifier catches it).
+    failing = ("import os, signal, sys, time\n"
+               "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
                "sys.exit(3) if os.environ['JAX_PROCESS_ID'] == '1' else time.sleep(120)\n")
     start = time.monotonic()
     out = subprocess.run([script, "2", "1", sys.executable, "-c", failing], capture_output=True,

@@ -24,7 +24,7 @@ from typing import Optional
 import ml_collections
 import numpy as np
 
-from faceaudit_jax import classifiers, parsing, regions
+from faceaudit_jax import classifiers, distributed, parsing, regions
 from faceaudit_jax.data import sampling
 from faceaudit_jax.data import sources as data_sources
 from faceaudit_jax.metrics import fairness
@@ -146,8 +146,9 @@ def run(config, workdir: str) -> dict:
     result = audit_lib.audit(plan.clf, plan.explain_source, plan.indices, plan.target, config.explain,
                          batch_size, desc="explain", parser=plan.parser)
     rps = audit_lib.confounder_rp(result.ior, plan.confounders)
-    payload = figures.write_audit_report(
-        work, result, plan.explain_source, plan.indices,
+    # Process 0 writes the report; every process gets its payload.
+    payload = distributed.on_primary(
+        figures.write_audit_report, work, result, plan.explain_source, plan.indices,
         title=f"FaceX IoR: {plan.target} classifier (audited)",
         patch_size=int(config.explain.patch_size), extra={
             "model": model_sources.describe(plan.clf, config.model),

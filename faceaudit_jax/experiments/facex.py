@@ -18,7 +18,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from faceaudit_jax import classifiers, parsing
+from faceaudit_jax import classifiers, distributed, parsing
 from faceaudit_jax.workdir import readme_link_prefix, write_json
 from faceaudit_jax.metrics import fairness
 from faceaudit_jax.models import sources as model_sources
@@ -64,7 +64,7 @@ def train_and_test(config, workdir: str) -> dict:
         results[name] = fairness.bias_group_report(logits, test_attrs, config.bias.target, confs, values)
         classifiers.print_group_report(name, results[name])
         models[name] = clf
-    write_json(Path(workdir) / "classifier_results.json", results)
+    distributed.on_primary(write_json, Path(workdir) / "classifier_results.json", results)
     return {"results": results, "models": models, "subsets": subsets, "source": test_source,
             "train_source": source, "train_seconds": train_seconds}
 
@@ -102,7 +102,8 @@ def run(config, workdir: str) -> dict:
                 f"{result.accuracy:.3f}, below {train_acc:.3f} at the training resolution "
                 f"{source.resolution}; its maps explain a model that no longer works as trained")
         rps = audit_lib.confounder_rp(result.ior, confs)
-        payload = write_audit_report(work / f"report_{name}", name, result, xsource, subsets["test"], config, {
+        # Process 0 writes the report; every process gets its payload.
+        payload = distributed.on_primary(write_audit_report, work / f"report_{name}", name, result, xsource, subsets["test"], config, {
             "model": name, "target": config.bias.target, "confounders": confs,
             "confounder_rp": rps, "group_accuracy": trained["results"][name]})
         summary[name] = {"confounder_rp": rps, "ranking": payload["ranking"][:5],
@@ -111,10 +112,14 @@ def run(config, workdir: str) -> dict:
         print(f"[{name}] FaceX ranking: {top5}", flush=True)
         print(f"[{name}] ranking position of {', '.join(confs)}: {rps} "
               f"(report: {work / f'report_{name}' / 'report.md'})", flush=True)
-    write_json(work / "summary.json", summary)
-    (work / "summary.md").write_text(summary_markdown(config, summary, elapsed=time.perf_counter() - t0,
-                                                      link_prefix=readme_link_prefix(work)))
+    distributed.on_primary(_write_summary, config, work, summary, time.perf_counter() - t0)
     return summary
+
+
+def _write_summary(config, work: Path, summary: dict, elapsed: float) -> None:
+    write_json(work / "summary.json", summary)
+    (work / "summary.md").write_text(summary_markdown(config, summary, elapsed=elapsed,
+                                                      link_prefix=readme_link_prefix(work)))
 
 
 def summary_markdown(config, summary: dict, elapsed: float, link_prefix: str = "") -> str:

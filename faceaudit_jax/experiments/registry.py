@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
+from faceaudit_jax import distributed
 from faceaudit_jax.workdir import prepare_workdir, write_text_atomic
 
 EXPERIMENTS = {
@@ -35,7 +36,9 @@ def _module(config):
 def _save_config(config, path: Path) -> None:
     # Written after the run: config.json describes the outputs in the workdir,
     # never a run that stopped at a fingerprint mismatch.
-    write_text_atomic(path / "config.json", config.to_json_best_effort(indent=2) + "\n")
+    # One writer in a multi-process job.
+    distributed.on_primary(write_text_atomic, path / "config.json",
+                           config.to_json_best_effort(indent=2) + "\n")
 
 
 def run_experiment(config, workdir):

@@ -152,12 +152,18 @@ def restore_variables(run_dir) -> dict:
     if not ckpt_dir.is_dir():
         raise ValueError(f"model.path={str(run_dir)!r} has no checkpoints/ folder; expected a run "
                          "directory written by train.py (training finished or at least checkpointed)")
-    with ocp.CheckpointManager(str(ckpt_dir)) as manager:
+    with ocp.CheckpointManager(str(ckpt_dir),
+                               item_handlers=ocp.StandardCheckpointHandler()) as manager:
         step = manager.latest_step()
         if step is None:
             raise ValueError(f"{ckpt_dir} holds no checkpoint; expected one written by train.py")
-        # The optimiser state is restored too (no target: as saved) and dropped.
-        tree = manager.restore(step, args=ocp.args.StandardRestore())
+        # The optimiser state is restored too and dropped. Every array goes to this
+        # process's first device: a multi-process job cannot restore "as saved"
+        # (Orbax refuses another process's devices as a topology mismatch).
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                              manager.item_metadata(step))
+        tree = manager.restore(step, args=ocp.args.StandardRestore(target))
     variables = {"params": tree["params"]}
     if tree.get("batch_stats"):
         variables["batch_stats"] = tree["batch_stats"]

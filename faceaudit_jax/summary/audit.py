@@ -113,21 +113,42 @@ def _explain_step(variables, images, valid, truth, *, model, output_index, targe
 
 @dataclasses.dataclass
 class _Overlays:
-    """The first ``limit`` explained images, their maps and titles (for the report's figure)."""
+    """The first ``limit`` explained images, their maps and classes (for the report's figure).
+
+    ``resolution``: the images' side, so a process with no image still
+    holds arrays of the right shape for the cross-process gather.
+    """
 
     limit: int
+    resolution: int
     images: list = dataclasses.field(default_factory=list)
     maps: list = dataclasses.field(default_factory=list)
-    titles: list = dataclasses.field(default_factory=list)
+    truth: list = dataclasses.field(default_factory=list)
+    predicted: list = dataclasses.field(default_factory=list)
 
-    def add(self, images, maps, logits, truth, num_valid: int, target: str) -> None:
+    def add(self, images, maps, logits, truth, num_valid: int) -> None:
         if len(self.images) >= self.limit:
             return
         take = min(self.limit - len(self.images), num_valid)
         self.images.extend(np.asarray(images[:take]))
         self.maps.extend(np.asarray(maps[:take]))
-        self.titles.extend(f"{target}={int(t)} pred={int(z > 0)}"
-                           for t, z in zip(np.asarray(truth[:take]), np.asarray(logits[:take])))
+        self.truth.extend(int(t) for t in np.asarray(truth[:take]))
+        self.predicted.extend(int(z > 0) for z in np.asarray(logits[:take]))
+
+    def finish(self, target: str) -> tuple[np.ndarray, np.ndarray, list]:
+        """(images [n,H,W,3], maps [n,H,W], titles): the first ``limit`` of all processes'.
+
+        Processes hold consecutive blocks of the images, so the first rows of
+        the gather in process order are the first images overall, as in one process.
+        """
+        shape = np.shape(self.images[0]) if self.images else (self.resolution, self.resolution, 3)
+        rows = distributed.allgather_rows({
+            "images": np.asarray(self.images, np.float32).reshape(-1, *shape),
+            "maps": np.asarray(self.maps, np.float32).reshape(-1, *shape[:2]),
+            "truth": np.asarray(self.truth, np.int32), "predicted": np.asarray(self.predicted, np.int32)})
+        rows = {k: v[:self.limit] for k, v in rows.items()}
+        titles = [f"{target}={t} pred={z}" for t, z in zip(rows["truth"], rows["predicted"])]
+        return rows["images"], rows["maps"], titles
 
 
 class AuditEvaluator:
@@ -167,8 +188,14 @@ class AuditEvaluator:
         top = top_lib.TopPatchAccumulator.init(int(self.cfg.top_k), regions.NUM_REGIONS)
         # Counted on device: reading it per batch would stall the loop on a host round trip.
         correct, total = jnp.zeros((), jnp.int32), 0
-        overlays = _Overlays(int(self.cfg.num_overlays))
-        local_indices, offset = distributed.process_shard(self.indices)
+        overlays = _Overlays(int(self.cfg.num_overlays), int(self.source.resolution))
+        # Any image count: a shorter last block, its last batch padded with masked rows.
+        local_indices, offset = distributed.process_shard(self.indices, uneven=True)
+        count, num = jax.process_count(), len(self.indices)
+        if num % count and distributed.is_primary():
+            print(f"[{self.desc}] {num} images over {count} processes: blocks of "
+                  f"{-(-num // count)}, shorter at the end (every image is explained; the "
+                  f"last batches are padded with masked rows)", flush=True)
         batches = pipeline.iterate_batches(self.source, local_indices, self.batch_size)
         for batch, valid in tqdm(batches, total=math.ceil(len(local_indices) / self.batch_size),
                                  desc=self.desc, leave=False):
@@ -186,12 +213,12 @@ class AuditEvaluator:
             top = top_lib.TopPatchAccumulator.update(top, maps, parse, ids, int(self.cfg.patch_size))
             correct = correct + jnp.sum((pred == truth) & valid_j)
             total += int(valid.sum())
-            overlays.add(batch["image"], maps, logit, truth, int(valid.sum()), self.target)
+            overlays.add(batch["image"], maps, logit, truth, int(valid.sum()))
             offset += self.batch_size
-        return _reduce(by_pred, by_true, top, correct, total, overlays, start)
+        return _reduce(by_pred, by_true, top, correct, total, overlays.finish(self.target), start)
 
 
-def _reduce(by_pred, by_true, top, correct, total, overlays: _Overlays, start: float) -> AuditResult:
+def _reduce(by_pred, by_true, top, correct, total, overlays: tuple, start: float) -> AuditResult:
     """Sum the accumulators over all processes and finalize them into an ``AuditResult``."""
     by_pred, by_true = distributed.global_ior_state(by_pred), distributed.global_ior_state(by_true)
     top = distributed.global_top_patch_state(top)
@@ -206,8 +233,8 @@ def _reduce(by_pred, by_true, top, correct, total, overlays: _Overlays, start: f
         ior_by_true=true_summary.ior_by_group[:2],
         counts_by_predicted=pred_summary.counts_by_group[:2],
         top=top_lib.TopPatchAccumulator.finalize(top), accuracy=int(correct) / max(total, 1),
-        num_images=total, overlay_images=np.stack(overlays.images),
-        overlay_maps=np.stack(overlays.maps), overlay_titles=overlays.titles,
+        num_images=total, overlay_images=overlays[0], overlay_maps=overlays[1],
+        overlay_titles=overlays[2],
         seconds=time.perf_counter() - start)
 
 
