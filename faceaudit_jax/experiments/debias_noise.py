@@ -2,7 +2,7 @@
 
 Per confounder in ``config.confounders``: draw the De Coninck biased training set,
 a same-size set balanced over gender x confounder and a balanced test set
-(`data.sampling`); train a patch region classifier on the confounder and turn
+(`data.sampling.deconinck_study_sets`); train a patch region classifier on the confounder and turn
 its sliding-window confidences into "specific" and "general" attribution maps
 (`models.patch_net`, `explain.patches`); train gender classifiers on the biased
 set, the balanced set and the biased set under the four attribution-guided
@@ -15,8 +15,9 @@ Outputs under ``workdir``: ``results.json`` and what `summary.debias_noise.repor
 makes of it (table1.md, summary.md, figures); ``runs/<C>/`` (one JSON per
 finished training: a killed job resumes where it stopped); ``models/`` (variables
 and the attribution cache; ignored by git). Every saved model and result carries
-a fingerprint of the settings that made it; a mismatch retrains or re-scores
-instead of mixing runs. Departures from the paper: docs/deviations_debias_noise.md.
+a fingerprint of the settings that made it (`mitigation.debias_config`, which also
+checks the config); a mismatch retrains or re-scores instead of mixing runs.
+Departures from the paper: docs/deviations_debias_noise.md.
 """
 
 from __future__ import annotations

@@ -2,11 +2,12 @@
 sweep, the comparison with the paper and the README fragment, from a results dict alone.
 
 The results dict is what `faceaudit_jax.experiments.debias_noise` writes to results.json:
-``setup`` (what was run: confounders, methods, quantiles, sizes), ``results``
-({confounder: {"runs": {run id: the cell over its repeated trainings}, "patch_net": ...}})
-and the derived ``table1`` / ``sweep`` / ``comparison`` (`tables`). `report` is pure:
-it returns the Markdown texts and the figures (`viz.debiasing`), writing nothing;
-`write_report` lays them out.
+``setup`` (what was run: confounders, methods, quantiles, sizes; `setup_record` makes it
+from the config), ``results`` ({confounder: {"runs": {run id: the cell over its repeated
+trainings}, "patch_net": ...}}) and the derived ``table1`` / ``sweep`` / ``comparison``
+(`tables`; `results_record` assembles the three). `report` is pure: it returns the
+Markdown texts and the figures (`viz.debiasing`), writing nothing; `write_report` lays
+them out.
 """
 
 from __future__ import annotations
