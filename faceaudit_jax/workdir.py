@@ -154,6 +154,16 @@ def read_json_if(path, fingerprint: str) -> Any:
     return saved if isinstance(saved, dict) and saved.get("fingerprint") == fingerprint else None
 
 
+
+def read_npz_if(path, fingerprint: str) -> dict[str, np.ndarray] | None:
+    """The arrays of the npz file at ``path`` if it exists and its "fingerprint" entry is
+    ``fingerprint``, else None: ``read_json_if`` for a cache of arrays."""
+    if not Path(path).exists():
+        return None
+    with np.load(path) as loaded:
+        same = "fingerprint" in loaded.files and str(loaded["fingerprint"]) == fingerprint
+        return {k: loaded[k] for k in loaded.files} if same else None
+
 # ----------------------------------------------------------------------------- JSON lines
 
 

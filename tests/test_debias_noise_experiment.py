@@ -1,5 +1,6 @@
-"""Noise-debiasing experiment: one smoke run end to end (slow: resume, outputs), the report on a
-fixed results dict, pieces against references."""
+"""Noise-debiasing experiment: one smoke run end to end (slow: resume, outputs) and the report on
+a fixed results dict. The library pieces are tested where they live: test_debias_runs.py (run grid),
+test_debias_config.py (config check, fingerprints), test_sampling.py (the study's sets)."""
 
 import importlib.util
 import json
@@ -8,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from faceaudit_jax import regions, train_lib
-from faceaudit_jax.data import synthetic
+from faceaudit_jax import train_lib
 from faceaudit_jax.experiments import debias_noise as dn
 from faceaudit_jax.experiments import registry
 from faceaudit_jax.metrics import fairness
+from faceaudit_jax.mitigation.debias_runs import planned_runs, repeat_stem, run_name
 from faceaudit_jax.summary import debias_noise as report_lib
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -36,12 +37,12 @@ def smoke_run(tmp_path_factory):
 
 
 def _runs(config):
-    return {c: dn.planned_runs(config, c) for c in config.confounders}
+    return {c: planned_runs(config, c) for c in config.confounders}
 
 
 def _stems(config, confounder):
-    return [dn.repeat_stem(name, r) for r in range(config.classifier.repeats)
-            for name in dn.planned_runs(config, confounder)]
+    return [repeat_stem(name, r) for r in range(config.classifier.repeats)
+            for name in planned_runs(config, confounder)]
 
 
 @pytest.mark.slow
@@ -85,29 +86,6 @@ def test_smoke_writes_every_output(smoke_run):
     assert sweep.count("\n| ") == 1 + len(config.sweep.quantiles)
 
 
-def test_planned_runs_cover_table_and_sweep():
-    config = get_config("smoke")
-    runs = dn.planned_runs(config, "Blond_Hair")
-    assert runs[:2] == ["original", "balanced"]
-    assert set(runs) == {"original", "balanced", "general_noise_q0.7", "general_mask_q0.7",
-                         "specific_noise_q0.7", "specific_mask_q0.7", "general_noise_q0.95"}
-    # The sweep's q = 0.7 is the main table's run, not a second one.
-    assert len(runs) == len(set(runs)) == 7
-    assert len(dn.planned_runs(config, "Wearing_Hat")) == 6
-    for name in runs:
-        method, q = dn.parse_run_name(name)
-        assert dn.run_name(method, q) == name
-    # Quantiles round-trip exactly through the file names.
-    for q in (0.6, 0.975, 1.0, 0.123456789):
-        assert dn.parse_run_name(dn.run_name("specific_mask", q)) == ("specific_mask", q)
-    with pytest.raises(ValueError, match="takes no quantile"):
-        dn.run_name("original", 0.7)
-    with pytest.raises(ValueError, match="unknown debiasing method"):
-        dn.parse_run_name("blur_q0.7")
-    assert dn.repeat_stem("general_noise_q0.7", 0) == "general_noise_q0.7"
-    assert dn.repeat_stem("general_noise_q0.7", 2) == "general_noise_q0.7.rep2"
-
-
 @pytest.mark.slow
 def test_smoke_results_are_consistent(smoke_run):
     config, workdir, returned = smoke_run
@@ -119,7 +97,7 @@ def test_smoke_results_are_consistent(smoke_run):
         assert sorted(runs) == sorted(names)
         for name, agg in runs.items():
             trainings = [json.loads((workdir / "runs" / confounder /
-                                     f"{dn.repeat_stem(name, rep)}.json").read_text())
+                                     f"{repeat_stem(name, rep)}.json").read_text())
                          for rep in range(config.classifier.repeats)]
             assert [t["repeat"] for t in trainings] == [0, 1]
             for r in trainings:
@@ -156,12 +134,12 @@ def test_smoke_results_are_consistent(smoke_run):
         assert row["gap"] == results["results"][row["confounder"]]["runs"][row["run"]]["gap"]
     sweep = results["sweep"]
     assert [r["quantile"] for r in sweep] == sorted(config.sweep.quantiles)
-    main = results["results"]["Blond_Hair"]["runs"][dn.run_name("general_noise", 0.7)]
+    main = results["results"]["Blond_Hair"]["runs"][run_name("general_noise", 0.7)]
     assert next(r for r in sweep if r["quantile"] == 0.7)["gap"] == main["gap"]
     comp = results["comparison"]["per_method"]["general_noise"]
     for confounder in config.confounders:
         runs = results["results"][confounder]["runs"]
-        noise_runs, original = runs[dn.run_name("general_noise", 0.7)], runs["original"]
+        noise_runs, original = runs[run_name("general_noise", 0.7)], runs["original"]
         assert comp["gap_change"][confounder] == pytest.approx(
             noise_runs["gap"] - original["gap"])
         assert comp["repeats_gap_reduced"][confounder] == sum(
@@ -216,84 +194,6 @@ def test_rerun_with_other_model_settings_stops_naming_the_field(smoke_run):
     with pytest.raises(FingerprintMismatch, match=r"classifier.learning_rate: 0.01 -> 0.5"):
         registry.run_experiment(changed, str(workdir))
     assert sorted(p.name for p in (workdir / "models").iterdir()) == before  # nothing touched
-    # More repeats or another test set only add or re-score runs: not a mismatch.
-    assert "classifier.repeats" not in dn.models_fingerprint(config)
-    assert not any(k.startswith("test.") for k in dn.models_fingerprint(config))
-
-
-def test_subsets_follow_the_paper_recipe():
-    config = get_config("smoke")
-    attrs = synthetic.sample_attributes(0, np.arange(20_000), independent=False)["attrs"]
-    test_attrs = synthetic.sample_attributes(
-        0, np.arange(config.data.test_offset, config.data.test_offset + 20_000))["attrs"]
-    subsets = dn.select_subsets(config, "Eyeglasses", attrs, test_attrs)
-    male, glasses = regions.attribute_id("Male"), regions.attribute_id("Eyeglasses")
-    biased = attrs[subsets["biased"]]
-    men = biased[:, male] == 1
-    assert men.sum() == config.train_set.n_target
-    assert np.all(biased[men, glasses] == 0)
-    assert np.sum(biased[~men, glasses] == 1) == config.train_set.n_other_with
-    assert np.sum(biased[~men, glasses] == 0) == config.train_set.n_other_without
-    balanced = attrs[subsets["balanced"]]
-    assert balanced.shape[0] == biased.shape[0]
-    cells = np.bincount(2 * balanced[:, male] + balanced[:, glasses], minlength=4)
-    assert np.all(cells == biased.shape[0] // 4)
-    test = subsets["test"]
-    assert test.min() >= config.data.test_offset and test.size == config.test.size
-    t = test_attrs[test - config.data.test_offset]
-    assert np.all(np.bincount(2 * t[:, male] + t[:, glasses], minlength=4) == test.size // 4)
-    # Deterministic in the seed.
-    again = dn.select_subsets(config, "Eyeglasses", attrs, test_attrs)
-    assert all(np.array_equal(subsets[k], again[k]) for k in subsets)
-
-
-
-
-
-@pytest.mark.parametrize("field, value, match", [
-    ("debias.methods", ("general_noise", "blur"), "unknown debiasing method"),
-    ("debias.quantile", 0.0, r"quantile q must lie in \(0, 1\]"),
-    ("debias.quantile", 1.5, r"quantile q must lie in \(0, 1\]"),
-    ("sweep.quantiles", (0.7, -0.1), r"quantile q must lie in \(0, 1\]"),
-    ("sweep.confounder", "Smiling", "is not one of the confounders"),
-    ("confounders", ("Male", "Smiling"), "also listed as a confounder"),
-    ("confounders", ("Blond_Hair", "Blond_Hair"), "repeat an attribute"),
-    ("confounders", ("Blond_Hare",), "Blond_Hare"),
-    ("classifier.input_pool", 3, "positive divisor of the resolution"),
-    ("patch_net.patch_size", 80, "larger than the image"),
-    ("patch_net.grid", 60, "does not fit"),
-    ("patch_net.confidence", "entropy", "patch_net.confidence"),
-    ("data.source", "celeba", "needs data.root"),
-    ("classifier.repeats", 0, r"classifier.repeats=0; expected an int >= 1"),
-])
-def test_bad_config_raises(field, value, match):
-    config = get_config("smoke")
-    section, _, name = field.rpartition(".")
-    target = config[section] if section else config
-    target[name] = value
-    with pytest.raises(ValueError, match=match):
-        dn.validate_config(config)
-
-
-def test_config_variants():
-    default = get_config()
-    assert default.experiment == "debias_noise"
-    assert tuple(default.confounders) == ("Blond_Hair", "Eyeglasses", "Smiling", "Wearing_Hat")
-    # The paper's proportions at 1/5.
-    ts = default.train_set
-    assert (ts.n_target, ts.n_other_with, ts.n_other_without) == (600, 400, 200)
-    assert default.debias.quantile == 0.7
-    assert tuple(default.sweep.quantiles) == (0.6, 0.7, 0.8, 0.95)
-    paper = get_config("paper")
-    assert (paper.train_set.n_target, paper.patch_net.grid, paper.classifier.learning_rate,
-            paper.classifier.epochs, paper.classifier.epochs_mask) == (3000, 49, 1e-5, 20, 10)
-    for variant in ("", "smoke", "paper"):
-        dn.validate_config(get_config(variant))
-    with pytest.raises(ValueError, match="unknown config variant"):
-        get_config("huge")
-
-
-
 
 
 def _fixed_results(config):
@@ -301,6 +201,7 @@ def _fixed_results(config):
     def record(gap, repeats=2):
         men, women = 0.5 + gap / 2, 0.5 - gap / 2
         return {"accuracy": 0.5, "men": men, "women": women, "gap": gap, "gap_std": 0.01,
+                "train_seconds": 1.5,
                 "accuracy_std": 0.0, "gap_se": 0.05, "num_repeats": repeats,
                 "cells": {c: 0.5 for c in fairness.SUBGROUP_CELLS},
                 "repeats": [{"accuracy": 0.5, "men": men, "women": women, "gap": gap + d}
@@ -309,7 +210,7 @@ def _fixed_results(config):
                    "mean_confidence": [0.3, 0.7], "counts": [5, 7]}
     results = {}
     for confounder in config.confounders:
-        runs = {name: record(0.2) for name in dn.planned_runs(config, confounder)}
+        runs = {name: record(0.2) for name in planned_runs(config, confounder)}
         runs["original"], runs["balanced"] = record(0.4), record(0.1)
         results[confounder] = {"runs": runs, "patch_net": {
             "patch_accuracy": 0.5, "ece": 0.1, "num_images": 3, "reliability": reliability}}
@@ -319,12 +220,21 @@ def _fixed_results(config):
 def test_report_on_fixed_results():
     config = get_config("smoke")
     results = _fixed_results(config)
-    setup = dn._setup(config, {c: {"subsets": {}} for c in config.confounders})
-    out = {"setup": setup, "results": results, **report_lib.tables(setup, results),
+    sizes = {c: {"biased": 32, "balanced": 32, "test": 8} for c in config.confounders}
+    setup = report_lib.setup_record(config, sizes)
+    assert setup["subsets"] == sizes and setup["repeats"] == 2
+    # The smoke train set: 16 + 12 + 4 images in batches of 16, 2 updates per epoch.
+    assert setup["classifier_steps"] == {"plain": 2 * config.classifier.epochs,
+                                         "mask": 2 * config.classifier.epochs_mask}
+    out = {**report_lib.results_record(setup, results),
            "examples": {c: {"image": np.zeros((8, 8, 3), np.uint8),
                             "general_map": np.linspace(0, 1, 64).reshape(8, 8),
                             "specific_map": np.linspace(1, 0, 64).reshape(8, 8)}
                         for c in config.confounders}}
+    assert list(out)[:6] == ["experiment", "setup", "table1", "sweep", "comparison", "results"]
+    # Every run record carries 1.5 s: the total is 1.5 x the number of runs.
+    num_runs = sum(len(results[c]["runs"]) for c in config.confounders)
+    assert report_lib.train_seconds_total(results) == pytest.approx(1.5 * num_runs)
     made = report_lib.report(out, link_prefix="x/")
     comp = out["comparison"]
     for method in config.debias.methods:

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from faceaudit_jax import regions
+from faceaudit_jax import keys, regions
 from faceaudit_jax.data import sampling
 
 
@@ -114,6 +114,48 @@ def test_deconinck_subset_counts():
     assert men.sum() == 300 and np.sum(men & glasses) == 0
     assert np.sum(~men & glasses) == 200 and np.sum(~men & ~glasses) == 100
 
+
+
+def test_deconinck_study_sets_follow_the_paper_recipe():
+    attrs, test_attrs = random_table(20000, seed=1), random_table(20000, seed=2)
+    offset = 50_000_000
+    sizes = dict(target="Male", n_target=16, n_other_with=12, n_other_without=4, test_size=16)
+    sets = sampling.deconinck_study_sets(attrs, test_attrs, "Eyeglasses", 0, **sizes,
+                                         test_rows=np.arange(20000) + offset)
+    male, glasses = col("Male"), col("Eyeglasses")
+    biased = attrs[sets["biased"]]
+    men = biased[:, male] == 1
+    assert men.sum() == 16 and np.all(biased[men, glasses] == 0)
+    assert np.sum(biased[~men, glasses] == 1) == 12 and np.sum(biased[~men, glasses] == 0) == 4
+    balanced = attrs[sets["balanced"]]
+    assert balanced.shape[0] == biased.shape[0]
+    assert np.all(np.bincount(2 * balanced[:, male] + balanced[:, glasses], minlength=4) == 8)
+    test = sets["test"]
+    assert test.min() >= offset and test.size == 16
+    t = test_attrs[test - offset]
+    assert np.all(np.bincount(2 * t[:, male] + t[:, glasses], minlength=4) == 4)
+    # Each set draws with its own named seed: the same rows as the single draws.
+    np.testing.assert_array_equal(sets["biased"], sampling.deconinck_subset(
+        attrs, "Eyeglasses", keys.name_hash(0, "Eyeglasses", "biased"), n_target=16,
+        n_other_with=12, n_other_without=4))
+    np.testing.assert_array_equal(sets["test"] - offset, sampling.balanced_subset(
+        test_attrs, "Male", ["Eyeglasses"], 16, keys.name_hash(0, "Eyeglasses", "test")))
+    # Row ids map through train_rows; another seed draws other rows.
+    shifted = sampling.deconinck_study_sets(attrs, test_attrs, "Eyeglasses", 0, **sizes,
+                                            train_rows=np.arange(20000) * 3)
+    np.testing.assert_array_equal(shifted["balanced"], sets["balanced"] * 3)
+    other = sampling.deconinck_study_sets(attrs, test_attrs, "Eyeglasses", 1, **sizes)
+    assert not np.array_equal(other["biased"], sets["biased"])
+
+
+def test_attribute_column_is_one_only_where_present():
+    table = random_table(50)
+    expected = np.array([1 if v == 1 else 0 for v in table[:, col("Smiling")]], np.int32)
+    got = sampling.attribute_column(table, "Smiling")
+    assert got.dtype == np.int32
+    np.testing.assert_array_equal(got, expected)
+    with pytest.raises(ValueError, match="Smilling"):
+        sampling.attribute_column(table, "Smilling")
 
 @pytest.mark.parametrize("corr", [0.5, 1.2, -0.1])
 def test_corr_outside_range_is_rejected(corr):

@@ -97,6 +97,20 @@ def test_write_json_is_atomic_and_writes_nan_as_null(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["r.json"]
 
 
+def test_cached_records_are_read_back_only_under_their_fingerprint(tmp_path):
+    record, cache = tmp_path / "run.json", tmp_path / "maps.npz"
+    assert workdir.read_json_if(record, "abc") is None and workdir.read_npz_if(cache, "abc") is None
+    workdir.write_json(record, {"fingerprint": "abc", "gap": 0.25})
+    np.savez(cache, fingerprint=np.asarray("abc"), general_map=np.eye(3, dtype=np.float32))
+    assert workdir.read_json_if(record, "abc") == {"fingerprint": "abc", "gap": 0.25}
+    loaded = workdir.read_npz_if(cache, "abc")
+    assert sorted(loaded) == ["fingerprint", "general_map"]
+    np.testing.assert_array_equal(loaded["general_map"], np.eye(3, dtype=np.float32))
+    assert workdir.read_json_if(record, "other") is None and workdir.read_npz_if(cache, "other") is None
+    np.savez(cache, general_map=np.eye(3))  # no fingerprint recorded: cannot be verified
+    assert workdir.read_npz_if(cache, "abc") is None
+
+
 def test_prepare_workdir_removes_stale_tmp_files_and_refuses_unwritable(tmp_path):
     (tmp_path / "sub").mkdir()
     stale = tmp_path / "sub" / "summary.json.tmp-123-0"

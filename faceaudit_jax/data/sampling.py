@@ -13,7 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
-from faceaudit_jax import regions
+from faceaudit_jax import keys, regions
 
 
 def _as_table(attrs) -> np.ndarray:
@@ -254,6 +254,42 @@ def deconinck_subset(attrs, confounder: str, seed: int, *, target: str = "Male",
     return np.sort(np.concatenate(parts))
 
 
+
+def deconinck_study_sets(train_attrs, test_attrs, confounder: str, seed: int, *, target: str,
+                         n_target: int, n_other_with: int, n_other_without: int, test_size: int,
+                         train_rows=None, test_rows=None) -> dict[str, np.ndarray]:
+    """The three sets of one confounder in De Coninck et al.'s study.
+
+    "biased": `deconinck_subset` of the training pool; "balanced": as many images of
+    the same pool, balanced over target x confounder; "test": ``test_size`` images of
+    the test pool, balanced the same way.
+
+    Args:
+      train_attrs, test_attrs: int8 [N, 40] / [M, 40] attributes of the two pools.
+      confounder, target: attribute names.
+      seed: the study's seed; each set draws with its own numpy seed,
+        ``keys.name_hash(seed, confounder, set name)``.
+      n_target, n_other_with, n_other_without: the biased set's cell counts.
+      train_rows, test_rows: int64 [N] / [M] ids of the pools' rows in their sources
+        (default 0..N-1 / 0..M-1); the sets are returned as these ids.
+    Returns:
+      {"biased", "balanced", "test": int64 row ids, in the order of ``*_rows``}.
+    """
+    if train_rows is None:
+        train_rows = np.arange(len(train_attrs), dtype=np.int64)
+    if test_rows is None:
+        test_rows = np.arange(len(test_attrs), dtype=np.int64)
+    biased = deconinck_subset(train_attrs, confounder, keys.name_hash(seed, confounder, "biased"),
+                              target=target, n_target=int(n_target),
+                              n_other_with=int(n_other_with),
+                              n_other_without=int(n_other_without))
+    balanced = balanced_subset(train_attrs, target, [confounder], biased.size,
+                               keys.name_hash(seed, confounder, "balanced"))
+    test = balanced_subset(test_attrs, target, [confounder], int(test_size),
+                           keys.name_hash(seed, confounder, "test"))
+    return {"biased": np.asarray(train_rows)[biased], "balanced": np.asarray(train_rows)[balanced],
+            "test": np.asarray(test_rows)[test]}
+
 def group_labels(attrs, target: str, confounders, confounder_values) -> tuple[np.ndarray, np.ndarray]:
     """(y [N] int32, aligned [N] bool): the target, and whether every confounder takes the value
     that goes with y (``confounder_values`` for y = 1, the opposite for y = 0), i.e. the
@@ -330,6 +366,11 @@ def attribute_table(attrs) -> np.ndarray:
         raise ValueError("attribute table is empty; expected at least one row")
     return table
 
+
+
+def attribute_column(attrs, name: str) -> np.ndarray:
+    """1 where attribute ``name`` is present, else 0 (absent or unknown): int32 [N]."""
+    return (_as_table(attrs)[:, regions.attribute_id(name)] == 1).astype(np.int32)
 
 def attribute_correlations(attrs, target: str) -> np.ndarray:
     """Pearson correlation (phi, for binary columns) of every attribute with ``target``.

@@ -2,7 +2,7 @@
 
 Per confounder in ``config.confounders``: draw the De Coninck biased training set,
 a same-size set balanced over gender x confounder and a balanced test set
-(`data.sampling`); train a patch region classifier on the confounder and turn
+(`data.sampling.deconinck_study_sets`); train a patch region classifier on the confounder and turn
 its sliding-window confidences into "specific" and "general" attribution maps
 (`models.patch_net`, `explain.patches`); train gender classifiers on the biased
 set, the balanced set and the biased set under the four attribution-guided
@@ -15,8 +15,9 @@ Outputs under ``workdir``: ``results.json`` and what `summary.debias_noise.repor
 makes of it (table1.md, summary.md, figures); ``runs/<C>/`` (one JSON per
 finished training: a killed job resumes where it stopped); ``models/`` (variables
 and the attribution cache; ignored by git). Every saved model and result carries
-a fingerprint of the settings that made it; a mismatch retrains or re-scores
-instead of mixing runs. Departures from the paper: docs/deviations_debias_noise.md.
+a fingerprint of the settings that made it (`mitigation.debias_config`, which also
+checks the config); a mismatch retrains or re-scores instead of mixing runs.
+Departures from the paper: docs/deviations_debias_noise.md.
 """
 
 from __future__ import annotations
@@ -24,20 +25,22 @@ from __future__ import annotations
 import functools
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
 
-from faceaudit_jax import keys, losses, regions, train_lib
+from faceaudit_jax import keys, losses, train_lib
 from faceaudit_jax import workdir as workdir_lib
 from faceaudit_jax.data import pipeline, sampling, sources
 from faceaudit_jax.explain import patches as patches_lib
 from faceaudit_jax.metrics import fairness
 from faceaudit_jax.mitigation import noise
-from faceaudit_jax.mitigation.debias_runs import (BASELINES, METHODS, augment_code,
-                                                  check_quantile, method_spec, parse_run_name,
-                                                  repeat_parts, repeat_stem, run_name)
+from faceaudit_jax.mitigation.debias_config import (RunFingerprints, models_fingerprint,
+                                                    validate_config)
+from faceaudit_jax.mitigation.debias_runs import (BASELINES, METHODS, augment_code, method_spec,
+                                                  parse_run_name, planned_runs, repeat_parts,
+                                                  repeat_stem)
 from faceaudit_jax.models import patch_net as pn
 from faceaudit_jax.summary import debias_noise as summary_lib
 from faceaudit_jax.workdir import write_json
@@ -45,92 +48,6 @@ from faceaudit_jax.workdir import write_json
 _name_seed = keys.name_hash  # the run's numpy seeds: crc32 of the names joined with '/'
 run_key = keys.run_key
 _PATCH_INPUTS = ("patches", "position_ids")
-
-
-def planned_runs(config, confounder: str) -> list[str]:
-    """Run ids for one confounder: the baselines, every method at the main
-    quantile, and the sweep's quantiles where this is the sweep's confounder."""
-    names = list(BASELINES) + [run_name(m, config.debias.quantile) for m in config.debias.methods]
-    if confounder == config.sweep.confounder:
-        names += [n for n in dict.fromkeys(run_name(config.sweep.method, q)
-                                           for q in config.sweep.quantiles) if n not in names]
-    return names
-
-
-def _check_confounders(config) -> tuple[str, ...]:
-    if isinstance(config.confounders, str):
-        raise ValueError(f"confounders={config.confounders!r}; expected a tuple of attribute "
-                         "names, e.g. ('Blond_Hair',)")
-    confounders = tuple(config.confounders)
-    if not confounders:
-        raise ValueError("confounders is empty; expected at least one attribute name")
-    regions.attribute_ids(confounders)
-    if config.target in confounders:
-        raise ValueError(f"target {config.target!r} is also listed as a confounder")
-    if len(set(confounders)) != len(confounders):
-        raise ValueError(f"confounders {confounders} repeat an attribute")
-    if config.sweep.confounder not in confounders:
-        raise ValueError(f"sweep.confounder={config.sweep.confounder!r} is not one of the "
-                         f"confounders {confounders}")
-    return confounders
-
-
-def validate_config(config) -> None:
-    """Clear errors for settings that would fail deep inside the run."""
-    regions.attribute_id(config.target)
-    _check_confounders(config)
-    for method in (*config.debias.methods, config.sweep.method):
-        method_spec(method)
-    for q in (config.debias.quantile, *config.sweep.quantiles):
-        check_quantile(q)
-    sources.check_data_config(config.data)
-    resolution, pool = int(config.data.resolution), int(config.classifier.input_pool)
-    pn.grid_positions(resolution, int(config.patch_net.patch_size), int(config.patch_net.grid))
-    if pool < 1 or resolution % pool:
-        raise ValueError(f"classifier.input_pool={pool}; expected a positive divisor of the "
-                         f"resolution {resolution}")
-    if config.patch_net.confidence not in patches_lib.CONFIDENCE_KINDS:
-        raise ValueError(f"patch_net.confidence={config.patch_net.confidence!r}; expected one "
-                         f"of {patches_lib.CONFIDENCE_KINDS}")
-    repeats = config.classifier.get("repeats", 1)
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-        raise ValueError(f"classifier.repeats={repeats!r}; expected an int >= 1 (trainings "
-                         "per Table 1 cell)")
-    if int(config.test.size) < 4:
-        raise ValueError(f"test.size={config.test.size}; expected at least 4 (one per "
-                         "gender x confounder cell)")
-
-
-fingerprint = workdir_lib.settings_hash  # the settings hash of every cached model and result
-
-
-def select_subsets(config, confounder: str, train_attrs: np.ndarray, test_attrs: np.ndarray,
-                   train_rows: Optional[np.ndarray] = None,
-                   test_rows: Optional[np.ndarray] = None) -> dict[str, np.ndarray]:
-    """Rows of the "biased" and "balanced" training sets (of ``train_rows``, default
-    0..N-1) and of the "test" set (of ``test_rows``, default test_offset..), each sorted;
-    ``*_attrs``: int8 [N, 40] attributes of those rows."""
-    if train_rows is None:
-        train_rows = np.arange(len(train_attrs), dtype=np.int64)
-    if test_rows is None:
-        test_rows = np.arange(len(test_attrs), dtype=np.int64) + int(config.data.test_offset)
-    ts = config.train_set
-    biased = sampling.deconinck_subset(
-        train_attrs, confounder, _name_seed(config.seed, confounder, "biased"),
-        target=config.target, n_target=int(ts.n_target), n_other_with=int(ts.n_other_with),
-        n_other_without=int(ts.n_other_without))
-    balanced = sampling.balanced_subset(train_attrs, config.target, [confounder], biased.size,
-                                        _name_seed(config.seed, confounder, "balanced"))
-    test = sampling.balanced_subset(test_attrs, config.target, [confounder],
-                                    int(config.test.size),
-                                    _name_seed(config.seed, confounder, "test"))
-    return {"biased": train_rows[biased], "balanced": train_rows[balanced],
-            "test": test_rows[test]}
-
-
-def attribute_column(attrs: np.ndarray, name: str) -> np.ndarray:
-    """1 where attribute `name` is present, else 0: int32 [N]."""
-    return (np.asarray(attrs)[:, regions.attribute_id(name)] == 1).astype(np.int32)
 
 
 def classifier_model(cfg) -> pn.PooledSmallConvNet:
@@ -177,48 +94,6 @@ def _epochs_for(config, method: str) -> int:
     return int(config.classifier.epochs)
 
 
-PATCH_TRAIN_FIELDS = ("patch_size", "grid", "backbone", "widths", "epochs", "batch_size",
-                      "learning_rate", "weight_decay", "decay_every_epochs", "decay_factor",
-                      "label_smoothing")
-CLASSIFIER_TRAIN_FIELDS = ("widths", "conv_dropout", "head_dropout", "input_pool", "batch_size",
-                           "learning_rate", "weight_decay", "decay_per_epoch", "epochs",
-                           "epochs_mask", "bn_recalibration_passes")
-
-
-class _Fingerprints:
-    """The settings hashes of one confounder's models and results (see `fingerprint`)."""
-
-    def __init__(self, config, confounder: str, subsets: dict[str, np.ndarray]):
-        pc, cc = config.patch_net, config.classifier
-        self.config = config
-        self.data = fingerprint(sources.fingerprint_fields(config.data), config.train_set,
-                                config.target, confounder, config.seed,
-                                {k: v.tolist() for k, v in subsets.items()})
-        self.patch = fingerprint(self.data, {f: pc[f] for f in PATCH_TRAIN_FIELDS})
-        self.attribution = fingerprint(self.patch, pc.confidence)
-        self.test = fingerprint(config.test, subsets["test"].tolist())
-        self.classifier = fingerprint({f: cc[f] for f in CLASSIFIER_TRAIN_FIELDS})
-        self.patch_result = fingerprint(self.patch, self.test, config.calibration)
-
-    def train(self, name: str, repeat: int) -> str:
-        method, q = parse_run_name(name)
-        parts = [self.data, self.classifier, method, q, *repeat_parts(repeat)]
-        if method in METHODS:
-            parts += [self.attribution, self.config.debias.noise_std, self.config.debias.mask_fill]
-        return fingerprint(*parts)
-
-    def result(self, name: str, repeat: int) -> str:
-        return fingerprint(self.train(name, repeat), self.test)
-
-
-def _read_cache(path: Path, fp: str) -> Optional[dict]:
-    """The attribution cache (npz) if made with fingerprint `fp`, else None."""
-    if not path.exists():
-        return None
-    with np.load(path) as loaded:
-        return {k: loaded[k] for k in loaded.files} if str(loaded["fingerprint"]) == fp else None
-
-
 def _render_sets(config, confounder: str, pools: dict, subsets: dict) -> dict[str, dict]:
     """Images (uint8), gender and confounder labels of the biased, balanced and test sets."""
     t0 = time.time()
@@ -228,8 +103,8 @@ def _render_sets(config, confounder: str, pools: dict, subsets: dict) -> dict[st
         attrs = source.attributes(idx)["attrs"]
         out[name] = {"images": pipeline.render_uint8(source, idx,
                                                      int(config.data.render_batch_size)),
-                     "gender": attribute_column(attrs, config.target),
-                     "present": attribute_column(attrs, confounder)}
+                     "gender": sampling.attribute_column(attrs, config.target),
+                     "present": sampling.attribute_column(attrs, confounder)}
     _log(f"{confounder}: rendered {sum(v['images'].shape[0] for v in out.values())} images "
          f"in {time.time() - t0:.0f} s")
     return out
@@ -343,7 +218,7 @@ def _train_gender_classifier(config, confounder: str, name: str, repeat: int, da
 
 
 def _evaluate_run(config, confounder: str, job: tuple, data: dict, maps: dict,
-                  fps: _Fingerprints, model_dir: Path) -> dict:
+                  fps: RunFingerprints, model_dir: Path) -> dict:
     """The result record of one training (job = (run name, repeat)): its model is
     loaded if saved with the same settings, else trained and saved."""
     (name, repeat), t0, cc = job, time.time(), config.classifier
@@ -376,7 +251,7 @@ def _evaluate_run(config, confounder: str, job: tuple, data: dict, maps: dict,
 
 
 def _train_pending(config, confounder: str, pending: list, done: dict, paths: dict,
-                   subsets: dict, pools: dict, fps: _Fingerprints, patch_result, cache):
+                   subsets: dict, pools: dict, fps: RunFingerprints, patch_result, cache):
     """Render the sets, train (or load) the patch net and its maps, then every pending
     run; fills ``done``, returns (patch result, attribution cache)."""
     _log(f"{confounder}: pending runs: {', '.join(repeat_stem(*job) for job in pending) or 'none'}")
@@ -403,9 +278,12 @@ def run_confounder(config, confounder: str, workdir: Path, pools: dict) -> dict[
     paths = {"runs": workdir / "runs" / confounder, "models": workdir / "models" / confounder}
     for folder in paths.values():
         folder.mkdir(parents=True, exist_ok=True)
-    subsets = select_subsets(config, confounder, pools["train"], pools["test"],
-                             pools["train_rows"], pools["test_rows"])
-    fps = _Fingerprints(config, confounder, subsets)
+    ts = config.train_set
+    subsets = sampling.deconinck_study_sets(
+        pools["train"], pools["test"], confounder, config.seed, target=config.target,
+        n_target=ts.n_target, n_other_with=ts.n_other_with, n_other_without=ts.n_other_without,
+        test_size=config.test.size, train_rows=pools["train_rows"], test_rows=pools["test_rows"])
+    fps = RunFingerprints(config, confounder, subsets)
     names, repeats = planned_runs(config, confounder), int(config.classifier.get("repeats", 1))
     # Repeat-major: a job stopped part-way holds whole repeats of the table.
     jobs = [(name, r) for r in range(repeats) for name in names]
@@ -413,7 +291,7 @@ def run_confounder(config, confounder: str, workdir: Path, pools: dict) -> dict[
             for job in jobs}
     done = {job: record for job, record in done.items() if record is not None}
     patch_result = workdir_lib.read_json_if(paths["runs"] / "patch_net.json", fps.patch_result)
-    cache = _read_cache(paths["models"] / "attribution.npz", fps.attribution)
+    cache = workdir_lib.read_npz_if(paths["models"] / "attribution.npz", fps.attribution)
     pending = [job for job in jobs if job not in done]
     if pending or patch_result is None or cache is None:
         patch_result, cache = _train_pending(config, confounder, pending, done, paths, subsets,
@@ -423,34 +301,6 @@ def run_confounder(config, confounder: str, workdir: Path, pools: dict) -> dict[
     runs = {n: fairness.aggregate_repeats([done[(n, r)] for r in range(repeats)]) for n in names}
     return {"runs": runs, "patch_net": patch_result, "examples": cache,
             "subsets": {k: int(v.size) for k, v in subsets.items()}}
-
-
-def _setup(config, per_confounder: dict) -> dict[str, Any]:
-    """What was run, for results.json and the report."""
-    ts, pc, cc = config.train_set, config.patch_net, config.classifier
-    per_epoch = int(ts.n_target + ts.n_other_with + ts.n_other_without) // int(cc.batch_size)
-    return {
-        "target": config.target, "confounders": list(config.confounders),
-        "pool": "independent" if config.data.independent else "correlated",
-        "resolution": int(config.data.resolution),
-        "train_set": {"men_without": int(ts.n_target), "women_with": int(ts.n_other_with),
-                      "women_without": int(ts.n_other_without)},
-        "test_size": int(config.test.size),
-        "patch_net": {"patch_size": int(pc.patch_size), "grid": int(pc.grid),
-                      "label": "confounder", "confidence": pc.confidence,
-                      "backbone": pc.backbone, "epochs": int(pc.epochs)},
-        "classifier_steps": {"plain": int(cc.epochs) * per_epoch,
-                             "mask": int(cc.epochs_mask) * per_epoch},
-        "classifier_learning_rate": float(cc.learning_rate),
-        "repeats": int(cc.get("repeats", 1)),
-        "quantile": float(config.debias.quantile),
-        "debias": {"methods": list(config.debias.methods),
-                   "noise_std": float(config.debias.noise_std),
-                   "mask_fill": float(config.debias.mask_fill)},
-        "sweep": {"confounder": config.sweep.confounder, "method": config.sweep.method,
-                  "quantiles": [float(q) for q in config.sweep.quantiles]},
-        "subsets": {c: v["subsets"] for c, v in per_confounder.items()},
-    }
 
 
 def _pools(config) -> dict[str, Any]:
@@ -467,21 +317,6 @@ def _pools(config) -> dict[str, Any]:
             "test": test_source.attributes(test_rows)["attrs"]}
 
 
-def models_fingerprint(config) -> dict:
-    """The fields that decide every trained model of a workdir, in the one scheme of
-    faceaudit_jax.workdir: a rerun with other values stops before any work, naming them
-    (``--config.overwrite=True`` retrains). Confounders, repeats, sweep quantiles and the
-    test set are left out: changing them only adds or re-scores runs, each cached under
-    its own settings hash (``_Fingerprints``)."""
-    fields = workdir_lib.config_fields(config, ["seed", "target", "train_set", "patch_net",
-                                                "classifier", "debias.noise_std",
-                                                "debias.mask_fill"])
-    fields.pop("classifier.repeats", None)
-    fields.update(workdir_lib.config_fields({"data": sources.fingerprint_fields(config.data)},
-                                            ["data"]))
-    return fields
-
-
 def run(config, workdir) -> dict[str, Any]:
     """The whole experiment; returns the results dict also written to results.json."""
     validate_config(config)
@@ -495,18 +330,14 @@ def run(config, workdir) -> dict[str, Any]:
     per_confounder = {c: run_confounder(config, c, workdir, pools) for c in config.confounders}
     results = {c: {"runs": v["runs"], "patch_net": v["patch_net"]}
                for c, v in per_confounder.items()}
-    setup = _setup(config, per_confounder)
-    out = {"experiment": "debias_noise", "setup": setup,
-           **summary_lib.tables(setup, results), "results": results}
+    setup = summary_lib.setup_record(config, {c: v["subsets"] for c, v in per_confounder.items()})
+    out = summary_lib.results_record(setup, results)
     figures = summary_lib.write_report(summary_lib.report(
         {**out, "examples": {c: v["examples"] for c, v in per_confounder.items()}},
         workdir_lib.readme_link_prefix(workdir)), workdir)
-    out.update(figures=figures, paper={"blond_hair_gap": summary_lib.PAPER_BLOND_HAIR_GAP,
-                                       "quantile": summary_lib.PAPER_QUANTILE},
+    out.update(figures=figures, paper=summary_lib.paper_numbers(),
                seconds_this_invocation=round(time.time() - t_start, 1),
-               # Classifier training time summed over the runs (from when each was trained).
-               train_seconds_total=round(sum((r.get("train_seconds") or 0.0) for c in results
-                                             for r in results[c]["runs"].values()), 1))
+               train_seconds_total=summary_lib.train_seconds_total(results))
     write_json(workdir / "results.json", out)
     _log(f"done in {time.time() - t_start:.0f} s; results in {workdir}")
     return out

@@ -5,7 +5,7 @@ balanced over target x confounder) or a method (scope general / specific x
 mode noise / mask, `mitigation.noise`) at a quantile q. `run_name` gives a
 file-safe id that `parse_run_name` inverts; `repeat_stem` names one of a
 run's repeated trainings; `augment_code` is the runtime mode of
-`noise.make_selection_augment_fn`.
+`noise.make_selection_augment_fn`; `planned_runs` is the grid a config asks for.
 """
 
 from __future__ import annotations
@@ -78,3 +78,14 @@ def augment_code(method: str) -> int:
     if method in BASELINES:
         return noise.AUGMENT_NONE
     return noise.MODE_CODES[method_spec(method)[1]]
+
+
+def planned_runs(config, confounder: str) -> list[str]:
+    """Run ids for one confounder: the baselines, every method at the main quantile
+    (``config.debias``), and the sweep's quantiles (``config.sweep``) where this is the
+    sweep's confounder; a sweep quantile equal to the main one is not run twice."""
+    names = list(BASELINES) + [run_name(m, config.debias.quantile) for m in config.debias.methods]
+    if confounder == config.sweep.confounder:
+        names += [n for n in dict.fromkeys(run_name(config.sweep.method, q)
+                                           for q in config.sweep.quantiles) if n not in names]
+    return names

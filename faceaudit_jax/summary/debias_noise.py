@@ -2,11 +2,12 @@
 sweep, the comparison with the paper and the README fragment, from a results dict alone.
 
 The results dict is what `faceaudit_jax.experiments.debias_noise` writes to results.json:
-``setup`` (what was run: confounders, methods, quantiles, sizes), ``results``
-({confounder: {"runs": {run id: the cell over its repeated trainings}, "patch_net": ...}})
-and the derived ``table1`` / ``sweep`` / ``comparison`` (`tables`). `report` is pure:
-it returns the Markdown texts and the figures (`viz.debiasing`), writing nothing;
-`write_report` lays them out.
+``setup`` (what was run: confounders, methods, quantiles, sizes; `setup_record` makes it
+from the config), ``results`` ({confounder: {"runs": {run id: the cell over its repeated
+trainings}, "patch_net": ...}}) and the derived ``table1`` / ``sweep`` / ``comparison``
+(`tables`; `results_record` assembles the three). `report` is pure: it returns the
+Markdown texts and the figures (`viz.debiasing`), writing nothing; `write_report` lays
+them out.
 """
 
 from __future__ import annotations
@@ -320,13 +321,64 @@ def summary_markdown(setup: dict, results: dict, comp: dict, sweep: Sequence[dic
                       gap_table_markdown(setup, results), " ".join(verdict) + "\n", links])
 
 
-# ----------------------------------------------------------------------------- report
+# ----------------------------------------------------------------------------- results dict
+
+
+def setup_record(config, subsets: dict[str, dict[str, int]]) -> dict[str, Any]:
+    """What was run, from the config (configs/debias_noise.py) and the sizes of the drawn
+    sets ({confounder: {"biased" | "balanced" | "test": count}}): results.json's ``setup``."""
+    ts, pc, cc = config.train_set, config.patch_net, config.classifier
+    per_epoch = int(ts.n_target + ts.n_other_with + ts.n_other_without) // int(cc.batch_size)
+    return {
+        "target": config.target, "confounders": list(config.confounders),
+        "pool": "independent" if config.data.independent else "correlated",
+        "resolution": int(config.data.resolution),
+        "train_set": {"men_without": int(ts.n_target), "women_with": int(ts.n_other_with),
+                      "women_without": int(ts.n_other_without)},
+        "test_size": int(config.test.size),
+        "patch_net": {"patch_size": int(pc.patch_size), "grid": int(pc.grid),
+                      "label": "confounder", "confidence": pc.confidence,
+                      "backbone": pc.backbone, "epochs": int(pc.epochs)},
+        "classifier_steps": {"plain": int(cc.epochs) * per_epoch,
+                             "mask": int(cc.epochs_mask) * per_epoch},
+        "classifier_learning_rate": float(cc.learning_rate),
+        "repeats": int(cc.get("repeats", 1)),
+        "quantile": float(config.debias.quantile),
+        "debias": {"methods": list(config.debias.methods),
+                   "noise_std": float(config.debias.noise_std),
+                   "mask_fill": float(config.debias.mask_fill)},
+        "sweep": {"confounder": config.sweep.confounder, "method": config.sweep.method,
+                  "quantiles": [float(q) for q in config.sweep.quantiles]},
+        "subsets": dict(subsets),
+    }
 
 
 def tables(setup: dict, results: dict) -> dict[str, Any]:
     """The derived tables of the results: Table 1 rows, the sweep rows, the comparison."""
     return {"table1": table1_rows(setup, results), "sweep": sweep_rows(setup, results),
             "comparison": comparison(setup, results)}
+
+
+def results_record(setup: dict, results: dict) -> dict[str, Any]:
+    """results.json without its figures and timings: the setup, the derived `tables` and the
+    per-confounder results ({confounder: {"runs": ..., "patch_net": ...}})."""
+    return {"experiment": "debias_noise", "setup": setup, **tables(setup, results),
+            "results": results}
+
+
+def paper_numbers() -> dict[str, Any]:
+    """The paper's figures the report compares with (results.json's ``paper``)."""
+    return {"blond_hair_gap": dict(PAPER_BLOND_HAIR_GAP), "quantile": PAPER_QUANTILE}
+
+
+def train_seconds_total(results: dict) -> float:
+    """Classifier training time summed over every training of every run (each as long as
+    it took when it was trained; a reloaded model keeps its original time)."""
+    return round(sum((r.get("train_seconds") or 0.0) for c in results
+                     for r in results[c]["runs"].values()), 1)
+
+
+# ----------------------------------------------------------------------------- report
 
 
 FIGURE_DPI = {"figure7_gaps.png": 110, "figure8_quantiles.png": 110, "figure_maps.png": 100}
