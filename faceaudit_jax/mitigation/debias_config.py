@@ -78,7 +78,7 @@ CLASSIFIER_TRAIN_FIELDS = ("widths", "conv_dropout", "head_dropout", "input_pool
 class RunFingerprints:
     """The settings hashes of one confounder's models and results (see `fingerprint`).
 
-    Each hash chains the ones it depends on: data (source, subsets' rows, seed) ->
+    Each hash chains the ones it depends on: data (source, every subset's rows including the test set's, seed) ->
     patch net -> its attribution maps; a gender classifier's training hashes the data,
     the classifier settings, its run and repeat, and for a method the maps and the
     augmentation strength; a result adds the test set.
@@ -111,8 +111,9 @@ def models_fingerprint(config) -> dict:
     """The fields that decide every trained model of a workdir, in the one scheme of
     faceaudit_jax.workdir: a rerun with other values stops before any work, naming them
     (``--config.overwrite=True`` retrains). Confounders, repeats, sweep quantiles and the
-    test set are left out: changing them only adds or re-scores runs, each cached under
-    its own settings hash (`RunFingerprints`)."""
+    test set are left out: changing them adds runs, each cached under its own settings
+    hash (`RunFingerprints`). The test rows are part of every run's data hash, so another
+    ``test.size`` trains that confounder's models again under new hashes."""
     fields = workdir_lib.config_fields(config, ["seed", "target", "train_set", "patch_net",
                                                 "classifier", "debias.noise_std",
                                                 "debias.mask_fill"])
