@@ -112,7 +112,14 @@ def test_smoke_json_structure_and_consistency(smoke_run):
                 assert pos_z == pytest.approx(pos_abs, abs=1e-6)
             if entry["num_positive"]:
                 assert entry["p_test"] == pytest.approx(entry["num_positive"] / test["kept"])
+    # The returned dict is what was written (NaN written as null).
+    assert returned["setup"]["test"] == results["setup"]["test"]
 
+
+def test_smoke_tables_and_finding(smoke_run):
+    config, workdir, _ = smoke_run
+    results = json.loads((workdir / "results.json").read_text())
+    names = results["setup"]["attributes"]
     # Table 1: every attribute once, most imbalanced first.
     table1 = results["table1"]
     assert sorted(row["attribute"] for row in table1) == sorted(names)
@@ -128,8 +135,6 @@ def test_smoke_json_structure_and_consistency(smoke_run):
     assert isinstance(finding["shows"], bool)
     for row in finding["rows"]:
         assert abs(row["p_train"] - 0.5) >= config.explain.min_imbalance
-    # The returned dict is what was written (NaN written as null).
-    assert returned["setup"]["test"] == results["setup"]["test"]
     table1_md = (workdir / "table1.md").read_text()
     assert table1_md.count("\n| ") == len(names) + 1  # header + one row per attribute
 
