@@ -38,6 +38,7 @@ def smoke_run(tmp_path_factory):
     return config, workdir, results
 
 
+@pytest.mark.slow
 def test_smoke_writes_every_output(smoke_run):
     _, workdir, _ = smoke_run
     for name in ("results.json", "table1.md", "table2.md", "table_targets.md", "summary.md",
@@ -64,6 +65,7 @@ def test_smoke_writes_every_output(smoke_run):
     assert all((workdir / name).read_text() == text for name, text in tables.items())
 
 
+@pytest.mark.slow
 def test_smoke_json_structure_and_consistency(smoke_run):
     config, workdir, returned = smoke_run
     results = json.loads((workdir / "results.json").read_text())
@@ -116,6 +118,7 @@ def test_smoke_json_structure_and_consistency(smoke_run):
     assert returned["setup"]["test"] == results["setup"]["test"]
 
 
+@pytest.mark.slow
 def test_smoke_tables_and_finding(smoke_run):
     config, workdir, _ = smoke_run
     results = json.loads((workdir / "results.json").read_text())
@@ -139,6 +142,7 @@ def test_smoke_tables_and_finding(smoke_run):
     assert table1_md.count("\n| ") == len(names) + 1  # header + one row per attribute
 
 
+@pytest.mark.slow
 def test_rerun_with_other_settings_is_refused(smoke_run, tmp_path):
     config, workdir, _ = smoke_run
     changed = get_config("smoke")
@@ -151,6 +155,7 @@ def test_rerun_with_other_settings_is_refused(smoke_run, tmp_path):
                                     "euclidean", np.full(len(names), 0.5))
 
 
+@pytest.mark.slow
 def test_explain_step_matches_public_cam_and_energy_functions(smoke_run):
     """The fused step = attribute_cams + proportional_energy + numpy sums, per pair.
 
@@ -211,6 +216,39 @@ def test_bad_configs_raise_clear_errors():
         cam_pairs(("not_a_cam",), "not_a_cam")
 
 
+def _fixed_results():
+    """One loaded model (no AFFACT-u/b finding), one attribute whose majority class is negative."""
+    row = {"fnr": 0.5, "fpr": None, "energy_positive": 0.3, "energy_negative": 0.2,
+           "uniform_positive": 0.1, "uniform_negative": None}
+    return {
+        "setup": {"main_method_label": "Grad-CAM", "figure_attributes": ["Eyeglasses"],
+                  "methods": ["grad_cam"], "test": {"kept": 9, "excluded": 1, "total": 10},
+                  "model_source": {"arch": "resnet18", "path": "/m/clf", "source": "checkpoint"},
+                  "num_attributes": 1, "train_size": 40, "source_label": "CelebA training images",
+                  "mask_source": "rectangles"},
+        "table1": [{"attribute": "Eyeglasses", "p_train": 0.1, "imbalance": 0.4, "audited": row}],
+        "table2": [{"attribute": "Eyeglasses", "model": "audited",
+                    "grad_cam": {"energy_positive": 0.3, "energy_negative": 0.2}}],
+        "targets": [{"attribute": "Eyeglasses", "model": "audited", "num_negative": 7,
+                     "predicted_target": 0.2, "positive_target": 0.05}],
+        "finding": None,
+    }
+
+
+def test_report_on_a_fixed_results_dict():
+    pages = ac.report(_fixed_results(), link_prefix="r/")
+    assert set(pages) == {"table1.md", "table2.md", "table_targets.md", "summary.md"}
+    # p_m = 0.1: the negative class is the majority, so E- is bold; a missing rate prints n/a.
+    assert "| Eyeglasses | 0.100 | 0.500 | n/a | 0.300 | **0.200** | 0.100 | n/a |" in pages["table1.md"]
+    assert "| Eyeglasses | audited | 0.300 | 0.200 |" in pages["table2.md"]
+    assert "| Eyeglasses | audited | 7 | 0.200 | 0.050 |" in pages["table_targets.md"]
+    summary = pages["summary.md"]
+    assert "loaded from /m/clf (model.source=checkpoint" in summary
+    assert "on 9 frontal test faces (1 of 10 excluded" in summary
+    assert "| Eyeglasses | 0.100 | 0.50 | n/a | 0.300 | **0.200** |" in summary
+    assert "[table1.md](r/table1.md)" in summary and "AFFACT-u vs AFFACT-b comparison is not made" in summary
+
+
 def _per_attribute(results, model):
     return results["models"][model]["attributes"]
 
@@ -226,6 +264,7 @@ def _assert_same_numbers(a, b):
         assert a == pytest.approx(b, rel=1e-4, abs=1e-5)
 
 
+@pytest.mark.slow
 def test_checkpoint_source_explains_a_trained_run_dir_to_the_same_numbers(smoke_run, tmp_path):
     """model.source=checkpoint on the smoke run's AFFACT-b: no training, the same energies."""
     _, workdir, _ = smoke_run
@@ -243,6 +282,7 @@ def test_checkpoint_source_explains_a_trained_run_dir_to_the_same_numbers(smoke_
     assert ac.write_markdown(str(tmp_path)) == summary
 
 
+@pytest.mark.slow
 def test_model_source_errors_come_before_any_work(smoke_run, tmp_path):
     _, workdir, _ = smoke_run
     run_dir = str(workdir / "models" / "affact_u")
@@ -266,6 +306,7 @@ def test_model_source_errors_come_before_any_work(smoke_run, tmp_path):
         ac.train(config, str(tmp_path / "out"))
 
 
+@pytest.mark.slow
 def test_torchvision_source_with_named_outputs(tmp_path):
     torch = pytest.importorskip("torch")
     import sys
