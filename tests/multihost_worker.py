@@ -172,22 +172,22 @@ def corrrise_sweep(directory, delay_s: float = 0.0):
 
 
 def cam_result():
-    """``experiments.attribute_cams.explain_test_set`` on 16 faces: energies, counts, CAM sums.
+    """``explain.attribute_audit.explain_test_set`` on 16 faces: energies, counts, CAM sums.
 
     In a multi-process job each process explains its 8 faces; the frontal
     filter keeps a different number on each, so the per-face arrays are
     gathered with uneven row counts.
     """
     import ml_collections
-    from faceaudit_jax.experiments import attribute_cams as exp
+    from faceaudit_jax.explain.attribute_audit import explain_test_set
+    from faceaudit_jax.multi_attribute import TrainedModel
     clf = tiny_classifier(len(CAM_ATTRIBUTES))
-    model = exp.TrainedModel("u", clf.model, clf.variables, 0, "")
+    model = TrainedModel("u", clf.model, clf.variables, 0, "")
     config = ml_collections.ConfigDict(dict(
         explain=dict(mask_source="parse"), test=dict(batch_size=4, frontal_max_ratio=0.1)))
     source = pipeline.SyntheticSource(seed=4, resolution=RESOLUTION)
-    evaluations, counts = exp.explain_test_set([model], source, np.arange(NUM_AUDIT_IMAGES),
-                                               CAM_ATTRIBUTES, (("grad_cam", "predicted"),),
-                                               config)
+    evaluations, counts = explain_test_set([model], source, np.arange(NUM_AUDIT_IMAGES),
+                                           CAM_ATTRIBUTES, (("grad_cam", "predicted"),), config)
     result = evaluations["u"]
     return {"energy": result.energy[0], "logits": result.logits, "targets": result.targets,
             "kept": np.asarray(counts["kept"]), "total": np.asarray(counts["total"]),

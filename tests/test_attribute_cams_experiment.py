@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 
 from faceaudit_jax import regions
+from faceaudit_jax import multi_attribute
 from faceaudit_jax.experiments import attribute_cams as ac
 from faceaudit_jax.experiments import registry
 from faceaudit_jax.explain import attribute_audit
+from faceaudit_jax.explain.attribute_audit import cam_pairs
 from faceaudit_jax.explain import attribute_cams as attribute_cams_lib
 from faceaudit_jax.explain import attribute_masks as masks_lib
 from faceaudit_jax.metrics import energy as energy_lib
@@ -36,6 +38,7 @@ def smoke_run(tmp_path_factory):
     return config, workdir, results
 
 
+@pytest.mark.slow
 def test_smoke_writes_every_output(smoke_run):
     _, workdir, _ = smoke_run
     for name in ("results.json", "table1.md", "table2.md", "table_targets.md", "summary.md",
@@ -62,6 +65,7 @@ def test_smoke_writes_every_output(smoke_run):
     assert all((workdir / name).read_text() == text for name, text in tables.items())
 
 
+@pytest.mark.slow
 def test_smoke_json_structure_and_consistency(smoke_run):
     config, workdir, returned = smoke_run
     results = json.loads((workdir / "results.json").read_text())
@@ -110,7 +114,15 @@ def test_smoke_json_structure_and_consistency(smoke_run):
                 assert pos_z == pytest.approx(pos_abs, abs=1e-6)
             if entry["num_positive"]:
                 assert entry["p_test"] == pytest.approx(entry["num_positive"] / test["kept"])
+    # The returned dict is what was written (NaN written as null).
+    assert returned["setup"]["test"] == results["setup"]["test"]
 
+
+@pytest.mark.slow
+def test_smoke_tables_and_finding(smoke_run):
+    config, workdir, _ = smoke_run
+    results = json.loads((workdir / "results.json").read_text())
+    names = results["setup"]["attributes"]
     # Table 1: every attribute once, most imbalanced first.
     table1 = results["table1"]
     assert sorted(row["attribute"] for row in table1) == sorted(names)
@@ -126,38 +138,39 @@ def test_smoke_json_structure_and_consistency(smoke_run):
     assert isinstance(finding["shows"], bool)
     for row in finding["rows"]:
         assert abs(row["p_train"] - 0.5) >= config.explain.min_imbalance
-    # The returned dict is what was written (NaN written as null).
-    assert returned["setup"]["test"] == results["setup"]["test"]
     table1_md = (workdir / "table1.md").read_text()
     assert table1_md.count("\n| ") == len(names) + 1  # header + one row per attribute
 
 
+@pytest.mark.slow
 def test_rerun_with_other_settings_is_refused(smoke_run, tmp_path):
     config, workdir, _ = smoke_run
     changed = get_config("smoke")
     changed.train.num_epochs = 2
-    source = ac.build_source(changed.data)
-    train_idx, _ = ac.split_indices(changed, source)
-    names = ac.attribute_names(changed.data, source.attributes(train_idx)["attrs"])
+    source = multi_attribute.build_source(changed.data)
+    train_idx, _ = multi_attribute.split_indices(changed, source)
+    names = multi_attribute.attribute_names(changed.data, source.attributes(train_idx)["attrs"])
     with pytest.raises(ValueError, match="num_epochs"):
-        ac.train_model(changed, str(workdir), "affact_u", source, train_idx, names, "euclidean",
-                       np.full(len(names), 0.5))
+        multi_attribute.train_model(changed, str(workdir), "affact_u", source, train_idx, names,
+                                    "euclidean", np.full(len(names), 0.5))
 
 
+@pytest.mark.slow
 def test_explain_step_matches_public_cam_and_energy_functions(smoke_run):
     """The fused step = attribute_cams + proportional_energy + numpy sums, per pair.
 
     Uses the smoke run's AFFACT-u, reloaded from its checkpoint (no training).
     """
     config, workdir, _ = smoke_run
-    source = ac.build_source(config.data)
-    train_idx, test_idx = ac.split_indices(config, source)
+    source = multi_attribute.build_source(config.data)
+    train_idx, test_idx = multi_attribute.split_indices(config, source)
     train_attrs = source.attributes(train_idx)["attrs"]
-    names = ac.attribute_names(config.data, train_attrs)
+    names = multi_attribute.attribute_names(config.data, train_attrs)
     metrics = workdir / "models" / "affact_u" / "metrics.jsonl"
     logged = metrics.read_text()
-    trained = ac.train_model(config, str(workdir), "affact_u", source, train_idx, names,
-                             "euclidean", ac.training_positive_share(train_attrs, names))
+    trained = multi_attribute.train_model(
+        config, str(workdir), "affact_u", source, train_idx, names, "euclidean",
+        multi_attribute.training_positive_share(train_attrs, names))
     assert metrics.read_text() == logged  # reloaded, not retrained
     model, variables = trained.model, trained.variables
 
@@ -194,103 +207,46 @@ def test_explain_step_matches_public_cam_and_energy_functions(smoke_run):
     np.testing.assert_allclose(sums.mask_sum, masks[valid].sum(0), atol=1e-6)
 
 
-def test_label_transform_puts_labels_mask_and_class_weights_in_the_batch():
-    names = ("Bald", "Eyeglasses", "Smiling")
-    attrs = np.full((3, regions.NUM_ATTRIBUTES), -1, np.int8)
-    attrs[:, regions.attribute_ids(names)] = [[1, 0, -1], [0, 1, 1], [-1, -1, 0]]
-    weights = (np.array([4.0, 1.0, 2.0]), np.array([1.0, 4.0, 2.0]))
-    batch = {"attrs": jnp.asarray(attrs), "image": jnp.zeros((3, 8, 8, 3))}
-    out = ac.label_transform(names, weights)(batch)
-    assert set(out) == {"image", "label", "label_mask", "weight_positive", "weight_negative"}
-    np.testing.assert_array_equal(out["label_mask"], [[1, 1, 0], [1, 1, 1], [0, 0, 1]])
-    np.testing.assert_array_equal(np.asarray(out["label"]) * np.asarray(out["label_mask"]),
-                                  [[1, 0, 0], [0, 1, 1], [0, 0, 0]])
-    np.testing.assert_array_equal(out["weight_positive"], weights[0])
-    np.testing.assert_array_equal(out["weight_negative"], weights[1])
-
-
-def test_bad_configs_raise_clear_errors(tmp_path):
+def test_bad_configs_raise_clear_errors():
     with pytest.raises(ValueError, match="unknown config variant"):
         get_config("bogus")
-    config = get_config("smoke")
     with pytest.raises(ValueError, match="main_method"):
-        ac.cam_pairs(("hires_cam",), "grad_cam")
+        cam_pairs(("hires_cam",), "grad_cam")
     with pytest.raises(ValueError, match="unknown CAM method|unknown"):
-        ac.cam_pairs(("not_a_cam",), "not_a_cam")
-    config.data.source = "celeba"
-    config.data.root = str(tmp_path / "no_celeba_here")
-    with pytest.raises(FileNotFoundError, match="data.root"):
-        ac.build_source(config.data)
-    config.data.source = "imagenet"
-    with pytest.raises(ValueError, match="data.source"):
-        ac.build_source(config.data)
-    config = get_config("smoke")
-    config.data.attributes = ("Wearing_Hat", "Not_An_Attribute")
-    with pytest.raises(ValueError, match="Not_An_Attribute"):
-        ac.attribute_names(config.data, np.zeros((2, 40), np.int8))
-    config.data.attributes = ()
-    with pytest.raises(ValueError, match="no known attribute targets"):
-        ac.attribute_names(config.data, np.full((2, 40), -1, np.int8))
-    table = np.full((2, 40), -1, np.int8)
-    table[:, [regions.attribute_id("Bald"), regions.attribute_id("Young")]] = 1
-    assert ac.attribute_names(config.data, table) == ("Bald", "Young")
-    config = get_config("smoke")
-    config.data.test_offset = 10
-    with pytest.raises(ValueError, match="test_offset"):
-        ac.split_indices(config, ac.build_source(config.data))
-    config = get_config("smoke")
-    config.train.unbalanced_loss = "hinge"
-    with pytest.raises(ValueError, match="unbalanced_loss"):
-        ac.model_losses(config)
+        cam_pairs(("not_a_cam",), "not_a_cam")
 
 
-def _write_tiny_celeba(root, n=4):
-    """A CelebA folder in the published layout: n 178 x 218 JPEGs and the tables."""
-    from PIL import Image
-    from faceaudit_jax.data import celeba
-
-    (root / celeba.CELEBA_IMAGE_DIR).mkdir(parents=True)
-    names = [f"{i + 1:06d}.jpg" for i in range(n)]
-    for i, name in enumerate(names):
-        Image.new("RGB", (178, 218), (40 * i, 100, 200)).save(root / celeba.CELEBA_IMAGE_DIR / name)
-    attrs = np.where(np.arange(n)[:, None] % 2 == 0, 1, -1) * np.ones((1, 40), int)
-    (root / celeba.CELEBA_ATTR_FILE).write_text(
-        f"{n}\n" + " ".join(regions.ATTRIBUTES) + "\n"
-        + "".join(name + " " + " ".join(str(v) for v in row) + "\n"
-                  for name, row in zip(names, attrs)))
-    # Frontal landmarks (x, y): eyes, nose on the eye-mouth axis, mouth corners.
-    points = "69 111 109 111 89 135 73 152 105 152"
-    (root / celeba.CELEBA_LANDMARK_FILE).write_text(
-        f"{n}\n" + " ".join(celeba.LANDMARK_COLUMNS) + "\n"
-        + "".join(f"{name} {points}\n" for name in names))
-    (root / celeba.CELEBA_PARTITION_FILE).write_text(
-        "".join(f"{name} {0 if i < n - 1 else 2}\n" for i, name in enumerate(names)))
+def _fixed_results():
+    """One loaded model (no AFFACT-u/b finding), one attribute whose majority class is negative."""
+    row = {"fnr": 0.5, "fpr": None, "energy_positive": 0.3, "energy_negative": 0.2,
+           "uniform_positive": 0.1, "uniform_negative": None}
+    return {
+        "setup": {"main_method_label": "Grad-CAM", "figure_attributes": ["Eyeglasses"],
+                  "methods": ["grad_cam"], "test": {"kept": 9, "excluded": 1, "total": 10},
+                  "model_source": {"arch": "resnet18", "path": "/m/clf", "source": "checkpoint"},
+                  "num_attributes": 1, "train_size": 40, "source_label": "CelebA training images",
+                  "mask_source": "rectangles"},
+        "table1": [{"attribute": "Eyeglasses", "p_train": 0.1, "imbalance": 0.4, "audited": row}],
+        "table2": [{"attribute": "Eyeglasses", "model": "audited",
+                    "grad_cam": {"energy_positive": 0.3, "energy_negative": 0.2}}],
+        "targets": [{"attribute": "Eyeglasses", "model": "audited", "num_negative": 7,
+                     "predicted_target": 0.2, "positive_target": 0.05}],
+        "finding": None,
+    }
 
 
-def test_celeba_source_feeds_the_experiment_batches(tmp_path):
-    _write_tiny_celeba(tmp_path)
-    config = get_config("celeba")
-    config.data.root = str(tmp_path)
-    config.data.resolution = 64
-    source = ac.build_source(config.data)
-    train_idx, test_idx = ac.split_indices(config, source)  # size 0: whole partitions
-    np.testing.assert_array_equal(train_idx, [0, 1, 2])
-    np.testing.assert_array_equal(test_idx, [3])
-    train_attrs = source.attributes(train_idx)["attrs"]
-    assert ac.attribute_names(config.data, train_attrs) == regions.ATTRIBUTES
-    batch = source.batch([0, 3])
-    assert set(batch) == {"image", "attrs", "landmarks"}
-    assert batch["image"].shape == (2, 64, 64, 3) and batch["attrs"].shape == (2, 40)
-    assert batch["landmarks"].shape == (2, 5, 2)
-    from faceaudit_jax.data import frontal
-    keep, counts = frontal.frontal_filter(np.asarray(batch["landmarks"]))
-    assert keep.all() and counts["kept"] == 2
-    np.testing.assert_allclose(ac.training_positive_share(train_attrs, regions.ATTRIBUTES),
-                               np.full(40, 2 / 3))
-    # CelebA has no parse maps: the parse-region masks are refused, clearly.
-    config.explain.mask_source = "parse"
-    with pytest.raises(ValueError, match="no parse maps"):
-        ac.explain_test_set([], source, test_idx, regions.ATTRIBUTES, (), config)
+def test_report_on_a_fixed_results_dict():
+    pages = ac.report(_fixed_results(), link_prefix="r/")
+    assert set(pages) == {"table1.md", "table2.md", "table_targets.md", "summary.md"}
+    # p_m = 0.1: the negative class is the majority, so E- is bold; a missing rate prints n/a.
+    assert "| Eyeglasses | 0.100 | 0.500 | n/a | 0.300 | **0.200** | 0.100 | n/a |" in pages["table1.md"]
+    assert "| Eyeglasses | audited | 0.300 | 0.200 |" in pages["table2.md"]
+    assert "| Eyeglasses | audited | 7 | 0.200 | 0.050 |" in pages["table_targets.md"]
+    summary = pages["summary.md"]
+    assert "loaded from /m/clf (model.source=checkpoint" in summary
+    assert "on 9 frontal test faces (1 of 10 excluded" in summary
+    assert "| Eyeglasses | 0.100 | 0.50 | n/a | 0.300 | **0.200** |" in summary
+    assert "[table1.md](r/table1.md)" in summary and "AFFACT-u vs AFFACT-b comparison is not made" in summary
 
 
 def _per_attribute(results, model):
@@ -308,6 +264,7 @@ def _assert_same_numbers(a, b):
         assert a == pytest.approx(b, rel=1e-4, abs=1e-5)
 
 
+@pytest.mark.slow
 def test_checkpoint_source_explains_a_trained_run_dir_to_the_same_numbers(smoke_run, tmp_path):
     """model.source=checkpoint on the smoke run's AFFACT-b: no training, the same energies."""
     _, workdir, _ = smoke_run
@@ -325,6 +282,7 @@ def test_checkpoint_source_explains_a_trained_run_dir_to_the_same_numbers(smoke_
     assert ac.write_markdown(str(tmp_path)) == summary
 
 
+@pytest.mark.slow
 def test_model_source_errors_come_before_any_work(smoke_run, tmp_path):
     _, workdir, _ = smoke_run
     run_dir = str(workdir / "models" / "affact_u")
@@ -348,6 +306,7 @@ def test_model_source_errors_come_before_any_work(smoke_run, tmp_path):
         ac.train(config, str(tmp_path / "out"))
 
 
+@pytest.mark.slow
 def test_torchvision_source_with_named_outputs(tmp_path):
     torch = pytest.importorskip("torch")
     import sys

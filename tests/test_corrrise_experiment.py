@@ -41,6 +41,7 @@ def smoke_run(tmp_path_factory):
     return workdir, results
 
 
+@pytest.mark.slow
 def test_outputs_written(smoke_run):
     workdir, _ = smoke_run
     for name in ("results.json", "table1.md", "summary.md", "figure_saliency.png",
@@ -49,6 +50,7 @@ def test_outputs_written(smoke_run):
     assert (workdir / "models" / ".gitignore").read_text().strip().endswith("*")
 
 
+@pytest.mark.slow
 def test_results_structure(smoke_run):
     workdir, results = smoke_run
     stored = json.loads((workdir / "results.json").read_text())
@@ -74,6 +76,7 @@ def test_results_structure(smoke_run):
     assert results["setup"]["resolution"] == 64
 
 
+@pytest.mark.slow
 def test_summary_contents(smoke_run):
     workdir, results = smoke_run
     text = (workdir / "summary.md").read_text()
@@ -85,6 +88,7 @@ def test_summary_contents(smoke_run):
     assert f"{results['sanity_check']['mean_spearman']:.3f}" in text
 
 
+@pytest.mark.slow
 def test_occluded_scenario_outputs(smoke_run):
     workdir, results = smoke_run
     occ = results["occluded"]
@@ -209,6 +213,7 @@ def callable_config(root, function=f"{__name__}:random_projection_embed"):
     return c
 
 
+@pytest.mark.slow
 def test_callable_embedder_on_a_folder_with_a_pairs_file(pairs_folder, tmp_path):
     root, faces = pairs_folder
     results = registry.run_experiment(callable_config(root), str(tmp_path))
@@ -257,6 +262,7 @@ def test_missing_checkpoint_and_unknown_source_raise(tmp_path):
         corrrise.run(c, str(tmp_path / "w"))
 
 
+@pytest.mark.slow
 def test_checkpoint_source_reloads_the_trained_embedder(smoke_run, tmp_path):
     workdir, trained = smoke_run
     c = tiny_config()

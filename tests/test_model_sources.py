@@ -122,3 +122,19 @@ def test_embedder_spec():
                          ("numpy:pi", "expected a callable")]:
         with pytest.raises(ValueError, match=message):
             model_sources.load_embedder(bad)
+
+
+def test_check_embedder_config_names_the_field_before_any_data_is_read(tmp_path):
+    def cfg(**fields):
+        return ml_collections.ConfigDict({"source": "train", "path": "", "function": "", **fields})
+
+    assert model_sources.check_embedder_config(cfg()) is None  # nothing to check for training
+    assert model_sources.check_embedder_config(cfg(source="callable", function="numpy:mean")) is None
+    with pytest.raises(ValueError, match="model.source='hub'"):
+        model_sources.check_embedder_config(cfg(source="hub"))
+    with pytest.raises(FileNotFoundError, match="model.path"):
+        model_sources.check_embedder_config(cfg(source="checkpoint", path=str(tmp_path / "absent")))
+    with pytest.raises(FileNotFoundError, match="no fingerprint.json"):
+        model_sources.check_embedder_config(cfg(source="checkpoint", path=str(tmp_path)))
+    with pytest.raises(ValueError, match=r"^model.function: .*cannot import"):
+        model_sources.check_embedder_config(cfg(source="callable", function="no_such_module_xyz:f"))

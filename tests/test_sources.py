@@ -293,7 +293,8 @@ def test_prefetching_iterators_give_the_same_batches(folders_root):
 
 
 def test_cheap_experiments_build_their_data_from_fixture_folders(folders_root):
-    from faceaudit_jax.experiments import attribute_cams, face_parser
+    from faceaudit_jax import multi_attribute
+    from faceaudit_jax.experiments import face_parser
     from faceaudit_jax.data import verification as verification_data
 
     root, faces, partition = folders_root
@@ -304,8 +305,8 @@ def test_cheap_experiments_build_their_data_from_fixture_folders(folders_root):
     assert train_idx.size + test_idx.size == N and source.has_parse
     config = load_config("attribute_cams", "celeba")
     config.data.root, config.data.resolution = str(root / "celeba"), RES
-    source = attribute_cams.build_source(config.data)
-    train_idx, test_idx = attribute_cams.split_indices(config, source)
+    source = multi_attribute.build_source(config.data)
+    train_idx, test_idx = multi_attribute.split_indices(config, source)
     np.testing.assert_array_equal(test_idx, np.flatnonzero(partition == 2))
     config = load_config("corrrise", "smoke")
     config.data.source, config.data.root, config.data.resolution = "folder", str(root / "folder"), RES

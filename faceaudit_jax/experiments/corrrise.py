@@ -23,20 +23,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from faceaudit_jax import train_lib
-from faceaudit_jax.workdir import last_record
+from faceaudit_jax import workdir as workdir_lib
 from faceaudit_jax.data import pipeline
 from faceaudit_jax.data import verification as verification_data
-from faceaudit_jax import workdir as workdir_lib
-from faceaudit_jax.workdir import write_json
+from faceaudit_jax.data.verification import occluded_pairs, occluder_mask, to_float
 from faceaudit_jax.explain import pair_saliency
 from faceaudit_jax.explain.corrrise import numpy_embed_fn
 from faceaudit_jax.explain.pair_saliency import (
-    METHOD_LABELS, METHODS, PairModel, map_rank_correlation, negative_mass_share)
-from faceaudit_jax.data.verification import occluded_pairs, occluder_mask, to_float
+    METHOD_LABELS, METHODS, PairModel, negative_mass_share)
 from faceaudit_jax.metrics import perturbation, verification
 from faceaudit_jax.models import embedder as embedder_lib
 from faceaudit_jax.models import sources as model_sources
 from faceaudit_jax.viz import verification as viz
+from faceaudit_jax.workdir import last_record, write_json
 
 # The paper's Table 1 on LFW (Deletion / Insertion AUC, %); xFace is its occlusion method.
 PAPER_LFW = {
@@ -119,46 +118,7 @@ def load_model(config, workdir: str, probe_images: np.ndarray):
     return fns, PairModel(*embedder_lib.embedder_fns(model, random_variables(model, config))), info
 
 
-def check_model_config(config) -> None:
-    """Clear errors before any data is read: the model source and its path / function."""
-    source = model_sources.embedder_source(config.model)
-    if source == "checkpoint":
-        model_sources.embedder_run_dir(config.model.get("path", ""))
-    elif source == "callable":
-        try:
-            model_sources.load_embedder(str(config.model.get("function", "")))
-        except ValueError as err:
-            raise ValueError(f"model.function: {err}") from None
-
-
 # ----------------------------------------------------------------------------- scenarios
-
-
-def method_table(model: PairModel, images_a, images_b, threshold: float, key, ecfg, scenario: str):
-    """Saliency of every method the model supports on matching pairs, scored by Deletion / Insertion.
-
-    Returns (table {method: AUCs and curves}, curves {method: raw result},
-    saliency {method: (sal_a, sal_b)}).
-    """
-    table, curves, saliency = {}, {}, {}
-    for method in pair_saliency.available_methods(model):
-        start = time.perf_counter()
-        sal_a, sal_b = pair_saliency.explain_pairs(method, model, images_a, images_b, key, ecfg)
-        seconds = time.perf_counter() - start
-        saliency[method] = (sal_a, sal_b)
-        res = perturbation.deletion_insertion(
-            model.embed_fn, to_float(images_a), to_float(images_b), jnp.asarray(sal_a), threshold,
-            num_steps=int(ecfg.num_steps), chunk_size=int(ecfg.curve_chunk))
-        curves[method] = res
-        table[method] = {"deletion_auc": 100.0 * res["deletion_auc"],
-                         "insertion_auc": 100.0 * res["insertion_auc"],
-                         "deletion_curve": np.asarray(res["deletion"][1]),
-                         "insertion_curve": np.asarray(res["insertion"][1]),
-                         "fractions": np.asarray(res["deletion"][0]),
-                         "explain_seconds": seconds}
-        print(f"[corrrise:{scenario}] {method}: del {table[method]['deletion_auc']:.2f} "
-              f"ins {table[method]['insertion_auc']:.2f} ({seconds:.0f}s)", flush=True)
-    return table, curves, saliency
 
 
 def occluded_scenario(config, model: PairModel, pairs, embeddings, threshold: float, key, out: Path):
@@ -180,8 +140,8 @@ def occluded_scenario(config, model: PairModel, pairs, embeddings, threshold: fl
         return None
     images_a, images_b = pairs.images[pos_a], pairs.images[pos_b]
     same_scores = verification.pair_scores(embeddings[pos_a], embeddings[pos_b])
-    table, curves, saliency = method_table(model, images_a, images_b, threshold, key, config.explain,
-                                           "occluded")
+    table, curves, saliency = pair_saliency.deletion_insertion_table(
+        model, images_a, images_b, threshold, key, config.explain, "occluded")
     mask = occluder_mask(np.asarray(pairs.source.batch(pairs.rows[pos_a])["parse"]))
     s_a = saliency["corrrise"][0]
     share = negative_mass_share(s_a, mask)
@@ -200,18 +160,6 @@ def occluded_scenario(config, model: PairModel, pairs, embeddings, threshold: fl
         "occluder_area_share": float(np.mean(area)),
         "pairs_with_more_negative_mass_than_area": int(np.sum(share > area)),
     }
-
-
-def sanity_check(random_model, images_a, images_b, trained_maps, key, ecfg, n: int):
-    """Spearman agreement of CorrRISE maps of the trained and a re-initialised model
-    (same pairs, same masks); None for a black box (no weights to re-initialise)."""
-    if random_model is None:
-        return None
-    rand_a, rand_b = pair_saliency.explain_pairs("corrrise", random_model, images_a[:n],
-                                                 images_b[:n], key, ecfg)
-    rho = map_rank_correlation(np.concatenate([m[:n] for m in trained_maps]),
-                               np.concatenate([rand_a, rand_b]))
-    return {"mean_spearman": float(rho.mean()), "per_map": rho, "num_maps": int(rho.size)}
 
 
 def protocol(config, pairs, model: PairModel) -> dict:
@@ -263,7 +211,7 @@ def run(config, workdir: str) -> dict:
     t0 = time.perf_counter()
     out = Path(workdir)
     out.mkdir(parents=True, exist_ok=True)
-    check_model_config(config)
+    model_sources.check_embedder_config(config.model)
     pairs = verification_data.test_pairs(config)
     print(f"[corrrise] {pairs.a.size} test pairs ({pairs.name})", flush=True)
     model, random_model, model_info = load_model(config, workdir, pairs.images)
@@ -274,12 +222,14 @@ def run(config, workdir: str) -> dict:
     matched = np.flatnonzero(pairs.same)[: int(ecfg.num_pairs)]
     images_a, images_b = pairs.images[pairs.a[matched]], pairs.images[pairs.b[matched]]
     key = jax.random.PRNGKey(int(ecfg.seed))
-    table, curves, saliency = method_table(model, images_a, images_b, threshold, key, ecfg, "plain")
+    table, curves, saliency = pair_saliency.deletion_insertion_table(
+        model, images_a, images_b, threshold, key, ecfg, "plain")
     occluded = None
     if bool(config.occluded.enabled):
         occluded = occluded_scenario(config, model, pairs, verdict["embeddings"], threshold, key, out)
-    sanity = sanity_check(random_model, images_a, images_b, saliency["corrrise"], key, ecfg,
-                          int(config.sanity.num_pairs))
+    sanity = pair_saliency.model_randomisation_check(
+        random_model, images_a, images_b, saliency["corrrise"], key, ecfg,
+        int(config.sanity.num_pairs))
     _pair_figure(out, model, pairs, verdict, matched, saliency, key, ecfg)
     viz.curves_figure(out / "figure_curves.png", curves, METHOD_LABELS)
 

@@ -3,11 +3,14 @@
 One entry point for the five pair explainers the CorrRISE protocol compares
 (similarity Grad-CAM / Grad-CAM++, similarity RISE, occlusion, CorrRISE), so
 an experiment names a method instead of dispatching on it; plus the two map
-statistics its report needs (rank agreement of two maps, S- mass in a mask).
+statistics its report needs (rank agreement of two maps, S- mass in a mask)
+and the protocol's scores (``deletion_insertion_table`` of every method,
+``model_randomisation_check``).
 """
 
 from __future__ import annotations
 
+import time
 from typing import Callable, NamedTuple, Optional
 
 import jax
@@ -20,6 +23,7 @@ from faceaudit_jax import sweeps
 from faceaudit_jax.explain import corrrise as corrrise_lib
 from faceaudit_jax.explain import occlusion as occlusion_lib
 from faceaudit_jax.explain import rise as rise_lib
+from faceaudit_jax.metrics import perturbation
 
 METHODS = ("grad_cam", "grad_cam_plusplus", "rise", "occlusion", "corrrise")
 GRADIENT_METHODS = ("grad_cam", "grad_cam_plusplus")
@@ -119,6 +123,60 @@ def negative_mass_share(saliency: np.ndarray, mask: np.ndarray) -> np.ndarray:
     inside = (neg * mask).sum(axis=(-2, -1))
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(total > 0, inside / np.where(total > 0, total, 1.0), np.nan)
+
+
+# ----------------------------------------------------------------------------- the CorrRISE protocol's scores
+
+
+def deletion_insertion_table(model: PairModel, images_a, images_b, threshold: float, key, ecfg,
+                             scenario: str):
+    """Saliency of every method the model supports on matching pairs, scored by Deletion / Insertion.
+
+    images_a / images_b uint8 [P, H, W, 3] (matching pairs); ``threshold`` the
+    fixed verification threshold the curves count accepted pairs at; ``ecfg``
+    the explain config (the methods' settings, ``num_steps``, ``curve_chunk``);
+    ``scenario`` names the run in the progress line. Returns (table {method:
+    AUCs in %, curves [num_steps + 1] and fractions, explain_seconds}, curves
+    {method: raw ``perturbation.deletion_insertion`` result}, saliency
+    {method: (sal_a, sal_b) [P, H, W]}).
+    """
+    table, curves, saliency = {}, {}, {}
+    for method in available_methods(model):
+        start = time.perf_counter()
+        sal_a, sal_b = explain_pairs(method, model, images_a, images_b, key, ecfg)
+        seconds = time.perf_counter() - start
+        saliency[method] = (sal_a, sal_b)
+        res = perturbation.deletion_insertion(
+            model.embed_fn, _to_float(images_a), _to_float(images_b), jnp.asarray(sal_a),
+            threshold, num_steps=int(ecfg.num_steps), chunk_size=int(ecfg.curve_chunk))
+        curves[method] = res
+        table[method] = {"deletion_auc": 100.0 * res["deletion_auc"],
+                         "insertion_auc": 100.0 * res["insertion_auc"],
+                         "deletion_curve": np.asarray(res["deletion"][1]),
+                         "insertion_curve": np.asarray(res["insertion"][1]),
+                         "fractions": np.asarray(res["deletion"][0]),
+                         "explain_seconds": seconds}
+        print(f"[corrrise:{scenario}] {method}: del {table[method]['deletion_auc']:.2f} "
+              f"ins {table[method]['insertion_auc']:.2f} ({seconds:.0f}s)", flush=True)
+    return table, curves, saliency
+
+
+def model_randomisation_check(random_model: Optional[PairModel], images_a, images_b,
+                              trained_maps, key, ecfg, n: int) -> Optional[dict]:
+    """Spearman agreement of CorrRISE maps of the trained and a re-initialised model.
+
+    The first ``n`` pairs of images_a / images_b, the same masks (``key``);
+    ``trained_maps`` (sal_a, sal_b) of the trained model. Returns
+    {"mean_spearman", "per_map" [2n], "num_maps"}, or None for a black box
+    (``random_model`` None: no weights to re-initialise).
+    """
+    if random_model is None:
+        return None
+    rand_a, rand_b = explain_pairs("corrrise", random_model, images_a[:n], images_b[:n], key,
+                                   ecfg)
+    rho = map_rank_correlation(np.concatenate([m[:n] for m in trained_maps]),
+                               np.concatenate([rand_a, rand_b]))
+    return {"mean_spearman": float(rho.mean()), "per_map": rho, "num_maps": int(rho.size)}
 
 
 # ----------------------------------------------------------------------------- decision curves

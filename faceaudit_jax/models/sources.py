@@ -324,6 +324,18 @@ def embedder_run_dir(path) -> Path:
     return run_dir
 
 
+def check_embedder_config(model_cfg) -> None:
+    """Clear errors before any data is read: ``model.source`` and its ``path`` (checkpoint)
+    or ``function`` (callable, imported here; errors name ``model.function``)."""
+    source = embedder_source(model_cfg)
+    if source == "checkpoint":
+        embedder_run_dir(model_cfg.get("path", ""))
+    elif source == "callable":
+        try:
+            load_embedder(str(model_cfg.get("function", "")))
+        except ValueError as err:
+            raise ValueError(f"model.function: {err}") from None
+
 def load_embedder_checkpoint(path):
     """(FaceEmbedder, variables, fingerprint) of a trained ``models.embedder`` run directory."""
     from faceaudit_jax.models import embedder as embedder_lib
