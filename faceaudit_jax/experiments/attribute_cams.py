@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import time
 import warnings
+from typing import Sequence
 from pathlib import Path
 
 from faceaudit_jax import regions
