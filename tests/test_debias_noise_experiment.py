@@ -262,3 +262,28 @@ def test_report_on_fixed_results():
     # The results as read back from results.json (no examples): no maps figure, same texts.
     again = report_lib.report({k: v for k, v in out.items() if k != "examples"}, link_prefix="x/")
     assert "figure_maps.png" not in again["figures"] and again["summary.md"] == summary
+
+
+@pytest.mark.slow
+def test_celeba_layout_folder_runs_end_to_end(tmp_path):
+    """The `celeba` variant on a CelebA-layout folder written by the test (issue: every
+    experiment's CLI on real layouts): every planned run is trained and scored on the
+    folder's images, and the reports are written."""
+    from faceaudit_jax.data import fixtures
+    root = tmp_path / "celeba"
+    fixtures.write_layout("celeba", str(root), fixtures.render_faces(400, 64, seed=3))
+    config = get_config("celeba,smoke")
+    config.data.root = str(root)
+    config.confounders = ("Blond_Hair",)
+    workdir = tmp_path / "run"
+    registry.run_experiment(config, str(workdir))
+    stored = json.loads((workdir / "results.json").read_text())
+    assert stored["setup"]["confounders"] == ["Blond_Hair"]
+    runs = stored["results"]["Blond_Hair"]["runs"]
+    # one record per run name, its repeats folded in (names like "original.rep1")
+    assert set(runs) == {str(n).split(".rep")[0] for n in planned_runs(config, "Blond_Hair")}
+    for record in runs.values():
+        assert 0.0 <= record["accuracy"] <= 1.0
+        assert record["train_set"] in ("biased", "balanced")
+    for name in ("table1.md", "summary.md", "figure7_gaps.png"):
+        assert (workdir / name).exists(), name
