@@ -6,25 +6,20 @@ retraining) is checked on the smoke run's models in
 tests/test_attribute_cams_experiment.py, which trains them once.
 """
 
-import importlib.util
 from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from faceaudit_jax import multi_attribute, regions
+from faceaudit_jax import cli, multi_attribute, regions
 from faceaudit_jax.explain.attribute_audit import explain_test_set
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def get_config(variant=""):
-    spec = importlib.util.spec_from_file_location("attribute_cams_config",
-                                                  ROOT / "configs" / "attribute_cams.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(variant)
+    return cli.load_config(f"{ROOT / 'configs' / 'attribute_cams.py'}:{variant}")
 
 
 def test_label_transform_puts_labels_mask_and_class_weights_in_the_batch():
