@@ -128,7 +128,14 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.test.batch_size = 32
 
     c.explain = ml_collections.ConfigDict()
-    c.explain.method = "grad_cam"
+    # HiResCAM on stage 3's 12 x 12 map (stride 8 at 96 px; the head runs stage
+    # 4, pooling and the Dense): on the Table 1 models, Grad-CAM, Grad-CAM++ and
+    # HiResCAM on stage 4's 6 x 6 map put the Eyeglasses models' attention on
+    # the nose (RP 6 and 8) although switching the glasses inside the nose
+    # region changes nothing; HiResCAM on stage 3 ranks eye_g second after the
+    # nose (RP 2 and 2). docs/design.md, "Findings that shape the defaults".
+    c.explain.method = "hires_cam"
+    c.explain.stage = 3
     c.explain.target_mode = "predicted"
     c.explain.ior_mode = "soft"
     # Feature cells placed at their receptive-field centres ("half_pixel" =

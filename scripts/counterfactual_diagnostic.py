@@ -11,12 +11,15 @@ subsets as ``configs/facex_tables.py``), this script
 3. audits the model with FaceX (soft IoR over the 19 regions) for every CAM
    method (Grad-CAM, Grad-CAM++, HiResCAM, Element-wise Grad-CAM), both
    upsampling conventions (receptive-field aligned, the default; half-pixel,
-   pytorch-grad-cam's) and two explanation resolutions, and reports the
+   pytorch-grad-cam's) and two explanation resolutions (the CAM on ResNet
+   stage 4's feature map and on stage 3's, twice as fine; optionally other
+   image sizes), and reports the
    confounder's RP, the left-right symmetry diagnostic and the Spearman
    correlation between the IoR ranking and the ground-truth ranking of the
    switchable attributes.
 
-    PYTHONPATH=. python scripts/counterfactual_diagnostic.py --workdir results/counterfactual
+    PYTHONPATH=. python scripts/counterfactual_diagnostic.py --workdir results/counterfactual \
+        --models results/facex/models    # reuses the FaceX reproduction's Table 1 models
     PYTHONPATH=. python scripts/counterfactual_diagnostic.py --confounders Wearing_Hat \
         --train-size 500 --epochs 1 --test-size 64 --workdir /tmp/cf_smoke      # a smoke run
 
@@ -81,9 +84,9 @@ def make_explain_fn(features_fn, head_fn):
     return explain
 
 
-def audit_all(clf, source, indices, batch_size):
+def audit_all(clf, source, indices, batch_size, stage=None):
     """IoR_r [M, U, R] (mean over images where the region is present) and accuracy inputs."""
-    features_fn, head_fn = clf.fns()
+    features_fn, head_fn = clf.fns(stage)
     explain = make_explain_fn(features_fn, head_fn)
     ior_sum = np.zeros((len(METHODS), len(UPSAMPLING), regions.NUM_REGIONS))
     present = np.zeros(regions.NUM_REGIONS)
@@ -99,7 +102,7 @@ def audit_all(clf, source, indices, batch_size):
     return ior_r, np.concatenate(logits)
 
 
-def run_model(ctx, config, target, confounder, resolutions, log):
+def run_model(ctx, config, target, confounder, resolutions, stages, log):
     spec = facex_tables.biased_spec(ctx, target, [confounder], float(config.table1.corr))
     case = facex_tables.case_config(config, target, [confounder], float(config.table1.corr))
     start = time.perf_counter()
@@ -115,18 +118,19 @@ def run_model(ctx, config, target, confounder, resolutions, log):
         f"{groups['aligned_accuracy']:.3f}, conflicting {groups['conflicting_accuracy']:.3f}")
 
     start = time.perf_counter()
-    effects = tables_lib.counterfactual_record(clf, config, spec)["effects"]
+    truth = tables_lib.counterfactual_record(clf, config, spec)
+    effects, by_region = truth["effects"], truth["region_effects"][confounder]
     truth_order = sorted(effects, key=lambda a: -effects[a]["mean_abs_change"])
     log(f"[{spec.name}] ground truth (mean |logit change|) in {time.perf_counter() - start:.0f} s: "
         + ", ".join(f"{a} {effects[a]['mean_abs_change']:.2f}" for a in truth_order[:5]))
 
     audits = []
-    for res in resolutions:
+    for res, stage in [(r, s) for r in resolutions for s in stages]:
         start = time.perf_counter()
         source = pipeline.SyntheticSource(
             seed=int(config.data.seed), resolution=int(res), independent=True,
             images_per_identity=int(config.data.images_per_identity))
-        ior_r, z = audit_all(clf, source, spec.test_indices, batch_size)
+        ior_r, z = audit_all(clf, source, spec.test_indices, batch_size, stage)
         y = spec.test_attrs[:, regions.attribute_id(target)]
         accuracy = float(((z > 0).astype(np.int32) == y).mean())
         for mi, method in enumerate(METHODS):
@@ -135,7 +139,8 @@ def run_model(ctx, config, target, confounder, resolutions, log):
                 sym = ior_lib.left_right_symmetry(vec)
                 cmp = cf.compare_rankings(vec, effects, confounders=[confounder])
                 audits.append({
-                    "resolution": int(res), "method": method, "upsample": up,
+                    "resolution": int(res), "stage": int(stage), "method": method,
+                    "upsample": up,
                     "accuracy_at_resolution": accuracy,
                     "rp": ior_lib.ranking_position(vec, regions.regions_of(confounder)),
                     "top3": [n for _, n, _ in ior_lib.rank_regions(vec)[:3]],
@@ -145,13 +150,13 @@ def run_model(ctx, config, target, confounder, resolutions, log):
                     "confounder_ior_rank": cmp["confounder_ior_rank"][confounder],
                     "ior": dict(zip(regions.REGIONS, vec.tolist())),
                 })
-        log(f"[{spec.name}] audited at {res} px in {time.perf_counter() - start:.0f} s "
+        log(f"[{spec.name}] audited at {res} px, stage {stage} in {time.perf_counter() - start:.0f} s "
             f"(accuracy {accuracy:.3f})")
     truth_rank = cf.average_ranks([effects[a]["mean_abs_change"] for a in effects])
     return {
         "name": spec.name, "target": target, "confounder": confounder,
         "train_seconds": train_seconds, "group_accuracy": groups,
-        "effects": effects,
+        "effects": effects, "region_effects": by_region,
         "truth_rank": dict(zip(effects, truth_rank.tolist())),
         "confounder_truth_rank": dict(zip(effects, truth_rank.tolist()))[confounder],
         "audits": audits,
@@ -188,30 +193,33 @@ def table_markdown(records, config, elapsed) -> str:
             f"GT rank of {rec['confounder']}: {_fmt(rec['confounder_truth_rank'], '.0f')}",
             "",
             "Largest logit changes: " + ", ".join(
-                f"{a} {rec['effects'][a]['mean_abs_change']:.2f}" for a in top) + ".",
+                f"{a} {rec['effects'][a]['mean_abs_change']:.2f}" for a in top) + ". "
+            f"{rec['confounder']} switched inside one region only: " + ", ".join(
+                f"{r} {v:.2f}" for r, v in sorted(rec["region_effects"].items(),
+                                                    key=lambda kv: -kv[1])[:3]) + ".",
             "",
-            "| res. | method | upsampling | acc. | RP | top-3 regions | rho | r-l | right wins |",
-            "|---:|---|---|---:|---:|---|---:|---:|---:|",
+            "| res. | stage | method | upsampling | acc. | RP | top-3 regions | rho | r-l | right wins |",
+            "|---:|---:|---|---|---:|---:|---|---:|---:|---:|",
         ]
         for a in rec["audits"]:
             lines.append(
-                f"| {a['resolution']} | {a['method']} | {a['upsample']} | "
+                f"| {a['resolution']} | {a['stage']} | {a['method']} | {a['upsample']} | "
                 f"{a['accuracy_at_resolution']:.3f} | {_fmt(a['rp'], 'd') if a['rp'] else 'n/a'} | "
                 f"{', '.join(a['top3'])} | {_fmt(a['spearman'])} | "
                 f"{_fmt(a['right_minus_left'], '+.3f')} | {_fmt(a['right_wins_share'])} |")
         lines.append("")
-    # Summary per (method, upsampling, resolution) over the models.
-    keys = sorted({(a["resolution"], a["method"], a["upsample"])
+    # Summary per (resolution, stage, method, upsampling) over the models.
+    keys = sorted({(a["resolution"], a["stage"], a["method"], a["upsample"])
                    for rec in records for a in rec["audits"]})
     lines += ["#### Over the models", "",
-              "| res. | method | upsampling | mean RP | mean rho | mean r-l | right wins |",
-              "|---:|---|---|---:|---:|---:|---:|"]
+              "| res. | stage | method | upsampling | mean RP | mean rho | mean r-l | right wins |",
+              "|---:|---:|---|---|---:|---:|---:|---:|"]
     for key in keys:
         rows = [a for rec in records for a in rec["audits"]
-                if (a["resolution"], a["method"], a["upsample"]) == key]
+                if (a["resolution"], a["stage"], a["method"], a["upsample"]) == key]
         rps = [a["rp"] for a in rows if a["rp"] is not None]
         lines.append(
-            f"| {key[0]} | {key[1]} | {key[2]} | {_fmt(float(np.mean(rps)) if rps else None)} | "
+            f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {_fmt(float(np.mean(rps)) if rps else None)} | "
             f"{_fmt(float(np.nanmean([a['spearman'] for a in rows])))} | "
             f"{_fmt(float(np.mean([a['right_minus_left'] for a in rows])), '+.3f')} | "
             f"{_fmt(float(np.mean([a['right_wins_share'] for a in rows])))} |")
@@ -223,8 +231,13 @@ def main(argv=None):
     parser.add_argument("--workdir", default="results/counterfactual")
     parser.add_argument("--target", default="Male")
     parser.add_argument("--confounders", default="Wearing_Hat,Blond_Hair,Eyeglasses,Wearing_Lipstick")
-    parser.add_argument("--resolutions", default="96,128",
-                        help="explanation resolutions (the first should be the training one)")
+    parser.add_argument("--resolutions", default="96",
+                        help="image sizes to explain at (the first should be the training one)")
+    parser.add_argument("--stages", default="4,3",
+                        help="ResNet stages whose feature maps the CAMs are computed on")
+    parser.add_argument("--models", default=None,
+                        help="checkpoint folder to reuse (e.g. results/facex/models); "
+                             "default <workdir>/models")
     parser.add_argument("--train-size", type=int, default=None)
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--test-size", type=int, default=None)
@@ -240,6 +253,8 @@ def main(argv=None):
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     ctx = facex_tables.TablesContext(config, work)
+    if args.models:
+        ctx.models_dir = Path(args.models)
     t0 = time.perf_counter()
     records = []
 
@@ -248,7 +263,8 @@ def main(argv=None):
 
     for confounder in args.confounders.split(","):
         records.append(run_model(ctx, config, args.target, confounder,
-                                 [int(r) for r in args.resolutions.split(",")], log))
+                                 [int(r) for r in args.resolutions.split(",")],
+                                 [int(s) for s in args.stages.split(",")], log))
         elapsed = time.perf_counter() - t0
         write_json(work / "results.json", {"config": config.to_dict(), "records": records,
                                            "elapsed_seconds": elapsed})

@@ -46,6 +46,36 @@ def test_a_model_that_reads_the_top_rows_depends_on_the_hat_only():
     assert out["spearman"] == pytest.approx(expected)
 
 
+def test_region_effects_of_a_linear_model_match_a_numpy_sum_per_region():
+    # logit = weighted pixel sum, so switching inside region r changes it by
+    # sum over r's pixels of w * (counterfactual - factual): a closed form.
+    from faceaudit_jax.data import synthetic
+
+    weights = np.random.default_rng(0).normal(size=(64, 64, 3))
+
+    def linear(images):
+        return np.einsum("bhwc,hwc->b", np.asarray(images, np.float64), weights)
+
+    indices = np.arange(6)
+    got = cf.region_effects(linear, 0, indices, 64, "Eyeglasses", batch_size=4)
+    factual, counter, applicable = synthetic.render_counterfactual(0, indices, "Eyeglasses", 64)
+    fa, cfi = np.asarray(factual["image"], np.float64), np.asarray(counter["image"], np.float64)
+    pf, pc = np.asarray(factual["parse"]), np.asarray(counter["parse"])
+    expected = np.zeros(regions.NUM_REGIONS)
+    for r in range(regions.NUM_REGIONS):
+        inside = ((pf == r) | (pc == r))[..., None]
+        change = np.einsum("bhwc,hwc->b", np.where(inside, cfi - fa, 0.0), weights)
+        expected[r] = np.abs(change)[np.asarray(applicable)].mean()
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
+    # Glasses change eye_g (rims, arms) and the skin under the lens tint, never the
+    # nose (drawn over the bridge), the mouth or the hat.
+    assert got[regions.region_id("eye_g")] > 1.0 and got[regions.region_id("skin")] > 1.0
+    for far in ("nose", "mouth", "hat"):
+        assert got[regions.region_id(far)] == 0.0
+    with pytest.raises(ValueError, match="non-empty 1-D"):
+        cf.region_effects(linear, 0, np.zeros((0,), int), 64, "Eyeglasses")
+
+
 def test_attribute_ior_scores_take_the_best_region():
     ior = np.full(regions.NUM_REGIONS, np.nan)
     ior[regions.region_id("u_lip")], ior[regions.region_id("l_lip")] = 0.2, 0.6

@@ -9,6 +9,7 @@ import pytest
 
 from faceaudit_jax.models import build_backbone, build_model, classifier_fns, init_variables
 from faceaudit_jax.models import resnet
+from faceaudit_jax.explain.upsampling import CellGrid
 
 # Parameter counts torchvision reports for its ImageNet models (1000 classes).
 TORCHVISION_PARAMS = {"resnet18": 11_689_512, "resnet34": 21_797_672, "resnet50": 25_557_032}
@@ -107,6 +108,29 @@ def test_features_head_compose_to_call_at_several_sizes(small):
         np.testing.assert_allclose(head_fn(fmap), logits, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(aux["pooled"], np.asarray(fmap).mean(axis=(1, 2)), rtol=1e-5, atol=1e-6)
         assert logits.shape == (shape[0], 2)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3, 4])
+def test_split_after_any_stage_composes_to_the_whole_network(small, stage):
+    model, variables = small
+    features_fn, head_fn = classifier_fns(model, variables, stage=stage)
+    x = jax.random.uniform(jax.random.PRNGKey(7), (2, 64, 64, 3))
+    logits, _ = jax.jit(model.apply)(variables, x)
+    fmap = features_fn(x)
+    # small_resnet: stem stride 2, stages 1..4 strides 1, 2, 2, 2, widths 16..128.
+    side = 64 // (2, 4, 8, 16)[stage - 1]
+    assert fmap.shape == (2, side, side, (16, 32, 64, 128)[stage - 1])
+    np.testing.assert_allclose(head_fn(fmap), logits, rtol=1e-5, atol=1e-5)
+    stride = 64 / side
+    assert features_fn.cell_grid == resnet.cell_grid(model, stage) == \
+        CellGrid((0.0, 0.0), (stride, stride))
+
+
+def test_split_rejects_a_stage_the_network_does_not_have(small):
+    model, variables = small
+    for bad in (0, 5, 2.0, True, "layer3"):
+        with pytest.raises(ValueError, match=r"stage=.*expected a ResNet stage 1\.\.4"):
+            classifier_fns(model, variables, stage=bad)
 
 
 def test_head_is_differentiable_wrt_fmap(small):

@@ -300,6 +300,10 @@ _PARTS = {"table1": table1, "table3": table3, "table4": table4, "figure5": figur
 # ----------------------------------------------------------------------------- report and run
 
 
+def _stage_label(stage) -> str:
+    return "the last ResNet stage" if stage is None else f"ResNet stage {int(stage)}"
+
+
 def report(config, results: dict, link_prefix: str = "") -> dict[str, str]:
     """Markdown of the computed parts: {part: section, "tables.md": page, "summary.md": README fragment}.
 
@@ -312,8 +316,10 @@ def report(config, results: dict, link_prefix: str = "") -> dict[str, str]:
               f"Model {config.model.name} at {config.data.resolution} px, "
               f"{config.train.size} training images x {config.train.num_epochs} epochs "
               f"(batch {config.train.batch_size}), {config.test.size} test images, "
-              f"{config.explain.method} with the {config.explain.target_mode}-class target, "
-              f"{config.explain.ior_mode} IoR.\n\n")
+              f"{config.explain.method} on "
+              f"{_stage_label(config.explain.get('stage', None))} with the "
+              f"{config.explain.target_mode}-class target, {config.explain.upsample} "
+              f"upsampling, {config.explain.ior_mode} IoR.\n\n")
     # The README fragment (scripts/update_readme.py): same text, one heading level down,
     # the figure linked so that the link works from the README as well.
     readme_texts = dict(texts)

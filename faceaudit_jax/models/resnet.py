@@ -9,6 +9,10 @@ costs about one forward pass):
 - ``ResNetClassifier.head(fmap)`` -> logits [B, num_outputs]: global average
   pool + Dense, so it works for any spatial size (FaceX explains at a higher
   resolution than it trains);
+- ``features(x, stage=s)`` / ``head(fmap, stage=s)`` split the same network
+  after stage s (1..4, torchvision's ``layer1``..``layer4``) instead: the head
+  then runs the later stages too. A CAM on stage 3 has twice the resolution of
+  one on stage 4 (pytorch-grad-cam's ``target_layers=[model.layer3]``);
 - ``ResNetClassifier.__call__(x, train=False)`` -> (logits, aux) with
   ``aux["fmap"]`` [B, h, w, C] and ``aux["pooled"]`` [B, C].
 
@@ -49,9 +53,10 @@ and there are no ``batch_stats``.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import jax
+import numpy as np
 import jax.numpy as jnp
 import flax.linen as nn
 
@@ -197,16 +202,28 @@ class ResNetBackbone(nn.Module):
             stride *= s
         return stride
 
-    def layer_geometry(self) -> tuple[tuple[int, int, int], ...]:
+    def check_stage(self, stage: Optional[int]) -> int:
+        """``stage`` (None: the last) as an int in 1..len(stage_sizes); ValueError otherwise."""
+        last = len(self.stage_sizes)
+        if stage is None:
+            return last
+        if isinstance(stage, bool) or not isinstance(stage, (int, np.integer)) or not 1 <= stage <= last:
+            raise ValueError(f"stage={stage!r}; expected a ResNet stage 1..{last} "
+                             f"(torchvision's layer1..layer{last}) or None for the last")
+        return int(stage)
+
+    def layer_geometry(self, stage: Optional[int] = None) -> tuple[tuple[int, int, int], ...]:
         """(kernel, stride, pad_before) of the convs and pools on the path from the
-        image to the last feature map, in order (one spatial axis; both are alike).
+        image to stage ``stage``'s output (None: the last feature map), in order
+        (one spatial axis; both are alike).
 
         Residual shortcuts are left out: a 1x1 unpadded stride-s shortcut reads
         input s * j, the same centre as its block's 3x3 conv padded by 1.
         """
         layers = [(7, 2, 3), (3, 2, 1)] if self.stem == "imagenet" else [(3, 2, 1)]
         block = _BLOCKS[self.block]
-        for num_blocks, stage_stride in zip(self.stage_sizes, self.stage_strides):
+        last = self.check_stage(stage)
+        for num_blocks, stage_stride in zip(self.stage_sizes[:last], self.stage_strides[:last]):
             for index in range(num_blocks):
                 stride = int(stage_stride) if index == 0 else 1
                 if block is BasicBlock:
@@ -215,25 +232,54 @@ class ResNetBackbone(nn.Module):
                     layers += [(1, 1, 0), (3, stride, 1), (1, 1, 0)]
         return tuple(layers)
 
-    def cell_grid(self) -> CellGrid:
-        """Receptive-field centres of the last feature map's cells in pixels.
+    def cell_grid(self, stage: Optional[int] = None) -> CellGrid:
+        """Receptive-field centres of stage ``stage``'s (None: the last) feature cells in pixels.
 
         Exact (derived from ``layer_geometry``): every layer is padded
         symmetrically, so cell j sits at pixel ``total_stride * j`` on both
         axes (not at total_stride * j + total_stride / 2 - 0.5, where
         half-pixel resizing would put it).
         """
-        offset, stride = compose_layers(self.layer_geometry())
+        offset, stride = compose_layers(self.layer_geometry(stage))
         return CellGrid((offset, offset), (stride, stride))
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool = False, *, after_stage: int = 0,
+                 stop_stage: Optional[int] = None) -> jax.Array:
+        """Images [B, H, W, 3] -> stage ``stop_stage``'s output (None: the last).
+
+        ``after_stage`` = s > 0 starts from stage s's output instead of the
+        images (stem and stages 1..s skipped), so that
+        ``backbone(backbone(x, stop_stage=s), after_stage=s)`` is ``backbone(x)``.
+        """
+        stop = self.check_stage(stop_stage)
+        if after_stage:
+            self.check_stage(after_stage)
+        norm = functools.partial(_make_norm, self.norm, self.norm_groups, train, self.dtype)
+        if not after_stage:
+            x = self._stem(x, norm)
+        block_cls = _BLOCKS[self.block]
+        for stage, (num_blocks, width, stage_stride) in enumerate(
+            zip(self.stage_sizes, self.widths, self.stage_strides), start=1
+        ):
+            if not after_stage < stage <= stop:
+                continue
+            for index in range(num_blocks):
+                x = block_cls(
+                    features=int(width),
+                    strides=int(stage_stride) if index == 0 else 1,
+                    norm=self.norm,
+                    norm_groups=self.norm_groups,
+                    dtype=self.dtype,
+                    name=f"layer{stage}_{index}",
+                )(x, train=train)
+        return x
+
+    def _stem(self, x: jax.Array, norm) -> jax.Array:
         _check_images(x)
         mean = jnp.asarray(self.mean, dtype=jnp.float32)
         std = jnp.asarray(self.std, dtype=jnp.float32)
         x = ((x.astype(jnp.float32) - mean) / std).astype(self.dtype)
-
-        norm = functools.partial(_make_norm, self.norm, self.norm_groups, train, self.dtype)
         if self.stem == "imagenet":
             x = nn.Conv(self.stem_width, (7, 7), (2, 2), padding=_pad(7), use_bias=False,
                         kernel_init=_conv_init, dtype=self.dtype, name="conv1")(x)
@@ -244,20 +290,6 @@ class ResNetBackbone(nn.Module):
             x = nn.Conv(self.stem_width, (3, 3), (2, 2), padding=_pad(3), use_bias=False,
                         kernel_init=_conv_init, dtype=self.dtype, name="conv1")(x)
             x = nn.relu(norm(name="norm1")(x))
-
-        block_cls = _BLOCKS[self.block]
-        for stage, (num_blocks, width, stage_stride) in enumerate(
-            zip(self.stage_sizes, self.widths, self.stage_strides), start=1
-        ):
-            for index in range(num_blocks):
-                x = block_cls(
-                    features=int(width),
-                    strides=int(stage_stride) if index == 0 else 1,
-                    norm=self.norm,
-                    norm_groups=self.norm_groups,
-                    dtype=self.dtype,
-                    name=f"layer{stage}_{index}",
-                )(x, train=train)
         return x
 
 
@@ -284,16 +316,21 @@ class ResNetClassifier(nn.Module):
         self.dropout = nn.Dropout(rate=self.dropout_rate)
         self.fc = nn.Dense(self.num_outputs, dtype=self.dtype)
 
-    def features(self, x: jax.Array, train: bool = False) -> jax.Array:
-        """Images [B, H, W, 3] in [0, 1] -> last conv stage output [B, h, w, C]."""
-        return self.backbone(x, train=train)
+    def features(self, x: jax.Array, train: bool = False, stage: Optional[int] = None) -> jax.Array:
+        """Images [B, H, W, 3] in [0, 1] -> conv stage ``stage``'s output [B, h, w, C]
+        (None: the last stage)."""
+        return self.backbone(x, train=train, stop_stage=stage)
 
     def _pooled_to_logits(self, pooled: jax.Array, train: bool) -> jax.Array:
         pooled = self.dropout(pooled, deterministic=not train)
         return self.fc(pooled).astype(jnp.float32)
 
-    def head(self, fmap: jax.Array, train: bool = False) -> jax.Array:
-        """fmap [B, h, w, C] (any h, w) -> logits [B, num_outputs] (float32)."""
+    def head(self, fmap: jax.Array, train: bool = False, stage: Optional[int] = None) -> jax.Array:
+        """fmap [B, h, w, C] (any h, w) of stage ``stage`` (None: the last) -> logits
+        [B, num_outputs] (float32), through the later stages when there are any."""
+        last = self.backbone.check_stage(None)
+        if stage is not None and self.backbone.check_stage(stage) < last:
+            fmap = self.backbone(fmap, train=train, after_stage=stage)
         return self._pooled_to_logits(global_average_pool(fmap), train)
 
     def __call__(self, x: jax.Array, train: bool = False):
@@ -435,8 +472,10 @@ def _jitted_init(model: nn.Module) -> Callable:
     return jax.jit(functools.partial(model.init, train=False))
 
 
-def classifier_fns(model: nn.Module, variables: dict) -> tuple[Callable, Callable]:
-    """Eval-mode closures with ``variables`` bound: (features_fn, head_fn).
+def classifier_fns(model: nn.Module, variables: dict,
+                   stage: Optional[int] = None) -> tuple[Callable, Callable]:
+    """Eval-mode closures with ``variables`` bound: (features_fn, head_fn), split after
+    ResNet stage ``stage`` (None: the last, so head_fn is pool + Dense).
 
     features_fn(images [B, H, W, 3]) -> fmap [B, h, w, C];
     head_fn(fmap) -> logits [B, num_outputs]. Each is jitted with the variables
@@ -446,14 +485,16 @@ def classifier_fns(model: nn.Module, variables: dict) -> tuple[Callable, Callabl
     (``cell_grid(model)``), which the CAM functions use to upsample maps.
     """
     variables = dict(variables)
+    if stage is not None and isinstance(getattr(model, "backbone", None), ResNetBackbone):
+        model.backbone.check_stage(stage)   # a bad stage fails here, not inside a trace
 
     @jax.jit
     def _features(v, images):
-        return model.apply(v, images, train=False, method="features")
+        return model.apply(v, images, False, stage, method="features")
 
     @jax.jit
     def _head(v, fmap):
-        return model.apply(v, fmap, method="head")
+        return model.apply(v, fmap, False, stage, method="head")
 
     def features_fn(images: jax.Array) -> jax.Array:
         return _features(variables, images)
@@ -461,17 +502,18 @@ def classifier_fns(model: nn.Module, variables: dict) -> tuple[Callable, Callabl
     def head_fn(fmap: jax.Array) -> jax.Array:
         return _head(variables, fmap)
 
-    grid = cell_grid(model)
+    grid = cell_grid(model, stage)
     if grid is not None:
         features_fn.cell_grid = grid
     return features_fn, head_fn
 
 
-def cell_grid(model: nn.Module) -> CellGrid | None:
-    """The receptive-field ``CellGrid`` of a classifier's (or backbone's) last feature
-    map; None for a module that is neither and declares no ``cell_grid()``."""
+def cell_grid(model: nn.Module, stage: Optional[int] = None) -> CellGrid | None:
+    """The receptive-field ``CellGrid`` of a classifier's (or backbone's) feature map
+    after ``stage`` (None: the last); None for a module that is neither and
+    declares no ``cell_grid()``."""
     for candidate in (model, getattr(model, "backbone", None)):
         method = getattr(candidate, "cell_grid", None)
         if callable(method):
-            return method()
+            return method() if stage is None else method(stage)
     return None

@@ -27,7 +27,7 @@ import importlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -44,9 +44,10 @@ _RECORD_FORMAT = "faceaudit_jax classifier v1"
 class Classifier:
     """A ResNet classifier with its variables; ``output_index`` is the logit that is explained.
 
-    ``fns()`` gives the (features_fn, head_fn) pair of ``resnet.classifier_fns``
-    with the head narrowed to that one logit ([B, 1]), which is what the
-    binary CAM targets and FaceX consume.
+    ``fns(stage=None)`` gives the (features_fn, head_fn) pair of
+    ``resnet.classifier_fns`` (split after ResNet stage ``stage``, None: the
+    last) with the head narrowed to that one logit ([B, 1]), which is what
+    the binary CAM targets and FaceX consume.
     """
 
     model: Any
@@ -56,8 +57,8 @@ class Classifier:
     output_index: int = 0
     arch: str = ""
 
-    def fns(self):
-        features_fn, head_fn = resnet.classifier_fns(self.model, self.variables)
+    def fns(self, stage: Optional[int] = None):
+        features_fn, head_fn = resnet.classifier_fns(self.model, self.variables, stage)
         if self.model.num_outputs == 1:
             return features_fn, head_fn
         k = int(self.output_index)

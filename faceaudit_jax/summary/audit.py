@@ -94,11 +94,11 @@ def _binary_target(mode: str):
 
 
 @functools.partial(jax.jit, static_argnames=("model", "output_index", "target_mode", "method",
-                                             "upsample"))
+                                             "upsample", "stage"))
 def _explain_step(variables, images, valid, truth, *, model, output_index, target_mode, method,
-                  upsample):
+                  upsample, stage=None):
     """Maps [B,H,W] (zero on padding rows), logit [B], predicted and true class [B], in-range flag."""
-    features_fn, head = resnet.classifier_fns(model, variables)
+    features_fn, head = resnet.classifier_fns(model, variables, stage)
     if model.num_outputs == 1:
         head_fn = head
     else:
@@ -155,7 +155,8 @@ class AuditEvaluator:
     """FaceX audit of classifiers on fixed test images (``source`` rows ``indices``).
 
     ``explain_cfg`` fields: method, target_mode, ior_mode, patch_size, top_k,
-    num_overlays, optional upsample. ``parser`` (a ``parsing.Parser``) supplies
+    num_overlays, optional upsample and stage (the ResNet stage whose output the
+    CAMs are computed on, 1..4; None or absent: the last). ``parser`` (a ``parsing.Parser``) supplies
     the parse maps; None reads the batch's own (ground-truth) masks.
     """
 
@@ -175,8 +176,9 @@ class AuditEvaluator:
             yield field.name, getattr(result, field.name)
 
     def _step_settings(self, clf) -> dict:
-        upsample = upsampling.resolve_upsample(self.cfg.get("upsample", True), clf.fns()[0])
-        return dict(model=clf.model, output_index=int(clf.output_index),
+        stage = self.cfg.get("stage", None)
+        upsample = upsampling.resolve_upsample(self.cfg.get("upsample", True), clf.fns(stage)[0])
+        return dict(model=clf.model, output_index=int(clf.output_index), stage=stage,
                     target_mode=str(self.cfg.target_mode), method=self.cfg.method, upsample=upsample)
 
     def evaluate(self, clf) -> AuditResult:

@@ -204,6 +204,15 @@ def truth_rank(record: dict, attribute: str) -> Optional[float]:
     return cf_record["truth_rank"].get(attribute)
 
 
+def evidence_region(record: dict, attribute: str) -> Optional[str]:
+    """The region whose pixels carry the attribute's evidence: switching the attribute
+    there alone changes the logit most (None without a region ground truth)."""
+    by_region = (record.get("counterfactual") or {}).get("region_effects", {}).get(attribute)
+    if not by_region:
+        return None
+    return max(by_region, key=lambda r: -np.inf if np.isnan(by_region[r]) else by_region[r])
+
+
 def truth_top(record: dict) -> Optional[str]:
     """The attribute whose switch changes the logit most (None without a ground truth)."""
     cf_record = record.get("counterfactual")
@@ -218,8 +227,10 @@ def counterfactual_record(clf: model_sources.Classifier, config, spec: ModelSpec
 
     Every test face is rendered again with one attribute switched; the mean
     |logit change| ranks the attributes without any explainer. Returns
-    ``effects`` (attribute -> mean_abs_change, mean_change, num_images) and
-    ``truth_rank`` (attribute -> 1-based rank, ties averaged).
+    ``effects`` (attribute -> mean_abs_change, mean_change, num_images),
+    ``truth_rank`` (attribute -> 1-based rank, ties averaged) and
+    ``region_effects`` (confounder -> region -> mean |logit change| when the
+    confounder is switched inside that region only: where its evidence sits).
     """
     from faceaudit_jax.summary import counterfactual as cf
 
@@ -230,7 +241,16 @@ def counterfactual_record(clf: model_sources.Classifier, config, spec: ModelSpec
         batch_size=int(config.test.batch_size), independent=spec.test_independent,
         images_per_identity=int(config.data.images_per_identity))
     ranks = cf.average_ranks([effects[a]["mean_abs_change"] for a in effects])
-    return {"effects": effects, "truth_rank": dict(zip(effects, ranks.tolist()))}
+    by_region = {}
+    for confounder in spec.confounders:
+        values = cf.region_effects(
+            forward, int(config.data.seed), spec.test_indices, int(config.data.resolution),
+            confounder, batch_size=int(config.test.batch_size),
+            independent=spec.test_independent,
+            images_per_identity=int(config.data.images_per_identity))
+        by_region[confounder] = dict(zip(regions.REGIONS, values.tolist()))
+    return {"effects": effects, "truth_rank": dict(zip(effects, ranks.tolist())),
+            "region_effects": by_region}
 
 
 # ----------------------------------------------------------------------------- Table 1
@@ -247,6 +267,7 @@ def table1_row(record: dict, target: str, confounder: str, learned_gap: float) -
         "gap": group_value(record, "gap"), "model": record["name"],
         "ground_truth_rank": truth_rank(record, confounder),
         "ground_truth_top": truth_top(record),
+        "evidence_region": evidence_region(record, confounder),
     }
     row["shortcut_learned"] = bool(row["gap"] is not None and row["gap"] >= float(learned_gap))
     return row
@@ -282,19 +303,22 @@ _TRUTH_NOTE = (" GT rank: the confounder's rank among the switchable attributes 
                "|logit change| when each test face is re-rendered with that attribute "
                "switched (a ground truth no explainer is involved in): GT rank 1 with a "
                "large RP is the explainer's miss; a large GT rank means the model leans on "
-               "something else.")
+               "something else. Evidence region: the region where switching the confounder "
+               "alone (the rest of the face as drawn) changes the logit most; a right "
+               "explanation ranks it first.")
 
 
 def table1_markdown(result: dict) -> str:
     """Table 1's section: one row per model, then the summary and the paper's numbers."""
     s = result["summary"]
     with_truth = any(r.get("ground_truth_rank") is not None for r in result["rows"])
-    truth_headers = ["GT rank", "Largest logit change"] if with_truth else []
+    truth_headers = ["GT rank", "Largest logit change", "Evidence region"] if with_truth else []
     body = markdown_table(
         ["Target", "Confounder", "RP", *truth_headers, "Top-3 regions", "Acc.", "Aligned acc.",
          "Conflicting acc.", "Shortcut learned"],
         [[r["target"], r["confounder"], r["rp"],
-          *([fmt(r.get("ground_truth_rank"), ".0f"), r.get("ground_truth_top") or "n/a"]
+          *([fmt(r.get("ground_truth_rank"), ".0f"), r.get("ground_truth_top") or "n/a",
+             r.get("evidence_region") or "n/a"]
             if with_truth else []),
           r["top_regions"], r["accuracy"],
           r["aligned_accuracy"], r["conflicting_accuracy"], "yes" if r["shortcut_learned"] else "no"]
