@@ -157,6 +157,19 @@ def test_run_rejects_unknown_part(tmp_path):
         ft.run(c, tmp_path)
 
 
+def test_run_rejects_explanation_settings_before_training(tmp_path):
+    # Both would fail only in the audit, after every model had trained.
+    c = tiny_config()
+    c.explain.patch_size = 24                       # does not tile 64 px images
+    with pytest.raises(ValueError, match=r"explain.patch_size=24 .* 64 px"):
+        ft.run(c, tmp_path)
+    c = tiny_config()
+    c.explain.stage = 5                             # small_resnet has stages 1..4
+    with pytest.raises(ValueError, match=r"stage=5; expected a ResNet stage 1\.\.4"):
+        ft.run(c, tmp_path)
+    assert not (tmp_path / "models").exists() or not any((tmp_path / "models").iterdir())
+
+
 def test_regionless_confounder_is_rejected(tmp_path):
     c = tiny_config()
     c.table1.confounders = ("Young",)

@@ -85,6 +85,8 @@ def run(config, workdir: str) -> dict:
     """The main job: biased (and baseline) classifier, FaceX audit, report."""
     work = Path(workdir)
     t0 = time.perf_counter()
+    audit_lib.check_explain_settings(config.explain, int(config.data.resolution),
+                                     config.model.name)
     # train_and_test refuses model.source != "train" with a pointer to configs/audit.py.
     trained = train_and_test(config, workdir)
     source, subsets = trained["source"], trained["subsets"]

@@ -338,6 +338,8 @@ def run(config, workdir: str) -> dict:
     unknown = [p for p in parts if p not in _PARTS]
     if unknown or not parts:
         raise ValueError(f"tables.parts={parts!r}; expected a non-empty subset of {PARTS}")
+    audit_lib.check_explain_settings(config.explain, int(config.data.resolution),
+                                     config.model.name)
     ctx = TablesContext(config, workdir)
     results = {}
     for part in parts:

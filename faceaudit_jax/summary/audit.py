@@ -73,6 +73,22 @@ def mean_rp(rps: Sequence[Optional[int]]) -> Optional[float]:
     return float(np.mean(found)) if found else None
 
 
+def check_explain_settings(explain_cfg, resolution: int, model_name: Optional[str] = None) -> None:
+    """Fail before any training on explanation settings the audit would reject after it:
+    a top-k patch size that does not tile the explained images, or a CAM stage the
+    model does not have. ``resolution``: the training resolution (the explained one
+    is ``explain_cfg.resolution`` when set)."""
+    size = int(explain_cfg.get("resolution", None) or resolution)
+    try:
+        top_lib.check_patch_size(size, size, explain_cfg.patch_size)
+    except ValueError as err:
+        raise ValueError(f"explain.patch_size={explain_cfg.patch_size!r} does not fit the "
+                         f"{size} px images the audit explains: {err}") from None
+    stage = explain_cfg.get("stage", None)
+    if stage is not None and model_name is not None:
+        resnet.build_backbone(str(model_name)).check_stage(stage)
+
+
 def at_explain_resolution(source, explain_cfg):
     """``source`` at ``explain_cfg.resolution`` (unchanged when that is unset or None)."""
     res = explain_cfg.get("resolution", None)
