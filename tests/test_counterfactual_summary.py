@@ -60,10 +60,12 @@ def test_region_effects_of_a_linear_model_match_a_numpy_sum_per_region():
     got = cf.region_effects(linear, 0, indices, 64, "Eyeglasses", batch_size=4)
     factual, counter, applicable = synthetic.render_counterfactual(0, indices, "Eyeglasses", 64)
     fa, cfi = np.asarray(factual["image"], np.float64), np.asarray(counter["image"], np.float64)
-    pf, pc = np.asarray(factual["parse"]), np.asarray(counter["parse"])
+    had = np.asarray(factual["attrs"])[:, regions.attribute_id("Eyeglasses")] == 1
+    parse_with = np.where(had[:, None, None], np.asarray(factual["parse"]),
+                          np.asarray(counter["parse"]))
     expected = np.zeros(regions.NUM_REGIONS)
     for r in range(regions.NUM_REGIONS):
-        inside = ((pf == r) | (pc == r))[..., None]
+        inside = (parse_with == r)[..., None]
         change = np.einsum("bhwc,hwc->b", np.where(inside, cfi - fa, 0.0), weights)
         expected[r] = np.abs(change)[np.asarray(applicable)].mean()
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)

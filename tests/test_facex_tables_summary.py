@@ -46,17 +46,18 @@ def test_fingerprints_are_pinned_and_ignore_bookkeeping():
     config = cli.load_config("configs/facex_tables.py")
     spec = _spec()
     weighted = _spec(sample_weights=np.linspace(0.5, 2, 4000, dtype=np.float32), num_epochs=18)
-    # Values of the code that made results/facex (commit 8102cf9), recomputed there.
+    # Model fingerprints: the code that made results/facex's models (commit 8102cf9).
+    # Audit fingerprints: since HiResCAM on stage 3 and RECORD_VERSION 2 (region_effects).
     assert tables.model_fingerprint(config, spec) == "ea0a22b03663b0f3"
-    assert tables.audit_fingerprint(config, spec) == "7860b164ce16c09d"
+    assert tables.audit_fingerprint(config, spec) == "25bb683521be84fa"
     assert tables.model_fingerprint(config, weighted) == "ef9d8fce6882dfd8"
-    assert tables.audit_fingerprint(config, weighted) == "7658e49ed417d041"
+    assert tables.audit_fingerprint(config, weighted) == "6e1682e6e49ff6fc"
     changed = config.copy_and_resolve_references()
     changed.train.ckpt_every, changed.data.pool_size = 7, 12
-    assert tables.audit_fingerprint(changed, spec) == "7860b164ce16c09d"
-    changed.explain.method = "hires_cam"   # a new audit of the same model
+    assert tables.audit_fingerprint(changed, spec) == "25bb683521be84fa"
+    changed.explain.method = "grad_cam"    # a new audit of the same model
     assert tables.model_fingerprint(changed, spec) == "ea0a22b03663b0f3"
-    assert tables.audit_fingerprint(changed, spec) != "7860b164ce16c09d"
+    assert tables.audit_fingerprint(changed, spec) != "25bb683521be84fa"
     moved = _spec(train_indices=spec.train_indices + 1)
     assert tables.model_fingerprint(config, moved) != "ea0a22b03663b0f3"
 
@@ -92,6 +93,7 @@ def test_table_rows_and_summaries_on_fixed_records():
     assert [r["shortcut_learned"] for r in rows] == [True, False]
     s = tables.table1_summary(rows, ("Male",), 0.99, 0.2, [hair["ior_vector"], earrings["ior_vector"]])
     assert (s["mean_rp"], s["worst_rp"], s["mean_rp_where_shortcut_learned"]) == (3.0, 4, 2.0)
+    assert s["worst_rp_where_shortcut_learned"] == 2     # the earrings row was not learned
     assert "right_minus_left" in s
     md = tables.table1_markdown({"rows": rows, "summary": s})
     assert "| Male | Blond_Hair | 2 | u_lip, hair, l_lip | 0.800 | 0.950 | 0.550 | yes |" in md

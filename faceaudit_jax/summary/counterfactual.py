@@ -110,10 +110,9 @@ def counterfactual_effects(logit_fn: Callable, seed: int, indices, resolution: i
 
 
 @jax.jit
-def _composite(factual, counter, factual_parse, counter_parse, region):
-    """The factual images with the counterfactual's pixels wherever either parse map is ``region``."""
-    inside = (factual_parse == region) | (counter_parse == region)
-    return jnp.where(inside[..., None], counter, factual)
+def _composite(factual, counter, parse_with, region):
+    """The factual images with the counterfactual's pixels where ``parse_with`` is ``region``."""
+    return jnp.where((parse_with == region)[..., None], counter, factual)
 
 
 def region_effects(logit_fn: Callable, seed: int, indices, resolution: int, attribute: str, *,
@@ -121,16 +120,17 @@ def region_effects(logit_fn: Callable, seed: int, indices, resolution: int, attr
                    num_regions: int = regions.NUM_REGIONS) -> np.ndarray:
     """float64 [num_regions]: mean |logit change| when ``attribute`` is switched inside one region.
 
-    For region r each face keeps its own pixels except where r is (in its
-    parse map or in the counterfactual's), which come from the face rendered
-    with ``attribute`` switched. The mean is over the faces the switch applies
-    to (a face without region r changes by 0). Pixels the switch changes
-    outside every listed region (shadows) count towards no region, so the
-    values need not add up to the whole switch's effect.
+    For region r each face keeps its own pixels except where r is, which come
+    from the face rendered with ``attribute`` switched. Regions are read off
+    the parse map of whichever of the two images has the attribute (so a
+    necklace's pixels count for neck_l, not for the neck they cover in the
+    image without it). The mean is over the faces the switch applies to (a
+    face without region r changes by 0).
     """
     indices = np.asarray(indices, np.int64)
     if indices.ndim != 1 or indices.size == 0:
         raise ValueError(f"indices must be a non-empty 1-D array; got shape {indices.shape}")
+    col = regions.attribute_id(attribute)
     total, count = np.zeros(num_regions), 0
     for start in range(0, indices.size, batch_size):
         factual, counter, applicable = synthetic.render_counterfactual(
@@ -140,9 +140,10 @@ def region_effects(logit_fn: Callable, seed: int, indices, resolution: int, attr
         if not applicable.any():
             continue
         z_f = np.asarray(logit_fn(factual["image"]), np.float64).reshape(-1)
+        had = jnp.asarray(np.asarray(factual["attrs"])[:, col] == 1)
+        parse_with = jnp.where(had[:, None, None], factual["parse"], counter["parse"])
         for r in range(num_regions):
-            mixed = _composite(factual["image"], counter["image"], factual["parse"],
-                               counter["parse"], jnp.int32(r))
+            mixed = _composite(factual["image"], counter["image"], parse_with, jnp.int32(r))
             z_r = np.asarray(logit_fn(mixed), np.float64).reshape(-1)
             total[r] += np.abs(z_r - z_f)[applicable].sum()
         count += int(applicable.sum())

@@ -139,12 +139,17 @@ def model_fingerprint(config, spec: ModelSpec) -> str:
     })
 
 
+# Bumped when what an audit record holds changes for the same settings, so stored
+# records are redone rather than read back without it (2: region_effects).
+RECORD_VERSION = 2
+
+
 def audit_fingerprint(config, spec: ModelSpec) -> str:
     """Hash of the model's settings plus what its test and audit depend on."""
     return _hash({
         "model": model_fingerprint(config, spec), "test_independent": spec.test_independent,
         "confounders": list(spec.confounders), "explain": config.explain.to_dict(),
-        "test": _digest(spec.test_indices),
+        "test": _digest(spec.test_indices), "record_version": RECORD_VERSION,
     })
 
 
@@ -287,6 +292,8 @@ def table1_summary(rows: Sequence[dict], targets: Sequence[str], corr: float, le
         "mean_rp": audit_lib.mean_rp(rps), "worst_rp": max(found) if found else None,
         "num_cases": len(rows), "num_unranked": len(rps) - len(found),
         "mean_rp_where_shortcut_learned": audit_lib.mean_rp(learned),
+        "worst_rp_where_shortcut_learned": max((rp for rp in learned if rp is not None),
+                                               default=None),
         "num_shortcut_learned": len(learned),
         "mean_rp_by_target": {t: audit_lib.mean_rp([r["rp"] for r in rows if r["target"] == t])
                               for t in targets},
@@ -333,7 +340,8 @@ def table1_markdown(result: dict) -> str:
             f"({s['num_unranked']} of {s['num_cases']} unranked); mean RP where the shortcut was "
             f"learned (aligned - conflicting accuracy >= {s['learned_gap_threshold']}): "
             f"{fmt(s['mean_rp_where_shortcut_learned'], '.2f')} over "
-            f"{s['num_shortcut_learned']} models. {PAPER['table1']}."
+            f"{s['num_shortcut_learned']} models, worst "
+            f"{fmt(s.get('worst_rp_where_shortcut_learned'))}. {PAPER['table1']}."
             f"{_TRUTH_NOTE if with_truth else ''}{symmetry_note}\n")
 
 
