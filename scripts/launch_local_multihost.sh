@@ -8,7 +8,8 @@
 #
 # Each process gets JAX_COORDINATOR_ADDRESS (127.0.0.1 and a free port),
 # JAX_NUM_PROCESSES, JAX_PROCESS_ID and XLA_FLAGS with DEVICES_PER_PROCESS
-# emulated CPU devices; faceaudit_jax.distributed.initialize reads them (and
+# emulated CPU devices (appended to the caller's XLA_FLAGS, so it wins over
+# a device count there); faceaudit_jax.distributed.initialize reads them (and
 # selects gloo for the CPU collectives). Output of process i is prefixed with
 # [i]. The script exits with the first non-zero status, and stops the other
 # processes when one fails (as a cluster scheduler would): SIGTERM, then
@@ -41,7 +42,7 @@ for ((i = 0; i < num_processes; i++)); do
   (
     export JAX_COORDINATOR_ADDRESS=127.0.0.1:$port JAX_NUM_PROCESSES=$num_processes \
       JAX_PROCESS_ID=$i JAX_PLATFORMS=${JAX_PLATFORMS:-cpu} \
-      XLA_FLAGS="--xla_force_host_platform_device_count=$devices" \
+      XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_force_host_platform_device_count=$devices" \
       PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}"
     exec "$@" > >(sed -u "s/^/[$i] /") 2>&1
   ) &

@@ -24,13 +24,21 @@ def free_port() -> int:
 def worker_env(cache_dir: Path) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    env.pop("XLA_FLAGS", None)  # the worker sets two devices per process itself
+    # The worker (or the launch script) sets the devices per process itself; the
+    # other test-wide flags (conftest.py: compile options) are passed on.
+    env["XLA_FLAGS"] = without_device_count(env.get("XLA_FLAGS", ""))
     # Programs compiled by one run are reused by the next (process 0's at least:
     # JAX keys them by device ids and only process 0 writes).
     env["JAX_COMPILATION_CACHE_DIR"] = str(cache_dir)
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
     return env
+
+
+def without_device_count(xla_flags: str) -> str:
+    """``xla_flags`` less any --xla_force_host_platform_device_count."""
+    return " ".join(f for f in xla_flags.split()
+                    if not f.startswith("--xla_force_host_platform_device_count"))
 
 
 def start(mode: str, out_dir: Path, num_processes: int, cache_dir: Path, *extra,

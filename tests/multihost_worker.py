@@ -12,9 +12,11 @@ import os
 import sys
 import time
 
-# Two CPU devices per process, set before jax starts (a 2 x 2 job).
+# Two CPU devices per process, set before jax starts (a 2 x 2 job); the
+# launcher's other XLA flags (tests/conftest.py) are kept.
 if __name__ == "__main__":
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + " --xla_force_host_platform_device_count=2").strip()
     os.environ["JAX_PLATFORMS"] = "cpu"
 
 import jax
