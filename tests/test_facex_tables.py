@@ -288,7 +288,8 @@ def test_smoke_changed_explanation_reaudits_without_retraining(smoke_run):
     metrics = (workdir / "models" / name / "metrics.jsonl").read_text()
     before = json.loads((workdir / "audits" / f"{name}.json").read_text())
     changed = config.copy_and_resolve_references()
-    changed.explain.method = "hires_cam"
+    # Another CAM method than the config's: a new audit of the same model.
+    changed.explain.method = "grad_cam" if config.explain.method != "grad_cam" else "hires_cam"
     changed.tables.parts = ("table1",)
     ft.run(changed, str(workdir))
     after = json.loads((workdir / "audits" / f"{name}.json").read_text())
