@@ -67,8 +67,8 @@ table4 out (the variant's tables.parts) or accept that both of its models
 train on the same CelebA distribution.
 
 The ``smoke`` variant runs every part with tiny budgets (64 px, 4 training
-steps per model, 2 x 2 Table 1 cases: 8 models) in about 2 minutes (8
-minutes on this CPU while it was shared by other jobs); ``paper`` uses the
+steps per model, 2 x 2 Table 1 cases, Figure 5 on Table 1's model: 10
+models, FLAC's bias-capturing network among them) in a few minutes; ``paper`` uses the
 paper's ResNet-18 recipe at 224 px for accelerators.
 """
 
@@ -185,12 +185,34 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.figure5 = ml_collections.ConfigDict()
     c.figure5.target = "Male"
     c.figure5.confounder = "Blond_Hair"
-    c.figure5.corr = 0.99
-    # The reweighted (mitigated) model: 6 epochs left it at chance (accuracy
-    # 0.53; 40 conflicting images carry the target). Train it for the first
-    # budget here, then the next, until its test accuracy reaches the minimum.
-    c.figure5.mitigated_epochs = (18, 36)
+    # 0.95, not Table 1's 0.99: at 0.99 the 4,000 training images hold 40
+    # bias-conflicting faces, and no mitigation can learn Male from them. A model
+    # trained on those 40 plus 40 aligned faces alone (no shortcut to take)
+    # reaches 0.519 on the balanced test set; 200 + 200 (what 0.95 holds) 0.660,
+    # 400 + 400 0.679 (750 steps each). Group reweighting at 0.99 fits the 40
+    # (training accuracy 0.95 on them) and stays at chance on the test set
+    # (0.510 after 18 epochs, 0.535 after 36). docs/design.md, Figure 5.
+    c.figure5.corr = 0.95
+    # The reweighted model: the vanilla budget first, then longer, until its
+    # test accuracy reaches the minimum (or the schedule ends; then it says so).
+    c.figure5.mitigated_epochs = (6, 18)
     c.figure5.mitigated_min_accuracy = 0.6
+    c.figure5.mitigations = ("reweighted", "flac")
+    # FLAC (mitigation.flac; the mitigation FaceX audits): a Blond_Hair
+    # classifier trained on attribute-independent faces is the frozen
+    # bias-capturing network. Loss weights of the authors' from-scratch recipe
+    # (Biased-MNIST: cross-entropy + 1000 * FLAC, d = 0.5) at this recipe's
+    # batch and budget (32 x 6 epochs: steps matter more than epochs here).
+    # Their CelebA weights (0.01 * CE + 20000 * FLAC) assume an ImageNet-
+    # pretrained ResNet-18 and left this from-scratch model at chance.
+    c.figure5.flac = ml_collections.ConfigDict()
+    c.figure5.flac.alpha = 1000.0
+    c.figure5.flac.ce_weight = 1.0
+    c.figure5.flac.d = 0.5
+    c.figure5.flac.batch_size = 32
+    c.figure5.flac.num_epochs = 6
+    c.figure5.flac.protected_size = 4000
+    c.figure5.flac.protected_epochs = 2
 
     a = parse_arg(arg, smoke=False, paper=False, celeba=False)
     if a.smoke:
@@ -208,7 +230,12 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.table1.confounders = ("Blond_Hair", "Wearing_Hat")
         c.table3.confounder_sets = ("Smiling+Wearing_Earrings",)
         c.table4.pool_size = 60_000
+        c.figure5.corr = 0.99        # Table 1's Male x Blond_Hair model: no extra vanilla
         c.figure5.mitigated_epochs = (2,)
+        c.figure5.flac.batch_size = 32
+        c.figure5.flac.num_epochs = 2
+        c.figure5.flac.protected_size = 128
+        c.figure5.flac.protected_epochs = 1
     if a.paper:
         # FaceX's recipe for accelerators: ResNet-18 (BatchNorm), 224 px,
         # batch 128, 20 epochs. Table 3's rarest cell (men with glasses and a

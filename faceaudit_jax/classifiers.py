@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from faceaudit_jax import distributed, keys, losses, train_lib, workdir as workdir_lib
 from faceaudit_jax.data import pipeline, sampling, sources
+from faceaudit_jax.mitigation import flac
 from faceaudit_jax.models import build_model
 from faceaudit_jax.models import sources as model_sources
 
@@ -254,8 +255,30 @@ def _weighted_batch_fn(source, indices, weights, batch_size: int, seed: int, tra
     return batch_fn
 
 
+def _objective(config, indices: np.ndarray, source, sample_weights, protected):
+    """(loss_fn, batch_fn, augment_fn) of ``train_classifier``'s three objectives:
+    plain BCE, BCE weighted per image, FLAC against a protected-attribute network."""
+    batch_size, seed = int(config.train.batch_size), int(config.seed)
+    transform = pipeline.attribute_label_fn(config.bias.target)
+    if sample_weights is not None:
+        return (losses.sigmoid_bce_weighted_batch_loss,
+                _weighted_batch_fn(source, indices, sample_weights, batch_size, seed, transform), None)
+    num_steps = pipeline.steps_per_epoch(indices.size, batch_size) * int(config.train.num_epochs)
+    batch_fn = pipeline.step_batch_fn(source, indices, batch_size, seed, transform, num_steps=num_steps)
+    if protected is None:
+        return losses.sigmoid_bce_batch_loss, batch_fn, None
+    settings = config.train.get("flac", None)
+    if settings is None:
+        raise ValueError("a protected-attribute network was given but config.train.flac is "
+                         "missing; expected {'alpha', 'ce_weight', 'd'} (mitigation.flac)")
+    loss_fn = flac.FlacLoss(alpha=float(settings.alpha), ce_weight=float(settings.ce_weight),
+                            d=float(settings.d))
+    return loss_fn, batch_fn, flac.protected_features_augment(protected.model, protected.variables)
+
+
 def train_classifier(config, workdir: str, indices: np.ndarray, source, name: str,
-                     sample_weights: Optional[np.ndarray] = None) -> TrainedClassifier:
+                     sample_weights: Optional[np.ndarray] = None,
+                     protected: Optional[TrainedClassifier] = None) -> TrainedClassifier:
     """Train (or resume, or load when finished) one classifier under ``workdir/name``.
 
     Reads ``seed``, ``model.name``, ``train.*`` and ``bias.target`` (the
@@ -263,28 +286,30 @@ def train_classifier(config, workdir: str, indices: np.ndarray, source, name: st
     first: a directory trained with other settings stops the run with the
     differing fields named, unless ``config.overwrite`` (then it is emptied
     and retrained). ``sample_weights`` float32 [N] (one per ``indices`` entry)
-    weight the BCE per image (group-balanced reweighting).
+    weight the BCE per image (group-balanced reweighting). ``protected``, a
+    frozen classifier of the protected attribute (a ``ResNetClassifier``),
+    switches the objective to FLAC (``mitigation.flac``) with the weights of
+    ``config.train.flac`` ({alpha, ce_weight, d}); the protected network's
+    weights are part of the fingerprint. The two mitigations do not combine.
     """
+    if sample_weights is not None and protected is not None:
+        raise ValueError(f"{name}: sample_weights and a protected network were both given; "
+                         "expected one mitigation (group reweighting or FLAC)")
     run_dir = Path(workdir) / name
+    fingerprint = model_fingerprint(config, indices, sample_weights, source)
+    if protected is not None:
+        fingerprint["train.flac.protected_sha256"] = train_lib.tree_checksum(protected.variables)
     # Process 0 alone checks and records the run dir; a mismatch stops every process.
-    distributed.on_primary(_record_run_dir, config, run_dir,
-                           model_fingerprint(config, indices, sample_weights, source),
-                           int(source.resolution))
+    distributed.on_primary(_record_run_dir, config, run_dir, fingerprint, int(source.resolution))
     model = build_model(config.model.name, 1)
-    batch_size, seed = int(config.train.batch_size), int(config.seed)
-    num_steps = pipeline.steps_per_epoch(indices.size, batch_size) * int(config.train.num_epochs)
+    num_steps = (pipeline.steps_per_epoch(indices.size, int(config.train.batch_size))
+                 * int(config.train.num_epochs))
     tx = train_lib.make_optimizer(config.train, num_steps)
-    state = train_lib.create_train_state(model, jax.random.PRNGKey(seed), int(source.resolution), tx)
-    transform = pipeline.attribute_label_fn(config.bias.target)
-    if sample_weights is None:
-        loss_fn = losses.sigmoid_bce_batch_loss
-        batch_fn = pipeline.step_batch_fn(source, indices, batch_size, seed, transform,
-                                          num_steps=num_steps)
-    else:
-        loss_fn = losses.sigmoid_bce_weighted_batch_loss
-        batch_fn = _weighted_batch_fn(source, indices, sample_weights, batch_size, seed, transform)
+    state = train_lib.create_train_state(model, jax.random.PRNGKey(int(config.seed)),
+                                         int(source.resolution), tx)
+    loss_fn, batch_fn, augment_fn = _objective(config, indices, source, sample_weights, protected)
     state = train_lib.fit(
-        model, state, batch_fn, num_steps, str(run_dir), loss_fn=loss_fn,
+        model, state, batch_fn, num_steps, str(run_dir), loss_fn=loss_fn, augment_fn=augment_fn,
         ckpt_every=int(config.train.ckpt_every), log_every=int(config.train.log_every),
         desc=f"train {name}")
     # Every process of a job trained the same model (same keys and batches; Orbax's

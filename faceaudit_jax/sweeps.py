@@ -169,6 +169,32 @@ def _check_outputs(outputs, chunk_size: int, chunk: int) -> Outputs:
     return arrays
 
 
+def _check_sweep_size(num_items, chunk_size) -> tuple[int, int, int]:
+    """(num_items, chunk_size, num_chunks) as ints, or a ValueError naming the bad value
+    (also when there are fewer chunks than processes)."""
+    if isinstance(num_items, bool) or not isinstance(num_items, (int, np.integer)) or num_items < 1:
+        raise ValueError(f"num_items={num_items!r}; expected an integer >= 1")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size!r}; expected an integer >= 1")
+    num_items, chunk_size = int(num_items), int(chunk_size)
+    num_chunks = -(-num_items // chunk_size)
+    processes = jax.process_count()
+    if num_chunks < processes:
+        raise ValueError(
+            f"{num_items} items in chunks of {chunk_size} make {num_chunks} chunk(s) for "
+            f"{processes} processes; expected at least one chunk per process (lower chunk_size)")
+    return num_items, chunk_size, num_chunks
+
+
+def _saved_summary(directory: Path, process: int, processes: int) -> tuple[Optional[Outputs], set]:
+    """This process's running summary and the chunks folded into it, from its last save."""
+    saved = read_checked(summary_path(directory, process, processes))
+    if saved is None:
+        return None, set()
+    folded = set(int(c) for c in saved.pop(CHUNKS_KEY))
+    return (saved or None), folded
+
+
 def run_sweep(compute_chunk: Callable[[np.ndarray], Mapping[str, np.ndarray]], num_items: int,
               chunk_size: int, directory=None, *, config=None,
               summarize: Optional[Callable[[Outputs], Mapping[str, np.ndarray]]] = None,
@@ -188,34 +214,18 @@ def run_sweep(compute_chunk: Callable[[np.ndarray], Mapping[str, np.ndarray]], n
     (they are only written to ``directory`` and folded into the summary;
     ``outputs`` is None), so memory stays flat in the number of items.
     """
-    if isinstance(num_items, bool) or not isinstance(num_items, (int, np.integer)) or num_items < 1:
-        raise ValueError(f"num_items={num_items!r}; expected an integer >= 1")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
-        raise ValueError(f"chunk_size={chunk_size!r}; expected an integer >= 1")
-    num_items, chunk_size = int(num_items), int(chunk_size)
-    num_chunks = -(-num_items // chunk_size)
+    num_items, chunk_size, num_chunks = _check_sweep_size(num_items, chunk_size)
     process, processes = jax.process_index(), jax.process_count()
-    if num_chunks < processes:
-        raise ValueError(
-            f"{num_items} items in chunks of {chunk_size} make {num_chunks} chunk(s) for "
-            f"{processes} processes; expected at least one chunk per process (lower chunk_size)")
     mine = list(range(process, num_chunks, processes))
     directory = None if directory is None else Path(directory)
     if directory is not None:
         directory.mkdir(parents=True, exist_ok=True)
         _check_manifest(directory, {"num_items": num_items, "chunk_size": chunk_size,
                                     "config": distributed.config_fingerprint(config)})
-
-    summary: Optional[Outputs] = None
-    folded: set[int] = set()
-    if directory is not None and summarize is not None:
-        saved = read_checked(summary_path(directory, process, processes))
-        if saved is not None:
-            folded = set(int(c) for c in saved.pop(CHUNKS_KEY))
-            summary = saved or None
-
-    local: dict[int, Outputs] = {}
-    computed = []
+    summary, folded = (None, set()) if directory is None or summarize is None else \
+        _saved_summary(directory, process, processes)
+    local: dict[int, Outputs] = {}   # chunk -> its outputs, padding removed
+    computed: list[int] = []
     for chunk in mine:
         indices, valid = _padded_chunk(chunk, chunk_size, num_items)
         outputs = read_checked(chunk_path(directory, chunk)) if directory is not None else None
@@ -236,8 +246,8 @@ def run_sweep(compute_chunk: Callable[[np.ndarray], Mapping[str, np.ndarray]], n
                              encode_arrays({**summary, CHUNKS_KEY: np.asarray(sorted(folded))}))
 
     if not keep_outputs:
-        summary = _gather_summary(summary, merge) if gather else summary
-        return SweepResult(None, summary, tuple(computed), num_chunks)
+        return SweepResult(None, _gather_summary(summary, merge) if gather else summary,
+                           tuple(computed), num_chunks)
     if not gather:
         order = sorted(local)
         outputs = {k: np.concatenate([local[c][k] for c in order]) for k in local[order[0]]} \

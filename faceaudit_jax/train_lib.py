@@ -315,6 +315,12 @@ InputKey = str | tuple[str, ...]
 AugmentFn = Callable[[jax.Array, Mapping[str, jax.Array]], Mapping[str, jax.Array]]
 
 
+def _loss_input(loss_fn: Callable, output: Any) -> Any:
+    """What ``loss_fn`` is given: the logits, or the whole model output when the loss
+    says ``takes_model_output = True`` (e.g. a loss on the pooled features)."""
+    return output if getattr(loss_fn, "takes_model_output", False) else _logits_of(output)
+
+
 def _model_inputs(batch: Mapping, input_key: InputKey) -> tuple:
     """The model's positional inputs: batch[input_key], or one per name of a tuple."""
     return tuple(batch[k] for k in input_key) if isinstance(input_key, tuple) else (batch[input_key],)
@@ -349,7 +355,8 @@ def make_train_step(model: Any, loss_fn: Callable, *, input_key: InputKey = "ima
     """Jitted ``train_step(state, batch) -> (state, metrics)``; ``state`` is donated.
 
     ``loss_fn(logits, batch)`` returns a scalar, or (scalar, dict of scalar
-    metrics). The model sees ``batch[input_key]`` (or ``*(batch[k] for k in
+    metrics); a loss with ``takes_model_output = True`` gets the whole model
+    output (e.g. ``(logits, {"pooled": ...})``) instead of the logits. The model sees ``batch[input_key]`` (or ``*(batch[k] for k in
     input_key)`` for a tuple of names) in training mode, after the optional
     ``augment_fn(key, batch) -> batch``; BatchNorm statistics are updated; keys
     as in ``_augment_and_dropout_key`` (the dropout key is fold_in(state.rng,
@@ -380,7 +387,7 @@ def _build_train_step(model: Any, loss_fn: Callable, input_key: InputKey,
             output, new_batch_stats = _train_mode_apply(
                 model, {"params": params}, _model_inputs(batch, input_key), dropout_key,
                 state.batch_stats)
-            result = loss_fn(_logits_of(output), batch)
+            result = loss_fn(_loss_input(loss_fn, output), batch)
             loss, extras = result if isinstance(result, tuple) else (result, {})
             return loss, (new_batch_stats, extras)
 

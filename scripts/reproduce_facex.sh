@@ -6,7 +6,7 @@
 #   bash scripts/reproduce_facex.sh paper           # ResNet-18 / 224 px recipe (accelerator)
 #   bash scripts/reproduce_facex.sh "" --config.table1.targets='("Male",)'   # extra overrides
 #
-# Results (table{1,3,4}.{json,md}, figure5.{png,json,md}, tables.md, audits/)
+# Results (table{1,3,4}.{json,md}, figure5.{json,md}, figure5_<mitigation>.png, tables.md, audits/)
 # of the default variant go to results/facex (committed); the smoke and paper
 # variants write to runs/facex_tables_<variant> (ignored by git). Checkpoints
 # go to <workdir>/models/, ignored by git. Rerunning resumes where it stopped.
@@ -14,7 +14,9 @@
 # receptive-field centres (explain.upsample="aligned"), a counterfactual ground
 # truth per model (explain.counterfactual), Table 4 on 5 distinct regions and a
 # Figure 5 reweighted model trained until it beats chance. These settings are
-# part of the audit fingerprints, so audits made before are redone.
+# part of the audit fingerprints, so audits made before are redone. Figure 5
+# runs at co-occurrence 0.95 (its own vanilla model) with two mitigations:
+# group reweighting and FLAC (a bias-capturing Blond_Hair network trained first).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."

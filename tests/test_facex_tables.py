@@ -137,17 +137,53 @@ def test_figure5_trains_the_mitigated_model_until_it_beats_chance(tmp_path, monk
                                    "conflicting_accuracy": acc, "gap": 0.0}}
 
     monkeypatch.setattr(ft, "evaluate_model", fake_evaluate)
+    c.figure5.mitigations = ("reweighted",)
     result = ft.figure5(ft.TablesContext(c, tmp_path))
     assert [e for _, e in seen] == [None, 2, 4]          # stops once 0.7 >= 0.6
     assert seen[1][0].endswith("_2ep") and seen[2][0].endswith("_4ep")
-    assert result["mitigated_beats_chance"] and result["models"]["reweighted"].endswith("_4ep")
+    assert result["mitigated_beats_chance"] == {"reweighted": True}
+    assert result["models"]["reweighted"].endswith("_4ep")
     assert "clearly beats chance" in tables_lib.figure5_markdown(result)
     # a schedule that never gets there says so
     c.figure5.mitigated_epochs = (2,)
     seen.clear()
     result = ft.figure5(ft.TablesContext(c, tmp_path))
-    assert not result["mitigated_beats_chance"]
+    assert not result["mitigated_beats_chance"]["reweighted"]
     assert "does NOT clearly beat chance" in tables_lib.figure5_markdown(result)
+    # FLAC: one model at its own budget, trained against the bias-capturing spec
+    c.figure5.mitigations = ("flac",)
+    c.figure5.flac.num_epochs = 8
+    protected_seen = []
+
+    def fake_flac_evaluate(ctx, spec, corr=0.0):
+        record = fake_evaluate(ctx, spec, corr)
+        if spec.protected is not None:
+            protected_seen.append(spec.protected)
+            record["protected"] = {"model": spec.protected.name, "attribute": "Blond_Hair",
+                                   "train_size": 32, "num_epochs": 1, "accuracy": 0.98}
+        return record
+
+    monkeypatch.setattr(ft, "evaluate_model", fake_flac_evaluate)
+    accuracy[8] = 0.75
+    seen.clear()
+    result = ft.figure5(ft.TablesContext(c, tmp_path))
+    assert [name for name, _ in seen] == ["biased_Male_Blond_Hair", "flac_Male_Blond_Hair_8ep"]
+    (protected,) = protected_seen
+    assert protected.target == "Blond_Hair" and protected.confounders == ()
+    col_b = protected.train_attrs[:, regions.attribute_id("Blond_Hair")]
+    assert (col_b == 1).sum() == (col_b == 0).sum()      # balanced over the protected attribute
+    assert result["mitigations"] == ["flac"] and result["mitigated_beats_chance"] == {"flac": True}
+    assert result["protected"]["accuracy"] == 0.98
+    assert (tmp_path / "figure5_flac.png").is_file()
+    # Another co-occurrence than Table 1's: its own vanilla model, and mitigations named after it.
+    c.figure5.corr, c.figure5.mitigations, c.figure5.mitigated_epochs = 0.95, ("reweighted",), (2,)
+    seen.clear()
+    ft.figure5(ft.TablesContext(c, tmp_path))
+    assert [name for name, _ in seen] == ["biased_Male_Blond_Hair_corr0.95",
+                                          "reweighted_Male_Blond_Hair_corr0.95_2ep"]
+    c.figure5.mitigations = ("flac", "dro")
+    with pytest.raises(ValueError, match="'dro'"):
+        ft.figure5(ft.TablesContext(c, tmp_path))
 
 
 def test_run_rejects_unknown_part(tmp_path):
@@ -168,6 +204,11 @@ def test_run_rejects_explanation_settings_before_training(tmp_path):
     with pytest.raises(ValueError, match=r"stage=5; expected a ResNet stage 1\.\.4"):
         ft.run(c, tmp_path)
     assert not (tmp_path / "models").exists() or not any((tmp_path / "models").iterdir())
+    # A model that is not built from the architecture table (loaded from a folder)
+    # is not judged by a backbone it does not have; its split checks the stage.
+    audit_lib.check_explain_settings(c.explain, 64, "my_exported_model")
+    with pytest.raises(ValueError, match=r"stage=5"):
+        audit_lib.check_explain_settings(c.explain, 64, "resnet18")
 
 
 def test_regionless_confounder_is_rejected(tmp_path):
@@ -216,14 +257,17 @@ def test_smoke_writes_every_table(smoke_run):
     for part in config.tables.parts:
         assert (workdir / f"{part}.json").is_file() and (workdir / f"{part}.md").is_file()
     assert not (workdir / "table4.json").exists()
-    assert (workdir / "figure5.png").stat().st_size > 10_000
+    for method in ("reweighted", "flac"):
+        assert (workdir / f"figure5_{method}.png").stat().st_size > 10_000
     assert (workdir / "tables.md").read_text().count("## ") == 3
     audits = sorted(p.stem for p in (workdir / "audits").glob("*.json"))
     assert audits == sorted(["biased_Male_Blond_Hair", "biased_Male_Smiling+Wearing_Earrings",
-                             "reweighted_Male_Blond_Hair_2ep"])
+                             "reweighted_Male_Blond_Hair_2ep", "flac_Male_Blond_Hair_2ep"])
     for name in audits:
         assert (workdir / "models" / name / "checkpoints").is_dir()
         assert (workdir / "audits" / f"{name}.png").is_file()
+    # FLAC's bias-capturing network is trained, not audited.
+    assert (workdir / "models" / "protected_Blond_Hair" / "checkpoints").is_dir()
 
 
 @pytest.mark.slow
@@ -242,11 +286,17 @@ def test_smoke_json_structure_and_rp_types(smoke_run):
     assert sorted(v for v in row3["rp_per_confounder"].values() if v is not None) == \
         [v for v in (row3["rp1"], row3["rp2"]) if v is not None]
     f5 = json.loads((workdir / "figure5.json").read_text())
-    assert set(f5["rp"]) == {"vanilla", "reweighted"} and all(_is_rp(v) for v in f5["rp"].values())
-    assert set(f5["ior_change"]) == set(regions.REGIONS)
-    for n in regions.REGIONS:
-        a, b, d = f5["ior"]["vanilla"][n], f5["ior"]["reweighted"][n], f5["ior_change"][n]
-        assert d is None if a is None or b is None else d == pytest.approx(b - a, abs=1e-9)
+    assert set(f5["rp"]) == {"vanilla", "reweighted", "flac"}
+    assert all(_is_rp(v) for v in f5["rp"].values())
+    assert set(f5["ior_change"]) == {"reweighted", "flac"}
+    for method in ("reweighted", "flac"):
+        assert set(f5["ior_change"][method]) == set(regions.REGIONS)
+        for n in regions.REGIONS:
+            a, b, d = f5["ior"]["vanilla"][n], f5["ior"][method][n], f5["ior_change"][method][n]
+            assert d is None if a is None or b is None else d == pytest.approx(b - a, abs=1e-9)
+    assert f5["protected"]["attribute"] == "Blond_Hair" and 0 <= f5["protected"]["accuracy"] <= 1
+    flac_record = json.loads((workdir / "audits" / "flac_Male_Blond_Hair_2ep.json").read_text())
+    assert flac_record["mitigation"] == "flac" and flac_record["reweighted"] is False
     # Figure 5's vanilla model is Table 1's model (trained once).
     assert f5["models"]["vanilla"] == row["model"]
     record = json.loads((workdir / "audits" / "reweighted_Male_Blond_Hair_2ep.json").read_text())

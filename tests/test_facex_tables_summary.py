@@ -2,6 +2,7 @@
 fingerprints that decide whether a saved model or audit is reused (pinned: a change would
 orphan every saved run of results/facex)."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -77,6 +78,32 @@ def test_reweighted_spec_balances_the_groups_and_says_its_budget():
     assert tables.reweighted_spec(spec).name == "reweighted_Male_Blond_Hair"
 
 
+def test_flac_spec_names_validates_and_fingerprints_its_protected_model():
+    config = cli.load_config("configs/facex_tables.py")
+    vanilla = _spec()
+    protected = _spec(name="protected_Blond_Hair", target="Blond_Hair", confounders=(),
+                      train_indices=np.arange(1, 8001, 2, dtype=np.int64), num_epochs=2)
+    settings = {"alpha": 1000, "ce_weight": 1, "d": 0.5}
+    spec = tables.flac_spec(vanilla, protected, settings, batch_size=128, num_epochs=12)
+    assert spec.name == "flac_Male_Blond_Hair_12ep" and spec.batch_size == 128
+    assert spec.flac == {"alpha": 1000.0, "ce_weight": 1.0, "d": 0.5}
+    assert tables.mitigation_of(spec) == "flac" and tables.mitigation_of(vanilla) is None
+    # The FLAC model is not the vanilla one, and it changes with its protected model,
+    # its loss weights and its batch size.
+    fp = tables.model_fingerprint(config, spec)
+    assert fp != tables.model_fingerprint(config, vanilla)
+    other_protected = dataclasses.replace(protected, num_epochs=3)
+    assert tables.model_fingerprint(
+        config, tables.flac_spec(vanilla, other_protected, settings, 128, 12)) != fp
+    assert tables.model_fingerprint(
+        config, tables.flac_spec(vanilla, protected, {**settings, "alpha": 20000}, 128, 12)) != fp
+    assert tables.model_fingerprint(config, tables.flac_spec(vanilla, protected, settings, 64, 12)) != fp
+    with pytest.raises(ValueError, match="'Eyeglasses'.*confounders"):
+        tables.flac_spec(vanilla, dataclasses.replace(protected, target="Eyeglasses"), settings)
+    with pytest.raises(ValueError, match=r"lack \['d'\]"):
+        tables.flac_spec(vanilla, protected, {"alpha": 1, "ce_weight": 1})
+
+
 def test_load_record_restores_nan(tmp_path):
     path = tmp_path / "r.json"
     path.write_text(json.dumps({"ior_vector": [0.5, None, 0.25]}))
@@ -110,11 +137,32 @@ def test_table_rows_and_summaries_on_fixed_records():
 
 def test_figure5_result_and_markdown():
     records = {"vanilla": _record(["hair", "nose"], "v", {"Blond_Hair": 1}),
-               "reweighted": _record(["nose", "hair"], "r", {"Blond_Hair": 2}, acc=(0.7, 0.7, 0.7))}
-    result = tables.figure5_result(records, "Male", "Blond_Hair", 0.99, "figure5.png",
-                                   [{"num_epochs": 2, "accuracy": 0.7}], 0.6)
-    assert result["rp"] == {"vanilla": 1, "reweighted": 2} and result["mitigated_beats_chance"]
-    assert result["ior_change"]["hair"] == pytest.approx(0.85 - 0.9)
+               "reweighted": _record(["nose", "hair"], "r", {"Blond_Hair": 2}, acc=(0.55, 0.7, 0.4)),
+               "flac": _record(["nose", "u_lip", "hair"], "f", {"Blond_Hair": 3}, acc=(0.7, 0.7, 0.7))}
+    protected = {"model": "protected_Blond_Hair", "attribute": "Blond_Hair", "train_size": 4000,
+                 "num_epochs": 2, "accuracy": 0.99, "num_images": 480}
+    result = tables.figure5_result(
+        records, "Male", "Blond_Hair", 0.99,
+        {"reweighted": "figure5_reweighted.png", "flac": "figure5_flac.png"},
+        [{"num_epochs": 2, "accuracy": 0.55}], 0.6, protected)
+    assert result["mitigations"] == ["reweighted", "flac"]
+    assert result["rp"] == {"vanilla": 1, "reweighted": 2, "flac": 3}
+    assert result["mitigated_beats_chance"] == {"reweighted": False, "flac": True}
+    assert result["ior_change"]["reweighted"]["hair"] == pytest.approx(0.85 - 0.9)
+    assert result["ior_change"]["flac"]["hair"] == pytest.approx(0.8 - 0.9)
     md = tables.figure5_markdown(result, "results/x/")
-    assert "![figure 5](results/x/figure5.png)" in md and "2 epochs: accuracy 0.700" in md
-    assert "it clearly beats chance" in md and md.count("\n| ") == 4 + len(regions.REGIONS)  # 2 headers, 2 models, the regions
+    assert "![figure 5, flac](results/x/figure5_flac.png)" in md
+    assert "![figure 5, reweighted](results/x/figure5_reweighted.png)" in md
+    assert "2 epochs: accuracy 0.550): it does NOT clearly beat chance" in md
+    assert "test accuracy 0.990): accuracy 0.700, it clearly beats chance" in md
+    lines = [l for l in md.splitlines() if l.startswith("| ")]
+    assert len(lines) == 1 + 3 + 1 + len(regions.REGIONS)   # header, 3 models, header, regions
+    assert "| hair | 0.900 | 0.850 | 0.800 | -0.050 | -0.100 |" in md
+    assert "GT rank" not in md          # no counterfactual in these records
+    # With a ground truth: the confounder's rank and |logit change| per model.
+    for k, (rank, change) in {"vanilla": (1, 8.0), "reweighted": (2, 3.0), "flac": (6, 0.5)}.items():
+        records[k]["counterfactual"] = {"effects": {"Blond_Hair": {"mean_abs_change": change}},
+                                        "truth_rank": {"Blond_Hair": rank}}
+    result = tables.figure5_result(records, "Male", "Blond_Hair", 0.99, {"flac": "f.png"}, [], 0.6)
+    assert result["confounder_effect"]["flac"] == {"mean_abs_logit_change": 0.5, "truth_rank": 6}
+    assert "| flac | 3 | 6 | 0.500 | 0.700 |" in tables.figure5_markdown(result)

@@ -133,6 +133,18 @@ def test_split_rejects_a_stage_the_network_does_not_have(small):
             classifier_fns(model, variables, stage=bad)
 
 
+def test_split_narrows_a_multi_output_head_to_the_explained_logit(small):
+    model, variables = small            # two outputs
+    features_fn, head_fn = classifier_fns(model, variables, stage=3)
+    _, second = classifier_fns(model, variables, stage=3, output_index=1)
+    fmap = features_fn(jax.random.uniform(jax.random.PRNGKey(3), (2, 64, 64, 3)))
+    both = np.asarray(head_fn(fmap))
+    np.testing.assert_array_equal(np.asarray(second(fmap)), both[:, 1:2])
+    for bad in (2, -1, True):
+        with pytest.raises(ValueError, match=r"output_index=.*expected an int in \[0, 2\)"):
+            classifier_fns(model, variables, output_index=bad)
+
+
 def test_head_is_differentiable_wrt_fmap(small):
     model, variables = small
     features_fn, head_fn = classifier_fns(model, variables)

@@ -472,13 +472,14 @@ def _jitted_init(model: nn.Module) -> Callable:
     return jax.jit(functools.partial(model.init, train=False))
 
 
-def classifier_fns(model: nn.Module, variables: dict,
-                   stage: Optional[int] = None) -> tuple[Callable, Callable]:
+def classifier_fns(model: nn.Module, variables: dict, stage: Optional[int] = None,
+                   output_index: Optional[int] = None) -> tuple[Callable, Callable]:
     """Eval-mode closures with ``variables`` bound: (features_fn, head_fn), split after
     ResNet stage ``stage`` (None: the last, so head_fn is pool + Dense).
 
     features_fn(images [B, H, W, 3]) -> fmap [B, h, w, C];
-    head_fn(fmap) -> logits [B, num_outputs]. Each is jitted with the variables
+    head_fn(fmap) -> logits [B, num_outputs], or [B, 1] holding logit
+    ``output_index`` alone when it is given (the one a CAM explains). Each is jitted with the variables
     passed as arguments (not baked in as constants), and both are
     differentiable, so ``jax.vjp(head_fn, fmap)`` gives Grad-CAM gradients.
     ``features_fn.cell_grid`` is the feature cells' receptive-field geometry
@@ -487,6 +488,10 @@ def classifier_fns(model: nn.Module, variables: dict,
     variables = dict(variables)
     if stage is not None and isinstance(getattr(model, "backbone", None), ResNetBackbone):
         model.backbone.check_stage(stage)   # a bad stage fails here, not inside a trace
+    num_outputs = getattr(model, "num_outputs", None)
+    if output_index is not None and (isinstance(output_index, bool) or not 0 <= int(output_index) < (
+            num_outputs if num_outputs is not None else int(output_index) + 1)):
+        raise ValueError(f"output_index={output_index!r}; expected an int in [0, {num_outputs})")
 
     @jax.jit
     def _features(v, images):
@@ -500,7 +505,8 @@ def classifier_fns(model: nn.Module, variables: dict,
         return _features(variables, images)
 
     def head_fn(fmap: jax.Array) -> jax.Array:
-        return _head(variables, fmap)
+        logits = _head(variables, fmap)
+        return logits if output_index is None else logits[:, int(output_index):int(output_index) + 1]
 
     grid = cell_grid(model, stage)
     if grid is not None:

@@ -58,11 +58,9 @@ class Classifier:
     arch: str = ""
 
     def fns(self, stage: Optional[int] = None):
-        features_fn, head_fn = resnet.classifier_fns(self.model, self.variables, stage)
-        if self.model.num_outputs == 1:
-            return features_fn, head_fn
-        k = int(self.output_index)
-        return features_fn, lambda fmap: head_fn(fmap)[:, k:k + 1]
+        """(features_fn, head_fn) split after ``stage``; head_fn gives the explained logit [B, 1]."""
+        return resnet.classifier_fns(self.model, self.variables, stage,
+                                     output_index=int(self.output_index))
 
 
 # ----------------------------------------------------------------------------- run-dir record

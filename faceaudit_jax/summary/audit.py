@@ -77,7 +77,9 @@ def check_explain_settings(explain_cfg, resolution: int, model_name: Optional[st
     """Fail before any training on explanation settings the audit would reject after it:
     a top-k patch size that does not tile the explained images, or a CAM stage the
     model does not have. ``resolution``: the training resolution (the explained one
-    is ``explain_cfg.resolution`` when set)."""
+    is ``explain_cfg.resolution`` when set). ``model_name``: the architecture the
+    job will build (``resnet.MODEL_NAMES``); any other name (a model loaded from
+    a folder or a function) has its stage checked when it is split for the audit."""
     size = int(explain_cfg.get("resolution", None) or resolution)
     try:
         top_lib.check_patch_size(size, size, explain_cfg.patch_size)
@@ -85,7 +87,7 @@ def check_explain_settings(explain_cfg, resolution: int, model_name: Optional[st
         raise ValueError(f"explain.patch_size={explain_cfg.patch_size!r} does not fit the "
                          f"{size} px images the audit explains: {err}") from None
     stage = explain_cfg.get("stage", None)
-    if stage is not None and model_name is not None:
+    if stage is not None and model_name in resnet.MODEL_NAMES:
         resnet.build_backbone(str(model_name)).check_stage(stage)
 
 
@@ -114,11 +116,7 @@ def _binary_target(mode: str):
 def _explain_step(variables, images, valid, truth, *, model, output_index, target_mode, method,
                   upsample, stage=None):
     """Maps [B,H,W] (zero on padding rows), logit [B], predicted and true class [B], in-range flag."""
-    features_fn, head = resnet.classifier_fns(model, variables, stage)
-    if model.num_outputs == 1:
-        head_fn = head
-    else:
-        head_fn = lambda fmap: head(fmap)[:, output_index:output_index + 1]  # noqa: E731
+    features_fn, head_fn = resnet.classifier_fns(model, variables, stage, output_index=output_index)
     cam_fn = cams.make_cam_fn(features_fn, head_fn, _binary_target(target_mode), method,
                               return_logits=True, upsample=upsample, validate=False)
     maps, logits = cam_fn(images)

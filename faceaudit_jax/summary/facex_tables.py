@@ -17,7 +17,8 @@ What the tables are (each a set of classifiers, scored by the ranking position
   both audited on the same correlated, target-balanced test set; RP of the
   regions of the ``top_k`` attributes most correlated with the target.
 * Figure 5 (mitigation): Table 1's Male x Blond_Hair model vs the same
-  training set with group-balanced reweighting (``reweighted_spec``).
+  training set with group-balanced reweighting (``reweighted_spec``) and with
+  FLAC against a bias-capturing Blond_Hair classifier (``flac_spec``).
 
 Here: the models' specs and fingerprints, the per-model records that
 ``experiments.facex_tables`` writes to ``<workdir>/audits/<name>.json``
@@ -89,16 +90,49 @@ class ModelSpec:
     sample_weights: Optional[np.ndarray] = None   # float32 [N_train] or None
     confounder_values: tuple = ()   # per confounder, the value that goes with target = 1
     num_epochs: Optional[int] = None              # overrides train.num_epochs when set
+    batch_size: Optional[int] = None              # overrides train.batch_size when set
+    # FLAC (mitigation.flac): the bias-capturing model's spec (its target is the
+    # protected attribute) and the loss weights {"alpha", "ce_weight", "d"}.
+    protected: Optional["ModelSpec"] = None
+    flac: Optional[dict] = None
+
+
+def _mitigated_name(method: str, vanilla: ModelSpec, num_epochs: Optional[int]) -> str:
+    """'biased_Male_Blond_Hair' -> '<method>_Male_Blond_Hair[_<n>ep]' (the rest of the
+    vanilla name kept, so mitigations of different training sets do not collide)."""
+    stem = vanilla.name[len("biased_"):] if vanilla.name.startswith("biased_") else vanilla.name
+    return f"{method}_{stem}" + ("" if num_epochs is None else f"_{int(num_epochs)}ep")
 
 
 def reweighted_spec(vanilla: ModelSpec, num_epochs: Optional[int] = None) -> ModelSpec:
     """The same training set as ``vanilla`` with group-balanced sample weights
     (trained for ``num_epochs`` when given; the name then says so)."""
     weights = reweighting.group_balanced_weights(vanilla.train_attrs, vanilla.target, vanilla.confounders)
-    suffix = "" if num_epochs is None else f"_{int(num_epochs)}ep"
     return dataclasses.replace(
-        vanilla, name=f"reweighted_{vanilla.target}_{'+'.join(vanilla.confounders)}{suffix}",
+        vanilla, name=_mitigated_name("reweighted", vanilla, num_epochs),
         sample_weights=weights, num_epochs=None if num_epochs is None else int(num_epochs))
+
+
+def flac_spec(vanilla: ModelSpec, protected: ModelSpec, settings: dict,
+              batch_size: Optional[int] = None, num_epochs: Optional[int] = None) -> ModelSpec:
+    """The same training set as ``vanilla`` trained with FLAC against ``protected``
+    (a classifier of the confounder); ``settings`` {"alpha", "ce_weight", "d"}."""
+    if protected.target not in vanilla.confounders:
+        raise ValueError(f"the protected model predicts {protected.target!r}; expected one of "
+                         f"the vanilla model's confounders {list(vanilla.confounders)}")
+    missing = sorted({"alpha", "ce_weight", "d"} - set(settings))
+    if missing:
+        raise ValueError(f"FLAC settings {dict(settings)} lack {missing}")
+    return dataclasses.replace(
+        vanilla, name=_mitigated_name("flac", vanilla, num_epochs),
+        protected=protected, flac={k: float(settings[k]) for k in ("alpha", "ce_weight", "d")},
+        batch_size=None if batch_size is None else int(batch_size),
+        num_epochs=None if num_epochs is None else int(num_epochs))
+
+
+def mitigation_of(spec: ModelSpec) -> Optional[str]:
+    """"flac", "reweighted" or None."""
+    return "flac" if spec.flac is not None else "reweighted" if spec.sample_weights is not None else None
 
 
 # ----------------------------------------------------------------------------- fingerprints
@@ -129,14 +163,20 @@ def model_fingerprint(config, spec: ModelSpec) -> str:
         train.pop(k, None)
     if spec.num_epochs is not None:
         train["num_epochs"] = int(spec.num_epochs)
-    return _hash({
+    if spec.batch_size is not None:
+        train["batch_size"] = int(spec.batch_size)
+    settings = {
         "target": spec.target, "train_independent": spec.train_independent,
         "seed": int(config.seed), "model": config.model.to_dict(), "train": train,
         # Pool sizes only bound what can be drawn; ``independent`` is per model (spec).
         "data": {k: v for k, v in sources.fingerprint_fields(config.data).items()
                  if k not in ("pool_size", "test_pool_size", "independent")},
         "arrays": _digest(spec.train_indices, spec.sample_weights),
-    })
+    }
+    # Only when set, so the fingerprints of every other model stay as they were.
+    if spec.flac is not None:
+        settings["flac"] = {**spec.flac, "protected": model_fingerprint(config, spec.protected)}
+    return _hash(settings)
 
 
 # Bumped when what an audit record holds changes for the same settings, so stored
@@ -164,6 +204,7 @@ def audit_record(spec: ModelSpec, result: audit_lib.AuditResult) -> dict:
         "test_distribution": "independent" if spec.test_independent else "correlated",
         "train_size": int(spec.train_indices.size), "test_size": int(spec.test_indices.size),
         "reweighted": spec.sample_weights is not None,
+        "mitigation": mitigation_of(spec),
         "ior": dict(zip(regions.REGIONS, result.ior.tolist())),
         "counts": dict(zip(regions.REGIONS, np.asarray(result.counts).tolist())),
         "ior_vector": result.ior.astype(np.float64),
@@ -440,62 +481,98 @@ def table4_markdown(result: dict) -> str:
 # ----------------------------------------------------------------------------- Figure 5
 
 
-def figure5_result(records: dict, target: str, confounder: str, corr: float, figure: str,
-                   tried: Sequence[dict], min_accuracy: float) -> dict:
-    """The "vanilla" and "reweighted" records compared: RPs, accuracies, IoR and its change.
+def figure5_result(records: dict, target: str, confounder: str, corr: float, figures: dict,
+                   tried: Sequence[dict], min_accuracy: float,
+                   protected: Optional[dict] = None) -> dict:
+    """The "vanilla" record against each mitigated one ("reweighted", "flac"): RPs,
+    accuracies, IoR and its change per mitigation, whether each beats chance.
 
-    ``tried``: [{"num_epochs", "accuracy"}] of the reweighted budgets trained.
+    ``figures``: mitigation -> figure file; ``tried``: [{"num_epochs", "accuracy"}] of
+    the reweighted budgets trained; ``protected``: FLAC's bias-capturing model
+    (name, attribute, accuracy, ...) when FLAC ran.
     """
-    ior_v, ior_m = records["vanilla"]["ior_vector"], records["reweighted"]["ior_vector"]
-    change = ior_m - ior_v
+    mitigated = [k for k in records if k != "vanilla"]
+    ior_v = records["vanilla"]["ior_vector"]
     return {
         "target": target, "confounder": confounder, "corr": float(corr),
         "confounder_regions": list(regions.regions_of(confounder)),
+        "mitigations": mitigated,
         "rp": {k: rec["confounder_rp"][confounder] for k, rec in records.items()},
         "group_accuracy": {k: {g: rec["group_accuracy"].get(g) for g in GROUP_KEYS}
                            for k, rec in records.items()},
         "ior": {k: dict(zip(regions.REGIONS, rec["ior_vector"].tolist()))
                 for k, rec in records.items()},
-        "ior_change": dict(zip(regions.REGIONS, change.tolist())),
+        "ior_change": {k: dict(zip(regions.REGIONS, (records[k]["ior_vector"] - ior_v).tolist()))
+                       for k in mitigated},
         "top_regions": {k: [r["region"] for r in rec["ranking"][:5]] for k, rec in records.items()},
+        # Without an explainer: how much switching the confounder moves each model's
+        # logit, and its rank among the switchable attributes (None on real data).
+        "confounder_effect": {k: _confounder_effect(rec, confounder) for k, rec in records.items()},
         "models": {k: rec["name"] for k, rec in records.items()},
-        "figure": figure,
+        "figures": dict(figures),
         "mitigated_schedule": list(tried),
         "mitigated_min_accuracy": min_accuracy,
-        "mitigated_beats_chance": bool(
-            records["reweighted"]["group_accuracy"]["accuracy"] >= min_accuracy),
+        "mitigated_beats_chance": {k: bool(records[k]["group_accuracy"]["accuracy"] >= min_accuracy)
+                                   for k in mitigated},
+        "protected": protected,
     }
 
 
-def _mitigation_note(result: dict) -> str:
+def _confounder_effect(record: dict, confounder: str) -> dict:
+    effects = (record.get("counterfactual") or {}).get("effects", {})
+    change = effects.get(confounder, {}).get("mean_abs_change")
+    return {"mean_abs_logit_change": change, "truth_rank": truth_rank(record, confounder)}
+
+
+def _verdict(result: dict, method: str) -> str:
+    return ("clearly beats chance" if result["mitigated_beats_chance"][method] else
+            "does NOT clearly beat chance, so its comparison tests little")
+
+
+def _mitigation_notes(result: dict) -> str:
+    notes = []
+    threshold = fmt(result.get("mitigated_min_accuracy"), ".2f")
     tried = result.get("mitigated_schedule") or []
-    if not tried:
-        return ""
-    steps = ", ".join(f"{t['num_epochs'] or 'base'} epochs: accuracy {fmt(t['accuracy'])}"
-                      for t in tried)
-    verdict = ("clearly beats chance" if result.get("mitigated_beats_chance") else
-               "does NOT clearly beat chance, so this comparison tests little")
-    return (f"Reweighted model trained until its accuracy reached "
-            f"{fmt(result.get('mitigated_min_accuracy'), '.2f')} ({steps}): it {verdict}.\n\n")
+    if "reweighted" in result["mitigations"] and tried:
+        steps = ", ".join(f"{t['num_epochs'] or 'base'} epochs: accuracy {fmt(t['accuracy'])}"
+                          for t in tried)
+        notes.append(f"Group-reweighted model trained until its accuracy reached {threshold} "
+                     f"({steps}): it {_verdict(result, 'reweighted')}.")
+    if "flac" in result["mitigations"]:
+        p = result.get("protected") or {}
+        notes.append(f"FLAC model (bias-capturing network: {p.get('attribute')} classifier, "
+                     f"{p.get('train_size')} attribute-independent images x {p.get('num_epochs')} "
+                     f"epochs, test accuracy {fmt(p.get('accuracy'))}): accuracy "
+                     f"{fmt(result['group_accuracy']['flac']['accuracy'])}, it "
+                     f"{_verdict(result, 'flac')} (threshold {threshold}).")
+    return "".join(f"{n}\n\n" for n in notes)
 
 
 def figure5_markdown(result: dict, link_prefix: str = "") -> str:
-    """Figure 5's section; ``link_prefix`` goes before the figure's file name
+    """Figure 5's section; ``link_prefix`` goes before the figures' file names
     (see ``workdir_lib.readme_link_prefix``)."""
-    acc = result["group_accuracy"]
+    acc, kinds = result["group_accuracy"], ["vanilla"] + list(result["mitigations"])
+    effect = result.get("confounder_effect") or {}
+    with_truth = any((effect.get(k) or {}).get("truth_rank") is not None for k in kinds)
+    truth_headers = [f"GT rank of {result['confounder']}", "Mean abs. logit change"] if with_truth else []
     summary = markdown_table(
-        ["Model", f"RP of {result['confounder']}", "Acc.", "Aligned acc.", "Conflicting acc.",
-         "Top-5 regions"],
-        [[k, result["rp"][k], acc[k]["accuracy"], acc[k]["aligned_accuracy"],
-          acc[k]["conflicting_accuracy"], ", ".join(result["top_regions"][k])]
-         for k in ("vanilla", "reweighted")])
+        ["Model", f"RP of {result['confounder']}", *truth_headers, "Acc.", "Aligned acc.",
+         "Conflicting acc.", "Top-5 regions"],
+        [[k, result["rp"][k],
+          *([fmt(effect[k]["truth_rank"], ".0f"), effect[k]["mean_abs_logit_change"]] if with_truth else []),
+          acc[k]["accuracy"], acc[k]["aligned_accuracy"],
+          acc[k]["conflicting_accuracy"], ", ".join(result["top_regions"][k])] for k in kinds])
     per_region = markdown_table(
-        ["Region", "IoR vanilla", "IoR reweighted", "Change"],
-        [[n, result["ior"]["vanilla"][n], result["ior"]["reweighted"][n], result["ior_change"][n]]
-         for n in regions.REGIONS])
+        ["Region"] + [f"IoR {k}" for k in kinds] + [f"Change {k}" for k in result["mitigations"]],
+        [[n] + [result["ior"][k][n] for k in kinds]
+         + [result["ior_change"][k][n] for k in result["mitigations"]] for n in regions.REGIONS])
+    images = "".join(f"![figure 5, {k}]({link_prefix}{f})\n\n" for k, f in result["figures"].items())
+    truth_note = (f"GT rank: the rank of {result['confounder']} among the switchable attributes by "
+                  "the mean |logit change| when each is switched on the test faces (1 = the model "
+                  "relies on it most; no explainer involved).\n\n") if with_truth else ""
     return (f"## Figure 5: {result['target']} x {result['confounder']} at {result['corr']}, "
-            f"before and after group-balanced reweighting\n\n![figure 5]({link_prefix}{result['figure']})\n\n"
-            f"{_mitigation_note(result)}{summary}\n{per_region}")
+            f"before and after mitigation ({', '.join(result['mitigations'])})\n\n{images}"
+            f"{_mitigation_notes(result)}{summary}\n{truth_note}{per_region}")
 
 
 MARKDOWN = {"table1": table1_markdown, "table3": table3_markdown, "table4": table4_markdown,
