@@ -4,7 +4,10 @@
     python benchmarks/bench_train.py --model resnet18 --sizes 112 --batches 32 --seconds 20
 
 Prints one line per setting, ``train_images_per_s res=128 batch=32 = ...``, then
-ratio lines measured in the same process (``RATIO name = value``). Each setting
+ratio lines measured in the same process (``RATIO name = value``), among them
+the cost of FLAC (``mitigation.flac``: a frozen bias-capturing network of the
+same architecture run inside the step, and the pairwise loss on the pooled
+features) against plain BCE at the smallest size (``--no-flac`` skips it). Each setting
 is compiled and warmed up with one update, then timed over at least
 ``--min-steps`` updates and about ``--seconds`` seconds (blocking on the
 result). Inputs are random images: this measures the update alone, not data
@@ -21,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from faceaudit_jax import losses, train_lib
+from faceaudit_jax.mitigation import flac
 from faceaudit_jax.models import build_model
 
 
@@ -34,6 +38,7 @@ def measure(template_state, train_step, size: int, batch_size: int, seconds: flo
     batch = {
         "image": jax.random.uniform(key, (batch_size, size, size, 3)),
         "label": jax.random.bernoulli(key, 0.5, (batch_size,)).astype(jnp.float32),
+        "label_mask": jnp.ones((batch_size,), bool),
     }
     # The update donates its state: train on a copy so the template stays usable.
     state = jax.tree.map(jnp.copy, template_state)
@@ -55,6 +60,7 @@ def main(argv=None) -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[32, 128])
     parser.add_argument("--seconds", type=float, default=6.0, help="timed seconds per setting")
     parser.add_argument("--min-steps", type=int, default=2)
+    parser.add_argument("--no-flac", dest="flac", action="store_false")
     args = parser.parse_args(argv)
 
     print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, model {args.model}")
@@ -81,6 +87,16 @@ def main(argv=None) -> None:
         for batch_size in args.batches:
             print(f"RATIO train_res{small_s}_over_res{large_s}_batch{batch_size} = "
                   f"{rates[small_s, batch_size] / rates[large_s, batch_size]:.3f}")
+    if args.flac:
+        protected = train_lib.create_train_state(model, jax.random.PRNGKey(1), small_s, tx)
+        flac_step = train_lib.make_train_step(
+            model, flac.FlacLoss(alpha=1000.0, ce_weight=1.0),
+            augment_fn=flac.protected_features_augment(model, train_lib.state_variables(protected)))
+        for batch_size in args.batches:
+            rate = measure(template_state, flac_step, small_s, batch_size, args.seconds, args.min_steps)
+            print(f"train_flac_images_per_s res={small_s} batch={batch_size} = {rate:.1f}", flush=True)
+            print(f"RATIO train_flac_over_bce_res{small_s}_batch{batch_size} = "
+                  f"{rate / rates[small_s, batch_size]:.3f}")
 
 
 if __name__ == "__main__":

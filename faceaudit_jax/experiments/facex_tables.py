@@ -296,10 +296,10 @@ def _reweighted_until_beats_chance(ctx: TablesContext, vanilla_spec: ModelSpec, 
                                    min_accuracy: float) -> tuple[dict, list[dict]]:
     """The group-reweighted model's record, trained for each budget of
     ``cfg.mitigated_epochs`` in turn until its accuracy reaches ``min_accuracy``."""
-    # With 1% of conflicting images the reweighted loss learns the subtle target
-    # slowly: at the vanilla budget it stayed at chance (accuracy 0.53), which
-    # compares a shortcut with nothing. Train it longer, and longer again,
-    # until it clearly beats chance (or the schedule ends; then say so).
+    # The few bias-conflicting images teach the subtle target slowly: at 0.95 the
+    # vanilla budget gave 0.552, 18 epochs 0.654 (docs/design.md, Figure 5). A
+    # model at chance would compare a shortcut with nothing, so train longer, and
+    # longer again, until it clearly beats chance (or the schedule ends; then say so).
     schedule = tuple(int(e) for e in cfg.get("mitigated_epochs", ()) or ()) or (None,)
     tried = []
     for epochs in schedule:
