@@ -258,6 +258,10 @@ def _weighted_batch_fn(source, indices, weights, batch_size: int, seed: int, tra
 def _objective(config, indices: np.ndarray, source, sample_weights, protected):
     """(loss_fn, batch_fn, augment_fn) of ``train_classifier``'s three objectives:
     plain BCE, BCE weighted per image, FLAC against a protected-attribute network."""
+    settings = config.train.get("flac", None)
+    if protected is not None and settings is None:
+        raise ValueError("a protected-attribute network was given but config.train.flac is "
+                         "missing; expected {'alpha', 'ce_weight', 'd'} (mitigation.flac)")
     batch_size, seed = int(config.train.batch_size), int(config.seed)
     transform = pipeline.attribute_label_fn(config.bias.target)
     if sample_weights is not None:
@@ -267,10 +271,6 @@ def _objective(config, indices: np.ndarray, source, sample_weights, protected):
     batch_fn = pipeline.step_batch_fn(source, indices, batch_size, seed, transform, num_steps=num_steps)
     if protected is None:
         return losses.sigmoid_bce_batch_loss, batch_fn, None
-    settings = config.train.get("flac", None)
-    if settings is None:
-        raise ValueError("a protected-attribute network was given but config.train.flac is "
-                         "missing; expected {'alpha', 'ce_weight', 'd'} (mitigation.flac)")
     loss_fn = flac.FlacLoss(alpha=float(settings.alpha), ce_weight=float(settings.ce_weight),
                             d=float(settings.d))
     return loss_fn, batch_fn, flac.protected_features_augment(protected.model, protected.variables)

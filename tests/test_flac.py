@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from faceaudit_jax import train_lib
+from faceaudit_jax import classifiers, cli, train_lib
 from faceaudit_jax.mitigation import flac
 from faceaudit_jax.models import build_model
 
@@ -118,3 +118,16 @@ def test_flac_training_step_reads_pooled_features_and_compiles_once():
     # The same weights compare equal, so the memoised step is shared.
     assert flac.FlacLoss(alpha=1000.0, ce_weight=1.0) == loss and hash(loss) == hash(
         flac.FlacLoss(alpha=1000.0, ce_weight=1.0))
+
+
+def test_train_classifier_rejects_two_mitigations_and_a_flac_run_without_weights(tmp_path):
+    config = cli.load_config("configs/facex_tables.py")
+    with config.unlocked():
+        config.bias = {"target": "Male"}
+    protected = classifiers.TrainedClassifier(build_model("small_resnet", 1), {}, "p", str(tmp_path))
+    with pytest.raises(ValueError, match="x: sample_weights and a protected network were both given"):
+        classifiers.train_classifier(config, str(tmp_path), np.arange(4), None, "x",
+                                     sample_weights=np.ones(4, np.float32), protected=protected)
+    assert not (tmp_path / "x").exists()          # nothing written
+    with pytest.raises(ValueError, match="config.train.flac is missing"):
+        classifiers._objective(config, np.arange(4), None, None, protected)
