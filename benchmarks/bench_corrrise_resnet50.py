@@ -146,7 +146,11 @@ def chunk(idx):
                                  num_masks={masks}, chunk_size=32, devices=jax.devices()[:1])
     return {{"s_a": np.asarray(s_a), "s_b": np.asarray(s_b)}}
 sweeps.run_sweep(chunk, {pairs}, 4, {directory!r}, keep_outputs=False)
-print(json.dumps({{"rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
+# VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss over from the parent at
+# fork, so a child of a parent that holds the ResNet-50s would report the parent's peak.
+hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM:")]
+rss = int(hwm[0].split()[1]) / 1024 if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps({{"rss": rss}}))
 """
 
 
