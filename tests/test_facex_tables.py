@@ -175,6 +175,12 @@ def test_figure5_trains_the_mitigated_model_until_it_beats_chance(tmp_path, monk
     assert result["mitigations"] == ["flac"] and result["mitigated_beats_chance"] == {"flac": True}
     assert result["protected"]["accuracy"] == 0.98
     assert (tmp_path / "figure5_flac.png").is_file()
+    # A FLAC spec never trains without its protected classifier (it would train plain BCE).
+    ctx = ft.TablesContext(c, tmp_path)
+    flac_spec = tables_lib.flac_spec(ft.biased_spec(ctx, "Male", ("Blond_Hair",), 0.99), protected,
+                                     c.figure5.flac.to_dict())
+    with pytest.raises(ValueError, match="needs its trained protected classifier"):
+        ft._train_model(ctx, flac_spec, 0.99)
     # Another co-occurrence than Table 1's: its own vanilla model, and mitigations named after it.
     c.figure5.corr, c.figure5.mitigations, c.figure5.mitigated_epochs = 0.95, ("reweighted",), (2,)
     seen.clear()

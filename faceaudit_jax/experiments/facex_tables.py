@@ -84,9 +84,13 @@ def _cached_record(ctx: TablesContext, spec: ModelSpec, expected: str) -> Option
     return None
 
 
-def _train_model(ctx: TablesContext, spec: ModelSpec, corr: float):
+def _train_model(ctx: TablesContext, spec: ModelSpec, corr: float, protected=None):
     """Train (resume / reload) the spec's classifier under ``models/<name>``; (clf, seconds).
-    A folder trained with other settings raises, naming them (config.overwrite retrains)."""
+    A folder trained with other settings raises, naming them (config.overwrite retrains).
+    ``protected``: the trained bias-capturing classifier of a FLAC spec (``spec.protected``)."""
+    if (spec.protected is None) != (protected is None):
+        raise ValueError(f"{spec.name}: a FLAC spec needs its trained protected classifier, "
+                         "and only a FLAC spec takes one")
     case = case_config(ctx.config, spec.target, spec.confounders, corr)
     with case.unlocked():
         if spec.num_epochs is not None:
@@ -96,8 +100,6 @@ def _train_model(ctx: TablesContext, spec: ModelSpec, corr: float):
         if spec.flac is not None:
             case.train.flac = ml_collections.ConfigDict(dict(spec.flac))
     start = time.perf_counter()
-    # FLAC's bias-capturing network first (trained once, reloaded after).
-    protected = None if spec.protected is None else _train_model(ctx, spec.protected, 0.0)[0]
     clf = classifiers.train_classifier(case, str(ctx.models_dir), spec.train_indices,
                                        ctx.source(spec.train_independent, "train"), spec.name,
                                        sample_weights=spec.sample_weights, protected=protected)
@@ -126,7 +128,12 @@ def evaluate_model(ctx: TablesContext, spec: ModelSpec, corr: float = 0.0) -> di
     cached = _cached_record(ctx, spec, expected)
     if cached is not None:
         return cached
-    clf, train_seconds = _train_model(ctx, spec, corr)
+    # FLAC's bias-capturing network first (trained once, reloaded after); its training
+    # time counts towards the FLAC model's, its accuracy goes into the record.
+    protected, protected_seconds = (None, 0.0) if spec.protected is None else \
+        _train_model(ctx, spec.protected, 0.0)
+    clf, train_seconds = _train_model(ctx, spec, corr, protected)
+    train_seconds += protected_seconds
     test_source = ctx.source(spec.test_independent, "test")
     batch_size = int(config.test.batch_size)
     groups = _group_accuracy(clf, spec, test_source, batch_size)
@@ -150,8 +157,8 @@ def evaluate_model(ctx: TablesContext, spec: ModelSpec, corr: float = 0.0) -> di
         "symmetry": ior_lib.left_right_symmetry(result.ior),
         "counterfactual": counterfactual,
     }
-    if spec.protected is not None:
-        record["protected"] = protected_report(ctx, spec.protected)
+    if protected is not None:
+        record["protected"] = protected_report(ctx, spec.protected, protected)
     write_json(ctx.audits_dir / f"{spec.name}.json", record)
     ctx.records[spec.name] = record
     return record
@@ -194,9 +201,8 @@ def bias_capturing_spec(ctx: TablesContext, attribute: str, size: int, num_epoch
     attribute-independent pool, balanced over it (so it captures the protected
     attribute and nothing linked to it), tested on ``test_like``'s test set."""
     train_idx, train_attrs = ctx.pool(True, "train", int(ctx.config.data.pool_size))
-    column = train_attrs[:, regions.attribute_id(attribute)]
     # A folder may hold fewer: the largest balanced subset it gives.
-    size = min(int(size), 2 * int(min((column == 0).sum(), (column == 1).sum())))
+    size = min(int(size), sampling.largest_balanced_size(train_attrs, attribute, ()))
     tr = sampling.balanced_subset(train_attrs, attribute, (), size,
                                   keys.run_seed(int(ctx.config.seed), f"protected/{attribute}"))
     return ModelSpec(
@@ -321,10 +327,10 @@ def _flac_record(ctx: TablesContext, vanilla_spec: ModelSpec, cfg) -> dict:
     return evaluate_model(ctx, spec, float(cfg.corr))
 
 
-def protected_report(ctx: TablesContext, protected: ModelSpec) -> dict:
-    """The bias-capturing model (trained or reloaded): name, attribute, training budget and
-    its accuracy on the protected attribute over the test set (does it capture it?)."""
-    clf, _ = _train_model(ctx, protected, 0.0)
+def protected_report(ctx: TablesContext, protected: ModelSpec, clf) -> dict:
+    """The bias-capturing model ``clf`` (trained from ``protected``): name, attribute,
+    training budget and its accuracy on the protected attribute over the test set
+    (does it capture it?)."""
     logits = classifiers.predict_logits(clf, ctx.source(protected.test_independent, "test"),
                                         protected.test_indices, int(ctx.config.test.batch_size))
     accuracy = tables_lib.target_accuracy(logits, protected.test_attrs, protected.target)

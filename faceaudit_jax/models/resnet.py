@@ -488,10 +488,12 @@ def classifier_fns(model: nn.Module, variables: dict, stage: Optional[int] = Non
     variables = dict(variables)
     if stage is not None and isinstance(getattr(model, "backbone", None), ResNetBackbone):
         model.backbone.check_stage(stage)   # a bad stage fails here, not inside a trace
-    num_outputs = getattr(model, "num_outputs", None)
-    if output_index is not None and (isinstance(output_index, bool) or not 0 <= int(output_index) < (
-            num_outputs if num_outputs is not None else int(output_index) + 1)):
-        raise ValueError(f"output_index={output_index!r}; expected an int in [0, {num_outputs})")
+    if output_index is not None:
+        num_outputs = getattr(model, "num_outputs", None)
+        bound = np.inf if num_outputs is None else num_outputs   # unknown width: any k >= 0
+        if isinstance(output_index, bool) or not 0 <= int(output_index) < bound:
+            raise ValueError(f"output_index={output_index!r}; expected an int in [0, {num_outputs})")
+        output_index = int(output_index)
 
     @jax.jit
     def _features(v, images):
@@ -506,7 +508,7 @@ def classifier_fns(model: nn.Module, variables: dict, stage: Optional[int] = Non
 
     def head_fn(fmap: jax.Array) -> jax.Array:
         logits = _head(variables, fmap)
-        return logits if output_index is None else logits[:, int(output_index):int(output_index) + 1]
+        return logits if output_index is None else logits[:, output_index:output_index + 1]
 
     grid = cell_grid(model, stage)
     if grid is not None:
